@@ -1,0 +1,52 @@
+"""Model files: weights as safetensors, the ModelConfig as JSON, the tokenizer as tokenizer.json.
+Loading never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as _load_weights
+from safetensors.torch import save_model as _save_weights
+
+from .config import ModelConfig
+from .model import DiffusionTransformer
+from .tokenizer import TOKENIZER_FILE, Tokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_pretrained(model: DiffusionTransformer, path: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # save_model drops the duplicate of tied weights (embedding == LM head) and restores the tie on load.
+    _save_weights(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    (path / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(path / TOKENIZER_FILE)
+    return path
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return ModelConfig.from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionTransformer:
+    """Build the model from config.json and load model.safetensors into it (strict: every tensor
+    must match). On CUDA the weights are cast to ModelConfig.dtype for inference."""
+    path = Path(path)
+    if not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}: not a saved pllm model")
+    model = DiffusionTransformer(load_config(path))
+    _load_weights(model, str(path / WEIGHTS_FILE), strict=True, device="cpu")
+    model.eval()
+    device = torch.device(device)
+    if device.type == "cuda":
+        return model.to(device=device, dtype=model.config.dtype)
+    return model.to(device)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer.load(Path(path) / TOKENIZER_FILE)

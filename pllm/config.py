@@ -1,0 +1,260 @@
+"""Configuration objects: ModelConfig, TrainingConfig, GenerationConfig, DataConfig, JobConfig.
+
+Field names and defaults follow the public API reference; every field is validated when the object
+is built or a field is assigned, and an invalid value raises `pydantic.ValidationError` whose message
+names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import torch
+import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
+from pydantic.dataclasses import dataclass
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parse_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return value
+    name = str(value).removeprefix("torch.")
+    if name in _DTYPES:
+        return _DTYPES[name]
+    raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {value!r}")
+
+
+DType = Annotated[
+    torch.dtype,
+    BeforeValidator(_parse_dtype),
+    PlainSerializer(lambda d: str(d).removeprefix("torch."), return_type=str),
+]
+
+# Strict types: no silent "3" -> 3 or 1.0 -> True coercion; unknown fields are errors (typos fail loudly).
+_STRICT = ConfigDict(validate_assignment=True, extra="forbid", arbitrary_types_allowed=True, strict=True)
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _ConfigMixin:
+    def to_dict(self) -> dict[str, Any]:
+        from pydantic import TypeAdapter
+
+        return TypeAdapter(type(self)).dump_python(self, mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        from pydantic import TypeAdapter
+
+        # JSON/YAML give strings for dtypes and lists for tuples: validate in lax "python" mode.
+        return TypeAdapter(cls).validate_python(data, strict=False)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(config=_STRICT)
+class ModelConfig(_ConfigMixin):
+    # Architecture
+    vocab_size: PositiveInt = 50257
+    hidden_size: PositiveInt = 2048
+    num_hidden_layers: PositiveInt = 24
+    num_attention_heads: PositiveInt = 16
+    num_key_value_heads: Optional[PositiveInt] = None  # GQA; None means num_attention_heads
+    intermediate_size: PositiveInt = 8192
+    max_position_embeddings: PositiveInt = 4096
+    rope_theta: Annotated[float, Field(gt=0)] = 10000.0
+    rms_norm_eps: Annotated[float, Field(gt=0)] = 1e-5
+    tie_word_embeddings: bool = True
+    qk_norm: bool = True  # RMSNorm on each head's queries and keys
+    initializer_range: Annotated[float, Field(gt=0)] = 0.02
+
+    # Attention layout: "bidirectional" (MDLM/LLaDA) or "block_causal" (block diffusion: causal across
+    # blocks of `block_size` tokens, bidirectional inside a block).
+    attention_mode: Literal["bidirectional", "block_causal"] = "bidirectional"
+    block_size: PositiveInt = 32
+
+    # Special tokens (ids in the tokenizer's vocabulary; the tokenizer reserves 0..3 for these).
+    pad_token_id: NonNegInt = 0
+    bos_token_id: NonNegInt = 1
+    eos_token_id: NonNegInt = 2
+    mask_token_id: NonNegInt = 3
+
+    # Diffusion
+    num_diffusion_steps: PositiveInt = 10
+    noise_schedule: Literal["linear", "cosine", "sqrt"] = "cosine"
+    confidence_threshold: Probability = 0.9
+
+    # Attention kernels
+    use_flash_attention: bool = True
+
+    # Precision: `dtype` is the dtype weights are cast to for inference on GPU; training keeps fp32
+    # master weights and uses TrainingConfig.mixed_precision for autocast.
+    dtype: DType = torch.bfloat16
+    use_fp8: bool = False
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head dimension hidden_size/num_attention_heads must be even for rotary, got {self.head_dim}")
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(
+                f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})"
+            )
+        special = {
+            "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "mask_token_id": self.mask_token_id,
+        }
+        for name, value in special.items():
+            if value >= self.vocab_size:
+                raise ValueError(f"{name} ({value}) must be < vocab_size ({self.vocab_size})")
+        if len(set(special.values())) != len(special):
+            raise ValueError(f"special token ids must be distinct, got {special}")
+        if self.use_fp8:
+            raise ValueError("use_fp8: FP8 training/inference is not supported yet; allowed values: [False]")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    def num_matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token (all linear layers, incl. the LM head)."""
+        d, h, kv = self.hidden_size, self.head_dim, self.kv_heads
+        attn = d * (self.num_attention_heads * h) * 2 + d * (kv * h) * 2
+        mlp = 3 * d * self.intermediate_size
+        return self.num_hidden_layers * (attn + mlp) + d * self.vocab_size
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6*N_matmul (forward + backward) plus attention scores/values
+        (12 * layers * d_attn * seq for full attention; block-causal attention does about half)."""
+        attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        if self.attention_mode == "block_causal":
+            attn //= 2
+        return 6 * self.num_matmul_params() + attn
+
+
+@dataclass(config=_STRICT)
+class TrainingConfig(_ConfigMixin):
+    # Basic
+    batch_size: PositiveInt = 8  # sequences per micro-batch per worker
+    learning_rate: Annotated[float, Field(gt=0)] = 3e-4
+    num_train_steps: PositiveInt = 100000  # optimizer steps
+    seq_len: PositiveInt = 512
+    gradient_accumulation_steps: PositiveInt = 1
+    warmup_steps: NonNegInt = 100
+    min_lr_ratio: Probability = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    adam_beta1: Probability = 0.9
+    adam_beta2: Probability = 0.95
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0  # 0 disables clipping
+    seed: int = 0
+    max_train_minutes: Optional[Annotated[float, Field(gt=0)]] = None  # wall-clock budget; stops early
+
+    # Evaluation, logging, checkpoints
+    eval_interval: PositiveInt = 500
+    eval_batches: PositiveInt = 20
+    log_interval: PositiveInt = 10
+    save_interval: Optional[PositiveInt] = None
+    output_dir: str = "runs/default"
+
+    # Distributed
+    use_fsdp: bool = True
+    fsdp_sharding_strategy: Literal["full", "shard_grad_op", "no_shard"] = "full"
+    fsdp_backward_prefetch: bool = True
+    fsdp_forward_prefetch: bool = False
+    use_deepspeed: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_offload_optimizer: bool = False
+    zero_offload_params: bool = False
+
+    # Optimization
+    use_torch_compile: bool = True
+    torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "max-autotune"
+    use_cuda_graphs: bool = True
+    gradient_checkpointing: bool = True
+
+    # Mixed precision
+    mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "bf16"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainingConfig":
+        if self.use_fsdp and self.use_deepspeed:
+            raise ValueError(
+                "use_fsdp and use_deepspeed are exclusive: set use_fsdp=False to train with DeepSpeed ZeRO"
+            )
+        if self.zero_offload_params and not (self.use_deepspeed and self.zero_stage == 3):
+            raise ValueError("zero_offload_params needs use_deepspeed=True and zero_stage=3")
+        if self.mixed_precision == "fp8":
+            raise ValueError("mixed_precision: 'fp8' is not supported yet; allowed values: 'no', 'fp16', 'bf16'")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step on one worker."""
+        return self.batch_size * self.seq_len * self.gradient_accumulation_steps
+
+
+@dataclass(config=_STRICT)
+class GenerationConfig(_ConfigMixin):
+    max_new_tokens: PositiveInt = 512
+    temperature: Annotated[float, Field(ge=0.0)] = 1.0  # 0 means greedy
+    top_k: NonNegInt = 50  # 0 disables top-k filtering
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95
+    repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    num_refinement_steps: PositiveInt = 5  # total denoising steps over the whole answer
+    confidence_threshold: Probability = 0.9
+    use_adaptive_steps: bool = True  # stop once an EOS-terminated block is final
+
+    # Decoding strategy: "static" = LLaDA low-confidence remasking with a fixed number of tokens per
+    # step; "threshold" = Fast-dLLM confidence-threshold parallel decoding.
+    strategy: Literal["static", "threshold"] = "static"
+    block_size: Optional[PositiveInt] = None  # semi-autoregressive block length; None = one block
+    seed: Optional[int] = None  # sampling seed (per request); None = nondeterministic when sampling
+
+
+@dataclass(config=_STRICT)
+class DataConfig(_ConfigMixin):
+    # Text/jsonl/parquet files, folders or globs; empty = the built-in corpus (the Python standard
+    # library's own sources of the running interpreter).
+    paths: list[str] = dataclasses.field(default_factory=list)
+    text_field: str = "text"
+    validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
+    max_files: Optional[PositiveInt] = None  # take only the first N files (sorted) for quick runs
+    tokenizer_vocab_size: Optional[PositiveInt] = None  # default: the model's vocab_size
+
+
+@dataclass(config=_STRICT)
+class JobConfig(_ConfigMixin):
+    """One YAML file drives a job: model, training, data and generation sections."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    prompt: str = "def fibonacci(n):\n"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "JobConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping with sections model/training/data/generation")
+        return cls.from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,84 @@
+"""ParallelGenerator: the user-facing generation API over the decoding strategies."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import GenerationConfig
+from .decoding import DecodeOutput, decode
+from .model import DiffusionTransformer
+
+log = logging.getLogger(__name__)
+
+# strategy -> (commit at least: "schedule" | "one", uses confidence_threshold)
+_STRATEGIES = {"static": ("schedule", False), "threshold": ("one", True)}
+
+
+class ParallelGenerator:
+    """Generate answers for prompts with a masked-diffusion model.
+
+    `generate(prompt)` takes a 1-D tensor or a (B, L) tensor of prompt ids and returns the new
+    tokens, (B, max_new_tokens); `generate_batch(prompts)` takes prompts of different lengths and
+    returns one tensor per prompt. After EOS, an answer is filled with EOS. The strategy, steps and
+    sampling settings come from the GenerationConfig; `last_output` keeps the forward-pass count
+    (NFE) and tokens per forward of the last call.
+
+    `use_kv_cache` and `use_cuda_graphs` are accepted for API compatibility; the current decoding
+    loop recomputes the full sequence each step on both CPU and GPU.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionTransformer,
+        config: GenerationConfig | None = None,
+        use_kv_cache: bool = True,
+        use_cuda_graphs: bool = True,
+        tokenizer=None,
+    ):
+        self.model = model
+        self.config = config or GenerationConfig()
+        self.use_kv_cache = use_kv_cache
+        self.use_cuda_graphs = use_cuda_graphs
+        self.tokenizer = tokenizer
+        self.last_output: DecodeOutput | None = None
+
+    def generate(self, prompt_tokens: torch.Tensor, max_new_tokens: int | None = None) -> torch.Tensor:
+        prompt_tokens = torch.as_tensor(prompt_tokens)
+        rows = [prompt_tokens] if prompt_tokens.dim() == 1 else list(prompt_tokens)
+        return torch.stack(self.generate_batch(rows, max_new_tokens))
+
+    def generate_batch(self, prompts, max_new_tokens: int | None = None) -> list[torch.Tensor]:
+        cfg = self.config
+        prompts = [torch.as_tensor(p, dtype=torch.long).flatten() for p in prompts]
+        gen_length = max_new_tokens or cfg.max_new_tokens
+        longest = max(p.numel() for p in prompts) + gen_length
+        if longest > self.model.config.max_position_embeddings:
+            raise ValueError(
+                f"prompt + max_new_tokens = {longest} tokens exceeds the model's context "
+                f"(max_position_embeddings={self.model.config.max_position_embeddings})"
+            )
+        min_per_step, uses_threshold = _STRATEGIES[cfg.strategy]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.last_output = decode(
+                self.model, prompts, gen_length=gen_length, num_steps=cfg.num_refinement_steps,
+                block_size=cfg.block_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                repetition_penalty=cfg.repetition_penalty,
+                confidence_threshold=cfg.confidence_threshold if uses_threshold else None,
+                min_per_step=min_per_step, stop_at_eos=cfg.use_adaptive_steps, seed=cfg.seed,
+            )
+        finally:
+            self.model.train(was_training)
+        return [t.cpu() for t in self.last_output.tokens]
+
+    def generate_text(self, prompt: str, max_new_tokens: int | None = None) -> str:
+        """Encode a prompt, generate, and decode the answer up to the first EOS."""
+        if self.tokenizer is None:
+            raise ValueError("generate_text needs a tokenizer: ParallelGenerator(model, config, tokenizer=...)")
+        ids = torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long)
+        answer = self.generate_batch([ids], max_new_tokens)[0].tolist()
+        eos = self.tokenizer.eos_token_id
+        return self.tokenizer.decode(answer[: answer.index(eos)] if eos in answer else answer)

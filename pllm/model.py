@@ -1,0 +1,243 @@
+"""DiffusionTransformer: the denoiser of a masked-diffusion language model.
+
+A pre-norm transformer (RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP)
+that maps a partly masked sequence to logits for every position. Attention is bidirectional
+(MDLM / LLaDA) or block-causal (block diffusion, BD3-LM / Fast-dLLM v2: causal across blocks of
+`block_size` tokens, bidirectional inside a block). Masked diffusion needs no time input: the share
+of mask tokens tells the model the noise level (MDLM, Sahoo et al. 2024, sec. 3; LLaDA, Nie et al.
+2025), so `timestep` is accepted for API compatibility and not used.
+
+The model is single-device math: parallelism (FSDP2, DeepSpeed) is applied from outside.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the install
+    flash_attn_func = None
+
+
+def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (P, hd): "rotate half" layout
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, L, hd); cos/sin: (B, 1, L, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        self.use_flash = cfg.use_flash_attention
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        # QK-norm (as in OLMo 2, Qwen3): unit-RMS queries/keys keep attention logits O(1), so the
+        # positional (rotary) patterns a denoiser needs form early and training stays stable.
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, D = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        if mask is None and self._flash_ok(q):
+            # flash-attn takes (B, L, H, hd) and maps GQA heads itself.
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
+            y = y.reshape(B, L, D)
+        else:
+            # Query head h reads key/value head h // (H / KV) (GQA).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+            y = y.transpose(1, 2).reshape(B, L, D)
+        return self.o_proj(y)
+
+    def _flash_ok(self, q: torch.Tensor) -> bool:
+        return self.use_flash and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DiffusionTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the residual output projections so the residual stream's variance
+        # does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}  # tied weights count once
+        n = sum(p.numel() for p in params.values())
+        return n - self.embed_tokens.weight.numel() if exclude_embeddings else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return self.config.flops_per_token(seq_len)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def attention_bias(
+        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Boolean mask (B, 1, L, L), True where query i may attend to key j; None = attend to all.
+
+        Block-causal: key j is visible from query i iff block(j) <= block(i), with blocks counted on
+        positions (so left padding does not shift block boundaries). Padding keys are hidden; every
+        query still sees itself, so padded rows never become empty (which would give NaNs).
+        """
+        allowed = None
+        if self.config.attention_mode == "block_causal":
+            blocks = position_ids // self.config.block_size  # (B, L)
+            allowed = (blocks[:, None, :] <= blocks[:, :, None])[:, None]  # (B, 1, Lq, Lk)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+            allowed = keep if allowed is None else allowed & keep
+            eye = torch.eye(position_ids.shape[1], dtype=torch.bool, device=position_ids.device)
+            allowed = allowed | eye
+        return allowed
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        timestep: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_confidence: bool = False,
+        position_ids: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """input_ids (B, L) with mask tokens -> logits (B, L, V) in float32.
+
+        attention_mask (B, L): 1 for real tokens, 0 for padding. position_ids default to the count of
+        real tokens before each position, so a left-padded prompt gets the same positions as unpadded.
+        With return_confidence, also returns the max softmax probability per position (B, L).
+        logits_mask (B, L) bool: compute logits only where True and return them as (N, V); the
+        training loss needs them at masked positions only, and the LM head is a large matmul.
+        """
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cos = self.rope_cos[position_ids][:, None]  # (B, 1, L, hd)
+        sin = self.rope_sin[position_ids][:, None]
+        mask = self.attention_bias(position_ids, attention_mask)
+
+        x = self.embed_tokens(input_ids)
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
+        x = self.norm(x)
+        if logits_mask is not None:
+            x = x[logits_mask]  # (N, D)
+        logits = self.lm_head(x).float()
+        if return_confidence:
+            return logits, logits.softmax(-1).amax(-1)
+        return logits
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_parallel(
+        self,
+        batch_size: int,
+        seq_len: int,
+        num_steps: int = 10,
+        confidence_threshold: float = 0.9,
+        temperature: float = 0.0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Unconditional generation by iterative refinement: start from `seq_len` mask tokens and,
+        over at most `num_steps` forward passes, commit each step at least the scheduled share of
+        positions (highest confidence first) plus every position whose confidence exceeds
+        `confidence_threshold`. Returns (batch_size, seq_len) token ids."""
+        from .decoding import decode
+
+        prompts = [torch.empty(0, dtype=torch.long, device=self.device)] * batch_size
+        out = decode(
+            self, prompts, gen_length=seq_len, num_steps=num_steps, block_size=None, temperature=temperature,
+            top_k=0, top_p=1.0, confidence_threshold=confidence_threshold, min_per_step="schedule", seed=seed,
+        )
+        return torch.stack(out.tokens)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, path, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DiffusionTransformer":
+        from .checkpoint import load_model
+
+        return load_model(path, device=device)
