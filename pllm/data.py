@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig
 from .corpus import corpus_files, read_documents, split_files
@@ -31,14 +31,13 @@ class CorpusData:
     num_val_files: int
 
 
-def _documents(files: list[Path], text_field: str):
-    for f in files:
-        yield from read_documents(f, text_field)
+def _documents(files: list[Path], text_field: str) -> list[str]:
+    return [doc for f in files for doc in read_documents(f, text_field)]
 
 
-def _tokenize(tokenizer: Tokenizer, files: list[Path], text_field: str) -> np.ndarray:
+def _tokenize(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
-    pieces = [np.asarray(ids, dtype=dtype) for ids in tokenizer.iter_token_ids(_documents(files, text_field))]
+    pieces = [np.asarray(ids, dtype=dtype) for ids in tokenizer.iter_token_ids(docs)]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 
@@ -56,9 +55,10 @@ def prepare_corpus(data: DataConfig, vocab_size: int, cache_dir: str | Path) -> 
         train, val = np.load(cache / "train.npy"), np.load(cache / "val.npy")
     else:
         log.info("training a %d-token BPE tokenizer on %d files", vocab_size, len(train_files))
-        tokenizer = Tokenizer.train(_documents(train_files, data.text_field), vocab_size)
-        train = _tokenize(tokenizer, train_files, data.text_field)
-        val = _tokenize(tokenizer, val_files, data.text_field)
+        train_docs = _documents(train_files, data.text_field)
+        tokenizer = Tokenizer.train(train_docs, vocab_size)
+        train = _tokenize(tokenizer, train_docs)
+        val = _tokenize(tokenizer, _documents(val_files, data.text_field))
         cache.mkdir(parents=True, exist_ok=True)
         tokenizer.save(cache)
         np.save(cache / "train.npy", train)
@@ -84,10 +84,16 @@ class PackedDataset(Dataset):
         return torch.from_numpy(row.astype(np.int64))
 
 
-def make_dataloader(tokens: np.ndarray, seq_len: int, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_dataloader(
+    tokens: np.ndarray, seq_len: int, batch_size: int, shuffle: bool, seed: int = 0, max_rows: int | None = None
+) -> DataLoader:
+    """Shuffled batches for training; for evaluation (shuffle=False), `max_rows` evenly spaced rows,
+    so a short validation pass still covers every part of the validation files."""
+    dataset: Dataset = PackedDataset(tokens, seq_len)
+    if max_rows is not None and max_rows < len(dataset):
+        dataset = Subset(dataset, np.linspace(0, len(dataset) - 1, max_rows).round().astype(int).tolist())
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(PackedDataset(tokens, seq_len), batch_size=batch_size, shuffle=shuffle,
-                      drop_last=shuffle, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, generator=generator)
 
 
 def unigram_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> float:

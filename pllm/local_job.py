@@ -49,7 +49,8 @@ def run_local_job(job: JobConfig, show_progress: bool = True) -> JobResult:
                                   eos_token_id=tok.eos_token_id, mask_token_id=tok.mask_token_id)
     cfg = job.training
     train_loader = make_dataloader(corpus.train_tokens, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    val_loader = make_dataloader(corpus.val_tokens, cfg.seq_len, cfg.batch_size, shuffle=False)
+    val_loader = make_dataloader(corpus.val_tokens, cfg.seq_len, cfg.batch_size, shuffle=False,
+                                 max_rows=cfg.eval_batches * cfg.batch_size)
 
     model = DiffusionTransformer(model_cfg)
     log.info("model: %.2fM parameters, %.1f MFLOP/token (train)", model.num_parameters() / 1e6,

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from pydantic import ValidationError
+
+from pllm import GenerationConfig, JobConfig, ModelConfig, TrainingConfig
+
+
+def test_defaults_follow_the_api_reference():
+    m = ModelConfig()
+    assert (m.vocab_size, m.hidden_size, m.num_hidden_layers, m.num_attention_heads) == (50257, 2048, 24, 16)
+    assert (m.num_key_value_heads, m.intermediate_size, m.max_position_embeddings) == (None, 8192, 4096)
+    assert (m.num_diffusion_steps, m.noise_schedule, m.confidence_threshold) == (10, "cosine", 0.9)
+    assert m.use_flash_attention is True and m.dtype == torch.bfloat16 and m.use_fp8 is False
+    t = TrainingConfig()
+    assert (t.batch_size, t.learning_rate, t.num_train_steps) == (8, 3e-4, 100000)
+    assert (t.use_fsdp, t.fsdp_sharding_strategy, t.use_deepspeed, t.zero_stage) == (True, "full", False, 3)
+    assert (t.use_torch_compile, t.torch_compile_mode, t.use_cuda_graphs) == (True, "max-autotune", True)
+    assert (t.gradient_checkpointing, t.mixed_precision) == (True, "bf16")
+    g = GenerationConfig()
+    assert (g.max_new_tokens, g.temperature, g.top_k, g.top_p, g.repetition_penalty) == (512, 1.0, 50, 0.95, 1.0)
+    assert (g.num_refinement_steps, g.confidence_threshold, g.use_adaptive_steps) == (5, 0.9, True)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, must_mention",
+    [
+        (ModelConfig, {"noise_schedule": "quadratic"}, ["noise_schedule", "'linear'", "'cosine'", "'sqrt'"]),
+        (ModelConfig, {"attention_mode": "causal"}, ["attention_mode", "'bidirectional'", "'block_causal'"]),
+        (ModelConfig, {"hidden_size": 0}, ["hidden_size", "greater than 0"]),
+        (ModelConfig, {"hidden_size": 100, "num_attention_heads": 16}, ["hidden_size", "num_attention_heads"]),
+        (ModelConfig, {"num_attention_heads": 16, "num_key_value_heads": 5}, ["num_key_value_heads"]),
+        (ModelConfig, {"dtype": "int8"}, ["dtype", "bfloat16", "float32"]),
+        (ModelConfig, {"confidence_threshold": 1.5}, ["confidence_threshold", "less than or equal to 1"]),
+        (ModelConfig, {"vocab_size": 3}, ["mask_token_id", "vocab_size"]),
+        (TrainingConfig, {"fsdp_sharding_strategy": "hybrid"}, ["fsdp_sharding_strategy", "'full'", "'shard_grad_op'", "'no_shard'"]),
+        (TrainingConfig, {"zero_stage": 4}, ["zero_stage", "0", "1", "2", "3"]),
+        (TrainingConfig, {"mixed_precision": "fp32"}, ["mixed_precision", "'no'", "'fp16'", "'bf16'"]),
+        (TrainingConfig, {"torch_compile_mode": "fast"}, ["torch_compile_mode", "'max-autotune'"]),
+        (TrainingConfig, {"use_deepspeed": True}, ["use_fsdp", "use_deepspeed"]),
+        (TrainingConfig, {"learning_rate": -1.0}, ["learning_rate", "greater than 0"]),
+        (TrainingConfig, {"batch_size": "8"}, ["batch_size", "integer"]),
+        (GenerationConfig, {"top_p": 0.0}, ["top_p", "greater than 0"]),
+        (GenerationConfig, {"temperature": -0.5}, ["temperature", "greater than or equal to 0"]),
+        (GenerationConfig, {"strategy": "beam"}, ["strategy", "'static'", "'threshold'"]),
+        (GenerationConfig, {"max_new_tokens": 0}, ["max_new_tokens"]),
+    ],
+)
+def test_invalid_values_name_the_field_and_allowed_values(cls, kwargs, must_mention):
+    with pytest.raises(ValidationError) as err:
+        cls(**kwargs)
+    for text in must_mention:
+        assert text in str(err.value), f"{text!r} not in: {err.value}"
+
+
+def test_unknown_field_is_an_error():
+    with pytest.raises(ValidationError, match="hiden_size"):
+        ModelConfig(hiden_size=64)
+
+
+def test_assignment_is_validated():
+    cfg = TrainingConfig()
+    cfg.batch_size = 4
+    assert cfg.batch_size == 4
+    with pytest.raises(ValidationError, match="batch_size"):
+        cfg.batch_size = -1
+
+
+def test_yaml_round_trip(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  num_attention_heads: 4\n  dtype: float32\ntraining:\n  use_fsdp: false\n")
+    job = JobConfig.from_yaml(path)
+    assert job.model.hidden_size == 64 and job.model.dtype == torch.float32 and job.training.use_fsdp is False
+    assert JobConfig.from_dict(job.to_dict()) == job
+    path.write_text("model:\n  hidden_size: big\n")
+    with pytest.raises(ValidationError, match="hidden_size"):
+        JobConfig.from_yaml(path)
+
+
+def test_flops_per_token_formula():
+    cfg = ModelConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128)
+    d, hd, kv = 64, 16, 2
+    n_matmul = 2 * (d * d * 2 + d * kv * hd * 2 + 3 * d * 128) + d * 1000
+    assert cfg.num_matmul_params() == n_matmul
+    assert cfg.flops_per_token(256) == 6 * n_matmul + 12 * 2 * 64 * 256
