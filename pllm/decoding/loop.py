@@ -99,6 +99,9 @@ def decode(
                 break
             logits = model(x, attention_mask=attention_mask)[:, start:end]
             out.nfe += 1
+            # The answer may never contain mask or padding tokens (an undertrained model can rank
+            # them first, and committing a mask would stall the loop).
+            logits[..., [mask_id, pad_id]] = float("-inf")
             if repetition_penalty != 1.0:
                 seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
                 seen.scatter_(1, x, True)
