@@ -1,0 +1,1 @@
+"""Cluster and job tooling (installed as `pllm.cluster`)."""
