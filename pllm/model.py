@@ -126,6 +126,16 @@ class DiffusionTransformer(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
 
+    def _apply(self, fn, recurse=True):
+        # Keep the rotary tables in fp32 when the model is cast to bf16/fp16: positions past a few
+        # hundred lose their angle in 8 mantissa bits.
+        super()._apply(fn, recurse)
+        device = self.rope_cos.device
+        if self.rope_cos.dtype != torch.float32:
+            cos, sin = rotary_tables(self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        return self
+
     # -- helpers -------------------------------------------------------------------------------
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
         self.gradient_checkpointing = enabled

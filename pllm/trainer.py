@@ -80,8 +80,8 @@ class DistributedTrainer:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed:
             raise RuntimeError(
-                "DistributedTrainer got an initialised process group; launch multi-process training "
-                "through the Ray Train job (pllm.pipelines.train_job), which shards the model first"
+                "DistributedTrainer runs in one process; multi-process (FSDP2 / DeepSpeed ZeRO) "
+                "training is not supported by this release"
             )
         if self.cfg.use_fsdp or self.cfg.use_deepspeed:
             log.info("single process: no sharding applied (use_fsdp/use_deepspeed act in multi-worker jobs)")

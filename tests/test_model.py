@@ -120,3 +120,10 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x).square().mean().backward()
     for a, p in zip(ref, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_rotary_tables_stay_fp32_when_the_model_is_cast():
+    model = DiffusionTransformer(tiny_config()).to(torch.bfloat16)
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.rope_cos.dtype == torch.float32 and model.rope_sin.dtype == torch.float32
+    assert torch.isfinite(model(torch.randint(4, 96, (1, 8))).float()).all()
