@@ -4,7 +4,6 @@ most three minutes on CPU -> validation ELBO below the corpus's unigram entropy 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
