@@ -136,6 +136,7 @@ class DistributedTrainer:
                    dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
+        last_eval: dict[str, float] = {}
         while self.step < cfg.num_train_steps:
             loss_sum = 0.0
             for _ in range(cfg.gradient_accumulation_steps):
@@ -163,18 +164,19 @@ class DistributedTrainer:
                 self._emit(last)
                 window_tokens, window_start = 0, time.perf_counter()
             if self.eval_dataloader is not None and self.step % cfg.eval_interval == 0:
-                self._emit(self.evaluate())
+                last_eval = {"step": self.step, **self.evaluate()}
+                self._emit(last_eval)
             if cfg.save_interval and self.step % cfg.save_interval == 0:
                 self.save_checkpoint()
             if time.monotonic() > deadline:
                 log.info("stopping at step %d: max_train_minutes=%s reached", self.step, cfg.max_train_minutes)
                 break
         bar.close()
-        final = dict(last)
-        if self.eval_dataloader is not None:
-            final.update(self.evaluate())
-            self._emit(final)
-        return final
+        # Finish with a validation of the final weights, unless the loop just did one.
+        if self.eval_dataloader is not None and last_eval.get("step") != self.step:
+            last_eval = {"step": self.step, **self.evaluate()}
+            self._emit(last_eval)
+        return {**last, **{k: v for k, v in last_eval.items() if k != "step"}}
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_dataloader is None:
