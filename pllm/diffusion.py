@@ -70,10 +70,13 @@ def mask_tokens(
     mask_token_id: int,
     valid: torch.Tensor,
     generator: torch.Generator | None = None,
+    draw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each valid token of row b with probability 1 - alpha(t_b). Returns (x_t, is_masked)."""
+    """Mask each valid token of row b with probability 1 - alpha(t_b). Returns (x_t, is_masked).
+    `draw` (uniforms shaped like input_ids) fixes the noise, e.g. to slice one global draw across ranks."""
     p_mask = schedule.mask_probability(t)[:, None]  # (B, 1)
-    draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+    if draw is None:
+        draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     is_masked = (draw < p_mask) & valid
     return torch.where(is_masked, mask_token_id, input_ids), is_masked
 
@@ -95,6 +98,7 @@ def diffusion_loss(
     t: torch.Tensor | None = None,
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
+    mask_draw: torch.Tensor | None = None,
 ) -> DiffusionLoss:
     """One Monte-Carlo sample of the masked-diffusion NELBO for a batch (B, L) of clean tokens.
     Padding (attention_mask == 0) is never masked, never predicted and never counted."""
@@ -102,7 +106,7 @@ def diffusion_loss(
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if t is None:
         t = sample_t(B, eps, generator, device=input_ids.device)
-    x_t, is_masked = mask_tokens(input_ids, t, schedule, mask_token_id, valid, generator)
+    x_t, is_masked = mask_tokens(input_ids, t, schedule, mask_token_id, valid, generator, mask_draw)
     logits = model(x_t, t, attention_mask=attention_mask, logits_mask=is_masked)  # (N_masked, V)
     ce = F.cross_entropy(logits, input_ids[is_masked], reduction="none")
     weight = schedule.elbo_weight(t)[:, None].expand_as(input_ids)[is_masked]
@@ -135,9 +139,11 @@ def evaluate_elbo(
     num_samples: int = 1,
     seed: int = 1234,
     autocast: Callable | None = None,
+    reduce: Callable[[list[float]], list[float]] | None = None,
 ) -> ElboReport:
     """Validation NELBO per token (an upper bound on the true NLL), averaged over `num_samples`
-    draws of (t, mask) per batch with a fixed seed, so successive evaluations are comparable."""
+    draws of (t, mask) per batch with a fixed seed, so successive evaluations are comparable.
+    `reduce` sums [nelbo, tokens] across processes when each holds a shard of the batches."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -152,6 +158,9 @@ def evaluate_elbo(
             total += float(out.nelbo_sum)
             tokens += out.num_tokens
     model.train(was_training)
+    if reduce is not None:  # sum over data-parallel ranks
+        total, tokens = reduce([total, float(tokens)])
+        tokens = int(tokens)
     if tokens == 0:
         raise ValueError("evaluate_elbo got no tokens: is the validation set empty?")
     per_token = total / tokens

@@ -1,15 +1,19 @@
 """DistributedTrainer: the training loop for the masked-diffusion objective.
 
-This module is the loop itself (AdamW, warmup + cosine LR, gradient accumulation and clipping,
-autocast, periodic validation ELBO, checkpoints, progress). It runs in one process as is; in a
-multi-process job (`torch.distributed` initialised) the parallel strategy is applied to the model
-from outside before the loop starts.
+The loop (accumulation, clipping, warmup + cosine LR, periodic validation ELBO, tokens/s and MFU,
+checkpoints with the data position, progress) is the same in one process, under `torchrun`, and in
+Ray Train workers; how the model is placed on processes (single, DDP, FSDP2, DeepSpeed ZeRO) is a
+`Strategy` chosen from the config and applied from outside the model.
+
+Noise is drawn for the *global* batch from a generator seeded by (seed, step, micro-batch) and each
+rank takes its rows, so N workers with batch B see exactly the masks one process with batch N*B
+would see: sharded and single-process runs are comparable step by step, and resumes are exact.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
+import json
 import logging
 import math
 import time
@@ -20,33 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ModelConfig, TrainingConfig
-from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, unpack_batch
+from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, sample_t, unpack_batch
+from .optim import build_optimizer, lr_lambda, peak_flops  # noqa: F401  (re-exported)
+from .strategies import build_strategy
 
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[dict[str, float], int], None]
-TRAIN_STATE_FILE = "train_state.pt"
-
-
-def lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
-    """Linear warmup to the peak LR, then cosine decay to peak * min_lr_ratio at num_train_steps."""
-
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.num_train_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms' gains)."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2))
+TRAINER_STATE_FILE = "trainer_state.json"
 
 
 class DistributedTrainer:
@@ -60,65 +45,82 @@ class DistributedTrainer:
         callbacks: list[MetricsCallback] | None = None,
         device: str | torch.device | None = None,
         show_progress: bool = True,
+        on_save: Callable[["DistributedTrainer"], None] | None = None,
     ):
         if train_dataloader is None:
             raise ValueError("train_dataloader is required: an iterable of token-id batches (B, L)")
         self.cfg = train_config
         self.model_config = model_config or model.config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device)
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         self.callbacks = list(callbacks or [])
-        self.show_progress = show_progress
+        self.on_save = on_save or (lambda trainer: trainer.save_checkpoint())
         self.schedule = get_schedule(self.model_config.noise_schedule)
         self.step = 0
-        self.tokens_seen = 0
+        self.tokens_seen = 0  # global, all ranks
+        self.epoch, self.batches_in_epoch = 0, 0  # data position, restored on resume
         self.history: list[dict[str, float]] = []
 
         if self.cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed:
-            raise RuntimeError(
-                "DistributedTrainer runs in one process; multi-process (FSDP2 / DeepSpeed ZeRO) "
-                "training is not supported by this release"
-            )
-        if self.cfg.use_fsdp or self.cfg.use_deepspeed:
-            log.info("single process: no sharding applied (use_fsdp/use_deepspeed act in multi-worker jobs)")
-        if self.cfg.use_torch_compile and self.device.type == "cuda":
-            self.model = torch.compile(self.model, mode=self.cfg.torch_compile_mode)
-        elif self.cfg.use_torch_compile:
-            log.info("torch.compile skipped on %s (applied on CUDA devices)", self.device.type)
-        self.optimizer = build_optimizer(self.model, self.cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg))
-        fp16 = self.cfg.mixed_precision == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+        self.strategy = build_strategy(self.cfg, self.device)
+        self.strategy.setup(model)
+        self.show_progress = show_progress and self.strategy.is_main
+        self._peak = peak_flops(self.device)
+        log.info("training strategy: %s on %d process(es)", self.strategy.name, self.strategy.world_size)
+
+    # Views of the strategy's objects (the wrapped model, optimizer and scheduler).
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.strategy.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.strategy.optimizer
+
+    @property
+    def scheduler(self):
+        return self.strategy.scheduler
 
     # -- pieces ----------------------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16/fp16 autocast on CUDA; fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most
-        CPUs and the demo sizes gain nothing)."""
-        if self.device.type == "cuda" and self.cfg.mixed_precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+    def autocast(self):
+        return self.strategy.autocast()
 
-    def training_step(self, batch) -> DiffusionLoss:
+    def _noise(self, input_ids: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, uniforms) for this rank's rows of the global micro-batch (see the module docstring)."""
+        B, L = input_ids.shape
+        W, r = self.strategy.world_size, self.strategy.rank
+        seed = (self.cfg.seed * 1_000_003 + self.step * self.cfg.gradient_accumulation_steps + micro) % 2**63
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        t = sample_t(B * W, generator=g, device=self.device)[r * B : (r + 1) * B]
+        draw = torch.rand((B * W, L), generator=g, device=self.device)[r * B : (r + 1) * B]
+        return t, draw
+
+    def training_step(self, batch, micro: int = 0) -> DiffusionLoss:
         """Loss of one micro-batch (override to change the objective)."""
         input_ids, attention_mask = unpack_batch(batch, self.device)
+        t, draw = self._noise(input_ids, micro)
         with self.autocast():
-            return diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id, attention_mask)
+            return diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,
+                                  attention_mask, t=t, mask_draw=draw)
 
     def _batches(self):
-        for epoch in itertools.count():
-            if hasattr(self.train_dataloader, "sampler") and hasattr(self.train_dataloader.sampler, "set_epoch"):
-                self.train_dataloader.sampler.set_epoch(epoch)
-            empty = True
-            for batch in self.train_dataloader:
-                empty = False
+        """Endless micro-batches, epoch after epoch, starting at the saved data position."""
+        for epoch in itertools.count(self.epoch):
+            self.epoch = epoch
+            for obj in (self.train_dataloader, getattr(self.train_dataloader, "sampler", None)):
+                if hasattr(obj, "set_epoch"):
+                    obj.set_epoch(epoch)
+            skip, yielded = self.batches_in_epoch, False
+            for i, batch in enumerate(self.train_dataloader):
+                yielded = True
+                if i < skip:
+                    continue  # already trained on before the checkpoint
+                self.batches_in_epoch = i + 1
                 yield batch
-            if empty:
+            if not yielded:
                 raise ValueError("train_dataloader yielded no batches")
+            self.batches_in_epoch = 0
 
     def _emit(self, metrics: dict[str, float]) -> None:
         metrics = {"step": self.step, **metrics}
@@ -126,9 +128,15 @@ class DistributedTrainer:
         for cb in self.callbacks:
             cb(metrics, self.step)
 
+    def _out_of_time(self, deadline: float) -> bool:
+        if deadline == math.inf:
+            return False
+        # Every rank must stop at the same step (sharded collectives), so the slowest clock decides.
+        return self.strategy.all_reduce([float(time.monotonic() > deadline)], op="max")[0] > 0
+
     # -- loop ------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, strategy = self.cfg, self.strategy
         self.model.train()
         batches = self._batches()
         deadline = time.monotonic() + cfg.max_train_minutes * 60 if cfg.max_train_minutes else math.inf
@@ -138,37 +146,35 @@ class DistributedTrainer:
         last: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         while self.step < cfg.num_train_steps:
-            loss_sum = 0.0
-            for _ in range(cfg.gradient_accumulation_steps):
-                out = self.training_step(next(batches))
-                self.scaler.scale(out.loss / cfg.gradient_accumulation_steps).backward()
+            loss_sum, step_tokens = 0.0, 0
+            for micro in range(cfg.gradient_accumulation_steps):
+                out = self.training_step(next(batches), micro)
+                strategy.backward(out.loss)
                 loss_sum += float(out.loss.detach()) / cfg.gradient_accumulation_steps
-                window_tokens += out.num_tokens
-                self.tokens_seen += out.num_tokens
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            )
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+                step_tokens += out.num_tokens * strategy.world_size  # equal shards on every rank
+            grad_norm = strategy.step()
+            self.tokens_seen += step_tokens
+            window_tokens += step_tokens
             self.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}")
 
             if self.step % cfg.log_interval == 0 or self.step == cfg.num_train_steps:
                 elapsed = time.perf_counter() - window_start
-                last = {"loss": loss_sum, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                loss = strategy.all_reduce([loss_sum])[0] / strategy.world_size
+                last = {"loss": loss, "lr": strategy.lr, "grad_norm": grad_norm,
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": self.tokens_seen}
+                if self._peak:
+                    flops = self.model_config.flops_per_token(cfg.seq_len) * last["tokens_per_s"]
+                    last["mfu"] = flops / (self._peak * strategy.world_size)
                 self._emit(last)
                 window_tokens, window_start = 0, time.perf_counter()
             if self.eval_dataloader is not None and self.step % cfg.eval_interval == 0:
                 last_eval = {"step": self.step, **self.evaluate()}
                 self._emit(last_eval)
             if cfg.save_interval and self.step % cfg.save_interval == 0:
-                self.save_checkpoint()
-            if time.monotonic() > deadline:
+                self.on_save(self)
+            if self._out_of_time(deadline):
                 log.info("stopping at step %d: max_train_minutes=%s reached", self.step, cfg.max_train_minutes)
                 break
         bar.close()
@@ -183,30 +189,49 @@ class DistributedTrainer:
             raise ValueError("evaluate() needs an eval_dataloader")
         batches = itertools.islice(self.eval_dataloader, self.cfg.eval_batches)
         report = evaluate_elbo(self.model, batches, self.schedule, self.model_config.mask_token_id,
-                               autocast=self.autocast)
+                               autocast=self.autocast, reduce=self.strategy.all_reduce)
         return report.as_metrics()
 
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- checkpoints (collective: every rank calls them) -----------------------------------------
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """Weights (safetensors) + config, and the optimizer/scheduler/step state for resuming."""
-        from .checkpoint import save_pretrained
-
+        """Model and optimizer state (in the strategy's format), LR schedule, step and data position."""
         path = Path(path or Path(self.cfg.output_dir) / f"checkpoint-{self.step}")
-        save_pretrained(self._unwrapped(), path)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "tokens_seen": self.tokens_seen}, path / TRAIN_STATE_FILE)
-        log.info("saved checkpoint %s", path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.strategy.save(path)
+        if self.strategy.is_main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "epoch": self.epoch,
+                     "batches_in_epoch": self.batches_in_epoch, "strategy": self.strategy.name,
+                     "world_size": self.strategy.world_size}
+            (path / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+            log.info("saved checkpoint %s", path)
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        from safetensors.torch import load_model
-
         path = Path(path)
-        load_model(self._unwrapped(), str(path / "model.safetensors"), device=str(self.device))
-        state = torch.load(path / TRAIN_STATE_FILE, weights_only=True, map_location=self.device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = json.loads((path / TRAINER_STATE_FILE).read_text())
+        if state["strategy"] != self.strategy.name:
+            raise ValueError(f"checkpoint {path} was written by the {state['strategy']!r} strategy; this run "
+                             f"uses {self.strategy.name!r}")
+        self.strategy.load(path)
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
+        if state["world_size"] != self.strategy.world_size:
+            log.warning("resuming a %d-process checkpoint on %d processes: the data position is approximate",
+                        state["world_size"], self.strategy.world_size)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
+                 self.batches_in_epoch)
 
-    def _unwrapped(self) -> torch.nn.Module:
-        return getattr(self.model, "_orig_mod", self.model)
+    def consolidated_model(self) -> torch.nn.Module | None:
+        """An unsharded copy of the trained model on rank 0 (None elsewhere). Collective."""
+        state = self.strategy.consolidated_state_dict()
+        if state is None:
+            return None
+        from .model import DiffusionTransformer
+
+        model = DiffusionTransformer(self.model_config)
+        missing, _ = model.load_state_dict(state, strict=False)
+        if self.model_config.tie_word_embeddings:  # the tied LM head may be absent from the state
+            missing = [k for k in missing if k != "lm_head.weight"]
+        if missing:
+            raise RuntimeError(f"consolidated state lacks {sorted(missing)}")
+        return model.eval()

@@ -1,0 +1,168 @@
+"""The Strategy interface: how a model is wrapped, stepped and checkpointed on one or many processes.
+
+Strategies are applied to an unchanged `DiffusionTransformer` from outside (torchtitan's
+`parallelize` functions, OpenRLHF's DeepSpeed strategy object); the training loop talks only to this
+interface, so the same loop runs single-process, under `torchrun`, or in Ray Train workers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import TrainingConfig
+from ..optim import build_optimizer, build_scheduler, lr_lambda, scheduler_state
+
+OPTIMIZER_FILE = "train_state.pt"
+SCHEDULER_FILE = "scheduler.json"
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class Strategy:
+    """Single process (the base case). Subclasses override wrap/backward/step/save/load."""
+
+    name = "single"
+
+    def __init__(self, cfg: TrainingConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.rank = dist.get_rank() if distributed() else 0
+        self.world_size = dist.get_world_size() if distributed() else 1
+        self.model: torch.nn.Module
+        self.optimizer: torch.optim.Optimizer
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.mixed_precision == "fp16" and device.type == "cuda")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self, model: torch.nn.Module) -> None:
+        """Move/wrap the model and build optimizer and scheduler."""
+        self.module = model.to(self.device)
+        self.model = self._compile(self.module)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg)
+
+    def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.cfg.use_torch_compile and self.device.type == "cuda":
+            return torch.compile(model, mode=self.cfg.torch_compile_mode)
+        return model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast on CUDA; fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+        if self.device.type == "cuda" and self.cfg.mixed_precision in ("bf16", "fp16"):
+            dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    # -- one optimizer step ----------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's mean loss (scaled for gradient accumulation here)."""
+        self.scaler.scale(loss / self.cfg.gradient_accumulation_steps).backward()
+
+    def step(self) -> float:
+        """Clip, step optimizer and scheduler, zero the gradients; returns the gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def optimizer_steps(self) -> int:
+        """Steps the optimizer itself has taken (Adam's step count), to check resumes."""
+        states = [s for s in self.optimizer.state.values() if "step" in s]
+        return int(states[0]["step"]) if states else 0
+
+    # -- collectives -----------------------------------------------------------------------------
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        if not distributed():
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def barrier(self) -> None:
+        if distributed():
+            dist.barrier()
+
+    # -- checkpoints (collective in subclasses) --------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Weights (safetensors + config) and optimizer/scheduler state for resuming."""
+        from ..checkpoint import save_pretrained
+
+        if self.is_main:
+            save_pretrained(self.module, path)
+            torch.save({"optimizer": self.optimizer.state_dict()}, path / OPTIMIZER_FILE)
+            self._save_scheduler(path)
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.module, str(path / "model.safetensors"), device=str(self.device))
+        state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location=self.device)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_scheduler(path)
+
+    def _save_scheduler(self, path: Path) -> None:
+        (path / SCHEDULER_FILE).write_text(json.dumps(scheduler_state(self.scheduler)))
+
+    def _load_scheduler(self, path: Path) -> None:
+        state = json.loads((path / SCHEDULER_FILE).read_text())
+        self.scheduler.load_state_dict({**state, "lr_lambdas": [None] * len(self.scheduler.base_lrs)})
+        # The LR of the next step follows this run's schedule (num_train_steps may have been extended).
+        factor = lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        for group, base_lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * factor
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full, unsharded weights on rank 0 (None on other ranks). Collective."""
+        return {k: v.detach().cpu() for k, v in self.module.state_dict().items()} if self.is_main else None
+
+
+class DDPStrategy(Strategy):
+    """Plain data parallel (every rank holds the full model): used when neither FSDP nor DeepSpeed is
+    asked for, and for fsdp_sharding_strategy='no_shard'."""
+
+    name = "ddp"
+
+    def setup(self, model: torch.nn.Module) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.module = model.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.model = self._compile(DistributedDataParallel(self.module, device_ids=ids))
+        self.optimizer = build_optimizer(self.module, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Gradients are all-reduced only on the last micro-batch of an accumulation window.
+        self._micro = getattr(self, "_micro", 0) + 1
+        sync = self._micro % self.cfg.gradient_accumulation_steps == 0
+        ctx = contextlib.nullcontext() if sync else self._unwrap_ddp().no_sync()
+        with ctx:
+            super().backward(loss)
+
+    def _unwrap_ddp(self):
+        return getattr(self.model, "_orig_mod", self.model)
+
+    def save(self, path: Path) -> None:
+        super().save(path)
+        self.barrier()
