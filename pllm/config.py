@@ -237,6 +237,31 @@ class DataConfig(_ConfigMixin):
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.05
     max_files: Optional[PositiveInt] = None  # take only the first N files (sorted) for quick runs
     tokenizer_vocab_size: Optional[PositiveInt] = None  # default: the model's vocab_size
+    tokenizer_sample_mb: Annotated[float, Field(gt=0)] = 64.0  # training text the BPE tokenizer sees
+    shuffle_buffer_rows: NonNegInt = 1024  # per-worker local shuffle of packed rows (0: file order)
+
+
+@dataclass(config=_STRICT)
+class ClusterConfig(_ConfigMixin):
+    """Where a Ray job runs: Ray Train's scaling and failure settings."""
+
+    num_workers: PositiveInt = 2  # Ray Train workers (one per GPU on GPU clusters)
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0  # fractional CPUs keep small machines from starving
+    max_failures: NonNegInt = 2  # worker-group restarts from the last checkpoint before the job fails
+    checkpoints_to_keep: PositiveInt = 2
+    storage_path: Optional[str] = None  # Ray Train storage (checkpoints); default <output_dir>/ray; s3:// ok
+    num_cpus: Optional[PositiveInt] = None  # logical CPUs of an in-process local Ray (default: 8 or more)
+
+
+@dataclass(config=_STRICT)
+class TrackingConfig(_ConfigMixin):
+    """MLflow tracking and registry."""
+
+    mlflow_uri: Optional[str] = None  # default: sqlite store mlflow.db in the current folder
+    experiment: str = "pllm"
+    registered_model: Optional[str] = "pllm"  # None: log the model without registering it
+    alias: str = "champion"
 
 
 @dataclass(config=_STRICT)
@@ -247,6 +272,8 @@ class JobConfig(_ConfigMixin):
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     prompt: str = "def fibonacci(n):\n"
 
     @classmethod

@@ -42,6 +42,13 @@ class Tokenizer:
         path = Path(path)
         return cls(HFTokenizer.from_file(str(path / TOKENIZER_FILE if path.is_dir() else path)))
 
+    @classmethod
+    def from_json(cls, text: str) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(text))
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         target = path / TOKENIZER_FILE if path.is_dir() or not path.suffix else path

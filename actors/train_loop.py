@@ -1,0 +1,89 @@
+"""The Ray Train worker: a thin shell around `DistributedTrainer`.
+
+Ray Train starts one of these per worker with the process group already initialised (NCCL on GPUs,
+gloo on CPU); the trainer picks FSDP2 / DeepSpeed ZeRO / DDP from the config. The worker streams its
+dataset shard, logs metrics to MLflow from rank 0, reports sharded checkpoints to Ray Train (every
+rank writes its own shard into the same checkpoint folder), resumes from the latest one after a
+failure, and finally reports the consolidated model (safetensors + config + tokenizer)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+import torch
+
+from pllm.checkpoint import save_pretrained
+from pllm.config import JobConfig
+from pllm.model import DiffusionTransformer
+from pllm.pipelines.corpus import ShardBatches
+from pllm.registry import MetricsLogger
+from pllm.tokenizer import Tokenizer
+from pllm.trainer import DistributedTrainer
+
+log = logging.getLogger(__name__)
+
+FINAL_CHECKPOINT = "final"
+SUMMARY_FILE = "summary.json"
+
+
+def _report_checkpoint(trainer: DistributedTrainer) -> None:
+    """Every rank writes its part into a local folder; Ray Train gathers them into one checkpoint."""
+    with tempfile.TemporaryDirectory(prefix="pllm-ckpt-") as tmp:
+        trainer.save_checkpoint(tmp)
+        metrics = {"step": trainer.step, "tokens_seen": trainer.tokens_seen}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint-{trainer.step:07d}")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    job = JobConfig.from_dict(config["job"])
+    ctx = ray.train.get_context()
+    rank, cfg = ctx.get_world_rank(), job.training
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
+    tokenizer = Tokenizer.from_json(config["tokenizer_json"])
+    model_cfg = job.model
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = DiffusionTransformer(model_cfg)
+    train_batches = ShardBatches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed,
+                                 job.data.shuffle_buffer_rows)
+    # The validation shard is small (eval_batches batches): hold it, so every evaluation sees the same rows.
+    val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=cfg.batch_size, dtypes=torch.long, device="cpu", drop_last=True))
+    callbacks = [MetricsLogger(config["tracking_uri"], config["run_id"])] if rank == 0 else []
+    trainer = DistributedTrainer(model, cfg, model_cfg, train_batches, val_batches or None, callbacks=callbacks,
+                                 device=device, show_progress=config.get("show_progress", False),
+                                 on_save=_report_checkpoint)
+    resumed_from = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as path:
+            trainer.load_checkpoint(path)
+        resumed_from = trainer.step
+        if rank == 0:
+            MetricsLogger(config["tracking_uri"], config["run_id"])({"resumed_from_step": resumed_from}, resumed_from)
+
+    metrics = trainer.train()
+    summary = {**metrics, "step": trainer.step, "tokens_seen": trainer.tokens_seen,
+               "optimizer_steps": trainer.strategy.optimizer_steps(), "resumed_from_step": resumed_from,
+               "strategy": trainer.strategy.name, "world_size": trainer.strategy.world_size}
+    final = trainer.consolidated_model()  # collective: all ranks take part, rank 0 gets the model
+    with tempfile.TemporaryDirectory(prefix="pllm-final-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            summary["num_parameters"] = final.num_parameters()
+            save_pretrained(final, Path(tmp) / "model", tokenizer=tokenizer)
+            (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float))},
+                         checkpoint=checkpoint, checkpoint_dir_name=FINAL_CHECKPOINT)
+    log.info("worker %d (pid %d) done at step %d", rank, os.getpid(), trainer.step)

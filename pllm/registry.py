@@ -1,0 +1,136 @@
+"""MLflow: tracking store, run parameters and metrics, the trained model as a text-generating pyfunc,
+and registered versions with an alias (`models:/NAME@ALIAS`).
+
+The embedded default is a sqlite store `mlflow.db` (artifacts in `mlartifacts/` beside it) in the
+current folder; `mlflow ui --backend-store-uri sqlite:///mlflow.db` browses it. Any tracking server
+URI works instead."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+import pllm
+
+from .config import GenerationConfig, JobConfig
+
+log = logging.getLogger(__name__)
+
+REQUIREMENTS = ["torch", "tokenizers", "safetensors", "pydantic>=2", "numpy", "pyyaml", "tqdm"]
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """None -> the embedded sqlite store; relative sqlite paths become absolute (Ray workers and
+    `ray job submit` drivers run in other folders)."""
+    if not uri:
+        return default_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    return uri
+
+
+def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """Get or create the experiment; with a sqlite store its artifacts go next to the database."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_run(job: JobConfig, tracking_uri: str, run_name: str | None = None) -> str:
+    """Create a run with the job's config as flat parameters; returns its id."""
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, job.tracking.experiment, tracking_uri), run_name=run_name,
+                            tags={"pllm.version": pllm.__version__})
+    params = flatten(job.to_dict())
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    client.log_text(run.info.run_id, job.to_json(), "job_config.json")
+    return run.info.run_id
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+class MetricsLogger:
+    """A trainer callback that logs metrics to one MLflow run (called on the main rank only)."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "step"]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+
+# -- the model as a pyfunc ------------------------------------------------------------------------
+class TextGenerator(mlflow.pyfunc.PythonModel):
+    """`predict(prompts)` -> completions. Input: a list of strings, a string, or a DataFrame with a
+    `prompt` column; optional params override the logged GenerationConfig (max_new_tokens, ...)."""
+
+    def load_context(self, context) -> None:
+        import torch
+
+        from .checkpoint import load_model, load_tokenizer
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(context.artifacts["model"], device=device)
+        self.tokenizer = load_tokenizer(context.artifacts["model"])
+        self.generation = GenerationConfig.from_dict((context.model_config or {}).get("generation", {}))
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001 (signature given at logging)
+        from .generator import ParallelGenerator
+
+        if hasattr(model_input, "columns"):  # pandas DataFrame
+            column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = [str(p) for p in model_input[column]]
+        else:
+            prompts = [model_input] if isinstance(model_input, str) else [str(p) for p in model_input]
+        overrides = {k: v for k, v in (params or {}).items() if v is not None}
+        cfg = self.generation.replace(**overrides) if overrides else self.generation
+        generator = ParallelGenerator(self.model, cfg, tokenizer=self.tokenizer)
+        return [generator.generate_text(p) for p in prompts]
+
+
+def log_generator_model(run_id: str, tracking_uri: str, model_dir: str | Path, generation: GenerationConfig,
+                        registered_model: str | None = None, alias: str | None = None) -> dict[str, Any]:
+    """Log the saved model folder as a pyfunc in the run; register a version and point the alias at
+    it. Returns {"model_uri", "version", "registry_uri"}."""
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    params = {"max_new_tokens": generation.max_new_tokens, "num_refinement_steps": generation.num_refinement_steps,
+              "temperature": float(generation.temperature), "strategy": generation.strategy}
+    signature = infer_signature(["def f(x):\n"], ["    return x\n"], params=params)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts={"model": str(model_dir)},
+            code_paths=[str(Path(pllm.__file__).parent)], pip_requirements=REQUIREMENTS, signature=signature,
+            model_config={"generation": generation.to_dict()}, registered_model_name=registered_model)
+    out = {"model_uri": info.model_uri, "version": None, "registry_uri": None}
+    if registered_model:
+        version = str(info.registered_model_version)
+        client = MlflowClient(tracking_uri)
+        if alias:
+            client.set_registered_model_alias(registered_model, alias, version)
+        out.update(version=version, registry_uri=f"models:/{registered_model}@{alias}" if alias else
+                   f"models:/{registered_model}/{version}")
+    return out
