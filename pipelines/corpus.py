@@ -167,8 +167,8 @@ def documents(files: list[str], text_field: str) -> ray.data.Dataset:
         ds = ray.data.read_binary_files(other, include_paths=True)
         parts.append(ds.map_batches(_decode_documents, fn_kwargs={"text_field": text_field}, batch_size=16))
     if parquet:
-        ds = ray.data.read_parquet(parquet, columns=[text_field])
-        parts.append(ds.rename_columns({text_field: "text"}).filter(lambda row: bool(row["text"])))
+        ds = ray.data.read_parquet(parquet).select_columns([text_field]).rename_columns({text_field: "text"})
+        parts.append(ds.filter(lambda row: isinstance(row["text"], str) and bool(row["text"])))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 

@@ -8,7 +8,6 @@ a text-generating pyfunc, register it under an alias, and plot the loss curve.""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -177,38 +176,11 @@ def print_summary(job: JobConfig, result: TrainJobResult) -> None:
     print("-" * 60)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pllm.pipelines.train_job", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=None, help="YAML job config (default: built-in tiny CPU demo)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field, e.g. --set training.num_train_steps=100")
-    p.add_argument("--output", default=None, help="output folder (training.output_dir)")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (tracking.mlflow_uri)")
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (cluster.num_workers)")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
-    return p
-
-
-def job_from_args(args: argparse.Namespace) -> JobConfig:
-    from pllm.cli import load_job_config
-
-    overrides = list(args.set)
-    if args.output:
-        overrides.append(f"training.output_dir={args.output}")
-    if args.mlflow_uri:
-        overrides.append(f"tracking.mlflow_uri={args.mlflow_uri}")
-    if args.num_workers:
-        overrides.append(f"cluster.num_workers={args.num_workers}")
-    return load_job_config(args.config, overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    job = job_from_args(args)
-    result = run_training_job(job, show_progress=args.progress)
-    print_summary(job, result)
-    return 0
+    """Same flags as `pllm train` (--config, --set, --output, --mlflow-uri, --num-workers, ...)."""
+    from pllm.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

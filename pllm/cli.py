@@ -1,4 +1,4 @@
-"""The `pllm` command: demo (the main job on embedded defaults), train, generate."""
+"""The `pllm` command: demo (the main job on embedded defaults), train (on Ray, or --local), generate."""
 
 from __future__ import annotations
 
@@ -33,11 +33,19 @@ def load_job_config(path: str | None, overrides: list[str]) -> JobConfig:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    for flag, field in [("output", "training.output_dir"), ("mlflow_uri", "tracking.mlflow_uri"),
+                        ("num_workers", "cluster.num_workers")]:
+        if getattr(args, flag):
+            overrides.append(f"{field}={getattr(args, flag)}")
+    job = load_job_config(args.config, overrides)  # a bad config fails here, before Ray starts
+    if not args.local:
+        from .pipelines.train_job import print_summary, run_training_job
+
+        print_summary(job, run_training_job(job, show_progress=not args.no_progress))
+        return 0
     from .local_job import run_local_job
 
-    job = load_job_config(args.config, args.set)
-    if args.output:
-        job = job.replace(training=job.training.replace(output_dir=args.output))
     result = run_local_job(job, show_progress=not args.no_progress)
     m = result.metrics
     print(f"\nTrained {m['num_parameters'] / 1e6:.2f}M parameters for {m['steps']} steps "
@@ -73,13 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for name, help_text in [("demo", "the main job on embedded defaults: build corpus, tokenizer, train, generate"),
-                            ("train", "train from a YAML job config")]:
+    for name, help_text in [("demo", "the main job on embedded defaults: Ray Data corpus, Ray Train (FSDP2, "
+                                     "2 workers), MLflow registry, generate"),
+                            ("train", "train from a YAML job config on Ray (in-process local Ray unless "
+                                      "RAY_ADDRESS names a cluster)")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", default=None, help="YAML job config (default: built-in tiny CPU demo)")
         p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override a config field, e.g. --set training.num_train_steps=100")
         p.add_argument("--output", default=None, help="output folder (training.output_dir)")
+        p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (tracking.mlflow_uri)")
+        p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (cluster.num_workers)")
+        p.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.set_defaults(func=_cmd_train)
 

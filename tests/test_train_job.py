@@ -1,0 +1,131 @@
+"""The Ray training job for real: a local Ray cluster, Ray Data, 2 Ray Train workers on CPU (gloo),
+a sqlite MLflow store and registry; a worker killed mid-run; `ray job submit` to a `ray start` head."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["data.max_files=80", "training.eval_interval=20", "training.eval_batches=2", "training.log_interval=5",
+         "training.save_interval=10", "cluster.num_workers=2", "tracking.registered_model=pllm-test"]
+
+
+def job_cmd(tmp_path: Path, *overrides: str) -> list[str]:
+    sets = [a for o in [*QUICK, *overrides] for a in ("--set", o)]
+    return [sys.executable, "-m", "pllm.pipelines.train_job", "--output", str(tmp_path / "run"),
+            "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *sets]
+
+
+def run_job(tmp_path: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(job_cmd(tmp_path, *overrides), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def metrics(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_bad_config_fails_before_ray_starts(tmp_path):
+    for override, message in [("training.zero_stage=5", "zero_stage"),
+                              ("data.paths=['/no/such/corpus/*.txt']", "matches no file")]:
+        start = time.monotonic()
+        proc = subprocess.run(job_cmd(tmp_path, override), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and message in proc.stderr
+        assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+        assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_fsdp2_job_logs_to_mlflow_and_registers_a_generating_model(tmp_path):
+    run_job(tmp_path, "training.num_train_steps=40", "training.use_fsdp=true")
+    m = metrics(tmp_path)
+    assert (m["step"], m["optimizer_steps"], m["strategy"], m["world_size"]) == (40, 40, "fsdp2", 2)
+    assert m["tokens_seen"] == 40 * 8 * 128 * 2  # global batch: 2 workers x 8 rows x 128 tokens
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("pllm-test", "champion")
+    run = client.get_run(version.run_id)
+    assert run.data.params["training.use_fsdp"] == "True" and run.data.params["cluster.num_workers"] == "2"
+    losses = [x.value for x in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.5  # logged every 5 steps, and it learns
+    assert {"val_elbo_nats", "tokens_per_s", "lr", "grad_norm"} <= set(run.data.metrics)
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/pllm-test@champion")
+    out = model.predict(["def add(a, b):\n", "import os\n"], params={"max_new_tokens": 8, "num_refinement_steps": 4})
+    assert len(out) == 2 and all(isinstance(s, str) and s for s in out)
+
+
+def _train_workers() -> list[psutil.Process]:
+    procs = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any("RayTrainWorker" in part for part in (p.info["cmdline"] or [])):
+            procs.append(p)
+    return procs
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
+    """SIGKILL one Ray Train worker once checkpoint 20 is being written: Ray Train restarts the worker
+    group, which loads the latest complete sharded checkpoint and finishes at exactly num_train_steps
+    optimizer steps (the Adam step count, not just the loop counter)."""
+    steps = 120
+    proc = subprocess.Popen(job_cmd(tmp_path, f"training.num_train_steps={steps}", "training.use_fsdp=true"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list((tmp_path / "run" / "ray").glob("*/checkpoint-0000020")) and _train_workers():
+            victim = _train_workers()[-1]
+            killed = victim.pid
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.5)
+    output, _ = proc.communicate(timeout=600)
+    assert killed is not None, "the job ended before a checkpoint was written\n" + output[-3000:]
+    assert proc.returncode == 0, output[-5000:]
+    m = metrics(tmp_path)
+    assert m["step"] == steps and m["optimizer_steps"] == steps  # nothing repeated or skipped
+    # Checkpoint 20 may still have been uploading when the worker died: then 10 is the last complete one.
+    assert m["resumed_from_step"] in (10, 20, 30), m["resumed_from_step"]
+    assert m["tokens_seen"] == steps * 8 * 128 * 2
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_local_head_with_deepspeed(tmp_path):
+    # `ray` and the job's `python` must be this interpreter's (the head inherits PATH).
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_AUTH_MODE"] = "token"  # `ray start` clusters require the token (~/.ray/auth_token) by default
+    dash_port = 8265 + os.getpid() % 500
+    start = subprocess.run(["ray", "start", "--head", "--num-cpus=8", "--port=0", f"--dashboard-port={dash_port}",
+                            "--include-dashboard=true", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        job = job_cmd(tmp_path, "training.num_train_steps=20", "training.use_fsdp=false",
+                      "training.use_deepspeed=true", "training.zero_stage=2")
+        cmd = ["ray", "job", "submit", "--address", f"http://127.0.0.1:{dash_port}", "--working-dir", str(REPO),
+               "--", "python", *job[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
+        assert "succeeded" in proc.stdout and "Registered model: models:/pllm-test@champion" in proc.stdout
+        m = metrics(tmp_path)
+        assert (m["step"], m["strategy"], m["world_size"]) == (20, "deepspeed", 2)
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, env=env, timeout=120)
