@@ -41,6 +41,16 @@ def _report_checkpoint(trainer: DistributedTrainer) -> None:
                          checkpoint_dir_name=f"checkpoint-{trainer.step:07d}")
 
 
+def _progress(total: int):
+    """Rank 0's progress as log lines (Ray forwards worker logs to the driver line by line)."""
+
+    def log_line(metrics: dict[str, float], step: int) -> None:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
+        log.info("step %d/%d: %s", step, total, shown)
+
+    return log_line
+
+
 def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job = JobConfig.from_dict(config["job"])
@@ -59,9 +69,9 @@ def train_loop_per_worker(config: dict) -> None:
     # The validation shard is small (eval_batches batches): hold it, so every evaluation sees the same rows.
     val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=cfg.batch_size, dtypes=torch.long, device="cpu", drop_last=True))
-    callbacks = [MetricsLogger(config["tracking_uri"], config["run_id"])] if rank == 0 else []
+    callbacks = [MetricsLogger(config["tracking_uri"], config["run_id"]), _progress(cfg.num_train_steps)] if rank == 0 else []
     trainer = DistributedTrainer(model, cfg, model_cfg, train_batches, val_batches or None, callbacks=callbacks,
-                                 device=device, show_progress=config.get("show_progress", False),
+                                 device=device, show_progress=False,
                                  on_save=_report_checkpoint)
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()

@@ -102,9 +102,8 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> TrainJobRes
     if len(val_rows) < cfg.batch_size * cluster.num_workers:
         raise ValueError(f"validation files give {len(val_rows)} rows of {cfg.seq_len} tokens, fewer than one "
                          f"batch per worker ({cfg.batch_size} x {cluster.num_workers})")
-    # Unshuffled, so `limit` stops reading early.
-    train_sample = _rows(token_rows(plan.train_files, tokenizer, cfg.seq_len, job.data.text_field), 4096)
-    baseline = unigram_nats(train_sample, val_rows, job.model.vocab_size)
+    # The baseline's unigram comes from the first 4096 rows (files in shuffled order; `limit` stops early).
+    baseline = unigram_nats(_rows(train_ds, 4096), val_rows, job.model.vocab_size)
     val_ds = ray.data.from_numpy(val_rows).rename_columns({"data": "input_ids"})
 
     run_id = start_run(job, tracking_uri, run_name=out.name)
@@ -113,7 +112,7 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> TrainJobRes
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "tokenizer_json": tokenizer.to_json(), "run_id": run_id,
-                           "tracking_uri": tracking_uri, "show_progress": show_progress},
+                           "tracking_uri": tracking_uri},
         scaling_config=ray.train.ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                                resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(
