@@ -120,6 +120,8 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> TrainJobRes
             failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.checkpoints_to_keep)),
         datasets={"train": train_ds, "val": val_ds},
+        # Explicit: the options are resolved in Ray Train's controller, not in this driver's context.
+        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     if result.checkpoint is None:

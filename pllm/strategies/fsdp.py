@@ -29,17 +29,19 @@ DCP_DIR = "dcp"
 
 def apply_fsdp(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
     """Shard `model` in place: each block is one FSDP unit, the root holds the rest."""
-    mp = None
+    kwargs, root_kwargs = {}, {}
     if device.type == "cuda" and cfg.mixed_precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    kwargs = {"mp_policy": mp} if mp else {}
+        kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
+        # Logits leave the model in fp32 for the loss.
+        root_kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                         output_dtype=torch.float32)}
     reshard = cfg.fsdp_sharding_strategy == "full"
     blocks = list(model.layers)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         fully_shard(block, reshard_after_forward=reshard and i < len(blocks) - 1, **kwargs)
-    fully_shard(model, reshard_after_forward=reshard, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard, **root_kwargs)
     if cfg.fsdp_forward_prefetch:
         for block, nxt in zip(blocks, blocks[1:]):
             block.set_modules_to_forward_prefetch([nxt])
