@@ -60,19 +60,18 @@ def train_loop_per_worker(config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
     tokenizer = Tokenizer.from_json(config["tokenizer_json"])
-    model_cfg = job.model
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = DiffusionTransformer(model_cfg)
+    model = DiffusionTransformer(job.model)
     train_batches = ShardBatches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed,
                                  job.data.shuffle_buffer_rows)
     # The validation shard is small (eval_batches batches): hold it, so every evaluation sees the same rows.
     val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=cfg.batch_size, dtypes=torch.long, device="cpu", drop_last=True))
-    callbacks = [MetricsLogger(config["tracking_uri"], config["run_id"]), _progress(cfg.num_train_steps)] if rank == 0 else []
-    trainer = DistributedTrainer(model, cfg, model_cfg, train_batches, val_batches or None, callbacks=callbacks,
-                                 device=device, show_progress=False,
-                                 on_save=_report_checkpoint)
+    mlflow_metrics = MetricsLogger(config["tracking_uri"], config["run_id"])
+    callbacks = [mlflow_metrics, _progress(cfg.num_train_steps)] if rank == 0 else []
+    trainer = DistributedTrainer(model, cfg, job.model, train_batches, val_batches or None, callbacks=callbacks,
+                                 device=device, show_progress=False, on_save=_report_checkpoint)
     resumed_from = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -80,7 +79,7 @@ def train_loop_per_worker(config: dict) -> None:
             trainer.load_checkpoint(path)
         resumed_from = trainer.step
         if rank == 0:
-            MetricsLogger(config["tracking_uri"], config["run_id"])({"resumed_from_step": resumed_from}, resumed_from)
+            mlflow_metrics({"resumed_from_step": resumed_from}, resumed_from)
 
     metrics = trainer.train()
     summary = {**metrics, "step": trainer.step, "tokens_seen": trainer.tokens_seen,

@@ -11,7 +11,15 @@ if os.path.isfile(os.path.join(_checkout, "pipelines", "__init__.py")):
     __path__.append(_checkout)
 
 from .checkpoint import load_model, load_tokenizer, save_pretrained
-from .config import DataConfig, GenerationConfig, JobConfig, ModelConfig, TrainingConfig
+from .config import (
+    ClusterConfig,
+    DataConfig,
+    GenerationConfig,
+    JobConfig,
+    ModelConfig,
+    TrackingConfig,
+    TrainingConfig,
+)
 from .diffusion import diffusion_loss, evaluate_elbo, get_schedule
 from .generator import ParallelGenerator
 from .model import DiffusionTransformer
@@ -22,7 +30,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = [
-    "DataConfig", "DiffusionTransformer", "DistributedTrainer", "GenerationConfig", "JobConfig", "ModelConfig",
-    "ParallelGenerator", "Tokenizer", "TrainingConfig", "diffusion_loss", "evaluate_elbo", "get_schedule",
-    "load_model", "load_tokenizer", "save_pretrained",
+    "ClusterConfig", "DataConfig", "DiffusionTransformer", "DistributedTrainer", "GenerationConfig", "JobConfig",
+    "ModelConfig", "ParallelGenerator", "Tokenizer", "TrackingConfig", "TrainingConfig", "diffusion_loss",
+    "evaluate_elbo", "get_schedule", "load_model", "load_tokenizer", "save_pretrained",
 ]

@@ -120,9 +120,10 @@ def log_generator_model(run_id: str, tracking_uri: str, model_dir: str | Path, g
     params = {"max_new_tokens": generation.max_new_tokens, "num_refinement_steps": generation.num_refinement_steps,
               "temperature": float(generation.temperature), "strategy": generation.strategy}
     signature = infer_signature(["def f(x):\n"], ["    return x\n"], params=params)
+    entry = Path(__file__).with_name("mlflow_model.py")  # models-from-code: nothing pickled
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(Path(__file__).with_name("mlflow_model.py")), artifacts={"model": str(model_dir)},
+            name="model", python_model=str(entry), artifacts={"model": str(model_dir)},
             code_paths=[str(Path(pllm.__file__).parent)], pip_requirements=REQUIREMENTS, signature=signature,
             model_config={"generation": generation.to_dict()}, registered_model_name=registered_model)
     out = {"model_uri": info.model_uri, "version": None, "registry_uri": None}

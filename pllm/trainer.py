@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import ModelConfig, TrainingConfig
 from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, sample_t, unpack_batch
-from .optim import build_optimizer, lr_lambda, peak_flops  # noqa: F401  (re-exported)
+from .optim import peak_flops
 from .strategies import build_strategy
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,8 @@ def run(rank: int, world: int, port: int, train_kwargs: dict, out: str, load: st
     cfg = TrainingConfig(**train_kwargs)
     torch.manual_seed(0)  # identical initial weights on every rank and in the reference run
     model = DiffusionTransformer(tiny_config())
-    data = RankBatches(rank, world, cfg.batch_size, cfg.seq_len, 96, cfg.num_train_steps, cfg.gradient_accumulation_steps)
+    data = RankBatches(rank, world, cfg.batch_size, cfg.seq_len, 96, cfg.num_train_steps,
+                       cfg.gradient_accumulation_steps)
     trainer = DistributedTrainer(model, cfg, train_dataloader=data, device="cpu", show_progress=False)
     if load:
         trainer.load_checkpoint(load)

@@ -3,7 +3,7 @@ import torch
 
 from conftest import tiny_config
 from pllm import DiffusionTransformer, DistributedTrainer, TrainingConfig
-from pllm.trainer import lr_lambda
+from pllm.optim import lr_lambda
 
 
 def chain_batches(n=64, length=32, vocab=96, seed=0):
