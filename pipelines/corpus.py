@@ -2,9 +2,9 @@
 rows of `seq_len` tokens with EOS between documents, streamed into Ray Train workers.
 
 Nothing is materialised: each worker pulls its shard (`get_dataset_shard`) batch by batch through
-`iter_torch_batches`. Order is deterministic for a seed: files are read in an order shuffled with
+`iter_batches`. Order is deterministic for a seed: files are read in an order shuffled with
 the seed (with `preserve_order`), and each epoch shuffles rows in a local buffer seeded with
-seed + epoch. Paths are local files, folders, globs, or remote URIs (s3://, gs://, ... through
+(seed, epoch). Paths are local files, folders, globs, or remote URIs (s3://, gs://, ... through
 pyarrow filesystems); a path that matches nothing fails at once, before any Ray task starts.
 """
 
@@ -14,6 +14,7 @@ import fnmatch
 import hashlib
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -116,7 +117,7 @@ def plan_corpus(data: DataConfig) -> CorpusPlan:
 
 
 # -- Ray Data stages ------------------------------------------------------------------------------
-def _decode_documents(batch: dict, text_field: str) -> dict:
+def _decode(batch: dict, text_field: str) -> list[str]:
     """bytes of text/jsonl files -> documents. Undecodable files and malformed lines are dropped
     with a count in the logs (remote files are only checked here)."""
     texts, bad = [], 0
@@ -140,7 +141,11 @@ def _decode_documents(batch: dict, text_field: str) -> dict:
             texts.append(text)
     if bad:
         log.warning("skipped %d undecodable corpus file(s) in this block", bad)
-    return {"text": np.array(texts, dtype=object)}
+    return texts
+
+
+def _decode_documents(batch: dict, text_field: str) -> dict:
+    return {"text": np.array(_decode(batch, text_field), dtype=object)}
 
 
 @lru_cache(maxsize=4)
@@ -148,20 +153,33 @@ def _tokenizer(tokenizer_json: str) -> Tokenizer:
     return Tokenizer.from_json(tokenizer_json)
 
 
-def _tokenize_and_pack(batch: dict, tokenizer_json: str, seq_len: int) -> dict:
+def _pack(texts: list[str], tokenizer_json: str, seq_len: int) -> dict:
     """Documents -> one EOS-joined stream -> rows of seq_len tokens. The tail shorter than a row is
-    dropped rather than padded (at most seq_len - 1 tokens per batch of documents)."""
+    dropped rather than padded (at most seq_len - 1 tokens per block of files)."""
     tok = _tokenizer(tokenizer_json)
-    ids = [np.asarray(x, dtype=np.int32) for x in tok.iter_token_ids(list(batch["text"]))]
+    ids = [np.asarray(x, dtype=np.int32) for x in tok.iter_token_ids(texts)]
     stream = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
     n = stream.size // seq_len
     return {"input_ids": stream[: n * seq_len].reshape(n, seq_len)}
 
 
+def _decode_and_pack(batch: dict, text_field: str, tokenizer_json: str, seq_len: int) -> dict:
+    return _pack(_decode(batch, text_field), tokenizer_json, seq_len)
+
+
+def _pack_column(batch: dict, text_field: str, tokenizer_json: str, seq_len: int) -> dict:
+    texts = [t for t in batch[text_field] if isinstance(t, str) and t]
+    return _pack(texts, tokenizer_json, seq_len)
+
+
+def _split(files: list[str]) -> tuple[list[str], list[str]]:
+    """(text and jsonl files, parquet files)"""
+    return [f for f in files if not f.endswith(".parquet")], [f for f in files if f.endswith(".parquet")]
+
+
 def documents(files: list[str], text_field: str) -> ray.data.Dataset:
     """One row per document (column `text`), in file order."""
-    parquet = [f for f in files if f.endswith(".parquet")]
-    other = [f for f in files if not f.endswith(".parquet")]
+    other, parquet = _split(files)
     parts = []
     if other:
         ds = ray.data.read_binary_files(other, include_paths=True)
@@ -173,15 +191,27 @@ def documents(files: list[str], text_field: str) -> ray.data.Dataset:
 
 
 def token_rows(files: list[str], tokenizer: Tokenizer, seq_len: int, text_field: str = "text",
-               seed: int | None = None, docs_per_batch: int = 64) -> ray.data.Dataset:
-    """Packed rows {"input_ids": int32[seq_len]}. With a seed the files are read in a shuffled
-    order (a global block shuffle would be an all-to-all stage that holds the whole corpus)."""
+               seed: int | None = None, files_per_block: int = 16) -> ray.data.Dataset:
+    """Packed rows {"input_ids": int32[seq_len]}.
+
+    With a seed the files are read in a shuffled order (a global block shuffle would be an
+    all-to-all stage that holds the whole corpus). Each read task takes a fixed group of
+    `files_per_block` consecutive files and packs them in one call, so the rows depend only on the
+    file order, never on how the streaming executor happens to batch blocks."""
     if seed is not None:
         files = sorted(files)
         random.Random(seed).shuffle(files)
-    return documents(files, text_field).map_batches(
-        _tokenize_and_pack, fn_kwargs={"tokenizer_json": tokenizer.to_json(), "seq_len": seq_len},
-        batch_size=docs_per_batch, batch_format="numpy")
+    other, parquet = _split(files)
+    kwargs = {"text_field": text_field, "tokenizer_json": tokenizer.to_json(), "seq_len": seq_len}
+    parts = []
+    if other:
+        ds = ray.data.read_binary_files(other, include_paths=True,
+                                        override_num_blocks=math.ceil(len(other) / files_per_block))
+        parts.append(ds.map_batches(_decode_and_pack, fn_kwargs=kwargs, batch_size=None, batch_format="numpy"))
+    if parquet:
+        ds = ray.data.read_parquet(parquet, override_num_blocks=len(parquet)).select_columns([text_field])
+        parts.append(ds.map_batches(_pack_column, fn_kwargs=kwargs, batch_size=None, batch_format="numpy"))
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
 def fit_tokenizer(plan: CorpusPlan, data: DataConfig, vocab_size: int, cache_dir: str | Path) -> Tokenizer:
@@ -209,8 +239,11 @@ def fit_tokenizer(plan: CorpusPlan, data: DataConfig, vocab_size: int, cache_dir
 
 # -- worker side ----------------------------------------------------------------------------------
 class ShardBatches:
-    """A worker's dataset shard as re-iterable epochs of {"input_ids": LongTensor (B, L)} batches;
-    `set_epoch` (called by the trainer) picks the local shuffle seed."""
+    """A worker's dataset shard as re-iterable epochs of {"input_ids": LongTensor (B, L)} batches.
+
+    Rows pass through a shuffle buffer driven by a generator seeded with (seed, epoch); `set_epoch`
+    (called by the trainer) picks the epoch. The buffer is ours rather than Ray Data's local shuffle
+    because that one's output depends on when blocks arrive; this one depends only on the row order."""
 
     def __init__(self, shard, batch_size: int, seed: int | None, shuffle_buffer_rows: int = 0):
         self.shard, self.batch_size, self.seed = shard, batch_size, seed
@@ -219,9 +252,31 @@ class ShardBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _rows(self):
+        for batch in self.shard.iter_batches(batch_size=256, batch_format="numpy"):
+            yield from np.array(batch["input_ids"], copy=True)  # own the rows held in the buffer
+
+    def _shuffled(self, rows):
+        n = self.shuffle_buffer_rows
+        if self.seed is None or n <= 1:
+            yield from rows
+            return
+        rng = np.random.default_rng([self.seed, self.epoch])
+        buffer = []
+        for row in rows:
+            if len(buffer) < n:
+                buffer.append(row)
+                continue
+            i = int(rng.integers(n))
+            yield buffer[i]
+            buffer[i] = row
+        for i in rng.permutation(len(buffer)):
+            yield buffer[i]
+
     def __iter__(self):
-        shuffle = self.seed is not None and self.shuffle_buffer_rows > 0
-        return iter(self.shard.iter_torch_batches(
-            batch_size=self.batch_size, dtypes=torch.long, device="cpu", drop_last=True,
-            local_shuffle_buffer_size=self.shuffle_buffer_rows if shuffle else None,
-            local_shuffle_seed=(self.seed + self.epoch) if shuffle else None))
+        batch = []
+        for row in self._shuffled(self._rows()):
+            batch.append(row)
+            if len(batch) == self.batch_size:
+                yield {"input_ids": torch.from_numpy(np.stack(batch).astype(np.int64))}
+                batch = []  # a last partial batch is dropped: every rank takes the same number of steps
