@@ -25,7 +25,7 @@ import ray.data
 import torch
 
 from pllm.config import DataConfig
-from pllm.corpus import DATA_SUFFIXES, TEXT_SUFFIXES, corpus_files, is_validation_file
+from pllm.corpus import DATA_SUFFIXES, TEXT_SUFFIXES, corpus_files, split_files
 from pllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,7 @@ def plan_corpus(data: DataConfig) -> CorpusPlan:
                     ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
     if len(files) < 2:
         raise ValueError(f"need at least two readable corpus files for a train/validation split, got {len(files)}")
-    val = [f for f in files if is_validation_file(PurePosixPath(f), data.validation_fraction)]
-    train = [f for f in files if f not in set(val)]
-    if not train or not val:  # too few files for a hash split: hold out the last one(s)
-        n_val = max(1, round(len(files) * data.validation_fraction))
-        train, val = files[:-n_val], files[-n_val:]
+    train, val = split_files(files, data.validation_fraction)
     log.info("corpus: %d train files, %d validation files", len(train), len(val))
     return CorpusPlan(train, val, skipped)
 

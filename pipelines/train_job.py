@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from pllm.config import JobConfig
+from pllm.data import cache_dir, nats_to_bits, unigram_entropy
 from pllm.pipelines.corpus import CorpusPlan, fit_tokenizer, plan_corpus, token_rows
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,6 @@ class TrainJobResult:
     generation: str
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PLLM_CACHE_DIR", Path.home() / ".cache" / "pllm"))
-
-
 def connect_ray(job: JobConfig) -> None:
     """Join the cluster named by RAY_ADDRESS (set by `ray job submit`), else start a local Ray with
     more logical CPUs than cores, so data tasks and train workers do not starve each other."""
@@ -52,14 +48,6 @@ def connect_ray(job: JobConfig) -> None:
     else:
         num_cpus = job.cluster.num_cpus or max(8, 2 * (os.cpu_count() or 1))
         ray.init(num_cpus=num_cpus, log_to_driver=True)
-
-
-def unigram_nats(train_rows: np.ndarray, val_rows: np.ndarray, vocab_size: int) -> float:
-    """Cross-entropy of the validation tokens under the training sample's unigram (add-one)."""
-    counts = np.bincount(train_rows.ravel(), minlength=vocab_size).astype(np.float64) + 1.0
-    log_p = np.log(counts / counts.sum())
-    val = np.bincount(val_rows.ravel(), minlength=vocab_size)
-    return float(-(val * log_p).sum() / max(val.sum(), 1))
 
 
 def _rows(ds, limit: int) -> np.ndarray:
@@ -103,7 +91,7 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> TrainJobRes
         raise ValueError(f"validation files give {len(val_rows)} rows of {cfg.seq_len} tokens, fewer than one "
                          f"batch per worker ({cfg.batch_size} x {cluster.num_workers})")
     # The baseline's unigram comes from the first 4096 rows (files in shuffled order; `limit` stops early).
-    baseline = unigram_nats(_rows(train_ds, 4096), val_rows, job.model.vocab_size)
+    baseline = unigram_entropy(_rows(train_ds, 4096).ravel(), val_rows.ravel(), job.model.vocab_size)
     val_ds = ray.data.from_numpy(val_rows).rename_columns({"data": "input_ids"})
 
     run_id = start_run(job, tracking_uri, run_name=out.name)
@@ -133,7 +121,7 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> TrainJobRes
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(Path(final) / "model", model_dir)
         metrics = json.loads((Path(final) / "summary.json").read_text())
-    metrics.update(unigram_nats=baseline, unigram_bits=baseline / math.log(2))
+    metrics.update(unigram_nats=baseline, unigram_bits=nats_to_bits(baseline))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "job_config.json").write_text(job.to_json())
 

@@ -11,12 +11,14 @@ import logging
 import os
 import sysconfig
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".c", ".h", ".json", ".toml", ".yaml", ".yml"}
 DATA_SUFFIXES = {".jsonl", ".parquet"}
+F = TypeVar("F", str, Path)  # a local path or a URI string
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 
 
@@ -59,15 +61,16 @@ def corpus_files(paths: list[str] | None = None, max_files: int | None = None) -
     return files[:max_files] if max_files else files
 
 
-def is_validation_file(path: Path, validation_fraction: float) -> bool:
+def is_validation_file(path: str | PurePath, validation_fraction: float) -> bool:
     """Deterministic split by file: a hash of the file's name (not its location) picks the side,
-    so the split is the same on every machine and does not change as files are added."""
-    key = "/".join(path.parts[-3:]).encode()
+    so the split is the same on every machine and does not change as files are added. Paths and
+    URIs (s3://bucket/a/b.txt) hash the same way: by their last three parts."""
+    key = "/".join(PurePosixPath(str(path)).parts[-3:]).encode()
     bucket = int.from_bytes(hashlib.sha1(key).digest()[:8], "big") / 2**64
     return bucket < validation_fraction
 
 
-def split_files(files: list[Path], validation_fraction: float) -> tuple[list[Path], list[Path]]:
+def split_files(files: list[F], validation_fraction: float) -> tuple[list[F], list[F]]:
     train = [f for f in files if not is_validation_file(f, validation_fraction)]
     val = [f for f in files if is_validation_file(f, validation_fraction)]
     if not train or not val:

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from .corpus import corpus_files, read_documents, split_files
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Where tokenizers and tokenized corpora are cached (PLLM_CACHE_DIR, default ~/.cache/pllm)."""
+    return Path(os.environ.get("PLLM_CACHE_DIR", Path.home() / ".cache" / "pllm"))
 
 
 @dataclass

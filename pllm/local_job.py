@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import JobConfig
-from .data import make_dataloader, nats_to_bits, prepare_corpus, unigram_entropy
+from .data import cache_dir, make_dataloader, nats_to_bits, prepare_corpus, unigram_entropy
 from .generator import ParallelGenerator
 from .model import DiffusionTransformer
 from .plots import plot_loss_curve
 from .trainer import DistributedTrainer
 
 log = logging.getLogger(__name__)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PLLM_CACHE_DIR", Path.home() / ".cache" / "pllm"))
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Strategy:
     """Single process (the base case). Subclasses override wrap/backward/step/save/load."""
 
     name = "single"
+    casts_itself = False  # True where the wrapper, not autocast, applies mixed precision
 
     def __init__(self, cfg: TrainingConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -58,7 +59,7 @@ class Strategy:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16/fp16 autocast on CUDA; fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
-        if self.device.type == "cuda" and self.cfg.mixed_precision in ("bf16", "fp16"):
+        if not self.casts_itself and self.device.type == "cuda" and self.cfg.mixed_precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()

@@ -53,6 +53,7 @@ def apply_fsdp(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Mo
 
 class FSDP2Strategy(Strategy):
     name = "fsdp2"
+    casts_itself = True  # the mixed-precision policy casts parameters
 
     def setup(self, model: torch.nn.Module) -> None:
         self.module = apply_fsdp(model.to(self.device), self.cfg, self.device)
@@ -61,11 +62,6 @@ class FSDP2Strategy(Strategy):
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
         if self.scaler.is_enabled():
             self.scaler = ShardedGradScaler()
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()  # the mixed-precision policy casts parameters instead
 
     def backward(self, loss: torch.Tensor) -> None:
         # Reduce-scatter gradients only on the last micro-batch of an accumulation window.

@@ -40,6 +40,7 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
 
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
+    casts_itself = True  # the engine casts the model for bf16/fp16
 
     def setup(self, model: torch.nn.Module) -> None:
         import deepspeed
@@ -64,11 +65,6 @@ class DeepSpeedStrategy(Strategy):
         self.engine = self.model = engine
         self.module = engine.module
         self.optimizer, self.scheduler = optimizer, scheduler
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()  # the engine casts the model for bf16/fp16
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)  # scaled by 1/gradient_accumulation_steps inside
