@@ -14,6 +14,7 @@ from .checkpoint import load_model, load_tokenizer, save_pretrained
 from .config import (
     ClusterConfig,
     DataConfig,
+    EngineConfig,
     GenerationConfig,
     JobConfig,
     ModelConfig,
@@ -30,7 +31,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 __all__ = [
-    "ClusterConfig", "DataConfig", "DiffusionTransformer", "DistributedTrainer", "GenerationConfig", "JobConfig",
+    "ClusterConfig", "DataConfig", "DiffusionTransformer", "DistributedTrainer", "EngineConfig", "GenerationConfig", "JobConfig",
     "ModelConfig", "ParallelGenerator", "Tokenizer", "TrackingConfig", "TrainingConfig", "diffusion_loss",
     "evaluate_elbo", "get_schedule", "load_model", "load_tokenizer", "save_pretrained",
 ]

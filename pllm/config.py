@@ -229,6 +229,20 @@ class GenerationConfig(_ConfigMixin):
 
 
 @dataclass(config=_STRICT)
+class EngineConfig(_ConfigMixin):
+    """The serving engine's batching limits (`pllm.engine.Engine`)."""
+
+    max_num_seqs: PositiveInt = 32  # sequences decoded together in one forward pass
+    # Tokens in one forward pass: every step recomputes each running sequence (prompt + answer), so
+    # this bounds activation memory. A request longer than this is rejected.
+    max_batched_tokens: PositiveInt = 8192
+    # "continuous": requests join at the next step boundary and leave when done; "static": a batch
+    # is formed when the engine is idle and runs until its last request finishes (the baseline).
+    batching: Literal["continuous", "static"] = "continuous"
+    max_new_tokens_limit: Optional[PositiveInt] = None  # per request; default: the model's context
+
+
+@dataclass(config=_STRICT)
 class DataConfig(_ConfigMixin):
     # Text/jsonl/parquet files, folders or globs; empty = the built-in corpus (the Python standard
     # library's own sources of the running interpreter).

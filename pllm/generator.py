@@ -7,14 +7,10 @@ import logging
 import torch
 
 from .config import GenerationConfig
-from .decoding import DecodeOutput, decode
+from .decoding import DecodeOutput, DecodeRules, decode
 from .model import DiffusionTransformer
 
 log = logging.getLogger(__name__)
-
-# strategy -> (commit at least: "schedule" | "one", uses confidence_threshold)
-_STRATEGIES = {"static": ("schedule", False), "threshold": ("one", True)}
-
 
 class ParallelGenerator:
     """Generate answers for prompts with a masked-diffusion model.
@@ -25,6 +21,8 @@ class ParallelGenerator:
     sampling settings come from the GenerationConfig; `last_output` keeps the forward-pass count
     (NFE) and tokens per forward of the last call.
 
+    Prompts run packed without padding, so each answer is the same as generating it alone; the
+    serving engine (`pllm.engine.Engine`) uses the same per-sequence decoding state.
     `use_kv_cache` and `use_cuda_graphs` are accepted for API compatibility; the current decoding
     loop recomputes the full sequence each step on both CPU and GPU.
     """
@@ -59,16 +57,15 @@ class ParallelGenerator:
                 f"prompt + max_new_tokens = {longest} tokens exceeds the model's context "
                 f"(max_position_embeddings={self.model.config.max_position_embeddings})"
             )
-        min_per_step, uses_threshold = _STRATEGIES[cfg.strategy]
+        r = DecodeRules.from_config(cfg, gen_length)
         was_training = self.model.training
         self.model.eval()
         try:
             self.last_output = decode(
-                self.model, prompts, gen_length=gen_length, num_steps=cfg.num_refinement_steps,
-                block_size=cfg.block_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                repetition_penalty=cfg.repetition_penalty,
-                confidence_threshold=cfg.confidence_threshold if uses_threshold else None,
-                min_per_step=min_per_step, stop_at_eos=cfg.use_adaptive_steps, seed=cfg.seed,
+                self.model, prompts, gen_length=r.gen_length, num_steps=r.num_steps, block_size=r.block_size,
+                temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, repetition_penalty=r.repetition_penalty,
+                confidence_threshold=r.confidence_threshold, min_per_step=r.min_per_step,
+                stop_at_eos=r.stop_at_eos, seed=r.seed,
             )
         finally:
             self.model.train(was_training)

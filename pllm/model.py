@@ -13,6 +13,7 @@ The model is single-device math: parallelism (FSDP2, DeepSpeed) is applied from 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,12 +58,20 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
+        """mask: a bool (B, 1, L, L) tensor, None (attend to all), or `PackedSegments` (B == 1)."""
         B, L, D = x.shape
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        if isinstance(mask, PackedSegments):
+            # One attention call per sequence on exactly its own tokens: a sequence's result does not
+            # depend on what else is packed beside it (no padding, no shared softmax lengths).
+            ys = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], attn_mask=m,
+                                                 enable_gqa=self.n_kv != self.n_heads)
+                  for (s, e), m in zip(mask.bounds, mask.masks)]
+            return self.o_proj(torch.cat(ys, dim=2).transpose(1, 2).reshape(B, L, D))
         if mask is None and self._flash_ok(q):
             # flash-attn takes (B, L, H, hd) and maps GQA heads itself.
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
@@ -75,6 +84,20 @@ class Attention(nn.Module):
 
     def _flash_ok(self, q: torch.Tensor) -> bool:
         return self.use_flash and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _padded_rows(n: int) -> int:
+    """Rows to add so that n + rows is at least 16 and a multiple of 8."""
+    return max(16, -(-n // 8) * 8) - n
+
+
+@dataclass
+class PackedSegments:
+    """Several sequences packed end to end in one row: their (start, end) bounds and each one's own
+    attention mask (None = bidirectional)."""
+
+    bounds: list[tuple[int, int]]
+    masks: list[torch.Tensor | None]
 
 
 class SwiGLU(nn.Module):
@@ -215,6 +238,47 @@ class DiffusionTransformer(nn.Module):
         if return_confidence:
             return logits, logits.softmax(-1).amax(-1)
         return logits
+
+    @torch.no_grad()
+    def forward_packed(self, sequences: list[torch.Tensor], logit_positions: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run several sequences of different lengths in one pass, packed end to end without padding.
+
+        sequences: 1-D token tensors; logit_positions: for each, the positions (in that sequence) whose
+        logits are wanted. Returns, per sequence, float32 logits (len(positions), V). Each sequence
+        sees only itself, at positions 0..n-1, so its logits equal a forward pass on it alone; the
+        LM head runs only on the requested positions (the engine needs one block, not the sequence).
+        """
+        # Pad the packed stream (and the LM head's rows) to a GEMM-friendly row count: BLAS libraries
+        # pick other kernels, with other rounding, for a handful of rows, which would make a lone
+        # short sequence differ from the same sequence in a batch.
+        filler = _padded_rows(sum(int(s.numel()) for s in sequences))
+        sequences = list(sequences) + [torch.full((filler,), self.config.pad_token_id, dtype=torch.long)] * (filler > 0)
+        lengths = [int(s.numel()) for s in sequences]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        if max(lengths) > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {max(lengths)} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        device = self.device
+        position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])[None]  # (1, N)
+        masks = [self._segment_mask(n, device) for n in lengths]
+        segments = PackedSegments(list(zip(starts[:-1], starts[1:])), masks)
+        cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
+        x = self.embed_tokens(torch.cat([s.to(device) for s in sequences])[None])
+        for block in self.layers:
+            x = block(x, cos, sin, segments)
+        index = torch.cat([pos.to(device) + start for pos, start in zip(logit_positions, starts)])
+        wanted = index.numel()
+        index = torch.cat([index, index.new_zeros(_padded_rows(wanted))])
+        logits = self.lm_head(self.norm(x[0, index])).float()[:wanted]
+        return list(logits.split([int(p.numel()) for p in logit_positions]))
+
+    def _segment_mask(self, n: int, device) -> torch.Tensor | None:
+        if self.config.attention_mode != "block_causal":
+            return None
+        blocks = torch.arange(n, device=device) // self.config.block_size
+        return (blocks[None, :] <= blocks[:, None])[None, None]  # (1, 1, n, n)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()

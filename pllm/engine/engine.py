@@ -1,0 +1,126 @@
+"""The engine: a synchronous loop of denoising steps over a changing batch of requests.
+
+`add_request` and `abort` may be called from another thread: they only queue work, which `step`
+takes in at the next step boundary. Each `step` admits waiting requests (scheduler), runs one packed
+forward pass over the running ones (model runner), lets each request commit tokens by its own
+decoding rules, and returns the answer tokens that became final. Finished and aborted requests leave
+the batch at once. Async serving, streaming and back-pressure live in the Ray Serve layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+
+import torch
+
+from ..config import EngineConfig, GenerationConfig
+from ..decoding import DecodeRules, DecodeState
+from ..model import DiffusionTransformer
+from .model_runner import ModelRunner
+from .request import Request, RequestOutput
+from .scheduler import Scheduler
+
+
+class Engine:
+    def __init__(self, model: DiffusionTransformer, config: EngineConfig | None = None,
+                 generation: GenerationConfig | None = None):
+        self.config = config or EngineConfig()
+        self.generation = generation or GenerationConfig()  # defaults for requests that bring none
+        self.runner = ModelRunner(model)
+        self.model_config = model.config
+        self.scheduler = Scheduler(self.config)
+        self._incoming: deque[Request] = deque()
+        self._aborts: deque[str] = deque()
+        self._ids = itertools.count()
+        self.stats = {"steps": 0, "batch_size": 0, "batch_tokens": 0, "generated_tokens": 0, "finished": 0}
+
+    @property
+    def max_new_tokens_limit(self) -> int:
+        return self.config.max_new_tokens_limit or self.model_config.max_position_embeddings
+
+    # -- requests in (thread-safe) ---------------------------------------------------------------
+    def add_request(self, prompt_ids, config: GenerationConfig | None = None, request_id: str | None = None) -> str:
+        """Queue a request; raises ValueError at once if it can never run."""
+        config = config or self.generation
+        prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
+        self.check_request(prompt.numel(), config.max_new_tokens)
+        request_id = request_id or f"req-{next(self._ids)}"
+        self._incoming.append(Request(request_id, prompt, config, DecodeRules.from_config(config)))
+        return request_id
+
+    def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
+        """Raise ValueError, with a message for the caller, if such a request can never run."""
+        context = self.model_config.max_position_embeddings
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty")
+        if max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_tokens={max_new_tokens} is above this server's limit of {self.max_new_tokens_limit}")
+        total = num_prompt_tokens + max_new_tokens
+        if total > context:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) = {total} "
+                             f"exceeds the model's context of {context} tokens")
+        if total > self.config.max_batched_tokens:
+            raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the engine's max_batched_tokens "
+                             f"({self.config.max_batched_tokens})")
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request: it leaves the batch (and frees its slot) at the next step boundary."""
+        self._aborts.append(request_id)
+
+    def has_work(self) -> bool:
+        return bool(self._incoming or self._aborts or self.scheduler.has_work())
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        while self._incoming:
+            self.scheduler.add(self._incoming.popleft())
+        while self._aborts:
+            request = self.scheduler.remove(self._aborts.popleft())
+            if request is not None:
+                outputs.append(self._output(request, [], finish_reason="abort"))
+        admitted, batch = self.scheduler.schedule()
+        for request in admitted:
+            request.state = DecodeState(request.prompt, request.rules, self.model_config, self.runner.device)
+        if not batch:
+            return outputs
+        logits = self.runner.run(batch)
+        now = time.perf_counter()
+        for request, block_logits in zip(batch, logits):
+            request.state.advance(block_logits)
+            final = request.state.final_tokens()
+            new = final[request.num_sent:].tolist()
+            if new and request.first_token_time is None:
+                request.first_token_time = now
+            request.num_sent = final.numel()
+            if request.state.finished:
+                self.scheduler.remove(request.request_id)
+                request.finish_time = now
+                self.stats["finished"] += 1
+                outputs.append(self._output(request, new, request.state.finish_reason))
+            elif new:
+                outputs.append(self._output(request, new, None))
+            self.stats["generated_tokens"] += len(new)
+        self.stats.update(steps=self.stats["steps"] + 1, batch_size=len(batch),
+                          batch_tokens=sum(r.num_tokens for r in batch))
+        return outputs
+
+    @staticmethod
+    def _output(request: Request, new: list[int], finish_reason: str | None) -> RequestOutput:
+        state = request.state
+        return RequestOutput(request.request_id, new, request.num_sent, finished=finish_reason is not None,
+                             finish_reason=finish_reason, num_prompt_tokens=request.prompt.numel(),
+                             nfe=state.nfe if state is not None else 0)
+
+    # -- offline use -----------------------------------------------------------------------------
+    def generate(self, prompts: list, configs: list[GenerationConfig] | GenerationConfig | None = None) -> list[list[int]]:
+        """Run prompts to completion; returns each answer's tokens (up to a stopping EOS)."""
+        configs = configs if isinstance(configs, list) else [configs] * len(prompts)
+        ids = [self.add_request(p, c) for p, c in zip(prompts, configs)]
+        answers: dict[str, list[int]] = {i: [] for i in ids}
+        while self.has_work():
+            for out in self.step():
+                answers[out.request_id].extend(out.new_token_ids)
+        return [answers[i] for i in ids]
