@@ -1,4 +1,4 @@
-"""The `pllm` command: demo (the main job on embedded defaults), train (on Ray, or --local), generate."""
+"""The `pllm` command: demo (the main job on embedded defaults), train (on Ray, or --local), serve, generate."""
 
 from __future__ import annotations
 
@@ -42,7 +42,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not args.local:
         from .pipelines.train_job import print_summary, run_training_job
 
-        print_summary(job, run_training_job(job, show_progress=not args.no_progress))
+        result = run_training_job(job, show_progress=not args.no_progress)
+        print_summary(job, result)
+        if args.command == "demo" and result.registry_uri:
+            _serve_demo(job, result, keep_serving=args.keep_serving)
         return 0
     from .local_job import run_local_job
 
@@ -58,6 +61,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print("-" * 60)
     print(job.prompt + result.generation)
     print("-" * 60)
+    return 0
+
+
+def _serve_demo(job: JobConfig, result, keep_serving: bool) -> None:
+    """The demo's last stage: serve the registered model over HTTP and send it one request."""
+    from .actors.launch import complete, serve_until_interrupted, start_server
+    from .actors.serve_app import ServeArgs
+
+    args = ServeArgs(model=result.registry_uri, mlflow_uri=result.tracking_uri, max_replicas=1)
+    url = start_server(args)
+    answer = complete(url, job.prompt, max_tokens=48, temperature=0.0, model=args.served_name())
+    print(f"\nServing {result.registry_uri} at {url}/v1 (OpenAI-compatible). One completion request:")
+    print("-" * 60)
+    print(job.prompt + answer["choices"][0]["text"])
+    print("-" * 60)
+    print(f"usage: {answer['usage']}, finish_reason: {answer['choices'][0]['finish_reason']}")
+    if keep_serving:
+        print(f"Serving until Ctrl-C. Try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"prompt\": \"import os\\n\", \"max_tokens\": 32}}'")
+        serve_until_interrupted()
+    else:
+        print(f"Serve it again: pllm serve --model {result.registry_uri} --mlflow-uri {result.tracking_uri}")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .actors.launch import serve_until_interrupted, start_server
+    from .actors.serve_app import ServeArgs
+
+    engine = {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens}
+    serve_args = ServeArgs(model=args.model, model_name=args.name, mlflow_uri=args.mlflow_uri, device=args.device,
+                           engine=engine, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                           num_gpus_per_replica=args.num_gpus_per_replica)
+    url = start_server(serve_args, host=args.host, port=args.port)
+    print(f"Serving {args.model} as '{serve_args.served_name()}' at {url}/v1 (Ctrl-C stops)")
+    serve_until_interrupted()
     return 0
 
 
@@ -94,7 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (cluster.num_workers)")
         p.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--keep-serving", action="store_true", help="demo: keep the HTTP endpoint up until Ctrl-C")
         p.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
+    s.add_argument("--name", default=None, help="model id for clients (default: the registered name)")
+    s.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--min-replicas", type=int, default=1)
+    s.add_argument("--max-replicas", type=int, default=2)
+    s.add_argument("--num-gpus-per-replica", type=float, default=0)
+    s.add_argument("--max-num-seqs", type=int, default=32, help="sequences per forward pass")
+    s.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per forward pass")
+    s.set_defaults(func=_cmd_serve)
 
     g = sub.add_parser("generate", help="generate text from a saved model")
     g.add_argument("--model", required=True, help="folder with model.safetensors, config.json, tokenizer.json")

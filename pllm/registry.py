@@ -135,3 +135,28 @@ def log_generator_model(run_id: str, tracking_uri: str, model_dir: str | Path, g
         out.update(version=version, registry_uri=f"models:/{registered_model}@{alias}" if alias else
                    f"models:/{registered_model}/{version}")
     return out
+
+
+# -- models for serving ---------------------------------------------------------------------------
+def resolve_model_source(source: str, tracking_uri: str | None = None) -> tuple[Path, GenerationConfig | None]:
+    """A model to serve: a saved model folder, or an MLflow model URI (`models:/NAME@ALIAS`,
+    `models:/NAME/VERSION`, `runs:/ID/model`) logged by `log_generator_model`. Returns the local folder
+    holding model.safetensors + config.json + tokenizer.json and, for MLflow models, the logged
+    GenerationConfig (the serving defaults)."""
+    if "://" not in source and not source.startswith(("models:/", "runs:/")):
+        path = Path(source)
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(f"{source} is not a saved pllm model (no model.safetensors)")
+        return path, None
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
+                                                     tracking_uri=resolve_tracking_uri(tracking_uri)))
+    found = sorted(p.parent for p in local.rglob("model.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{source} holds no pllm model (no model.safetensors in its artifacts)")
+    generation = None
+    if (local / "MLmodel").exists():
+        flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})
+        logged = flavor.get("config") or flavor.get("model_config") or {}
+        if "generation" in logged:
+            generation = GenerationConfig.from_dict(logged["generation"])
+    return found[0], generation

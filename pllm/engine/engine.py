@@ -15,12 +15,33 @@ from collections import deque
 
 import torch
 
-from ..config import EngineConfig, GenerationConfig
+from ..config import EngineConfig, GenerationConfig, ModelConfig
 from ..decoding import DecodeRules, DecodeState
 from ..model import DiffusionTransformer
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput
 from .scheduler import Scheduler
+
+
+def max_new_tokens_limit(model_config: ModelConfig, config: EngineConfig) -> int:
+    return config.max_new_tokens_limit or model_config.max_position_embeddings
+
+
+def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise ValueError, with a message for the caller, if such a request can never run."""
+    context = model_config.max_position_embeddings
+    if num_prompt_tokens == 0:
+        raise ValueError("the prompt is empty")
+    limit = max_new_tokens_limit(model_config, config)
+    if max_new_tokens > limit:
+        raise ValueError(f"max_tokens={max_new_tokens} is above this server's limit of {limit}")
+    total = num_prompt_tokens + max_new_tokens
+    if total > context:
+        raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) = {total} "
+                         f"exceeds the model's context of {context} tokens")
+    if total > config.max_batched_tokens:
+        raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the engine's max_batched_tokens "
+                         f"({config.max_batched_tokens})")
 
 
 class Engine:
@@ -38,7 +59,7 @@ class Engine:
 
     @property
     def max_new_tokens_limit(self) -> int:
-        return self.config.max_new_tokens_limit or self.model_config.max_position_embeddings
+        return max_new_tokens_limit(self.model_config, self.config)
 
     # -- requests in (thread-safe) ---------------------------------------------------------------
     def add_request(self, prompt_ids, config: GenerationConfig | None = None, request_id: str | None = None) -> str:
@@ -52,18 +73,7 @@ class Engine:
 
     def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise ValueError, with a message for the caller, if such a request can never run."""
-        context = self.model_config.max_position_embeddings
-        if num_prompt_tokens == 0:
-            raise ValueError("the prompt is empty")
-        if max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError(f"max_tokens={max_new_tokens} is above this server's limit of {self.max_new_tokens_limit}")
-        total = num_prompt_tokens + max_new_tokens
-        if total > context:
-            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) = {total} "
-                             f"exceeds the model's context of {context} tokens")
-        if total > self.config.max_batched_tokens:
-            raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the engine's max_batched_tokens "
-                             f"({self.config.max_batched_tokens})")
+        check_request(self.model_config, self.config, num_prompt_tokens, max_new_tokens)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: it leaves the batch (and frees its slot) at the next step boundary."""

@@ -1,0 +1,110 @@
+"""The OpenAI-compatible request bodies, error objects and the chat template.
+
+Requests are validated with pydantic; a failure becomes an OpenAI-style error object
+(`{"error": {"message", "type", "param", "code"}}`) with a 4xx status. Beyond OpenAI's fields, a
+request may choose the diffusion decoding (`strategy`, `steps`, `block_size`,
+`confidence_threshold`), `top_k` and `ignore_eos` (as in vLLM)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pllm.config import GenerationConfig
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (logprobs=None, user, ...) are ignored
+
+    model: Optional[str] = None
+    max_tokens: Optional[Annotated[int, Field(gt=0)]] = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    # Parallel-LLM extensions
+    top_k: Annotated[int, Field(ge=0)] = 0
+    repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    strategy: Optional[Literal["static", "threshold"]] = None
+    steps: Optional[Annotated[int, Field(gt=0)]] = None
+    block_size: Optional[Annotated[int, Field(gt=0)]] = None
+    confidence_threshold: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    ignore_eos: bool = False
+
+    @property
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return [s for s in stops if s]
+
+    def generation_config(self, defaults: GenerationConfig, max_tokens: int) -> GenerationConfig:
+        """This request's decoding settings; unset fields come from the served model's defaults, with
+        the steps scaled to keep the default tokens per step."""
+        steps = self.steps or max(1, math.ceil(max_tokens * defaults.num_refinement_steps / defaults.max_new_tokens))
+        return defaults.replace(
+            max_new_tokens=max_tokens, num_refinement_steps=steps, temperature=self.temperature, top_p=self.top_p,
+            top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed,
+            strategy=self.strategy or defaults.strategy,
+            block_size=self.block_size if self.block_size is not None else defaults.block_size,
+            confidence_threshold=(self.confidence_threshold if self.confidence_threshold is not None
+                                  else defaults.confidence_threshold),
+            use_adaptive_steps=not self.ignore_eos)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, Annotated[list[str], Field(min_length=1, max_length=1)]]
+    max_tokens: Optional[Annotated[int, Field(gt=0)]] = 16  # OpenAI's default
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Optional[Annotated[int, Field(gt=0)]] = None
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+ROLE_HEADERS = {"system": "### System:", "user": "### User:", "assistant": "### Assistant:"}
+
+
+def chat_prompt(messages: list[ChatMessage]) -> str:
+    """A plain-text chat template: each message under a role header, ending with the assistant's."""
+    turns = [f"{ROLE_HEADERS[m.role]}\n{m.content}\n\n" for m in messages]
+    return "".join(turns) + ROLE_HEADERS["assistant"] + "\n"
+
+
+class APIError(Exception):
+    """An error for the client: becomes an OpenAI error object with this HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def validation_error(exc: ValidationError) -> APIError:
+    first = exc.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    messages = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+    return APIError(400, messages, param=param, code="invalid_value")
