@@ -55,7 +55,8 @@ class Engine:
         self._incoming: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._ids = itertools.count()
-        self.stats = {"steps": 0, "batch_size": 0, "batch_tokens": 0, "generated_tokens": 0, "finished": 0}
+        self.stats = {"steps": 0, "batch_size": 0, "peak_batch_size": 0, "batch_tokens": 0, "generated_tokens": 0,
+                      "finished": 0, "aborted": 0}
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -90,6 +91,7 @@ class Engine:
         while self._aborts:
             request = self.scheduler.remove(self._aborts.popleft())
             if request is not None:
+                self.stats["aborted"] += 1
                 outputs.append(self._output(request, [], finish_reason="abort"))
         admitted, batch = self.scheduler.schedule()
         for request in admitted:
@@ -114,6 +116,7 @@ class Engine:
                 outputs.append(self._output(request, new, None))
             self.stats["generated_tokens"] += len(new)
         self.stats.update(steps=self.stats["steps"] + 1, batch_size=len(batch),
+                          peak_batch_size=max(self.stats["peak_batch_size"], len(batch)),
                           batch_tokens=sum(r.num_tokens for r in batch))
         return outputs
 

@@ -1,0 +1,198 @@
+"""The Ray Serve application for real: a local Ray cluster, the model loaded from a real MLflow registry,
+HTTP requests through the official `openai` client and raw HTTP."""
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import time
+
+import openai
+import pytest
+import ray
+import requests
+from ray import serve
+
+from serve_fixtures import MODEL_NAME, free_port, make_model_dir, register_model
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    registry_uri = register_model(make_model_dir(root / "model"), tracking_uri)
+    metrics_port, http_port = free_port(), free_port()
+    ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port)
+    from pllm.actors.serve_app import ServeArgs, build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    args = ServeArgs(model=registry_uri, mlflow_uri=tracking_uri, min_replicas=1, max_replicas=1,
+                     engine={"max_num_seqs": 32, "max_batched_tokens": 8192})
+    serve.run(build_app(args), name="pllm", route_prefix="/")
+    url = f"http://127.0.0.1:{http_port}"
+    yield {"url": url, "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+           "generator": serve.get_deployment_handle("Generator", app_name="pllm")}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def stats(server) -> dict:
+    return server["generator"].stats.remote().result()
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert requests.get(server["url"] + "/health").json() == {"status": "ok", "model": MODEL_NAME}
+
+
+def test_openai_client_completions_streaming_and_chat(client):
+    kw = dict(model=MODEL_NAME, max_tokens=24, temperature=0.0, extra_body={"ignore_eos": True})
+    full = client.completions.create(prompt="def parse(value):\n", **kw)
+    assert full.usage.completion_tokens == 24 and full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens > 0 and full.choices[0].text
+    chunks = list(client.completions.create(prompt="def parse(value):\n", stream=True, **kw))
+    texts = [c.choices[0].text for c in chunks]
+    assert "".join(texts) == full.choices[0].text, "the stream carries exactly the same answer"
+    assert sum(1 for t in texts if t) >= 2, "text arrives in several pieces as blocks become final"
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "a loop"}]
+    chat = client.chat.completions.create(messages=messages, **kw)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 24
+    stream = list(client.chat.completions.create(messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **kw))
+    content = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert content == chat.choices[0].message.content
+    assert stream[-1].usage.completion_tokens == 24
+
+
+def test_raw_http_sse_format(server):
+    body = {"prompt": "import json\n", "max_tokens": 16, "temperature": 0, "stream": True, "block_size": 4,
+            "ignore_eos": True}
+    with requests.post(server["url"] + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    payloads = [json.loads(e) for e in events[:-1]]
+    assert all(p["object"] == "text_completion" for p in payloads)
+    assert [p["choices"][0]["finish_reason"] for p in payloads][-1] == "length"
+
+
+def _request(url: str, body: dict) -> dict:
+    r = requests.post(url + "/v1/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_32_concurrent_mixed_requests_equal_their_single_request_results(server):
+    bodies = []
+    for i in range(32):
+        bodies.append({
+            "prompt": ["def f(x):\n", "import os\n", "class A:\n    def __init__(self):\n", "# a comment\n"][i % 4] * (1 + i % 3),
+            "max_tokens": [4, 9, 16, 23, 32, 40][i % 6], "temperature": [0.0, 0.7][i % 2], "seed": 100 + i,
+            "top_p": [1.0, 0.9][(i // 2) % 2], "top_k": [0, 40][(i // 4) % 2], "strategy": ["static", "threshold"][(i // 3) % 2],
+            "block_size": [4, 8, None][i % 3], "steps": [None, 8][(i // 5) % 2], "ignore_eos": i % 8 != 0})
+    before = stats(server)["peak_batch_size"]
+    with cf.ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(lambda b: _request(server["url"], b), bodies))
+    assert stats(server)["peak_batch_size"] >= max(before, 8), "requests shared forward passes"
+    for body, result in zip(bodies, together):
+        choice = result["choices"][0]
+        if body["ignore_eos"]:
+            assert result["usage"]["completion_tokens"] == body["max_tokens"] and choice["finish_reason"] == "length"
+        else:
+            assert result["usage"]["completion_tokens"] <= body["max_tokens"]
+        alone = _request(server["url"], body)  # one at a time: nothing else in the batch
+        assert alone["choices"][0]["text"] == choice["text"] and alone["usage"] == result["usage"]
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 4', 400, "invalid_json"),
+    ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, "invalid_encoding"),
+    ("/v1/completions", b'["prompt"]', 400, "invalid_json"),
+    ("/v1/completions", b'{"max_tokens": 4}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": ""}', 400, "invalid_value"),
+    ("/v1/completions", json.dumps({"prompt": "word " * 400}).encode(), 400, "context_length_exceeded"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 0}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -3}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": 100000}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": -0.5}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "top_p": 0}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "top_p": 1.5}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "model": "gpt-4"}', 404, "model_not_found"),
+    ("/v1/chat/completions", b'{"messages": []}', 400, "invalid_value"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', 400, "invalid_value"),
+    ("/v1/no-such-route", b'{}', 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, code", BAD_REQUESTS)
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, path, body, status, code):
+    r = requests.post(server["url"] + path, data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+    ok = _request(server["url"], {"prompt": "x = 1\n", "max_tokens": 4, "ignore_eos": True})
+    assert ok["usage"]["completion_tokens"] == 4
+
+
+def test_openai_client_raises_the_status_error(client):
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL_NAME, prompt="x", max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="other", prompt="x", max_tokens=4)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server):
+    before = stats(server)
+    body = {"prompt": "def long():\n", "max_tokens": 200, "steps": 200, "block_size": 4, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with requests.post(server["url"] + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines(decode_unicode=True)
+        first = next(line for line in lines if line)
+        assert json.loads(first[len("data: "):])["choices"][0]["text"] is not None
+    # the connection is closed after the first chunk
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        now = stats(server)
+        if now["aborted"] > before["aborted"] and now["running"] == 0 and now["open_streams"] == 0:
+            break
+        time.sleep(0.2)
+    assert now["aborted"] == before["aborted"] + 1 and now["running"] == 0, now
+    assert now["generated_tokens"] - before["generated_tokens"] < 200, "it stopped before finishing"
+
+
+def test_serve_and_engine_metrics_reach_prometheus(server):
+    _request(server["url"], {"prompt": "x", "max_tokens": 4})
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = requests.get(server["metrics"], timeout=10).text
+        if "pllm_generated_tokens" in text and "serve_num_http_requests" in text:
+            break
+        time.sleep(2)
+    for name in ("pllm_requests", "pllm_generated_tokens", "pllm_request_latency_s", "pllm_batch_size",
+                 "pllm_tokens_per_second", "serve_num_http_requests"):
+        assert name in text, f"{name} missing from the Prometheus endpoint"
+
+
+def test_killed_idle_replica_is_replaced(server):
+    old_pid = stats(server)["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    deadline, last = time.time() + 120, None
+    while time.time() < deadline:
+        try:
+            r = requests.post(server["url"] + "/v1/completions", timeout=30,
+                              json={"prompt": "x = 2\n", "max_tokens": 6, "ignore_eos": True})
+            if r.status_code == 200:
+                break
+            last = r.text
+        except requests.RequestException as exc:
+            last = exc
+        time.sleep(1)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, last
+    assert stats(server)["pid"] != old_pid
