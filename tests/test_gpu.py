@@ -42,3 +42,55 @@ def test_bf16_inference_matches_fp32_greedy_on_a_trained_model(tmp_path):
     cfg = GenerationConfig(max_new_tokens=16, num_refinement_steps=8, block_size=8, temperature=0.0)
     out = ParallelGenerator(gpu, cfg).generate_batch([torch.tensor([10, 17, 24]), torch.tensor([50, 57])])
     assert [o.shape for o in out] == [(16,), (16,)] and all((o != 3).all() for o in out)
+
+
+def test_engine_on_cuda_matches_single_requests_in_fp32():
+    from pllm.engine import Engine
+    from test_engine import mixed_requests, run_staggered
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(max_position_embeddings=256)).cuda().eval()
+    requests = mixed_requests(16)
+    alone = [Engine(model).generate([p], cfg)[0] for p, cfg in requests]
+    batched = run_staggered(Engine(model), requests)
+    assert batched == alone
+
+
+def test_engine_on_cuda_bf16_completes_mixed_requests():
+    from pllm import EngineConfig
+    from pllm.engine import Engine
+    from test_engine import mixed_requests
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(max_position_embeddings=256)).cuda().to(torch.bfloat16).eval()
+    requests = mixed_requests(24)
+    answers = Engine(model, EngineConfig(max_num_seqs=8)).generate([p for p, _ in requests], [c for _, c in requests])
+    for answer, (_, cfg) in zip(answers, requests):
+        assert len(answer) == cfg.max_new_tokens or cfg.use_adaptive_steps
+
+
+def test_serve_app_on_a_gpu_replica(tmp_path):
+    import ray
+    import requests
+    from ray import serve
+
+    from pllm.actors.serve_app import ServeArgs, build_app
+    from serve_fixtures import free_port, make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "model")
+    port = free_port()
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(ServeArgs(model=str(model_dir), max_replicas=1, num_gpus_per_replica=1)), name="pllm",
+                  route_prefix="/")
+        r = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=120,
+                          json={"prompt": "import os\n", "max_tokens": 16, "ignore_eos": True, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16, r.text
+        stats = serve.get_deployment_handle("Generator", app_name="pllm").stats.remote().result()
+        assert stats["generated_tokens"] >= 16
+        info = serve.get_deployment_handle("Generator", app_name="pllm").info.remote().result()
+        assert info["context_length"] == 256
+    finally:
+        serve.shutdown()
+        ray.shutdown()
