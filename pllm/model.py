@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
@@ -27,6 +28,9 @@ try:  # optional GPU extra
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the install
     flash_attn_func = None
+
+
+_PACKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,9 +72,11 @@ class Attention(nn.Module):
         if isinstance(mask, PackedSegments):
             # One attention call per sequence on exactly its own tokens: a sequence's result does not
             # depend on what else is packed beside it (no padding, no shared softmax lengths).
-            ys = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], attn_mask=m,
-                                                 enable_gqa=self.n_kv != self.n_heads)
-                  for (s, e), m in zip(mask.bounds, mask.masks)]
+            # Not cuDNN: it builds an execution plan per new sequence length (tens of ms each).
+            with sdpa_kernel(_PACKED_BACKENDS):
+                ys = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], attn_mask=m,
+                                                     enable_gqa=self.n_kv != self.n_heads)
+                      for (s, e), m in zip(mask.bounds, mask.masks)]
             return self.o_proj(torch.cat(ys, dim=2).transpose(1, 2).reshape(B, L, D))
         if mask is None and self._flash_ok(q):
             # flash-attn takes (B, L, H, hd) and maps GQA heads itself.

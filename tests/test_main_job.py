@@ -1,6 +1,6 @@
 """The README's main job, for real: built-in corpus -> Ray Data -> 2 Ray Train workers with FSDP2 ->
 ~1M-parameter model trained for a few minutes on CPU -> validation ELBO below the unigram baseline ->
-model registered in a local MLflow store -> generated text."""
+model registered in a local MLflow store -> generated text -> served over HTTP by Ray Serve."""
 
 import json
 import subprocess
@@ -27,6 +27,11 @@ def test_main_job_beats_the_unigram_baseline_registers_and_generates(tmp_path):
     assert "Registered model: models:/pllm-tiny@champion" in run.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in run.stdout
     assert "def read_file(path):" in run.stdout
+    # ...and the last stage serves the registered model on Ray Serve and answers one HTTP request
+    assert "Serving models:/pllm-tiny@champion at http://127.0.0.1:8000/v1" in run.stdout
+    served = run.stdout.split("One completion request:")[1]
+    assert served.split("-" * 60)[1].strip().startswith("def read_file(path):")
+    assert "'completion_tokens': " in served and "finish_reason: " in served
 
     gen = subprocess.run([sys.executable, "-m", "pllm.cli", "generate", "--model", str(out / "model"),
                           "--prompt", "import os\n", "--max-new-tokens", "16", "--steps", "8"],
