@@ -196,3 +196,20 @@ def test_killed_idle_replica_is_replaced(server):
         time.sleep(1)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6, last
     assert stats(server)["pid"] != old_pid
+
+
+def test_stop_string_ends_the_answer_and_frees_the_slot(server):
+    base = {"prompt": "def g():\n", "max_tokens": 48, "temperature": 1.0, "seed": 7, "ignore_eos": True,
+            "block_size": 4}
+    full = _request(server["url"], base)["choices"][0]["text"]
+    # a 3-character stop string whose first occurrence is early in the answer
+    k = next(k for k in range(3, len(full) - 3) if full.find(full[k:k + 3]) == k)
+    stop = full[k:k + 3]
+    before = stats(server)["aborted"]
+    result = _request(server["url"], {**base, "stop": [stop]})
+    assert result["choices"][0]["text"] == full[: full.index(stop)]
+    assert result["choices"][0]["finish_reason"] == "stop"
+    deadline = time.time() + 20
+    while stats(server)["aborted"] == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert stats(server)["aborted"] == before + 1, "the rest of the answer was not generated"

@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ def test_serve_run_with_the_repo_config(tmp_path):
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}  # the config leaves mlflow_uri to the environment
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(["serve", "run", str(tmp_path / "serve.yaml")], cwd=tmp_path, env=env,
+    serve_cli = str(Path(sys.executable).parent / "serve")  # the environment's `serve` script
+    proc = subprocess.Popen([serve_cli, "run", str(tmp_path / "serve.yaml")], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
