@@ -192,6 +192,8 @@ class ServeArgs(BaseModel):
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 16
+    upscale_delay_s: float = 30.0  # how long load must stay above target before adding a replica
+    downscale_delay_s: float = 600.0  # ... and below target before removing one
     max_ongoing_requests: int = 64  # per replica: further requests queue at the caller (back-pressure)
     num_gpus_per_replica: float = 0
     num_cpus_per_replica: float = 1
@@ -210,7 +212,8 @@ def build_app(args: ServeArgs) -> serve.Application:
     generator = GeneratorDeployment.options(
         max_ongoing_requests=args.max_ongoing_requests,
         autoscaling_config={"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-                            "target_ongoing_requests": args.target_ongoing_requests},
+                            "target_ongoing_requests": args.target_ongoing_requests,
+                            "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s},
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
     ).bind(args.model, mlflow_uri, args.engine, args.device)
     return OpenAIIngress.bind(generator, args.model, args.served_name(), mlflow_uri, args.engine)

@@ -5,6 +5,7 @@ import concurrent.futures as cf
 import json
 import os
 import signal
+import threading
 import time
 
 import openai
@@ -213,3 +214,45 @@ def test_stop_string_ends_the_answer_and_frees_the_slot(server):
     while stats(server)["aborted"] == before and time.time() < deadline:
         time.sleep(0.2)
     assert stats(server)["aborted"] == before + 1, "the rest of the answer was not generated"
+
+
+def test_generator_replicas_autoscale_up_under_load_and_back_down(server, tmp_path):
+    from pllm.actors.serve_app import ServeArgs, build_app
+
+    model_dir = make_model_dir(tmp_path / "model")
+    args = ServeArgs(model=str(model_dir), model_name="autoscaled", min_replicas=1, max_replicas=2,
+                     target_ongoing_requests=1, upscale_delay_s=1, downscale_delay_s=2, num_cpus_per_replica=0.5)
+    serve.run(build_app(args), name="autoscale", route_prefix="/autoscale")
+    url = server["url"] + "/autoscale"
+
+    def replicas() -> int:
+        status = serve.status().applications["autoscale"].deployments["Generator"]
+        return status.replica_states.get("RUNNING", 0)
+
+    body = {"prompt": "def slow():\n", "max_tokens": 200, "steps": 200, "ignore_eos": True, "temperature": 0}
+    stop = threading.Event()
+
+    def keep_busy() -> int:  # one client sending requests back to back until told to stop
+        done = 0
+        while not stop.is_set():
+            assert _request(url, body)["usage"]["completion_tokens"] == 200
+            done += 1
+        return done
+
+    try:
+        assert replicas() == 1
+        with cf.ThreadPoolExecutor(8) as pool:
+            clients = [pool.submit(keep_busy) for _ in range(8)]
+            deadline, peak = time.time() + 120, 1
+            while time.time() < deadline and peak < 2:
+                peak = max(peak, replicas())
+                time.sleep(0.5)
+            stop.set()
+            assert sum(c.result() for c in clients) > 0
+        assert peak == 2, "sustained load above target_ongoing_requests added a replica"
+        deadline = time.time() + 90
+        while time.time() < deadline and replicas() > 1:
+            time.sleep(1)
+        assert replicas() == 1, "idle: back to min_replicas"
+    finally:
+        serve.delete("autoscale")
