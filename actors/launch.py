@@ -40,8 +40,15 @@ def complete(base_url: str, prompt: str, max_tokens: int = 32, timeout: float = 
 
 
 def serve_until_interrupted() -> None:
+    """Block until Ctrl-C or SIGTERM (as `timeout` or a container stop sends), then delete the app."""
+    import signal
+
     from ray import serve
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         while True:
             time.sleep(3600)

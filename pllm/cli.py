@@ -94,7 +94,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                            engine=engine, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                            num_gpus_per_replica=args.num_gpus_per_replica)
     url = start_server(serve_args, host=args.host, port=args.port)
-    print(f"Serving {args.model} as '{serve_args.served_name()}' at {url}/v1 (Ctrl-C stops)")
+    print(f"Serving {args.model} as '{serve_args.served_name()}' at {url}/v1 (Ctrl-C stops)", flush=True)
     serve_until_interrupted()
     return 0
 
