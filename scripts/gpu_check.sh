@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On one GPU machine: the GPU tests, then the Ray training job on the GPU with FSDP2 (bf16 policy,
 # torch.compile) and with DeepSpeed ZeRO-3 (bf16) on the ~125M config, briefly. Prints each run's
-# metrics (tokens/s, MFU). Usage: bash scripts/gpu_check.sh [OUTPUT_DIR]
+# metrics (tokens/s, MFU), then the serving benchmark. Usage: bash scripts/gpu_check.sh [OUTPUT_DIR]
 set -uo pipefail
 out=${1:-runs/gpu-check}
 mkdir -p "$out"
@@ -15,3 +15,5 @@ python -m pllm.pipelines.train_job "${common[@]}" --output "$out/fsdp2" 2>&1 | t
 python -m pllm.pipelines.train_job "${common[@]}" --output "$out/zero3" --set training.use_fsdp=false \
     --set training.use_deepspeed=true --set training.zero_stage=3 --set training.use_torch_compile=false 2>&1 | tail -n 25
 for run in fsdp2 zero3; do echo "== $run"; cat "$out/$run/metrics.json"; done
+# Serving engine: continuous vs static batching under Poisson load (benchmarks/RESULTS.md).
+python benchmarks/serving.py --size 125m --device cuda --rates 5 15 30 --num-requests 200 --out "$out"
