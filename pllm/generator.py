@@ -7,7 +7,7 @@ import logging
 import torch
 
 from .config import GenerationConfig
-from .decoding import DecodeOutput, DecodeRules, decode
+from .decoding import DecodeOutput, DecodeRules, decode_with_rules
 from .model import DiffusionTransformer
 
 log = logging.getLogger(__name__)
@@ -57,16 +57,11 @@ class ParallelGenerator:
                 f"prompt + max_new_tokens = {longest} tokens exceeds the model's context "
                 f"(max_position_embeddings={self.model.config.max_position_embeddings})"
             )
-        r = DecodeRules.from_config(cfg, gen_length)
+        rules = DecodeRules.from_config(cfg, gen_length)
         was_training = self.model.training
         self.model.eval()
         try:
-            self.last_output = decode(
-                self.model, prompts, gen_length=r.gen_length, num_steps=r.num_steps, block_size=r.block_size,
-                temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, repetition_penalty=r.repetition_penalty,
-                confidence_threshold=r.confidence_threshold, min_per_step=r.min_per_step,
-                stop_at_eos=r.stop_at_eos, seed=r.seed,
-            )
+            self.last_output = decode_with_rules(self.model, prompts, [rules] * len(prompts))
         finally:
             self.model.train(was_training)
         return [t.cpu() for t in self.last_output.tokens]

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import pllm
 
+from .checkpoint import WEIGHTS_FILE
 from .config import GenerationConfig, JobConfig
 
 log = logging.getLogger(__name__)
@@ -145,14 +146,14 @@ def resolve_model_source(source: str, tracking_uri: str | None = None) -> tuple[
     GenerationConfig (the serving defaults)."""
     if "://" not in source and not source.startswith(("models:/", "runs:/")):
         path = Path(source)
-        if not (path / "model.safetensors").exists():
-            raise FileNotFoundError(f"{source} is not a saved pllm model (no model.safetensors)")
+        if not (path / WEIGHTS_FILE).exists():
+            raise FileNotFoundError(f"{source} is not a saved pllm model (no {WEIGHTS_FILE})")
         return path, None
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                      tracking_uri=resolve_tracking_uri(tracking_uri)))
-    found = sorted(p.parent for p in local.rglob("model.safetensors"))
+    found = sorted(p.parent for p in local.rglob(WEIGHTS_FILE))
     if not found:
-        raise FileNotFoundError(f"{source} holds no pllm model (no model.safetensors in its artifacts)")
+        raise FileNotFoundError(f"{source} holds no pllm model (no {WEIGHTS_FILE} in its artifacts)")
     generation = None
     if (local / "MLmodel").exists():
         flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})

@@ -57,11 +57,20 @@ def decode(
         with pad_token_id, and the bool mask of positions committed at that step (tracing, tests).
     """
     seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
-    states = [
-        DecodeState(p, DecodeRules(gen_length, num_steps, block_size, temperature, top_k, top_p, repetition_penalty,
-                                   confidence_threshold, min_per_step, stop_at_eos, s), model.config, model.device)
-        for p, s in zip(prompts, seeds)
-    ]
+    rules = [DecodeRules(gen_length, num_steps, block_size, temperature, top_k, top_p, repetition_penalty,
+                         confidence_threshold, min_per_step, stop_at_eos, s) for s in seeds]
+    return decode_with_rules(model, prompts, rules, on_step)
+
+
+@torch.no_grad()
+def decode_with_rules(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    rules: list[DecodeRules],
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> DecodeOutput:
+    """`decode` with each prompt's settings given as DecodeRules (e.g. `DecodeRules.from_config`)."""
+    states = [DecodeState(p, r, model.config, model.device) for p, r in zip(prompts, rules)]
     nfe = 0
     while active := [s for s in states if not s.finished]:
         logits = model.forward_packed([s.tokens for s in active], [s.window() for s in active])

@@ -109,7 +109,7 @@ class DecodeState:
         self.nfe += 1
         self.step += 1
         self._update_final()
-        if not self.finished and not bool((self.tokens[self.start:self.end] == cfg.mask_token_id).any()):
+        if not self.finished and not bool((still_masked & ~commit).any()):
             self._start_block(self.block + 1)
             self.finished = self.start >= self.tokens.numel()
         return commit

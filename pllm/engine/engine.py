@@ -67,14 +67,10 @@ class Engine:
         """Queue a request; raises ValueError at once if it can never run."""
         config = config or self.generation
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-        self.check_request(prompt.numel(), config.max_new_tokens)
+        check_request(self.model_config, self.config, prompt.numel(), config.max_new_tokens)
         request_id = request_id or f"req-{next(self._ids)}"
         self._incoming.append(Request(request_id, prompt, config, DecodeRules.from_config(config)))
         return request_id
-
-    def check_request(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise ValueError, with a message for the caller, if such a request can never run."""
-        check_request(self.model_config, self.config, num_prompt_tokens, max_new_tokens)
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: it leaves the batch (and frees its slot) at the next step boundary."""
