@@ -3,7 +3,7 @@
 Requests are validated with pydantic; a failure becomes an OpenAI-style error object
 (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status. Beyond OpenAI's fields, a
 request may choose the diffusion decoding (`strategy`, `steps`, `block_size`,
-`confidence_threshold`), `top_k` and `ignore_eos` (as in vLLM)."""
+`confidence_threshold`, `parallel_factor`, `draft_length`, `kv_cache`), `top_k` and `ignore_eos` (as in vLLM)."""
 
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ class SamplingFields(BaseModel):
     # Parallel-LLM extensions
     top_k: Annotated[int, Field(ge=0)] = 0
     repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
-    strategy: Optional[Literal["static", "threshold"]] = None
+    strategy: Optional[Literal["static", "threshold", "factor", "credit", "draft_verify"]] = None
     steps: Optional[Annotated[int, Field(gt=0)]] = None
     block_size: Optional[Annotated[int, Field(gt=0)]] = None
     confidence_threshold: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    parallel_factor: Optional[Annotated[float, Field(gt=0.0)]] = None
+    draft_length: Optional[Annotated[int, Field(gt=0, le=16)]] = None
+    kv_cache: Optional[Literal["auto", "none", "block", "prefix", "dual"]] = None
     ignore_eos: bool = False
 
     @property
@@ -56,7 +59,9 @@ class SamplingFields(BaseModel):
             block_size=self.block_size if self.block_size is not None else defaults.block_size,
             confidence_threshold=(self.confidence_threshold if self.confidence_threshold is not None
                                   else defaults.confidence_threshold),
-            use_adaptive_steps=not self.ignore_eos)
+            use_adaptive_steps=not self.ignore_eos,
+            **{name: getattr(self, name) for name in ("parallel_factor", "draft_length", "kv_cache")
+               if getattr(self, name) is not None})
 
 
 class CompletionRequest(SamplingFields):

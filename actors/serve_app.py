@@ -109,15 +109,16 @@ class OpenAIIngress:
             max_tokens = min(max_new_tokens_limit(self.model_config, self.engine_config),
                              self.model_config.max_position_embeddings - len(prompt_ids))
         try:
-            check_request(self.model_config, self.engine_config, len(prompt_ids), max_tokens)
+            config = body.generation_config(self.defaults, max_tokens)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        try:
+            draft_length = config.draft_length if config.strategy == "draft_verify" else 0
+            check_request(self.model_config, self.engine_config, len(prompt_ids), max_tokens, draft_length)
         except ValueError as exc:
             param = "max_tokens" if "max_tokens=" in str(exc) else ("prompt" if not chat else "messages")
             raise APIError(400, str(exc), param=param, code="context_length_exceeded"
                            if "context" in str(exc) else "invalid_value") from None
-        try:
-            config = body.generation_config(self.defaults, max_tokens)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
         stream = self.generator.options(stream=True).generate.remote(prompt_ids, config.to_dict())
         meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}

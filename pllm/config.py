@@ -219,13 +219,28 @@ class GenerationConfig(_ConfigMixin):
     repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
     num_refinement_steps: PositiveInt = 5  # total denoising steps over the whole answer
     confidence_threshold: Probability = 0.9
-    use_adaptive_steps: bool = True  # stop once an EOS-terminated block is final
+    # Adaptive steps: static steps also commit every position already above confidence_threshold
+    # (confident blocks take fewer steps), and an answer stops at its first final EOS.
+    use_adaptive_steps: bool = True
 
-    # Decoding strategy: "static" = LLaDA low-confidence remasking with a fixed number of tokens per
-    # step; "threshold" = Fast-dLLM confidence-threshold parallel decoding.
-    strategy: Literal["static", "threshold"] = "static"
+    # Decoding strategy (pllm/decoding/state.py):
+    #   "static"       LLaDA low-confidence remasking, a fixed number of tokens per step;
+    #   "threshold"    Fast-dLLM: every masked position above confidence_threshold, at least one;
+    #   "factor"       Fast-dLLM's factor rule with parallel_factor;
+    #   "credit"       CreditDecoding: threshold commits on logits fused with trace credits;
+    #   "draft_verify" FreeDave: lossless draft-and-verify; the answer equals "static"'s.
+    strategy: Literal["static", "threshold", "factor", "credit", "draft_verify"] = "static"
     block_size: Optional[PositiveInt] = None  # semi-autoregressive block length; None = one block
     seed: Optional[int] = None  # sampling seed (per request); None = nondeterministic when sampling
+    parallel_factor: Annotated[float, Field(gt=0.0)] = 1.0  # "factor": f in n-th token conf >= 1 - f/(n+1)
+    draft_length: PositiveInt = 4  # "draft_verify": drafted future steps verified per forward pass
+    credit_alpha: Annotated[float, Field(ge=0.0)] = 0.7  # "credit": weight of log(1 + credit)
+    credit_beta: Probability = 0.8  # "credit": per-step decay of the credits
+    credit_gamma: Annotated[float, Field(gt=0.0)] = 0.2  # "credit": the top token gains p ** gamma
+    # KV cache: "auto" = exact block cache for block-causal models, none for bidirectional ones;
+    # "prefix" / "dual" = Fast-dLLM's approximate caches for bidirectional models (refreshed per
+    # block; outputs may differ from uncached decoding); "none" recomputes every step.
+    kv_cache: Literal["auto", "none", "block", "prefix", "dual"] = "auto"
 
 
 @dataclass(config=_STRICT)

@@ -99,17 +99,36 @@ def diffusion_loss(
     eps: float = 1e-3,
     generator: torch.Generator | None = None,
     mask_draw: torch.Tensor | None = None,
+    block_size: int | None = None,
 ) -> DiffusionLoss:
     """One Monte-Carlo sample of the masked-diffusion NELBO for a batch (B, L) of clean tokens.
-    Padding (attention_mask == 0) is never masked, never predicted and never counted."""
-    B = input_ids.shape[0]
+    Padding (attention_mask == 0) is never masked, never predicted and never counted.
+
+    block_size (block-causal models): the block-diffusion NELBO of BD3-LM (Arriola et al. 2025,
+    eq. 6), a sum over blocks of each block's masked-diffusion NELBO given the clean blocks before
+    it. Each block draws its own t (t may be (B,) or (B, num_blocks)), and the model sees the
+    clean sequence beside the noisy one (`clean_input_ids`). With block_size 1 a block is one token
+    whose NELBO is exactly its cross-entropy given the prefix, so every token is masked with weight
+    1: the ordinary autoregressive loss, with no sampling noise.
+    """
+    B, L = input_ids.shape
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    num_blocks = -(-L // block_size) if block_size else 1
     if t is None:
-        t = sample_t(B, eps, generator, device=input_ids.device)
-    x_t, is_masked = mask_tokens(input_ids, t, schedule, mask_token_id, valid, generator, mask_draw)
-    logits = model(x_t, t, attention_mask=attention_mask, logits_mask=is_masked)  # (N_masked, V)
+        t = sample_t(B * num_blocks, eps, generator, device=input_ids.device).view(B, num_blocks)
+    t_pos = t.view(B, -1).repeat_interleave(block_size or L, dim=1)[:, :L] if t.numel() > B else t.view(B, 1).expand(B, L)
+    if block_size == 1:
+        x_t, is_masked = torch.where(valid, mask_token_id, input_ids), valid
+        weight = torch.ones(int(valid.sum()), device=input_ids.device)
+    else:
+        if mask_draw is None:
+            mask_draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
+        is_masked = (mask_draw < schedule.mask_probability(t_pos)) & valid
+        x_t = torch.where(is_masked, mask_token_id, input_ids)
+        weight = schedule.elbo_weight(t_pos)[is_masked]
+    clean = {"clean_input_ids": input_ids} if block_size else {}
+    logits = model(x_t, t, attention_mask=attention_mask, logits_mask=is_masked, **clean)  # (N_masked, V)
     ce = F.cross_entropy(logits, input_ids[is_masked], reduction="none")
-    weight = schedule.elbo_weight(t)[:, None].expand_as(input_ids)[is_masked]
     nelbo = (ce * weight).sum()
     num_tokens = int(valid.sum())
     return DiffusionLoss(nelbo / max(num_tokens, 1), nelbo.detach(), num_tokens, int(is_masked.sum()))
@@ -140,6 +159,7 @@ def evaluate_elbo(
     seed: int = 1234,
     autocast: Callable | None = None,
     reduce: Callable[[list[float]], list[float]] | None = None,
+    block_size: int | None = None,
 ) -> ElboReport:
     """Validation NELBO per token (an upper bound on the true NLL), averaged over `num_samples`
     draws of (t, mask) per batch with a fixed seed, so successive evaluations are comparable.
@@ -154,7 +174,8 @@ def evaluate_elbo(
         for _ in range(num_samples):
             ctx = autocast() if autocast else contextlib.nullcontext()
             with ctx:
-                out = diffusion_loss(model, input_ids, schedule, mask_token_id, attention_mask, generator=generator)
+                out = diffusion_loss(model, input_ids, schedule, mask_token_id, attention_mask, generator=generator,
+                                     block_size=block_size)
             total += float(out.nelbo_sum)
             tokens += out.num_tokens
     model.train(was_training)

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .kv_cache import KVCache, Segment
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
@@ -48,8 +49,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx  # which layer's entries of a KVCache this layer reads and writes
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         self.use_flash = cfg.use_flash_attention
         d = cfg.hidden_size
@@ -70,14 +72,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         if isinstance(mask, PackedSegments):
-            # One attention call per sequence on exactly its own tokens: a sequence's result does not
-            # depend on what else is packed beside it (no padding, no shared softmax lengths).
-            # Not cuDNN: it builds an execution plan per new sequence length (tens of ms each).
-            with sdpa_kernel(_PACKED_BACKENDS):
-                ys = [F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], attn_mask=m,
-                                                     enable_gqa=self.n_kv != self.n_heads)
-                      for (s, e), m in zip(mask.bounds, mask.masks)]
-            return self.o_proj(torch.cat(ys, dim=2).transpose(1, 2).reshape(B, L, D))
+            return self.o_proj(self._packed_attention(q, k, v, mask).transpose(1, 2).reshape(B, L, D))
         if mask is None and self._flash_ok(q):
             # flash-attn takes (B, L, H, hd) and maps GQA heads itself.
             y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
@@ -87,6 +82,26 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
             y = y.transpose(1, 2).reshape(B, L, D)
         return self.o_proj(y)
+
+    def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
+        """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
+        a sequence's result does not depend on what else is packed beside it (no padding, no shared
+        softmax lengths). Not cuDNN: it builds an execution plan per new sequence length."""
+        ys, stores = [], []
+        with sdpa_kernel(_PACKED_BACKENDS):
+            for (s, e), (a, b), cache, store, m in zip(packed.bounds, packed.spans, packed.caches, packed.stores,
+                                                       packed.masks):
+                ks, vs = k[0, :, s:e], v[0, :, s:e]
+                if store is not None:
+                    stores.append((cache, a, ks, vs, store))
+                if cache is not None:
+                    ks, vs = cache.around(self.layer_idx, a, b, ks, vs)
+                ys.append(F.scaled_dot_product_attention(q[:, :, s:e], ks[None], vs[None], attn_mask=m,
+                                                         enable_gqa=self.n_kv != self.n_heads))
+        # Stores after every read: sequences of one pass may share a cache (draft-and-verify).
+        for cache, a, ks, vs, store in stores:
+            cache.store(self.layer_idx, a, ks, vs, store)
+        return torch.cat(ys, dim=2)
 
     def _flash_ok(self, q: torch.Tensor) -> bool:
         return self.use_flash and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -99,10 +114,14 @@ def _padded_rows(n: int) -> int:
 
 @dataclass
 class PackedSegments:
-    """Several sequences packed end to end in one row: their (start, end) bounds and each one's own
-    attention mask (None = bidirectional)."""
+    """Several sequences packed end to end in one row: their (start, end) bounds in the row, the
+    span of sequence positions each one computes, its KV cache and store span (see `Segment`), and
+    its own attention mask (None = attend to all)."""
 
     bounds: list[tuple[int, int]]
+    spans: list[tuple[int, int]]
+    caches: list[KVCache | None]
+    stores: list[tuple[int, int] | None]
     masks: list[torch.Tensor | None]
 
 
@@ -118,10 +137,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
@@ -135,7 +154,7 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -210,6 +229,7 @@ class DiffusionTransformer(nn.Module):
         return_confidence: bool = False,
         position_ids: torch.Tensor | None = None,
         logits_mask: torch.Tensor | None = None,
+        clean_input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, L) with mask tokens -> logits (B, L, V) in float32.
 
@@ -218,7 +238,14 @@ class DiffusionTransformer(nn.Module):
         With return_confidence, also returns the max softmax probability per position (B, L).
         logits_mask (B, L) bool: compute logits only where True and return them as (N, V); the
         training loss needs them at masked positions only, and the LM head is a large matmul.
+        clean_input_ids (B, L), block-causal models only: block-diffusion training (BD3-LM, Arriola
+        et al. 2025, sec. 3.2): the noisy and the clean sequence run side by side, each noisy block
+        seeing itself and the clean blocks before it, exactly what it sees when decoding after
+        finished blocks; logits are for the noisy sequence.
         """
+        if clean_input_ids is not None:
+            return self._forward_noisy_and_clean(input_ids, clean_input_ids, attention_mask, return_confidence,
+                                                 logits_mask)
         B, L = input_ids.shape
         if L > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
@@ -245,6 +272,42 @@ class DiffusionTransformer(nn.Module):
             return logits, logits.softmax(-1).amax(-1)
         return logits
 
+    def _forward_noisy_and_clean(self, noisy, clean, attention_mask, return_confidence, logits_mask):
+        if self.config.attention_mode != "block_causal":
+            raise ValueError("clean_input_ids is for block-causal (block diffusion) models")
+        B, L = noisy.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        if attention_mask is None:
+            position_ids = torch.arange(L, device=noisy.device).expand(B, L)
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        blocks = position_ids // self.config.block_size  # (B, L)
+        same = blocks[:, :, None] == blocks[:, None, :]  # (B, Lq, Lk)
+        before = blocks[:, None, :] < blocks[:, :, None]
+        up_to = before | same
+        noisy_rows = torch.cat([same, before], dim=2)  # noisy block: itself (noisy) + earlier clean blocks
+        clean_rows = torch.cat([torch.zeros_like(same), up_to], dim=2)  # clean: block-causal over clean
+        allowed = torch.cat([noisy_rows, clean_rows], dim=1)[:, None]  # (B, 1, 2L, 2L)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            keep = attention_mask.bool().repeat(1, 2)[:, None, None, :]
+            allowed = (allowed & keep) | torch.eye(2 * L, dtype=torch.bool, device=noisy.device)
+        positions = torch.cat([position_ids, position_ids], dim=1)
+        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        x = self.embed_tokens(torch.cat([noisy, clean], dim=1))
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, allowed, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, allowed)
+        x = self.norm(x[:, :L])
+        if logits_mask is not None:
+            x = x[logits_mask]
+        logits = self.lm_head(x).float()
+        if return_confidence:
+            return logits, logits.softmax(-1).amax(-1)
+        return logits
+
     @torch.no_grad()
     def forward_packed(self, sequences: list[torch.Tensor], logit_positions: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run several sequences of different lengths in one pass, packed end to end without padding.
@@ -254,37 +317,52 @@ class DiffusionTransformer(nn.Module):
         sees only itself, at positions 0..n-1, so its logits equal a forward pass on it alone; the
         LM head runs only on the requested positions (the engine needs one block, not the sequence).
         """
+        return self.forward_segments([Segment(s, p) for s, p in zip(sequences, logit_positions)])
+
+    @torch.no_grad()
+    def forward_segments(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """`forward_packed` for `Segment`s: each computes only its span of positions, reading the
+        other positions' keys/values from its KV cache and storing the ones it is asked to keep."""
+        device = self.device
+        spans = [seg.span() for seg in segments]
         # Pad the packed stream (and the LM head's rows) to a GEMM-friendly row count: BLAS libraries
         # pick other kernels, with other rounding, for a handful of rows, which would make a lone
         # short sequence differ from the same sequence in a batch.
-        filler = _padded_rows(sum(int(s.numel()) for s in sequences))
-        sequences = list(sequences) + [torch.full((filler,), self.config.pad_token_id, dtype=torch.long)] * (filler > 0)
-        lengths = [int(s.numel()) for s in sequences]
-        starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
-        if max(lengths) > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {max(lengths)} exceeds max_position_embeddings "
+        filler = _padded_rows(sum(b - a for a, b in spans))
+        if filler:
+            segments = [*segments, Segment(torch.full((filler,), self.config.pad_token_id, dtype=torch.long),
+                                           torch.empty(0, dtype=torch.long))]
+            spans.append((0, filler))
+        longest = max(seg.visible_length() for seg in segments)
+        if longest > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        device = self.device
-        position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])[None]  # (1, N)
-        masks = [self._segment_mask(n, device) for n in lengths]
-        segments = PackedSegments(list(zip(starts[:-1], starts[1:])), masks)
+        starts = [0]
+        for a, b in spans:
+            starts.append(starts[-1] + b - a)
+        position_ids = torch.cat([torch.arange(a, b, device=device) for a, b in spans])[None]  # (1, N)
+        packed = PackedSegments(
+            bounds=list(zip(starts[:-1], starts[1:])), spans=spans, caches=[seg.cache for seg in segments],
+            stores=[seg.store for seg in segments],
+            masks=[self._segment_mask(a, b, seg.visible_length(), device) for (a, b), seg in zip(spans, segments)])
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
-        x = self.embed_tokens(torch.cat([s.to(device) for s in sequences])[None])
+        x = self.embed_tokens(torch.cat([seg.tokens[a:b].to(device) for (a, b), seg in zip(spans, segments)])[None])
         for block in self.layers:
-            x = block(x, cos, sin, segments)
-        index = torch.cat([pos.to(device) + start for pos, start in zip(logit_positions, starts)])
+            x = block(x, cos, sin, packed)
+        index = torch.cat([seg.logit_positions.to(device) - a + start
+                           for seg, (a, _), start in zip(segments, spans, starts)])
         wanted = index.numel()
         index = torch.cat([index, index.new_zeros(_padded_rows(wanted))])
         logits = self.lm_head(self.norm(x[0, index])).float()[:wanted]
-        return list(logits.split([int(p.numel()) for p in logit_positions]))
+        return list(logits.split([int(seg.logit_positions.numel()) for seg in segments[:len(segments) - bool(filler)]]))
 
-    def _segment_mask(self, n: int, device) -> torch.Tensor | None:
+    def _segment_mask(self, start: int, end: int, visible: int, device) -> torch.Tensor | None:
+        """Queries at positions [start, end) over keys at positions [0, visible)."""
         if self.config.attention_mode != "block_causal":
             return None
-        blocks = torch.arange(n, device=device) // self.config.block_size
-        return (blocks[None, :] <= blocks[:, None])[None, None]  # (1, 1, n, n)
+        q_blocks = torch.arange(start, end, device=device) // self.config.block_size
+        k_blocks = torch.arange(visible, device=device) // self.config.block_size
+        return (k_blocks[None, :] <= q_blocks[:, None])[None, None]  # (1, 1, end - start, visible)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()

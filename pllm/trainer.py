@@ -56,6 +56,8 @@ class DistributedTrainer:
         self.callbacks = list(callbacks or [])
         self.on_save = on_save or (lambda trainer: trainer.save_checkpoint())
         self.schedule = get_schedule(self.model_config.noise_schedule)
+        # Block-causal models train with the block-diffusion objective (see diffusion_loss).
+        self.block_size = self.model_config.block_size if self.model_config.attention_mode == "block_causal" else None
         self.step = 0
         self.tokens_seen = 0  # global, all ranks
         self.epoch, self.batches_in_epoch = 0, 0  # data position, restored on resume
@@ -92,7 +94,8 @@ class DistributedTrainer:
         W, r = self.strategy.world_size, self.strategy.rank
         seed = (self.cfg.seed * 1_000_003 + self.step * self.cfg.gradient_accumulation_steps + micro) % 2**63
         g = torch.Generator(device=self.device).manual_seed(seed)
-        t = sample_t(B * W, generator=g, device=self.device)[r * B : (r + 1) * B]
+        blocks = -(-L // self.block_size) if self.block_size else 1  # block diffusion: a t per block
+        t = sample_t(B * W * blocks, generator=g, device=self.device).view(B * W, blocks)[r * B : (r + 1) * B]
         draw = torch.rand((B * W, L), generator=g, device=self.device)[r * B : (r + 1) * B]
         return t, draw
 
@@ -102,7 +105,7 @@ class DistributedTrainer:
         t, draw = self._noise(input_ids, micro)
         with self.autocast():
             return diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,
-                                  attention_mask, t=t, mask_draw=draw)
+                                  attention_mask, t=t, mask_draw=draw, block_size=self.block_size)
 
     def _batches(self):
         """Endless micro-batches, epoch after epoch, starting at the saved data position."""
@@ -189,7 +192,7 @@ class DistributedTrainer:
             raise ValueError("evaluate() needs an eval_dataloader")
         batches = itertools.islice(self.eval_dataloader, self.cfg.eval_batches)
         report = evaluate_elbo(self.model, batches, self.schedule, self.model_config.mask_token_id,
-                               autocast=self.autocast, reduce=self.strategy.all_reduce)
+                               autocast=self.autocast, reduce=self.strategy.all_reduce, block_size=self.block_size)
         return report.as_metrics()
 
     # -- checkpoints (collective: every rank calls them) -----------------------------------------

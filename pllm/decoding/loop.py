@@ -21,6 +21,7 @@ from .state import DecodeRules, DecodeState
 class DecodeOutput:
     tokens: list[torch.Tensor]  # per prompt: (gen_length,) answer tokens
     nfe: int = 0  # model forward passes (batched)
+    steps: int = 0  # denoising steps summed over the prompts (draft-and-verify takes several per pass)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -43,22 +44,25 @@ def decode(
     stop_at_eos: bool = False,
     seed: int | None | list[int | None] = None,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    **options,
 ) -> DecodeOutput:
     """Decode `gen_length` tokens after each prompt (1-D tensors, any lengths).
 
     num_steps: total steps over the answer, spread evenly over blocks (at least one per block).
     min_per_step: "schedule" commits at least the static schedule's k per step (LLaDA);
-        "one" commits at least one (Fast-dLLM threshold decoding).
+        "one" commits at least one (Fast-dLLM threshold decoding); "factor" uses Fast-dLLM's factor
+        rule with options["parallel_factor"].
     confidence_threshold: also commit every position above it (None: static decoding).
     stop_at_eos: once a row's answer has a final EOS (every token before it committed), the rest of
         the row becomes EOS and the row takes no more steps; the loop ends when every row is finished.
     seed: one seed for every row, or one per row (sampling only).
-    on_step(x, committed): called after each step with the full state (B, P+G), prompts left-padded
-        with pad_token_id, and the bool mask of positions committed at that step (tracing, tests).
+    options: the other `DecodeRules` fields (credit, draft_length, cache, parallel_factor, ...).
+    on_step(x, committed): called after each forward pass with the full state (B, P+G), prompts
+        left-padded with pad_token_id, and the bool mask of positions committed by that pass.
     """
     seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
     rules = [DecodeRules(gen_length, num_steps, block_size, temperature, top_k, top_p, repetition_penalty,
-                         confidence_threshold, min_per_step, stop_at_eos, s) for s in seeds]
+                         confidence_threshold, min_per_step, stop_at_eos, s, **options) for s in seeds]
     return decode_with_rules(model, prompts, rules, on_step)
 
 
@@ -73,12 +77,20 @@ def decode_with_rules(
     states = [DecodeState(p, r, model.config, model.device) for p, r in zip(prompts, rules)]
     nfe = 0
     while active := [s for s in states if not s.finished]:
-        logits = model.forward_packed([s.tokens for s in active], [s.window() for s in active])
+        logits = run_states(model, active)
         nfe += 1
         commits = {id(s): (s.start, s.advance(l)) for s, l in zip(active, logits)}
         if on_step is not None:
             on_step(*_left_padded(states, commits, model.config.pad_token_id))
-    return DecodeOutput(tokens=[s.answer.clone() for s in states], nfe=nfe)
+    return DecodeOutput(tokens=[s.answer.clone() for s in states], nfe=nfe,
+                        steps=sum(s.num_steps_taken for s in states))
+
+
+def run_states(model: torch.nn.Module, states: list[DecodeState]) -> list[list[torch.Tensor]]:
+    """One packed forward pass over every segment of every state; the logits, grouped per state."""
+    segments = [s.segments() for s in states]
+    logits = iter(model.forward_segments([seg for segs in segments for seg in segs]))
+    return [[next(logits) for _ in segs] for segs in segments]
 
 
 def _left_padded(states: list[DecodeState], commits: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

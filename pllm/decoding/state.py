@@ -1,9 +1,24 @@
-"""One sequence's denoising state: which positions the next step needs, and how a step's logits
-become committed tokens.
+"""One sequence's denoising state: what the next forward pass must compute for it, and how that
+pass's logits become committed tokens.
 
-Everything here is per sequence (its own block, step counter, schedule and random generator), so a
-sequence decodes to the same tokens whether it runs alone, in a fixed batch (`decode`), or in the
-engine's continuously changing batch (`pllm.engine`).
+Everything here is per sequence (its own block, step counter, schedule, cache and random
+generator), so a sequence decodes to the same tokens whether it runs alone, in a fixed batch
+(`decode`), or in the engine's continuously changing batch (`pllm.engine`).
+
+Strategies (`GenerationConfig.strategy`, see `DecodeRules.from_config`):
+- static, threshold, factor: the commit rules of `commit.py`;
+- credit: threshold commits on logits fused with trace credits (`credit.py`);
+- draft_verify: lossless draft-and-verify (FreeDave, Wu et al. 2025, arXiv 2510.00294; reference
+  code cychomatica/FreeDave). Besides the current state, each forward pass also runs the states that
+  the static rule would reach in the next `draft_length` steps if the current confidence order held
+  (drafted from the last step's logits). A draft is accepted when the static rule, applied to the
+  previous accepted state and its logits, yields exactly that draft; its logits then serve the next
+  step. Every accepted state is one the static decoder reaches (same logits, same random draws, in
+  order), so the answer equals static decoding's, in fewer forward passes.
+
+Caches (`KVCache` / `Segment`, see `pllm/kv_cache.py`): "block" is exact for block-causal models;
+"prefix" and "dual" (Fast-dLLM) are approximations for bidirectional models, refreshed by a full
+pass at the first step of every block.
 """
 
 from __future__ import annotations
@@ -14,11 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationConfig, ModelConfig
-from .commit import commit_mask, transfer_schedule
+from ..kv_cache import KVCache, Segment
+from .commit import commit_mask, factor_commit_mask, transfer_schedule
+from .credit import CreditTrace
 from .sampling import apply_repetition_penalty, propose_tokens
 
-# GenerationConfig.strategy -> (commit at least: "schedule" | "one", uses confidence_threshold)
-STRATEGIES = {"static": ("schedule", False), "threshold": ("one", True)}
+CACHE_MODES = ("auto", "none", "block", "prefix", "dual")
+MIN_PER_STEP = ("schedule", "one", "factor")
 
 
 @dataclass(frozen=True)
@@ -33,24 +50,59 @@ class DecodeRules:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     confidence_threshold: float | None = None
-    min_per_step: str = "schedule"
+    min_per_step: str = "schedule"  # "schedule" (static), "one" (threshold), "factor"
     stop_at_eos: bool = False
     seed: int | None = None
+    parallel_factor: float = 1.0  # the factor rule's f
+    credit: bool = False  # fuse trace credits into the logits (CreditDecoding)
+    credit_alpha: float = 0.7
+    credit_beta: float = 0.8
+    credit_gamma: float = 0.2
+    draft_length: int = 0  # draft-and-verify: future static steps drafted and verified per pass
+    cache: str = "none"  # one of CACHE_MODES
+
+    def __post_init__(self):
+        if self.min_per_step not in MIN_PER_STEP:
+            raise ValueError(f"min_per_step must be one of {MIN_PER_STEP}, got {self.min_per_step!r}")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache must be one of {CACHE_MODES}, got {self.cache!r}")
+        if self.draft_length and (self.min_per_step != "schedule" or self.credit):
+            raise ValueError("draft-and-verify reproduces static decoding: it needs min_per_step='schedule' "
+                             "and no credit")
 
     @classmethod
     def from_config(cls, cfg: GenerationConfig, gen_length: int | None = None) -> "DecodeRules":
-        min_per_step, uses_threshold = STRATEGIES[cfg.strategy]
+        s = cfg.strategy
+        # use_adaptive_steps: static steps also commit whatever is already above the threshold
+        # (confident blocks take fewer steps), and an answer stops at its first final EOS.
+        threshold = cfg.confidence_threshold if (s in ("threshold", "credit") or
+                                                 (s in ("static", "draft_verify") and cfg.use_adaptive_steps)) else None
         return cls(gen_length=gen_length or cfg.max_new_tokens, num_steps=cfg.num_refinement_steps,
                    block_size=cfg.block_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   repetition_penalty=cfg.repetition_penalty,
-                   confidence_threshold=cfg.confidence_threshold if uses_threshold else None,
-                   min_per_step=min_per_step, stop_at_eos=cfg.use_adaptive_steps, seed=cfg.seed)
+                   repetition_penalty=cfg.repetition_penalty, confidence_threshold=threshold,
+                   min_per_step={"threshold": "one", "credit": "one", "factor": "factor"}.get(s, "schedule"),
+                   stop_at_eos=cfg.use_adaptive_steps, seed=cfg.seed, parallel_factor=cfg.parallel_factor,
+                   credit=s == "credit", credit_alpha=cfg.credit_alpha, credit_beta=cfg.credit_beta,
+                   credit_gamma=cfg.credit_gamma, draft_length=cfg.draft_length if s == "draft_verify" else 0,
+                   cache=cfg.kv_cache)
+
+
+def block_bounds(prompt_len: int, total: int, block_size: int, aligned: bool) -> list[tuple[int, int]]:
+    """The answer's blocks. Aligned (block-causal models): on multiples of block_size counted from
+    position 0, as in training, so the first block may be short and holds the prompt's tail."""
+    bounds, pos = [], prompt_len
+    while pos < total:
+        end = min((pos // block_size + 1) * block_size if aligned else pos + block_size, total)
+        bounds.append((pos, end))
+        pos = end
+    return bounds or [(prompt_len, prompt_len)]
 
 
 class DecodeState:
     """prompt + `gen_length` mask tokens, decoded block by block (LLaDA's semi-autoregressive
-    order). `window()` gives the positions whose logits the next step needs; `advance(logits)`
-    commits the positions the rule picks. Prompt tokens and committed tokens never change."""
+    order). `segments()` describes what the next forward pass runs for this sequence (the current
+    state, plus drafts for draft-and-verify); `advance(logits)` commits what the rule picks.
+    Prompt tokens and committed tokens never change."""
 
     def __init__(self, prompt: torch.Tensor, rules: DecodeRules, model_config: ModelConfig, device):
         self.rules, self.cfg = rules, model_config
@@ -58,14 +110,28 @@ class DecodeState:
         self.prompt_len = prompt.numel()
         answer = torch.full((rules.gen_length,), model_config.mask_token_id, dtype=torch.long, device=device)
         self.tokens = torch.cat([prompt, answer])  # (P + G,)
-        self.block_size = rules.block_size or max(rules.gen_length, 1)
-        num_blocks = max(1, math.ceil(rules.gen_length / self.block_size))
-        self.steps_per_block = max(1, math.ceil(rules.num_steps / num_blocks))
+        self.block_causal = model_config.attention_mode == "block_causal"
+        # A block-causal model decodes its own blocks (it was trained on them); its cache is exact.
+        block_size = model_config.block_size if self.block_causal else (rules.block_size or max(rules.gen_length, 1))
+        self.blocks = block_bounds(self.prompt_len, self.tokens.numel(), block_size, self.block_causal)
+        self.steps_per_block = max(1, math.ceil(rules.num_steps / len(self.blocks)))
+        cache = rules.cache
+        if cache == "auto":
+            cache = "block" if self.block_causal else "none"
+        elif self.block_causal and cache != "none":
+            cache = "block"  # nothing after the current block is visible: prefix/dual are the block cache
+        elif not self.block_causal and cache == "block":
+            raise ValueError("cache='block' (exact) needs a block-causal model; use 'prefix' or 'dual' "
+                             "(approximate) for bidirectional models")
+        self.cache_mode = cache
+        self.kv = KVCache(model_config.num_hidden_layers) if cache != "none" else None
         self.generator = None
         if rules.temperature > 0:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(rules.seed if rules.seed is not None else int(torch.randint(0, 2**62, (1,))))
-        self.nfe = 0
+        self.nfe = 0  # forward passes this sequence took part in
+        self.num_steps_taken = 0  # denoising steps (rule applications); > nfe with draft-and-verify
+        self.drafts: list[torch.Tensor] = []
         self.num_final = 0  # answer tokens final in order (a committed prefix): safe to stream
         self.eos_at: int | None = None  # answer index of the first final EOS (stop_at_eos only)
         self.finished = rules.gen_length == 0
@@ -74,9 +140,12 @@ class DecodeState:
     # -- the current block ---------------------------------------------------------------------
     def _start_block(self, block: int) -> None:
         self.block, self.step = block, 0
-        self.start = self.prompt_len + block * self.block_size
-        self.end = min(self.start + self.block_size, self.tokens.numel())
+        self.start, self.end = self.blocks[block]
         self.schedule = transfer_schedule(max(self.end - self.start, 1), self.steps_per_block)
+        self.drafts, self._last = [], None
+        r = self.rules
+        self.credit = (CreditTrace(self.end - self.start, self.cfg.vocab_size, r.credit_alpha, r.credit_beta,
+                                   r.credit_gamma, self.tokens.device) if r.credit else None)
 
     def window(self) -> torch.Tensor:
         """Positions (in the sequence) whose logits the next step needs: the current block."""
@@ -86,9 +155,49 @@ class DecodeState:
     def answer(self) -> torch.Tensor:
         return self.tokens[self.prompt_len:]
 
-    # -- one denoising step --------------------------------------------------------------------
-    def advance(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (n, V) for `window()` -> bool (n,) mask of the positions committed now."""
+    def _plan(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """(positions to compute, positions whose keys/values to store) for the next pass."""
+        n, mode = self.tokens.numel(), self.cache_mode
+        if mode == "block":  # recompute the uncached tail up to the block's end; keep finished blocks
+            a = self.kv.length
+            return (a, self.end), ((a, self.start) if self.start > a else None)
+        if mode == "none":  # block-causal: later blocks are invisible, so skip them
+            return ((0, self.end) if self.block_causal else None), None
+        if self.step == 0:  # prefix / dual: refresh with a full pass at each block's first step
+            return (0, n), ((0, self.start) if mode == "prefix" else (0, n))
+        return ((self.start, n) if mode == "prefix" else (self.start, self.end)), None
+
+    def segments(self) -> list[Segment]:
+        """What the next forward pass runs for this sequence: the current state, then any drafts."""
+        compute, store = self._plan()
+        window = self.window()
+        current = Segment(self.tokens, window, compute, self.kv, store)
+        return [current] + [Segment(d, window, compute, self.kv, None) for d in self.drafts]
+
+    @property
+    def num_compute_tokens(self) -> int:
+        """Tokens the next pass computes for this sequence (for batching budgets)."""
+        a, b = self._plan()[0] or (0, self.tokens.numel())
+        return (b - a) * (1 + len(self.drafts))
+
+    # -- one forward pass ----------------------------------------------------------------------
+    def advance(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Logits for `segments()` (one (n, V) tensor each) -> bool (n,) mask of the positions of
+        the block that was current before the call which were committed by this pass."""
+        logits = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+        start, end, drafts = self.start, self.end, self.drafts
+        committed = torch.zeros(end - start, dtype=torch.bool, device=self.tokens.device)
+        for i, step_logits in enumerate(logits):
+            # Logits i > 0 belong to drafts[i - 1]: usable only if the state now is exactly that draft.
+            if i and (self.finished or self.start != start or not torch.equal(self.tokens, drafts[i - 1])):
+                break
+            committed |= self._step(step_logits)
+        self.nfe += 1
+        self.drafts = self._draft() if (self.rules.draft_length and not self.finished and self.start == start) else []
+        return committed
+
+    def _step(self, logits: torch.Tensor) -> torch.Tensor:
+        """One denoising step of the current block with the logits of its current state."""
         r, cfg = self.rules, self.cfg
         block = self.tokens[self.start:self.end]
         still_masked = block == cfg.mask_token_id
@@ -101,18 +210,47 @@ class DecodeState:
             seen[0, self.tokens] = True
             seen[0, [cfg.mask_token_id, cfg.pad_token_id]] = False
             logits = apply_repetition_penalty(logits[None], seen, r.repetition_penalty)[0]
+        if self.credit is not None:
+            logits = self.credit.fuse(logits, still_masked)
         gens = [self.generator] if self.generator is not None else None
         proposal, confidence = propose_tokens(logits[None], r.temperature, r.top_k, r.top_p, gens)
-        min_count = self.schedule[self.step] if (r.min_per_step == "schedule" and self.step < len(self.schedule)) else 1
-        commit = commit_mask(confidence, still_masked[None], min_count, r.confidence_threshold)[0]
+        if r.min_per_step == "factor":
+            commit = factor_commit_mask(confidence, still_masked[None], r.parallel_factor)[0]
+        else:
+            min_count = self.schedule[self.step] if (r.min_per_step == "schedule" and self.step < len(self.schedule)) else 1
+            commit = commit_mask(confidence, still_masked[None], min_count, r.confidence_threshold)[0]
         block.copy_(torch.where(commit, proposal[0], block))
-        self.nfe += 1
+        self._last = (proposal[0], confidence[0])
         self.step += 1
+        self.num_steps_taken += 1
         self._update_final()
         if not self.finished and not bool((still_masked & ~commit).any()):
-            self._start_block(self.block + 1)
-            self.finished = self.start >= self.tokens.numel()
+            if self.block + 1 < len(self.blocks):
+                self._start_block(self.block + 1)
+            else:
+                self.finished = True
         return commit
+
+    def _draft(self) -> list[torch.Tensor]:
+        """The states the static rule reaches in the next steps if the last step's confidence order
+        and proposals held: each draft commits the next scheduled count of masked positions."""
+        proposal, confidence = self._last
+        block = self.tokens[self.start:self.end]
+        masked = (block == self.cfg.mask_token_id).nonzero().flatten()
+        if masked.numel() == 0:
+            return []
+        order = masked[confidence[masked].argsort(descending=True, stable=True)]
+        drafts, filled = [], 0
+        for m in range(self.rules.draft_length):
+            j = self.step + m
+            filled += self.schedule[j] if j < len(self.schedule) else 1
+            draft = self.tokens.clone()
+            chosen = order[:filled] + self.start
+            draft[chosen] = proposal[order[:filled]]
+            drafts.append(draft)
+            if filled >= order.numel():
+                break
+        return drafts
 
     def _update_final(self) -> None:
         answer, cfg = self.answer, self.cfg

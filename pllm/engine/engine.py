@@ -27,7 +27,8 @@ def max_new_tokens_limit(model_config: ModelConfig, config: EngineConfig) -> int
     return config.max_new_tokens_limit or model_config.max_position_embeddings
 
 
-def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_tokens: int, max_new_tokens: int) -> None:
+def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_tokens: int, max_new_tokens: int,
+                  draft_length: int = 0) -> None:
     """Raise ValueError, with a message for the caller, if such a request can never run."""
     context = model_config.max_position_embeddings
     if num_prompt_tokens == 0:
@@ -39,8 +40,9 @@ def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_to
     if total > context:
         raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) = {total} "
                          f"exceeds the model's context of {context} tokens")
-    if total > config.max_batched_tokens:
-        raise ValueError(f"prompt + max_tokens = {total} tokens exceeds the engine's max_batched_tokens "
+    if total * (1 + draft_length) > config.max_batched_tokens:
+        drafts = f" x {1 + draft_length} (draft_verify runs the state and {draft_length} drafts)" if draft_length else ""
+        raise ValueError(f"prompt + max_tokens = {total} tokens{drafts} exceeds the engine's max_batched_tokens "
                          f"({config.max_batched_tokens})")
 
 
@@ -67,9 +69,10 @@ class Engine:
         """Queue a request; raises ValueError at once if it can never run."""
         config = config or self.generation
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
-        check_request(self.model_config, self.config, prompt.numel(), config.max_new_tokens)
+        rules = DecodeRules.from_config(config)
+        check_request(self.model_config, self.config, prompt.numel(), config.max_new_tokens, rules.draft_length)
         request_id = request_id or f"req-{next(self._ids)}"
-        self._incoming.append(Request(request_id, prompt, config, DecodeRules.from_config(config)))
+        self._incoming.append(Request(request_id, prompt, config, rules))
         return request_id
 
     def abort(self, request_id: str) -> None:

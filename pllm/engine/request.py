@@ -25,8 +25,9 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this request puts in every forward pass: prompt + answer (no KV cache yet)."""
-        return self.prompt.numel() + self.rules.gen_length
+        """Tokens this request may put in a forward pass: prompt + answer (a full pass, the first one
+        with a cache), times the drafts verified beside it (draft-and-verify)."""
+        return (self.prompt.numel() + self.rules.gen_length) * (1 + self.rules.draft_length)
 
 
 @dataclass

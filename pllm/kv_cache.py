@@ -1,0 +1,78 @@
+"""Per-sequence key/value cache and the description of one sequence in a packed forward pass.
+
+A `Segment` says which positions of a sequence to run through the model (`compute`), which logits
+to return, which cached keys/values stand in for the positions not computed, and which freshly
+computed keys/values to keep for later steps (`store`). Three uses:
+
+- exact block cache (block-causal models, BD3-LM / Fast-dLLM v2): finished blocks never see later
+  blocks, so their keys/values are final; a step computes only the uncached tail (the block that
+  just finished, if any, plus the current block) and stores the finished part.
+- prefix cache (bidirectional models, Fast-dLLM sec. 3.2, approximate): the first step of a block
+  runs the whole sequence and stores the prefix; later steps of the block compute block + suffix.
+- dual cache (same, approximate): the first step stores every position; later steps compute only
+  the current block and read both prefix and suffix from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class KVCache:
+    """Keys/values of positions 0..length-1 of one sequence, per layer, (kv_heads, length, head_dim)."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[1]
+
+    def around(self, layer: int, start: int, end: int, k: torch.Tensor, v: torch.Tensor):
+        """Keys/values of the whole visible sequence: cached [0, start), fresh (k, v) for
+        [start, end), cached [end, length). k, v: (kv_heads, end - start, head_dim)."""
+        ck, cv = self.keys[layer], self.values[layer]
+        if ck is None:
+            return k, v
+        return torch.cat([ck[:, :start], k, ck[:, end:]], 1), torch.cat([cv[:, :start], v, cv[:, end:]], 1)
+
+    def store(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, span: tuple[int, int]) -> None:
+        """Keep cached [0, span[0]) and the fresh keys/values of span (k, v start at `start`);
+        everything after span[1] is dropped."""
+        s, e = span
+        ck, cv = self.keys[layer], self.values[layer]
+        fresh_k, fresh_v = k[:, s - start:e - start], v[:, s - start:e - start]
+        if ck is None or s == 0:
+            self.keys[layer], self.values[layer] = fresh_k.clone(), fresh_v.clone()
+        else:
+            self.keys[layer] = torch.cat([ck[:, :s], fresh_k], 1)
+            self.values[layer] = torch.cat([cv[:, :s], fresh_v], 1)
+
+
+@dataclass
+class Segment:
+    """One sequence in a packed forward pass.
+
+    tokens: the whole sequence (1-D); logit_positions: positions (in the sequence) whose logits are
+    returned; compute: the span of positions run through the model (default: all); cache: keys and
+    values for the positions outside `compute` (required when compute does not cover everything the
+    computed positions may attend to); store: the span whose fresh keys/values replace the cache's
+    after this pass (within `compute`).
+    """
+
+    tokens: torch.Tensor
+    logit_positions: torch.Tensor
+    compute: tuple[int, int] | None = None
+    cache: KVCache | None = None
+    store: tuple[int, int] | None = None
+
+    def span(self) -> tuple[int, int]:
+        return self.compute if self.compute is not None else (0, int(self.tokens.numel()))
+
+    def visible_length(self) -> int:
+        """Positions 0..n-1 whose keys the computed queries read (cached or fresh)."""
+        start, end = self.span()
+        return max(end, self.cache.length if self.cache is not None else 0)
