@@ -10,7 +10,7 @@ strategy's rule (`commit.py`). The per-sequence bookkeeping lives in `state.py`;
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class DecodeOutput:
     tokens: list[torch.Tensor]  # per prompt: (gen_length,) answer tokens
     nfe: int = 0  # model forward passes (batched)
     steps: int = 0  # denoising steps summed over the prompts (draft-and-verify takes several per pass)
+    nfe_per_sequence: list[int] = field(default_factory=list)  # forward passes each prompt took part in
 
     @property
     def tokens_per_forward(self) -> float:
@@ -72,9 +73,12 @@ def decode_with_rules(
     prompts: list[torch.Tensor],
     rules: list[DecodeRules],
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    suffixes: list[torch.Tensor] | None = None,
 ) -> DecodeOutput:
-    """`decode` with each prompt's settings given as DecodeRules (e.g. `DecodeRules.from_config`)."""
-    states = [DecodeState(p, r, model.config, model.device) for p, r in zip(prompts, rules)]
+    """`decode` with each prompt's settings given as DecodeRules (e.g. `DecodeRules.from_config`).
+    suffixes: per prompt, fixed tokens after the answer (infilling, bidirectional models)."""
+    suffixes = suffixes or [None] * len(prompts)
+    states = [DecodeState(p, r, model.config, model.device, sfx) for p, r, sfx in zip(prompts, rules, suffixes)]
     nfe = 0
     while active := [s for s in states if not s.finished]:
         logits = run_states(model, active)
@@ -83,7 +87,7 @@ def decode_with_rules(
         if on_step is not None:
             on_step(*_left_padded(states, commits, model.config.pad_token_id))
     return DecodeOutput(tokens=[s.answer.clone() for s in states], nfe=nfe,
-                        steps=sum(s.num_steps_taken for s in states))
+                        steps=sum(s.num_steps_taken for s in states), nfe_per_sequence=[s.nfe for s in states])
 
 
 def run_states(model: torch.nn.Module, states: list[DecodeState]) -> list[list[torch.Tensor]]:

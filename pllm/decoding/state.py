@@ -104,16 +104,22 @@ class DecodeState:
     state, plus drafts for draft-and-verify); `advance(logits)` commits what the rule picks.
     Prompt tokens and committed tokens never change."""
 
-    def __init__(self, prompt: torch.Tensor, rules: DecodeRules, model_config: ModelConfig, device):
+    def __init__(self, prompt: torch.Tensor, rules: DecodeRules, model_config: ModelConfig, device,
+                 suffix: torch.Tensor | None = None):
+        """suffix (bidirectional models): fixed tokens after the answer, which is then an infill."""
         self.rules, self.cfg = rules, model_config
         prompt = torch.as_tensor(prompt, dtype=torch.long).flatten().to(device)
         self.prompt_len = prompt.numel()
         answer = torch.full((rules.gen_length,), model_config.mask_token_id, dtype=torch.long, device=device)
-        self.tokens = torch.cat([prompt, answer])  # (P + G,)
         self.block_causal = model_config.attention_mode == "block_causal"
+        suffix = torch.as_tensor([] if suffix is None else suffix, dtype=torch.long).flatten().to(device)
+        if suffix.numel() and self.block_causal:
+            raise ValueError("infilling needs a bidirectional model: a block-causal model cannot see the suffix")
+        self.tokens = torch.cat([prompt, answer, suffix])  # (P + G + S,)
+        self.answer_end = self.prompt_len + rules.gen_length
         # A block-causal model decodes its own blocks (it was trained on them); its cache is exact.
         block_size = model_config.block_size if self.block_causal else (rules.block_size or max(rules.gen_length, 1))
-        self.blocks = block_bounds(self.prompt_len, self.tokens.numel(), block_size, self.block_causal)
+        self.blocks = block_bounds(self.prompt_len, self.answer_end, block_size, self.block_causal)
         self.steps_per_block = max(1, math.ceil(rules.num_steps / len(self.blocks)))
         cache = rules.cache
         if cache == "auto":
@@ -153,7 +159,7 @@ class DecodeState:
 
     @property
     def answer(self) -> torch.Tensor:
-        return self.tokens[self.prompt_len:]
+        return self.tokens[self.prompt_len:self.answer_end]
 
     def _plan(self) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """(positions to compute, positions whose keys/values to store) for the next pass."""
