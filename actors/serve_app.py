@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllm.checkpoint import load_config, load_tokenizer
 from pllm.config import EngineConfig, GenerationConfig
+from pllm.decoding import DecodeRules
 from pllm.engine import check_request, max_new_tokens_limit
 from pllm.registry import resolve_model_source
 
@@ -112,6 +113,10 @@ class OpenAIIngress:
             config = body.generation_config(self.defaults, max_tokens)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        try:
+            DecodeRules.from_config(config).check_model(self.model_config)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="kv_cache", code="invalid_value") from None
         try:
             draft_length = config.draft_length if config.strategy == "draft_verify" else 0
             check_request(self.model_config, self.engine_config, len(prompt_ids), max_tokens, draft_length)

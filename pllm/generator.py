@@ -23,8 +23,9 @@ class ParallelGenerator:
 
     Prompts run packed without padding, so each answer is the same as generating it alone; the
     serving engine (`pllm.engine.Engine`) uses the same per-sequence decoding state.
-    `use_kv_cache` and `use_cuda_graphs` are accepted for API compatibility; the current decoding
-    loop recomputes the full sequence each step on both CPU and GPU.
+    `use_kv_cache=False` turns the KV cache off (`GenerationConfig.kv_cache="none"`); otherwise the
+    config's `kv_cache` applies ("auto": the exact block cache for block-causal models).
+    `use_cuda_graphs` is accepted for API compatibility and not used yet.
     """
 
     def __init__(
@@ -57,6 +58,8 @@ class ParallelGenerator:
                 f"prompt + max_new_tokens = {longest} tokens exceeds the model's context "
                 f"(max_position_embeddings={self.model.config.max_position_embeddings})"
             )
+        if not self.use_kv_cache:
+            cfg = cfg.replace(kv_cache="none")
         rules = DecodeRules.from_config(cfg, gen_length)
         was_training = self.model.training
         self.model.eval()

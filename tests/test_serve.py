@@ -90,13 +90,22 @@ def _request(url: str, body: dict) -> dict:
     return r.json()
 
 
+def test_lossless_strategy_over_http_equals_static(server):
+    body = {"prompt": "def f(x):\n", "max_tokens": 24, "temperature": 0.0, "block_size": 8, "steps": 24,
+            "ignore_eos": True}
+    static = _request(server["url"], {**body, "strategy": "static"})
+    lossless = _request(server["url"], {**body, "strategy": "draft_verify", "draft_length": 4})
+    assert lossless["choices"][0]["text"] == static["choices"][0]["text"]
+
+
 def test_32_concurrent_mixed_requests_equal_their_single_request_results(server):
     bodies = []
     for i in range(32):
         bodies.append({
             "prompt": ["def f(x):\n", "import os\n", "class A:\n    def __init__(self):\n", "# a comment\n"][i % 4] * (1 + i % 3),
             "max_tokens": [4, 9, 16, 23, 32, 40][i % 6], "temperature": [0.0, 0.7][i % 2], "seed": 100 + i,
-            "top_p": [1.0, 0.9][(i // 2) % 2], "top_k": [0, 40][(i // 4) % 2], "strategy": ["static", "threshold"][(i // 3) % 2],
+            "top_p": [1.0, 0.9][(i // 2) % 2], "top_k": [0, 40][(i // 4) % 2], "strategy": ["static", "threshold", "factor", "credit", "draft_verify"][(i // 3) % 5],
+            "kv_cache": ["none", "prefix", "dual"][(i // 2) % 3],
             "block_size": [4, 8, None][i % 3], "steps": [None, 8][(i // 5) % 2], "ignore_eos": i % 8 != 0})
     before = stats(server)["peak_batch_size"]
     with cf.ThreadPoolExecutor(32) as pool:
@@ -128,6 +137,9 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"prompt": "x", "model": "gpt-4"}', 404, "model_not_found"),
     ("/v1/chat/completions", b'{"messages": []}', 400, "invalid_value"),
     ("/v1/chat/completions", b'{"messages": [{"role": "robot", "content": "hi"}]}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "strategy": "beam"}', 400, "invalid_value"),
+    ("/v1/completions", b'{"prompt": "x", "kv_cache": "block"}', 400, "invalid_value"),  # bidirectional model
+    ("/v1/completions", b'{"prompt": "x", "draft_length": 0}', 400, "invalid_value"),
     ("/v1/no-such-route", b'{}', 404, "not_found"),
 ]
 

@@ -70,6 +70,12 @@ class DecodeRules:
             raise ValueError("draft-and-verify reproduces static decoding: it needs min_per_step='schedule' "
                              "and no credit")
 
+    def check_model(self, model_config: ModelConfig) -> None:
+        """Raise ValueError if these rules cannot run on this model."""
+        if self.cache == "block" and model_config.attention_mode != "block_causal":
+            raise ValueError("kv_cache='block' (exact) needs a block-causal model; use 'prefix' or 'dual' "
+                             "(approximate) for bidirectional models")
+
     @classmethod
     def from_config(cls, cfg: GenerationConfig, gen_length: int | None = None) -> "DecodeRules":
         s = cfg.strategy
@@ -121,14 +127,12 @@ class DecodeState:
         block_size = model_config.block_size if self.block_causal else (rules.block_size or max(rules.gen_length, 1))
         self.blocks = block_bounds(self.prompt_len, self.answer_end, block_size, self.block_causal)
         self.steps_per_block = max(1, math.ceil(rules.num_steps / len(self.blocks)))
+        rules.check_model(model_config)
         cache = rules.cache
         if cache == "auto":
             cache = "block" if self.block_causal else "none"
         elif self.block_causal and cache != "none":
             cache = "block"  # nothing after the current block is visible: prefix/dual are the block cache
-        elif not self.block_causal and cache == "block":
-            raise ValueError("cache='block' (exact) needs a block-causal model; use 'prefix' or 'dual' "
-                             "(approximate) for bidirectional models")
         self.cache_mode = cache
         self.kv = KVCache(model_config.num_hidden_layers) if cache != "none" else None
         self.generator = None

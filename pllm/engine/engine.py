@@ -70,6 +70,7 @@ class Engine:
         config = config or self.generation
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
         rules = DecodeRules.from_config(config)
+        rules.check_model(self.model_config)
         check_request(self.model_config, self.config, prompt.numel(), config.max_new_tokens, rules.draft_length)
         request_id = request_id or f"req-{next(self._ids)}"
         self._incoming.append(Request(request_id, prompt, config, rules))
