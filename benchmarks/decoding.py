@@ -68,12 +68,9 @@ def settings(gen: int) -> list[Setting]:
             Setting(model, "static, 1/2 steps", {**b, "strategy": "static", "num_refinement_steps": gen // 2}),
             Setting(model, "static, 1/4 steps", {**b, "strategy": "static", "num_refinement_steps": gen // 4}),
             Setting(model, "draft_verify k=4", {**b, "strategy": "draft_verify", "draft_length": 4}),
-            Setting(model, "draft_verify k=8", {**b, "strategy": "draft_verify", "draft_length": 8}),
             Setting(model, "threshold 0.9", {**b, "strategy": "threshold", "confidence_threshold": 0.9}),
             Setting(model, "threshold 0.7", {**b, "strategy": "threshold", "confidence_threshold": 0.7}),
-            Setting(model, "threshold 0.5", {**b, "strategy": "threshold", "confidence_threshold": 0.5}),
             Setting(model, "factor 1", {**b, "strategy": "factor", "parallel_factor": 1.0}),
-            Setting(model, "factor 2", {**b, "strategy": "factor", "parallel_factor": 2.0}),
             Setting(model, "credit 0.9", {**b, "strategy": "credit", "confidence_threshold": 0.9}),
             Setting(model, "credit 0.7", {**b, "strategy": "credit", "confidence_threshold": 0.7}),
         ]
@@ -88,11 +85,11 @@ def settings(gen: int) -> list[Setting]:
     return out
 
 
-QUICK = {"static", "draft_verify k=4", "threshold 0.5", "autoregressive (static, block 1)"}
+QUICK = {"static", "draft_verify k=4", "threshold 0.7", "autoregressive (static, block 1)"}
 
 
 # -- training ----------------------------------------------------------------------------------
-def train_models(size: str, device: str, seconds: float, out: Path, corpus) -> dict[str, DiffusionTransformer]:
+def train_models(size: str, device: str, seconds: float, ar_seconds: float, out: Path, corpus) -> dict[str, DiffusionTransformer]:
     spec, tok = SIZES[size], corpus.tokenizer
     models = {}
     for name, shape in MODELS.items():
@@ -105,7 +102,7 @@ def train_models(size: str, device: str, seconds: float, out: Path, corpus) -> d
                           use_flash_attention=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, mask_token_id=tok.mask_token_id)
         train = TrainingConfig(batch_size=spec["batch"], seq_len=spec["seq_len"], learning_rate=spec["lr"],
-                               num_train_steps=100_000, max_train_minutes=seconds / 60, warmup_steps=100,
+                               num_train_steps=100_000, max_train_minutes=(ar_seconds if name == "ar" else seconds) / 60, warmup_steps=100,
                                weight_decay=0.01, eval_interval=10**9, log_interval=50, use_fsdp=False,
                                use_torch_compile=False, use_cuda_graphs=False, gradient_checkpointing=False,
                                mixed_precision="bf16" if device == "cuda" else "no", output_dir=str(path))
@@ -147,8 +144,9 @@ def run_setting(setting: Setting, model, prompts, gen: int, batch: int, device: 
               "seconds": seconds}
     result["tpf"] = gen / result["nfe"]
     if infill is not None and setting.infill and model.config.attention_mode == "bidirectional":
-        icfg = cfg.replace(max_new_tokens=len(infill[0].span), block_size=None,
-                           num_refinement_steps=min(cfg.num_refinement_steps, len(infill[0].span)))
+        span = len(infill[0].span)  # the same tokens per step as the completion setting
+        icfg = cfg.replace(max_new_tokens=span, block_size=None,
+                           num_refinement_steps=max(1, round(span * cfg.num_refinement_steps / gen)))
         irules = DecodeRules.from_config(icfg)
         correct = total = 0
         for i in range(0, len(infill), batch):
@@ -226,28 +224,52 @@ def log_to_mlflow(rows: list[dict], files: list[Path], params: dict, uri: str | 
             mlflow.log_artifact(str(f))
 
 
+def write_report(rows, args, models, prompts, infill, gen):
+    """JSON + markdown table of the rows so far (written after every setting)."""
+    static_nfe = {r["model"]: r["nfe"] for r in rows if r["strategy"] == "static"}
+    for r in rows:
+        r["nfe_ratio"] = static_nfe.get(r["model"], gen) / r["nfe"]
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    report = {"size": args.size, "device": device_name, "date": time.strftime("%Y-%m-%d"), "gen_tokens": gen,
+              "num_prompts": len(prompts), "num_infill": len(infill), "train_seconds_per_model": args.train_seconds,
+              "parameters": {k: m.num_parameters() for k, m in models.items()}, "rows": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"decoding_{args.size}_{args.device}"
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(table(rows) + "\n")
+    return out, stem, device_name
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--train-seconds", type=float, default=60.0, help="training time per model")
+    p.add_argument("--train-seconds", type=float, default=60.0, help="training time per diffusion model")
+    p.add_argument("--ar-train-seconds", type=float, default=None, help="training time of the AR model")
     p.add_argument("--batch", type=int, default=32, help="prompts decoded together")
     p.add_argument("--work-dir", default="runs/decoding-bench", help="models are trained here (reused if present)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--mlflow-uri", default=None)
     p.add_argument("--quick", action="store_true", help="a few settings and prompts (a smoke test)")
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts and infilling spans")
     args = p.parse_args()
     spec, device, gen = SIZES[args.size], args.device, SIZES[args.size]["gen"]
 
     data = DataConfig()
+    t0 = time.perf_counter()
     corpus = prepare_corpus(data, spec["model"]["vocab_size"], cache_dir())
+    print(f"corpus and tokenizer ready in {time.perf_counter() - t0:.0f}s", flush=True)
     tok = corpus.tokenizer
     work = Path(args.work_dir) / args.size
-    models = train_models(args.size, device, args.train_seconds, work, corpus)
+    models = train_models(args.size, device, args.train_seconds, args.ar_train_seconds or args.train_seconds, work,
+                          corpus)
 
     _, val_files = split_files(corpus_files(), data.validation_fraction)
     sources = [doc for f in val_files for doc in read_documents(f)]
     num_prompts, num_infill = (8, 8) if args.quick else (spec["prompts"], spec["infill"])
+    if args.prompts:
+        num_prompts = num_infill = args.prompts
     prompts = function_prompts(sources, tok, num_prompts, context_tokens=96, continuation_tokens=gen)
     rows_tokens = [corpus.val_tokens[i:i + 256].tolist() for i in range(0, len(corpus.val_tokens) - 256, 256)]
     infill = infill_tasks(rows_tokens, num_infill, span=16, context=48)
@@ -268,25 +290,13 @@ def main() -> None:
         r.update(model=s.model, strategy=s.label, config=s.config)
         del r["answers"]
         rows.append(r)
+        write_report(rows, args, models, prompts, infill, gen)
         print(f"{s.model:13s} {s.label:40s} NFE {r['nfe']:6.1f}  TPF {r['tpf']:5.2f}  {r['tokens_per_s']:8.0f} tok/s  "
               f"exact {r['exact_match'] if r['exact_match'] is None else round(r['exact_match'], 3)}  "
               f"infill {r.get('infill_accuracy', float('nan')):.3f}  parse {r['parse_rate']:.3f}  ppl {r['gen_ppl']:.2f}",
               flush=True)
-    static_nfe = {r["model"]: r["nfe"] for r in rows if r["strategy"] == "static"}
-    for r in rows:
-        r["nfe_ratio"] = static_nfe.get(r["model"], gen) / r["nfe"]
-
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
-    report = {"size": args.size, "device": device_name, "date": time.strftime("%Y-%m-%d"), "gen_tokens": gen,
-              "num_prompts": len(prompts), "num_infill": len(infill), "train_seconds_per_model": args.train_seconds,
-              "parameters": {k: m.num_parameters() for k, m in models.items()}, "rows": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"decoding_{args.size}_{device}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    md = table(rows)
-    (out / f"{stem}.md").write_text(md + "\n")
-    print(md)
+    out, stem, device_name = write_report(rows, args, models, prompts, infill, gen)
+    print((out / f"{stem}.md").read_text())
     plot(rows, out / f"{stem}.png", f"decoding strategies, {args.size} models, {device_name}")
     log_to_mlflow(rows, [out / f"{stem}.{e}" for e in ("json", "md", "png")],
                   {"size": args.size, "device": device, "gen_tokens": gen, "train_seconds": args.train_seconds},
