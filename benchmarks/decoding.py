@@ -184,27 +184,37 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def family(label: str) -> str:
+    """Settings that differ only in a number (threshold, steps, k) form one line of the plot."""
+    if "cache" in label:
+        return " ".join(w for w in label.split() if not w[0].isdigit())
+    return label.split(" ")[0].rstrip(",")
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
     metrics = [("parse_rate", "parse rate (c)"), ("infill_accuracy", "infilling accuracy (b)"),
                ("gen_ppl", "generative perplexity (d, lower is better)")]
-    families = sorted({(r["model"], r["strategy"].split(" ")[0].rstrip(",")) for r in rows})
+    lines = sorted({(r["model"], family(r["strategy"])) for r in rows})
+    colors = {line: plt.cm.tab20(i % 20) for i, line in enumerate(lines)}  # one colour per line, every panel
     for ax, (key, label) in zip(axes, metrics):
-        for model, family in families:
-            pts = sorted((r["tpf"], r[key]) for r in rows if r["model"] == model and key in r
-                         and r["strategy"].split(" ")[0].rstrip(",") == family)
+        for model, fam in lines:
+            pts = sorted((r["tpf"], r[key]) for r in rows
+                         if r["model"] == model and family(r["strategy"]) == fam and key in r)
             if pts:
-                ax.plot(*zip(*pts), "o-" if model == "bidirectional" else "s--", label=f"{model}: {family}")
+                ax.plot(*zip(*pts), "o-" if model == "bidirectional" else "s--", color=colors[(model, fam)],
+                        label=f"{model}: {fam}")
         ax.set(xlabel="tokens per forward (TPF)", ylabel=label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.82, 1))
     fig.savefig(path, dpi=120)
 
 

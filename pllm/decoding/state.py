@@ -184,12 +184,6 @@ class DecodeState:
         current = Segment(self.tokens, window, compute, self.kv, store)
         return [current] + [Segment(d, window, compute, self.kv, None) for d in self.drafts]
 
-    @property
-    def num_compute_tokens(self) -> int:
-        """Tokens the next pass computes for this sequence (for batching budgets)."""
-        a, b = self._plan()[0] or (0, self.tokens.numel())
-        return (b - a) * (1 + len(self.drafts))
-
     # -- one forward pass ----------------------------------------------------------------------
     def advance(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Logits for `segments()` (one (n, V) tensor each) -> bool (n,) mask of the positions of
