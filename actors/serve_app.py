@@ -113,13 +113,13 @@ class OpenAIIngress:
             config = body.generation_config(self.defaults, max_tokens)
         except ValidationError as exc:
             raise validation_error(exc) from None
+        rules = DecodeRules.from_config(config)
         try:
-            DecodeRules.from_config(config).check_model(self.model_config)
+            rules.check_model(self.model_config)
         except ValueError as exc:
             raise APIError(400, str(exc), param="kv_cache", code="invalid_value") from None
         try:
-            draft_length = config.draft_length if config.strategy == "draft_verify" else 0
-            check_request(self.model_config, self.engine_config, len(prompt_ids), max_tokens, draft_length)
+            check_request(self.model_config, self.engine_config, len(prompt_ids), max_tokens, rules.draft_length)
         except ValueError as exc:
             param = "max_tokens" if "max_tokens=" in str(exc) else ("prompt" if not chat else "messages")
             raise APIError(400, str(exc), param=param, code="context_length_exceeded"

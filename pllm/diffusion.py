@@ -72,9 +72,11 @@ def mask_tokens(
     generator: torch.Generator | None = None,
     draw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each valid token of row b with probability 1 - alpha(t_b). Returns (x_t, is_masked).
-    `draw` (uniforms shaped like input_ids) fixes the noise, e.g. to slice one global draw across ranks."""
-    p_mask = schedule.mask_probability(t)[:, None]  # (B, 1)
+    """Mask each valid token with probability 1 - alpha(t), t per row (B,) or per position (B, L).
+    Returns (x_t, is_masked). `draw` (uniforms shaped like input_ids) fixes the noise, e.g. to slice
+    one global draw across ranks."""
+    p_mask = schedule.mask_probability(t)
+    p_mask = p_mask[:, None] if p_mask.dim() == 1 else p_mask  # (B, 1) or (B, L)
     if draw is None:
         draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
     is_masked = (draw < p_mask) & valid
@@ -116,15 +118,13 @@ def diffusion_loss(
     num_blocks = -(-L // block_size) if block_size else 1
     if t is None:
         t = sample_t(B * num_blocks, eps, generator, device=input_ids.device).view(B, num_blocks)
-    t_pos = t.view(B, -1).repeat_interleave(block_size or L, dim=1)[:, :L] if t.numel() > B else t.view(B, 1).expand(B, L)
+    per_block = t.view(B, -1)  # (B, 1) or (B, num_blocks)
+    t_pos = per_block.repeat_interleave(block_size if per_block.shape[1] > 1 else L, dim=1)[:, :L]  # (B, L)
     if block_size == 1:
         x_t, is_masked = torch.where(valid, mask_token_id, input_ids), valid
         weight = torch.ones(int(valid.sum()), device=input_ids.device)
     else:
-        if mask_draw is None:
-            mask_draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-        is_masked = (mask_draw < schedule.mask_probability(t_pos)) & valid
-        x_t = torch.where(is_masked, mask_token_id, input_ids)
+        x_t, is_masked = mask_tokens(input_ids, t_pos, schedule, mask_token_id, valid, generator, mask_draw)
         weight = schedule.elbo_weight(t_pos)[is_masked]
     clean = {"clean_input_ids": input_ids} if block_size else {}
     logits = model(x_t, t, attention_mask=attention_mask, logits_mask=is_masked, **clean)  # (N_masked, V)

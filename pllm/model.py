@@ -243,9 +243,6 @@ class DiffusionTransformer(nn.Module):
         seeing itself and the clean blocks before it, exactly what it sees when decoding after
         finished blocks; logits are for the noisy sequence.
         """
-        if clean_input_ids is not None:
-            return self._forward_noisy_and_clean(input_ids, clean_input_ids, attention_mask, return_confidence,
-                                                 logits_mask)
         B, L = input_ids.shape
         if L > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
@@ -254,9 +251,14 @@ class DiffusionTransformer(nn.Module):
                 position_ids = torch.arange(L, device=input_ids.device).expand(B, L)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if clean_input_ids is None:
+            mask = self.attention_bias(position_ids, attention_mask)
+        else:
+            mask = self._noisy_and_clean_mask(position_ids, attention_mask)
+            input_ids = torch.cat([input_ids, clean_input_ids], dim=1)
+            position_ids = torch.cat([position_ids, position_ids], dim=1)
         cos = self.rope_cos[position_ids][:, None]  # (B, 1, L, hd)
         sin = self.rope_sin[position_ids][:, None]
-        mask = self.attention_bias(position_ids, attention_mask)
 
         x = self.embed_tokens(input_ids)
         for block in self.layers:
@@ -264,7 +266,7 @@ class DiffusionTransformer(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask)
-        x = self.norm(x)
+        x = self.norm(x[:, :L])  # with clean_input_ids: the noisy half only
         if logits_mask is not None:
             x = x[logits_mask]  # (N, D)
         logits = self.lm_head(x).float()
@@ -272,41 +274,22 @@ class DiffusionTransformer(nn.Module):
             return logits, logits.softmax(-1).amax(-1)
         return logits
 
-    def _forward_noisy_and_clean(self, noisy, clean, attention_mask, return_confidence, logits_mask):
+    def _noisy_and_clean_mask(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Block-diffusion training mask (B, 1, 2L, 2L) over [noisy | clean]: a noisy block sees
+        itself and the earlier clean blocks; the clean copy is block-causal over itself."""
         if self.config.attention_mode != "block_causal":
             raise ValueError("clean_input_ids is for block-causal (block diffusion) models")
-        B, L = noisy.shape
-        if L > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
-        if attention_mask is None:
-            position_ids = torch.arange(L, device=noisy.device).expand(B, L)
-        else:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        L = position_ids.shape[1]
         blocks = position_ids // self.config.block_size  # (B, L)
         same = blocks[:, :, None] == blocks[:, None, :]  # (B, Lq, Lk)
         before = blocks[:, None, :] < blocks[:, :, None]
-        up_to = before | same
-        noisy_rows = torch.cat([same, before], dim=2)  # noisy block: itself (noisy) + earlier clean blocks
-        clean_rows = torch.cat([torch.zeros_like(same), up_to], dim=2)  # clean: block-causal over clean
-        allowed = torch.cat([noisy_rows, clean_rows], dim=1)[:, None]  # (B, 1, 2L, 2L)
+        noisy_rows = torch.cat([same, before], dim=2)
+        clean_rows = torch.cat([torch.zeros_like(same), before | same], dim=2)
+        allowed = torch.cat([noisy_rows, clean_rows], dim=1)[:, None]
         if attention_mask is not None and not bool(attention_mask.all()):
             keep = attention_mask.bool().repeat(1, 2)[:, None, None, :]
-            allowed = (allowed & keep) | torch.eye(2 * L, dtype=torch.bool, device=noisy.device)
-        positions = torch.cat([position_ids, position_ids], dim=1)
-        cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        x = self.embed_tokens(torch.cat([noisy, clean], dim=1))
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, allowed, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, allowed)
-        x = self.norm(x[:, :L])
-        if logits_mask is not None:
-            x = x[logits_mask]
-        logits = self.lm_head(x).float()
-        if return_confidence:
-            return logits, logits.softmax(-1).amax(-1)
-        return logits
+            allowed = (allowed & keep) | torch.eye(2 * L, dtype=torch.bool, device=position_ids.device)
+        return allowed
 
     @torch.no_grad()
     def forward_packed(self, sequences: list[torch.Tensor], logit_positions: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -333,7 +316,8 @@ class DiffusionTransformer(nn.Module):
             segments = [*segments, Segment(torch.full((filler,), self.config.pad_token_id, dtype=torch.long),
                                            torch.empty(0, dtype=torch.long))]
             spans.append((0, filler))
-        longest = max(seg.visible_length() for seg in segments)
+        visible = [seg.visible_length() for seg in segments]
+        longest = max(visible)
         if longest > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {longest} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -344,7 +328,7 @@ class DiffusionTransformer(nn.Module):
         packed = PackedSegments(
             bounds=list(zip(starts[:-1], starts[1:])), spans=spans, caches=[seg.cache for seg in segments],
             stores=[seg.store for seg in segments],
-            masks=[self._segment_mask(a, b, seg.visible_length(), device) for (a, b), seg in zip(spans, segments)])
+            masks=[self._segment_mask(a, b, n, device) for (a, b), n in zip(spans, visible)])
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         x = self.embed_tokens(torch.cat([seg.tokens[a:b].to(device) for (a, b), seg in zip(spans, segments)])[None])
         for block in self.layers:

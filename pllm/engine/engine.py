@@ -19,7 +19,7 @@ from ..config import EngineConfig, GenerationConfig, ModelConfig
 from ..decoding import DecodeRules, DecodeState
 from ..model import DiffusionTransformer
 from .model_runner import ModelRunner
-from .request import Request, RequestOutput
+from .request import Request, RequestOutput, tokens_per_pass
 from .scheduler import Scheduler
 
 
@@ -40,7 +40,7 @@ def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_to
     if total > context:
         raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) = {total} "
                          f"exceeds the model's context of {context} tokens")
-    if total * (1 + draft_length) > config.max_batched_tokens:
+    if tokens_per_pass(num_prompt_tokens, max_new_tokens, draft_length) > config.max_batched_tokens:
         drafts = f" x {1 + draft_length} (draft_verify runs the state and {draft_length} drafts)" if draft_length else ""
         raise ValueError(f"prompt + max_tokens = {total} tokens{drafts} exceeds the engine's max_batched_tokens "
                          f"({config.max_batched_tokens})")

@@ -11,6 +11,12 @@ from ..config import GenerationConfig
 from ..decoding import DecodeRules, DecodeState
 
 
+def tokens_per_pass(num_prompt_tokens: int, max_new_tokens: int, draft_length: int) -> int:
+    """Tokens a request may put in one forward pass, the unit of `max_batched_tokens`: prompt +
+    answer (a full pass; the first one when cached), times the drafts verified beside it."""
+    return (num_prompt_tokens + max_new_tokens) * (1 + draft_length)
+
+
 @dataclass
 class Request:
     request_id: str
@@ -25,9 +31,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this request may put in a forward pass: prompt + answer (a full pass, the first one
-        with a cache), times the drafts verified beside it (draft-and-verify)."""
-        return (self.prompt.numel() + self.rules.gen_length) * (1 + self.rules.draft_length)
+        return tokens_per_pass(self.prompt.numel(), self.rules.gen_length, self.rules.draft_length)
 
 
 @dataclass
