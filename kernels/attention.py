@@ -1,0 +1,70 @@
+"""`fused_attention`: one entry point for every attention the model runs.
+
+Dispatch, fastest first: flash-attn (optional `gpu` extra) for unmasked or causal fp16/bf16 CUDA
+inputs; otherwise PyTorch SDPA, restricted to its flash / memory-efficient / math backends as the
+inputs allow (a boolean mask rules out flash). cuDNN attention is left out: it builds an execution
+plan per new sequence length, which the serving engine's ragged batches keep producing. Bidirectional attention is `mask=None`,
+block-causal attention passes `block_size` (or a prebuilt mask), cached-block attention passes
+keys/values longer than the queries with `query_offset` = the position of the first query.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+try:  # optional GPU extra
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the install
+    flash_attn_func = None
+
+UNMASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def block_causal_mask(num_queries: int, num_keys: int, block_size: int, query_offset: int = 0,
+                      device=None) -> torch.Tensor:
+    """(num_queries, num_keys) bool: query at position query_offset + i sees key j iff j's block is
+    not after i's block (causal across blocks, bidirectional inside one)."""
+    q_blocks = (torch.arange(num_queries, device=device) + query_offset) // block_size
+    k_blocks = torch.arange(num_keys, device=device) // block_size
+    return k_blocks[None, :] <= q_blocks[:, None]
+
+
+def fused_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    block_size: int | None = None,
+    query_offset: int = 0,
+    causal: bool = False,
+    use_flash: bool = True,
+) -> torch.Tensor:
+    """Scaled dot-product attention. query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV
+    dividing H (grouped-query attention: query head h reads key/value head h // (H // KV)).
+    mask: bool, broadcastable to (B, H, Lq, Lk), True = may attend. Returns (B, H, Lq, hd)."""
+    gqa = key.shape[1] != query.shape[1]
+    if block_size is not None:
+        block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
+        mask = block if mask is None else mask & block
+    if mask is None and _flash_ok(query, use_flash):
+        # flash-attn takes (B, L, H, hd) and maps GQA heads itself.
+        out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal)
+        return out.transpose(1, 2)
+    backends = UNMASKED_BACKENDS if mask is None else MASKED_BACKENDS
+    if not use_flash:
+        backends = [b for b in backends if b != SDPBackend.FLASH_ATTENTION]
+    with sdpa_kernel(backends):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """Unmasked (or causal) attention on the fastest available kernel (seed API name)."""
+    return fused_attention(query, key, value, causal=causal)
+
+
+def _flash_ok(query: torch.Tensor, use_flash: bool) -> bool:
+    return (use_flash and flash_attn_func is not None and query.is_cuda
+            and query.dtype in (torch.float16, torch.bfloat16))

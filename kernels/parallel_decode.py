@@ -1,0 +1,136 @@
+"""`parallel_decode`: logits of a block -> proposed token, confidence and the positions to commit.
+
+The per-step work of confidence-based parallel decoding (LLaDA low-confidence remasking, Fast-dLLM
+threshold decoding) in one kernel launch: for every position of a block, the greedy token and its
+probability under softmax(logits) (with banned ids such as the mask token excluded), then, among
+the positions still masked, the `max(min_count, #confidence > threshold)` most confident ones
+(ties to the lower index, capped by the number still masked) -- exactly the rule of
+`pllm.decoding.commit.commit_mask`. The Triton kernel reads the logits once (one program per
+sequence, online softmax over vocabulary tiles); `parallel_decode_reference` is the PyTorch
+definition it is tested against and the path used on CPU.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .backend import HAS_TRITON, use_triton
+
+MAX_BLOCK = 256  # positions per sequence the kernel handles in one program
+
+
+class ParallelDecodeOutput(NamedTuple):
+    tokens: torch.Tensor  # (B, L) int64: the greedy token of every position
+    confidence: torch.Tensor  # (B, L) float32: its probability
+    commit: torch.Tensor  # (B, L) bool: positions to commit this step
+
+
+def parallel_decode(
+    logits: torch.Tensor,
+    num_parallel: int | torch.Tensor = 1,
+    threshold: float | None = None,
+    masked: torch.Tensor | None = None,
+    banned_ids: tuple[int, ...] = (),
+) -> ParallelDecodeOutput:
+    """logits (B, L, V) or (L, V); num_parallel: the minimum number of positions committed per
+    sequence (int or (B,) tensor); threshold: also commit every masked position above it;
+    masked (B, L) bool: positions still to decode (default: all); banned_ids: at most two token ids
+    never proposed (e.g. mask and padding)."""
+    squeeze = logits.dim() == 2
+    if squeeze:
+        logits = logits[None]
+    B, L, V = logits.shape
+    if masked is None:
+        masked = torch.ones(B, L, dtype=torch.bool, device=logits.device)
+    masked = masked.reshape(B, L)
+    min_count = torch.as_tensor(num_parallel, device=logits.device).expand(B).to(torch.int32).contiguous()
+    if len(banned_ids) > 2:
+        raise ValueError(f"parallel_decode bans at most two token ids, got {banned_ids}")
+    if use_triton(logits) and L <= MAX_BLOCK:
+        out = _parallel_decode_triton(logits, masked, min_count, threshold, banned_ids)
+    else:
+        out = parallel_decode_reference(logits, masked, min_count, threshold, banned_ids)
+    return ParallelDecodeOutput(*(t[0] for t in out)) if squeeze else out
+
+
+def parallel_decode_reference(logits: torch.Tensor, masked: torch.Tensor, min_count: torch.Tensor,
+                              threshold: float | None, banned_ids: tuple[int, ...] = ()) -> ParallelDecodeOutput:
+    """The PyTorch definition (float32 softmax, stable sort for the ranking)."""
+    x = logits.float()
+    if banned_ids:
+        x = x.clone()
+        x[..., list(banned_ids)] = float("-inf")
+    tokens = x.argmax(-1)
+    confidence = x.softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    count = min_count.to(torch.long).clone()
+    if threshold is not None:
+        count = torch.maximum(count, ((confidence > threshold) & masked).sum(-1))
+    count = torch.minimum(count, masked.sum(-1))
+    order = confidence.masked_fill(~masked, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
+    return ParallelDecodeOutput(tokens, confidence, (rank < count[:, None]) & masked)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _parallel_decode_kernel(logits_ptr, masked_ptr, min_count_ptr, tokens_ptr, conf_ptr, commit_ptr,
+                                L, V, stride_b, stride_l, threshold, banned0, banned1,
+                                BLOCK_L: tl.constexpr, BLOCK_V: tl.constexpr):
+        b = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_L)
+        row_ok = rows < L
+        # Per-lane online softmax and argmax over vocabulary tiles; lanes are merged at the end.
+        run_max = tl.full([BLOCK_L, BLOCK_V], float("-inf"), tl.float32)
+        run_sum = tl.zeros([BLOCK_L, BLOCK_V], tl.float32)
+        run_arg = tl.zeros([BLOCK_L, BLOCK_V], tl.int32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols < V)[None, :] & (cols != banned0)[None, :] & (cols != banned1)[None, :]
+            x = tl.load(logits_ptr + b * stride_b + rows[:, None] * stride_l + cols[None, :], mask=ok,
+                        other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, x)
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(x - safe)
+            run_arg = tl.where(x > run_max, cols[None, :] + tl.zeros([BLOCK_L, BLOCK_V], tl.int32), run_arg)
+            run_max = new_max
+        row_max = tl.max(run_max, axis=1)
+        safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        total = tl.sum(run_sum * tl.exp(run_max - safe_max[:, None]), axis=1)
+        # The first index holding the maximum (torch.argmax's tie rule).
+        token = tl.min(tl.where(run_max == row_max[:, None], run_arg, V), axis=1)
+        conf = tl.where(row_ok, 1.0 / total, 0.0)
+
+        masked = (tl.load(masked_ptr + b * L + rows, mask=row_ok, other=0) != 0) & row_ok
+        # Rank among masked positions: more confident first, ties to the lower index.
+        ahead = masked[None, :] & ((conf[None, :] > conf[:, None])
+                                   | ((conf[None, :] == conf[:, None]) & (rows[None, :] < rows[:, None])))
+        rank = tl.sum(ahead.to(tl.int32), axis=1)
+        num_masked = tl.sum(masked.to(tl.int32), axis=0)
+        above = tl.sum((masked & (conf > threshold)).to(tl.int32), axis=0)
+        count = tl.minimum(tl.maximum(tl.load(min_count_ptr + b), above), num_masked)
+        commit = masked & (rank < count)
+        tl.store(tokens_ptr + b * L + rows, token.to(tl.int64), mask=row_ok)
+        tl.store(conf_ptr + b * L + rows, conf, mask=row_ok)
+        tl.store(commit_ptr + b * L + rows, commit.to(tl.int8), mask=row_ok)
+
+
+def _parallel_decode_triton(logits, masked, min_count, threshold, banned_ids) -> ParallelDecodeOutput:
+    B, L, V = logits.shape
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    tokens = torch.empty(B, L, dtype=torch.long, device=logits.device)
+    confidence = torch.empty(B, L, dtype=torch.float32, device=logits.device)
+    commit = torch.empty(B, L, dtype=torch.int8, device=logits.device)
+    banned = [*banned_ids, -1, -1][:2]
+    block_l = max(16, triton.next_power_of_2(L))
+    block_v = max(32, 4096 // block_l)
+    _parallel_decode_kernel[(B,)](logits, masked.to(torch.int8).contiguous(), min_count, tokens, confidence, commit,
+                                  L, V, logits.stride(0), logits.stride(1),
+                                  2.0 if threshold is None else float(threshold), banned[0], banned[1],
+                                  BLOCK_L=block_l, BLOCK_V=block_v, num_warps=8)
+    return ParallelDecodeOutput(tokens, confidence, commit.bool())

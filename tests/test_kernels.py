@@ -1,0 +1,168 @@
+"""Kernels against their PyTorch references (`pllm.kernels`).
+
+On CPU the public functions run the references, checked here against the plain definitions
+(softmax + argmax + `commit_mask`, `F.cross_entropy`, explicit-softmax attention). The Triton kernels
+themselves run on a GPU (`pytest -m gpu`-free: every test here runs there on CUDA tensors) and, on
+CPU, under Triton's interpreter (`test_triton_kernels_under_the_interpreter` reruns this file with
+TRITON_INTERPRET=1), so CI executes the kernel code too. Tolerances scale with the dtype's epsilon.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pllm.decoding.commit import commit_mask
+from pllm.kernels import (block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
+                          linear_cross_entropy, parallel_decode, parallel_decode_reference, use_triton)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tolerance(dtype: torch.dtype, factor: float = 8.0) -> float:
+    """Relative error bound: a few units of the dtype's rounding for reductions over the vocabulary."""
+    return factor * torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_parallel_decode_matches_softmax_argmax_and_commit_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, L, V = [(1, 32, 4096), (3, 20, 300), (4, 64, 1000), (2, 7, 50), (5, 32, 777), (1, 1, 64)][seed]
+    logits = (torch.randn(B, L, V, generator=g) * (1 + seed)).to(DEVICE)
+    masked = (torch.rand(B, L, generator=g) < 0.7).to(DEVICE)
+    min_count = torch.randint(0, 4, (B,), generator=g).to(DEVICE)
+    threshold = [None, 0.1, 0.5, 0.9, 0.01, None][seed]
+    out = parallel_decode(logits, min_count, threshold, masked, banned_ids=(3, 0))
+
+    x = logits.clone()
+    x[..., [3, 0]] = float("-inf")
+    probs = x.softmax(-1)
+    assert torch.equal(out.tokens, x.argmax(-1))
+    expected_conf = probs.gather(-1, out.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(out.confidence, expected_conf, rtol=tolerance(torch.float32, 64), atol=1e-7)
+    # The selection applied to the kernel's own confidences is exactly commit_mask's rule.
+    assert torch.equal(out.commit, commit_mask(out.confidence, masked, min_count, threshold))
+    assert not (out.commit & ~masked).any()
+
+
+def test_parallel_decode_seed_api_and_ties_go_to_the_lower_index():
+    logits = torch.zeros(1, 8, 16, device=DEVICE)
+    logits[0, :, 5] = 4.0  # every position equally confident in token 5
+    out = parallel_decode(logits, num_parallel=3)
+    assert out.tokens.tolist() == [[5] * 8]
+    assert out.commit.tolist() == [[True, True, True] + [False] * 5]
+    single = parallel_decode(logits[0], num_parallel=64)  # (L, V) in, (L,) out, capped at L
+    assert single.tokens.shape == (8,) and bool(single.commit.all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_rows_loss_and_gradient(dtype):
+    g = torch.Generator().manual_seed(1)
+    N, V = 37, 5000
+    logits = (torch.randn(N, V, generator=g) * 3).to(DEVICE, dtype)
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    weights = torch.rand(N, generator=g).to(DEVICE) * 5
+    loss, grad = cross_entropy_rows(logits.clone(), targets, weights)
+    leaf = logits.float().requires_grad_()
+    expected = weights * F.cross_entropy(leaf, targets, reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=tolerance(torch.float32, 64), atol=1e-5)
+    torch.testing.assert_close(grad.float(), leaf.grad, rtol=tolerance(dtype), atol=tolerance(dtype) * weights.max())
+    ref_loss, _ = cross_entropy_rows_reference(logits, targets, weights, compute_grad=False)
+    torch.testing.assert_close(loss, ref_loss, rtol=tolerance(torch.float32, 64), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 4096])
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(chunk_rows):
+    g = torch.Generator().manual_seed(2)
+    N, D, V = 50, 32, 3000
+    hidden = torch.randn(N, D, generator=g).to(DEVICE).requires_grad_()
+    weight = (torch.randn(V, D, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    weights = torch.rand(N, generator=g).to(DEVICE) + 0.5
+    loss = linear_cross_entropy(hidden, weight, targets, weights, chunk_rows=chunk_rows)
+    (2.0 * loss).backward()  # the incoming gradient scales the precomputed ones
+    fused = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    ref = (weights * F.cross_entropy(hidden @ weight.t(), targets, reduction="none")).sum()
+    (2.0 * ref).backward()
+    tol = tolerance(torch.float32, 256)
+    torch.testing.assert_close(fused[0], ref.detach(), rtol=tol, atol=1e-4)
+    torch.testing.assert_close(fused[1], hidden.grad, rtol=tol, atol=1e-5)
+    torch.testing.assert_close(fused[2], weight.grad, rtol=tol, atol=1e-5)
+    with torch.no_grad():  # evaluation: no gradient work, same loss
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, weights), fused[0], rtol=tol, atol=1e-4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 autocast path of the fused loss needs CUDA")
+def test_linear_cross_entropy_under_bf16_autocast():
+    torch.manual_seed(3)
+    hidden = torch.randn(300, 256, device="cuda", requires_grad=True)
+    weight = (torch.randn(32768, 256, device="cuda") * 0.05).requires_grad_()
+    targets = torch.randint(0, 32768, (300,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=128)
+        loss.backward()
+        fused = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
+        hidden.grad = weight.grad = None
+        ref = F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+        ref.backward()
+    assert weight.grad.dtype == torch.float32
+    tol = tolerance(torch.bfloat16, 4)
+    torch.testing.assert_close(fused[0], ref.detach(), rtol=tol, atol=0)
+    for got, want in [(fused[1], hidden.grad), (fused[2], weight.grad)]:
+        assert (got - want).norm() / want.norm() < tol
+
+
+def _attention_by_definition(q, k, v, mask=None):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1) @ v
+
+
+def test_fused_attention_bidirectional_block_causal_and_cached_block():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 8, 24, 16), torch.randn(2, 2, 24, 16), torch.randn(2, 2, 24, 16)
+    torch.testing.assert_close(fused_attention(q, k, v), _attention_by_definition(q, k, v), rtol=1e-5, atol=1e-5)
+    mask = block_causal_mask(24, 24, 8)
+    full = fused_attention(q, k, v, block_size=8)
+    torch.testing.assert_close(full, _attention_by_definition(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, fused_attention(q, k, v))  # the mask matters
+    # Cached block: queries of the last block only, over every key, equal the full pass's rows.
+    tail = fused_attention(q[:, :, 16:], k, v, block_size=8, query_offset=16)
+    torch.testing.assert_close(tail, full[:, :, 16:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="flash/efficient SDPA backends need CUDA")
+def test_fused_attention_bf16_on_gpu_matches_fp32_definition():
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 16, 512, 64, device="cuda") for _ in range(3))
+    for kwargs in [{}, {"block_size": 32}]:
+        mask = block_causal_mask(512, 512, 32, device="cuda") if kwargs else None
+        want = _attention_by_definition(q, k, v, mask)
+        got = fused_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), **kwargs).float()
+        assert (got - want).norm() / want.norm() < tolerance(torch.bfloat16, 2)
+
+
+def test_kernels_take_the_triton_path_where_they_should():
+    on = use_triton(torch.empty(1, device=DEVICE))
+    assert on == (DEVICE == "cuda" or INTERPRETED)
+
+
+@pytest.mark.skipif(INTERPRETED or DEVICE == "cuda", reason="already running the Triton kernels")
+def test_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "parallel_decode or cross_entropy or triton_path"],
+                         env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout and "failed" not in run.stdout
