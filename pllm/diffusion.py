@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -127,9 +126,9 @@ def diffusion_loss(
         x_t, is_masked = mask_tokens(input_ids, t_pos, schedule, mask_token_id, valid, generator, mask_draw)
         weight = schedule.elbo_weight(t_pos)[is_masked]
     clean = {"clean_input_ids": input_ids} if block_size else {}
-    logits = model(x_t, t, attention_mask=attention_mask, logits_mask=is_masked, **clean)  # (N_masked, V)
-    ce = F.cross_entropy(logits, input_ids[is_masked], reduction="none")
-    nelbo = (ce * weight).sum()
+    # sum over masked positions of weight * CE, computed by the model's fused LM head + loss
+    nelbo = model(x_t, t, attention_mask=attention_mask, logits_mask=is_masked, loss_targets=input_ids[is_masked],
+                  loss_weights=weight, **clean)
     num_tokens = int(valid.sum())
     return DiffusionLoss(nelbo / max(num_tokens, 1), nelbo.detach(), num_tokens, int(is_masked.sum()))
 

@@ -19,19 +19,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .kernels import fused_attention, linear_cross_entropy
 from .kv_cache import KVCache, Segment
-
-try:  # optional GPU extra
-    from flash_attn import flash_attn_func
-except ImportError:  # pragma: no cover - depends on the install
-    flash_attn_func = None
-
-
-_PACKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,39 +64,28 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         if isinstance(mask, PackedSegments):
-            return self.o_proj(self._packed_attention(q, k, v, mask).transpose(1, 2).reshape(B, L, D))
-        if mask is None and self._flash_ok(q):
-            # flash-attn takes (B, L, H, hd) and maps GQA heads itself.
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=False)
-            y = y.reshape(B, L, D)
+            y = self._packed_attention(q, k, v, mask)
         else:
-            # Query head h reads key/value head h // (H / KV) (GQA).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
-            y = y.transpose(1, 2).reshape(B, L, D)
-        return self.o_proj(y)
+            y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
         """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
         a sequence's result does not depend on what else is packed beside it (no padding, no shared
-        softmax lengths). Not cuDNN: it builds an execution plan per new sequence length."""
+        softmax lengths)."""
         ys, stores = [], []
-        with sdpa_kernel(_PACKED_BACKENDS):
-            for (s, e), (a, b), cache, store, m in zip(packed.bounds, packed.spans, packed.caches, packed.stores,
-                                                       packed.masks):
-                ks, vs = k[0, :, s:e], v[0, :, s:e]
-                if store is not None:
-                    stores.append((cache, a, ks, vs, store))
-                if cache is not None:
-                    ks, vs = cache.around(self.layer_idx, a, b, ks, vs)
-                ys.append(F.scaled_dot_product_attention(q[:, :, s:e], ks[None], vs[None], attn_mask=m,
-                                                         enable_gqa=self.n_kv != self.n_heads))
+        for (s, e), (a, b), cache, store, m in zip(packed.bounds, packed.spans, packed.caches, packed.stores,
+                                                   packed.masks):
+            ks, vs = k[0, :, s:e], v[0, :, s:e]
+            if store is not None:
+                stores.append((cache, a, ks, vs, store))
+            if cache is not None:
+                ks, vs = cache.around(self.layer_idx, a, b, ks, vs)
+            ys.append(fused_attention(q[:, :, s:e], ks[None], vs[None], mask=m, use_flash=self.use_flash))
         # Stores after every read: sequences of one pass may share a cache (draft-and-verify).
         for cache, a, ks, vs, store in stores:
             cache.store(self.layer_idx, a, ks, vs, store)
         return torch.cat(ys, dim=2)
-
-    def _flash_ok(self, q: torch.Tensor) -> bool:
-        return self.use_flash and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def _padded_rows(n: int) -> int:
@@ -230,6 +211,8 @@ class DiffusionTransformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_mask: torch.Tensor | None = None,
         clean_input_ids: torch.Tensor | None = None,
+        loss_targets: torch.Tensor | None = None,
+        loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, L) with mask tokens -> logits (B, L, V) in float32.
 
@@ -242,6 +225,9 @@ class DiffusionTransformer(nn.Module):
         et al. 2025, sec. 3.2): the noisy and the clean sequence run side by side, each noisy block
         seeing itself and the clean blocks before it, exactly what it sees when decoding after
         finished blocks; logits are for the noisy sequence.
+        loss_targets (N,) with logits_mask (N True positions), optional loss_weights (N,): return
+        sum_i w_i * CE(logits_i, target_i) instead of logits, through the fused LM-head
+        cross-entropy (`pllm.kernels.linear_cross_entropy`), which never holds the (N, V) logits.
         """
         B, L = input_ids.shape
         if L > self.config.max_position_embeddings:
@@ -269,6 +255,10 @@ class DiffusionTransformer(nn.Module):
         x = self.norm(x[:, :L])  # with clean_input_ids: the noisy half only
         if logits_mask is not None:
             x = x[logits_mask]  # (N, D)
+        if loss_targets is not None:
+            if logits_mask is None:
+                raise ValueError("loss_targets needs logits_mask (the positions the targets belong to)")
+            return linear_cross_entropy(x, self.lm_head.weight, loss_targets, loss_weights)
         logits = self.lm_head(x).float()
         if return_confidence:
             return logits, logits.softmax(-1).amax(-1)

@@ -18,10 +18,14 @@ class FixedLogits(nn.Module):
         self.table = nn.Parameter(table)
         self.seen_inputs = None
 
-    def forward(self, x, t=None, attention_mask=None, logits_mask=None):
+    def forward(self, x, t=None, attention_mask=None, logits_mask=None, loss_targets=None, loss_weights=None):
+        # The DiffusionTransformer contract: logits, or with loss_targets the weighted CE sum.
         self.seen_inputs = x.clone()
         logits = self.table[: x.shape[1]].expand(x.shape[0], -1, -1)
-        return logits if logits_mask is None else logits[logits_mask]
+        logits = logits if logits_mask is None else logits[logits_mask]
+        if loss_targets is None:
+            return logits
+        return (torch.nn.functional.cross_entropy(logits, loss_targets, reduction="none") * loss_weights).sum()
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine", "sqrt"])

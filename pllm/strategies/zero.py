@@ -57,6 +57,10 @@ class DeepSpeedStrategy(Strategy):
             optimizer = torch.optim.AdamW(param_groups(model, self.cfg.weight_decay), lr=self.cfg.learning_rate,
                                           betas=(self.cfg.adam_beta1, self.cfg.adam_beta2))
         scheduler = build_scheduler(optimizer, self.cfg)
+        if self.cfg.zero_stage == 3:
+            # The fused loss reads the LM head's weight inside the model's own forward, not through
+            # lm_head's: ZeRO-3 must gather it for the whole forward.
+            deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
