@@ -255,6 +255,9 @@ class EngineConfig(_ConfigMixin):
     # is formed when the engine is idle and runs until its last request finishes (the baseline).
     batching: Literal["continuous", "static"] = "continuous"
     max_new_tokens_limit: Optional[PositiveInt] = None  # per request; default: the model's context
+    # Block-causal models on a GPU: cached decoding steps run as fixed-shape passes replayed from
+    # CUDA graphs captured per batch-size bucket (pllm/engine/cuda_graphs.py).
+    use_cuda_graphs: bool = True
 
 
 @dataclass(config=_STRICT)

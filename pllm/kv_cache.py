@@ -76,3 +76,39 @@ class Segment:
         """Positions 0..n-1 whose keys the computed queries read (cached or fresh)."""
         start, end = self.span()
         return max(end, self.cache.length if self.cache is not None else 0)
+
+
+class StaticKVCache:
+    """Preallocated keys/values for a fixed number of sequence slots, (layers, slots, kv_heads,
+    offset + max_positions, head_dim), for fixed-shape decoding steps that CUDA graphs can replay
+    (`pllm.engine.cuda_graphs`). Position p of a slot lives at index p + offset; the first `offset`
+    indices are scratch for window positions before 0, which no query ever reads."""
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_positions: int, head_dim: int,
+                 offset: int, dtype: torch.dtype, device):
+        shape = (num_layers, num_slots, kv_heads, offset + max_positions, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.offset = offset
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[3]
+
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy slots src[i] -> dst[i] (all reads before any write, so the lists may overlap)."""
+        s, d = torch.tensor(src, device=self.keys.device), torch.tensor(dst, device=self.keys.device)
+        self.keys[:, d] = self.keys[:, s]
+        self.values[:, d] = self.values[:, s]
+
+
+@dataclass
+class StaticStep:
+    """A fixed-shape pass over `rows` (B) slots of a StaticKVCache: each row computes a window of W
+    consecutive positions, writes their keys/values into its slot, and reads keys [0, limit) of
+    its slot under the block-causal rule (plus itself, so padding rows never see nothing)."""
+
+    cache: StaticKVCache
+    rows: slice  # slots of the rows
+    slots: torch.Tensor  # (B, W) cache indices of the window's positions (position + offset)
+    mask: torch.Tensor  # (B, 1, W, cache length) bool

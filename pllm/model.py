@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kernels import fused_attention, linear_cross_entropy
-from .kv_cache import KVCache, Segment
+from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,9 +65,20 @@ class Attention(nn.Module):
         q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         if isinstance(mask, PackedSegments):
             y = self._packed_attention(q, k, v, mask)
+        elif isinstance(mask, StaticStep):
+            y = self._static_cache_attention(q, k, v, mask)
         else:
             y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
+
+    def _static_cache_attention(self, q, k, v, step: StaticStep) -> torch.Tensor:
+        """Write the window's keys/values into each row's slot, then attend over the whole slot
+        under the step's mask (fixed shapes: CUDA-graph friendly)."""
+        ck, cv = step.cache.keys[self.layer_idx, step.rows], step.cache.values[self.layer_idx, step.rows]
+        rows = torch.arange(ck.shape[0], device=ck.device)[:, None]
+        ck[rows, :, step.slots] = k.transpose(1, 2).to(ck.dtype)  # (B, W, KV, hd) into (B, KV, S, hd)
+        cv[rows, :, step.slots] = v.transpose(1, 2).to(cv.dtype)
+        return fused_attention(q, ck, cv, mask=step.mask, use_flash=self.use_flash)
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
         """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
@@ -329,6 +340,37 @@ class DiffusionTransformer(nn.Module):
         index = torch.cat([index, index.new_zeros(_padded_rows(wanted))])
         logits = self.lm_head(self.norm(x[0, index])).float()[:wanted]
         return list(logits.split([int(seg.logit_positions.numel()) for seg in segments[:len(segments) - bool(filler)]]))
+
+    def new_static_cache(self, num_slots: int) -> StaticKVCache:
+        """Slots for `forward_static` (block-causal models); one block of scratch before position 0."""
+        cfg = self.config
+        return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, cfg.max_position_embeddings,
+                             cfg.head_dim, cfg.block_size, self.embed_tokens.weight.dtype, self.device)
+
+    @torch.no_grad()
+    def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
+                       cache: StaticKVCache, rows: slice, num_logits: int) -> torch.Tensor:
+        """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a
+        window of consecutive positions per row; positions below 0 are padding), limits (B,) the
+        first position no query may see. Keys/values of the window are written into the slots, and
+        each query reads its slot's keys at positions < limit in blocks up to its own. Returns the
+        float32 logits of the last `num_logits` window positions, (B, num_logits, V)."""
+        bs = self.config.block_size
+        slots = positions + cache.offset
+        key_pos = torch.arange(cache.length, device=tokens.device) - cache.offset  # (S,)
+        visible = ((key_pos[None, None, :] >= 0) & (key_pos[None, None, :] < limits[:, None, None])
+                   & (key_pos.div(bs, rounding_mode="floor")[None, None, :]
+                      <= positions.div(bs, rounding_mode="floor")[:, :, None]))
+        visible |= key_pos[None, None, :] == positions[:, :, None]  # every query sees itself
+        step = StaticStep(cache, rows, slots, visible[:, None])
+        rope_at = positions.clamp(min=0)
+        cos, sin = self.rope_cos[rope_at][:, None], self.rope_sin[rope_at][:, None]
+        x = self.embed_tokens(tokens)
+        for block in self.layers:
+            x = block(x, cos, sin, step)
+        if num_logits == 0:
+            return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
+        return self.lm_head(self.norm(x[:, -num_logits:])).float()
 
     def _segment_mask(self, start: int, end: int, visible: int, device) -> torch.Tensor | None:
         """Queries at positions [start, end) over keys at positions [0, visible)."""

@@ -170,7 +170,10 @@ class DecodeState:
         n, mode = self.tokens.numel(), self.cache_mode
         if mode == "block":  # recompute the uncached tail up to the block's end; keep finished blocks
             a = self.kv.length
-            return (a, self.end), ((a, self.start) if self.start > a else None)
+            # Only whole model blocks before the current one are final: the first decoding block
+            # shares its model block with the prompt's tail, whose keys see the answer's first tokens.
+            done = self.start - self.start % self.cfg.block_size
+            return (a, self.end), ((a, done) if done > a else None)
         if mode == "none":  # block-causal: later blocks are invisible, so skip them
             return ((0, self.end) if self.block_causal else None), None
         if self.step == 0:  # prefix / dual: refresh with a full pass at each block's first step

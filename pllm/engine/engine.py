@@ -48,10 +48,14 @@ def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_to
 
 class Engine:
     def __init__(self, model: DiffusionTransformer, config: EngineConfig | None = None,
-                 generation: GenerationConfig | None = None):
+                 generation: GenerationConfig | None = None, static_step: bool | None = None):
+        """static_step: fixed-shape (CUDA-graph) steps for block-causal models; default: on when
+        `config.use_cuda_graphs` and the model is on a GPU."""
         self.config = config or EngineConfig()
         self.generation = generation or GenerationConfig()  # defaults for requests that bring none
-        self.runner = ModelRunner(model)
+        if static_step is None:
+            static_step = self.config.use_cuda_graphs and model.device.type == "cuda"
+        self.runner = ModelRunner(model, static_step, self.config.max_num_seqs)
         self.model_config = model.config
         self.scheduler = Scheduler(self.config)
         self._incoming: deque[Request] = deque()

@@ -1,0 +1,75 @@
+"""Fixed-shape (CUDA-graph) decoding steps give exactly the packed path's tokens.
+
+On CPU the fixed-shape step runs eagerly (float64 model, so any difference is a logic error, not
+rounding); on a GPU the same tests capture and replay CUDA graphs (fp32)."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pllm import DiffusionTransformer, EngineConfig, GenerationConfig
+from pllm.decoding import DecodeRules, DecodeState
+from pllm.decoding.loop import run_states
+from pllm.engine import Engine
+from pllm.engine.cuda_graphs import StaticStepRunner
+from test_engine import mixed_requests, run_staggered
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32 if DEVICE == "cuda" else torch.float64
+
+
+@pytest.fixture(scope="module")
+def block_model():
+    torch.manual_seed(0)
+    cfg = tiny_config(attention_mode="block_causal", block_size=8, max_position_embeddings=128)
+    return DiffusionTransformer(cfg).to(DEVICE, DTYPE).eval()
+
+
+def test_fixed_shape_steps_equal_packed_steps_in_a_changing_batch(block_model):
+    requests = mixed_requests(16)  # prompts 1-39 tokens, answers 1-47, greedy and sampled, both strategies
+    config = EngineConfig(max_num_seqs=6, max_batched_tokens=400)
+    packed = run_staggered(Engine(block_model, config, static_step=False), requests)
+    engine = Engine(block_model, config, static_step=True)
+    fixed = run_staggered(engine, requests)
+    assert fixed == packed
+    static = engine.runner.static
+    assert static.num_steps >= engine.stats["steps"] > 0  # every step ran fixed-shape
+    assert (static.num_replays == static.num_steps) == (DEVICE == "cuda")
+    assert max(len(a) for a in fixed) > 30
+
+
+def test_draft_verify_runs_packed_beside_fixed_shape_requests(block_model):
+    prompts = [torch.arange(4, 4 + n) for n in (3, 9, 17, 8)]
+    configs = [GenerationConfig(max_new_tokens=24, num_refinement_steps=12, temperature=0.0, strategy=s,
+                                use_adaptive_steps=False) for s in ("static", "draft_verify", "threshold", "draft_verify")]
+    packed = Engine(block_model, static_step=False).generate(prompts, configs)
+    engine = Engine(block_model, static_step=True)
+    assert engine.generate(prompts, configs) == packed
+    assert engine.runner.static.num_steps > 0
+
+
+def test_block_cache_is_exact_when_the_prompt_ends_inside_a_block(block_model):
+    """The prompt's last block is shared with the answer's first tokens: its keys are not final
+    until that block is decoded, so the cache must not keep them earlier (a regression)."""
+    rules = DecodeRules(gen_length=20, num_steps=10, cache="block")
+    state = DecodeState(torch.arange(4, 15), rules, block_model.config, block_model.device)  # 11 tokens
+    runner = StaticStepRunner(block_model, 1, capture=False)
+    while not state.finished:
+        uncached = copy.deepcopy(state)
+        uncached.kv = None
+        uncached.cache_mode = "none"
+        want = run_states(block_model, [uncached])[0][0]
+        got_packed = run_states(block_model, [state])[0][0]
+        got_fixed = runner.run(["r"], [state])[0][0]
+        tol = 1e-5 if DEVICE == "cuda" else 1e-10
+        torch.testing.assert_close(got_packed, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got_fixed, want, rtol=tol, atol=tol)
+        state.advance([got_packed])
+
+
+def test_fixed_shape_steps_need_a_block_causal_model():
+    model = DiffusionTransformer(tiny_config())
+    with pytest.raises(ValueError, match="block-causal"):
+        StaticStepRunner(model, 4, capture=False)
