@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationConfig, ModelConfig
+from ..kernels import parallel_decode
 from ..kv_cache import KVCache, Segment
 from .commit import commit_mask, factor_commit_mask, transfer_schedule
 from .credit import CreditTrace
@@ -208,6 +209,15 @@ class DecodeState:
         r, cfg = self.rules, self.cfg
         block = self.tokens[self.start:self.end]
         still_masked = block == cfg.mask_token_id
+        if r.min_per_step == "factor":
+            min_count = 0
+        else:
+            min_count = self.schedule[self.step] if (r.min_per_step == "schedule" and self.step < len(self.schedule)) else 1
+        if r.temperature == 0 and r.repetition_penalty == 1.0 and self.credit is None and r.min_per_step != "factor":
+            # Greedy confidence decoding: logits -> token, confidence and commit in one kernel.
+            out = parallel_decode(logits, min_count, r.confidence_threshold, still_masked,
+                                  banned_ids=(cfg.mask_token_id, cfg.pad_token_id))
+            return self._commit(block, still_masked, out.tokens, out.confidence, out.commit)
         logits = logits.clone()
         # The answer may never contain mask or padding tokens (an undertrained model can rank them
         # first, and committing a mask would stall the loop).
@@ -224,10 +234,13 @@ class DecodeState:
         if r.min_per_step == "factor":
             commit = factor_commit_mask(confidence, still_masked[None], r.parallel_factor)[0]
         else:
-            min_count = self.schedule[self.step] if (r.min_per_step == "schedule" and self.step < len(self.schedule)) else 1
             commit = commit_mask(confidence, still_masked[None], min_count, r.confidence_threshold)[0]
-        block.copy_(torch.where(commit, proposal[0], block))
-        self._last = (proposal[0], confidence[0])
+        return self._commit(block, still_masked, proposal[0], confidence[0], commit)
+
+    def _commit(self, block: torch.Tensor, still_masked: torch.Tensor, proposal: torch.Tensor,
+                confidence: torch.Tensor, commit: torch.Tensor) -> torch.Tensor:
+        block.copy_(torch.where(commit, proposal, block))
+        self._last = (proposal, confidence)
         self.step += 1
         self.num_steps_taken += 1
         self._update_final()
