@@ -89,10 +89,11 @@ QUICK = {"static", "draft_verify k=4", "threshold 0.7", "autoregressive (static,
 
 
 # -- training ----------------------------------------------------------------------------------
-def train_models(size: str, device: str, seconds: float, ar_seconds: float, out: Path, corpus) -> dict[str, DiffusionTransformer]:
+def train_models(size: str, device: str, seconds: float, ar_seconds: float, out: Path, corpus,
+                 names=tuple(MODELS)) -> dict[str, DiffusionTransformer]:
     spec, tok = SIZES[size], corpus.tokenizer
     models = {}
-    for name, shape in MODELS.items():
+    for name, shape in ((n, MODELS[n]) for n in names):
         path = out / "models" / name
         if (path / "config.json").exists():
             models[name] = DiffusionTransformer.from_pretrained(path, device=device)

@@ -1,0 +1,264 @@
+"""Generation speed of the engine on a ~1.1B block-diffusion model, against its floors and HF `generate`.
+
+In one run, on one GPU:
+  1. floors: the measured HBM bandwidth (a large copy) and bf16 matmul peak (8192^3) of this GPU;
+  2. per-step latency of our engine (block diffusion, block 32, exact block cache) at batch 1 and 16,
+     with fixed-shape steps replayed from CUDA graphs and, as a baseline, the eager packed path;
+     each against the step's floor max(bytes / bandwidth, FLOPs / peak), where bytes are the bf16
+     weights of every matmul plus the visible KV cache and FLOPs those of the 2-block window;
+  3. tokens per forward (TPF) of threshold decoding, measured on a small block-diffusion model
+     trained here by our trainer (random weights are never confident, so they decode 1 token/step);
+  4. end-to-end tokens/s: measured on the 1.1B model with threshold decoding (random weights: TPF 1)
+     and projected with the trained model's TPF (step cost does not depend on the weights);
+  5. HF transformers `generate` (greedy, KV cache, eager) on a Llama of the same shape, batch 1 and 16.
+
+  python benchmarks/generation_speed.py --device cuda                 # the H100 run
+  python benchmarks/generation_speed.py --quick                       # CPU smoke run (tiny shapes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
+from pllm.engine import Engine
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {
+    "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=2048),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, max_position_embeddings=512),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _load_decoding_benchmark():
+    spec = importlib.util.spec_from_file_location("decoding_benchmark", ROOT / "benchmarks" / "decoding.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- floors ------------------------------------------------------------------------------------
+def measured_bandwidth(device: str) -> float | None:
+    """Bytes/s of a 2 GiB device-to-device copy (read + write)."""
+    if device != "cuda":
+        return None
+    a = torch.empty(2**30, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        b.copy_(a)
+    sync(device)
+    return 2 * a.numel() * a.element_size() * 20 / (time.perf_counter() - t0)
+
+
+def measured_matmul_peak(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    n = 8192
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    sync(device)
+    return 2 * n**3 * 20 / (time.perf_counter() - t0)
+
+
+def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, peak: float) -> dict:
+    """The least time a step of `batch` sequences can take: every matmul weight read once in bf16,
+    each sequence's visible keys/values read once, the 2-block window's FLOPs at the matmul peak."""
+    window = 2 * cfg.block_size
+    kv_bytes = batch * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * (context + window) * 2
+    weight_bytes = cfg.num_matmul_params() * 2
+    flops = batch * window * (2 * cfg.num_matmul_params()
+                              + 4 * cfg.num_hidden_layers * cfg.hidden_size * (context + window))
+    memory_s, compute_s = (weight_bytes + kv_bytes) / bandwidth, flops / peak
+    return {"memory_floor_ms": memory_s * 1e3, "compute_floor_ms": compute_s * 1e3,
+            "floor_ms": max(memory_s, compute_s) * 1e3}
+
+
+# -- our engine --------------------------------------------------------------------------------
+def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device: str) -> dict:
+    """Run the prompts to completion in one engine; per-step times (prefill steps excluded)."""
+    engine = Engine(model, EngineConfig(max_num_seqs=max(len(prompts), 1), max_batched_tokens=1 << 20),
+                    static_step=static_step)
+    engine.generate(prompts[:1], GenerationConfig(**{**cfg.to_dict(), "max_new_tokens": 8}))  # warm-up
+    ids = [engine.add_request(p, cfg) for p in prompts]
+    steps, tokens = [], 0
+    sync(device)
+    start = time.perf_counter()
+    while engine.has_work():
+        t0 = time.perf_counter()
+        outs = engine.step()
+        sync(device)
+        steps.append(time.perf_counter() - t0)
+        tokens += sum(len(o.new_token_ids) for o in outs)
+    total = time.perf_counter() - start
+    assert engine.stats["finished"] == len(ids) + 1  # and the warm-up request
+    body = steps[1:] or steps  # the first step also prefills every prompt
+    return {"step_ms_median": statistics.median(body) * 1e3, "step_ms_mean": statistics.fmean(body) * 1e3,
+            "steps": len(steps), "tokens": tokens, "tokens_per_s": tokens / total, "seconds": total,
+            "tpf": tokens / len(prompts) / max(len(steps), 1)}
+
+
+def trained_tpf(args, device: str) -> dict:
+    """Tokens per forward of threshold decoding on a small block-diffusion model trained here."""
+    from pllm.config import DataConfig
+    from pllm.corpus import corpus_files, read_documents, split_files
+    from pllm.data import cache_dir, prepare_corpus
+    from pllm.decoding import DecodeRules, decode_with_rules
+
+    bench = _load_decoding_benchmark()
+    size = "tiny" if args.quick else "small"
+    corpus = prepare_corpus(DataConfig(), bench.SIZES[size]["model"]["vocab_size"], cache_dir())
+    model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
+                               names=("block32",))["block32"]
+    _, val_files = split_files(corpus_files(), DataConfig().validation_fraction)
+    sources = [doc for f in val_files for doc in read_documents(f)]
+    prompts = bench.function_prompts(sources, corpus.tokenizer, args.tpf_prompts, context_tokens=96,
+                                     continuation_tokens=args.gen)
+    out = {"model_parameters": model.num_parameters(), "train_seconds": args.train_seconds}
+    for threshold in args.thresholds:
+        cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
+                               strategy="threshold", confidence_threshold=threshold, use_adaptive_steps=False)
+        result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts],
+                                   [DecodeRules.from_config(cfg)] * len(prompts))
+        out[f"tpf_threshold_{threshold}"] = args.gen / statistics.fmean(result.nfe_per_sequence)
+    return out
+
+
+# -- HF generate baseline ----------------------------------------------------------------------
+def hf_generate(shape: dict, batch: int, prompt_len: int, new_tokens: int, device: str) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                      intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_hidden_layers"],
+                      num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
+                      max_position_embeddings=shape["max_position_embeddings"], tie_word_embeddings=True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = LlamaForCausalLM(cfg).to(device, dtype).eval()
+    ids = torch.randint(4, shape["vocab_size"], (batch, prompt_len), device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    generated = out.shape[1] - prompt_len
+    del model
+    return {"tokens_per_s": batch * generated / seconds, "ms_per_token_step": seconds / generated * 1e3}
+
+
+# -- report ------------------------------------------------------------------------------------
+def table(report: dict) -> str:
+    lines = ["| batch | path | step ms (median) | floor ms | step / floor | TPF | measured tok/s | "
+             "projected tok/s (trained TPF) | HF generate tok/s | projected / HF |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['batch']} | {row['path']} | {row['step_ms_median']:.2f} | {row.get('floor_ms', float('nan')):.2f} | "
+                     f"{row.get('step_over_floor', float('nan')):.2f} | {row['tpf']:.2f} | {row['tokens_per_s']:.0f} | "
+                     f"{row.get('projected_tokens_per_s', float('nan')):.0f} | {row.get('hf_tokens_per_s', float('nan')):.1f} | "
+                     f"{row.get('projected_over_hf', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+def write(report: dict, out: Path, stem: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.md").write_text(table(report) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen", type=int, default=256, help="new tokens per request")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7])
+    p.add_argument("--train-seconds", type=float, default=120.0, help="training of the small model for TPF")
+    p.add_argument("--tpf-prompts", type=int, default=32)
+    p.add_argument("--hf-tokens", type=int, default=64, help="new tokens per HF generate call")
+    p.add_argument("--skip-eager", action="store_true", help="skip the eager packed-path baseline")
+    p.add_argument("--work-dir", default="runs/generation-bench")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shape, short answers")
+    args = p.parse_args()
+    if args.quick:
+        args.shape, args.gen, args.prompt_len, args.batches = "tiny", 32, 16, [1, 4]
+        args.train_seconds, args.tpf_prompts, args.hf_tokens, args.thresholds = 20.0, 4, 8, [0.7]
+    device = args.device
+    stem = f"generation_speed_{args.shape}_{device}"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+              "date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__, "shape": args.shape,
+              "prompt_len": args.prompt_len, "gen_tokens": args.gen, "rows": []}
+    out = Path(args.out)
+
+    bandwidth, peak = measured_bandwidth(device), measured_matmul_peak(device)
+    report.update(bandwidth_gb_s=bandwidth and bandwidth / 1e9, matmul_peak_tflops=peak and peak / 1e12)
+    print(f"bandwidth {report['bandwidth_gb_s']} GB/s, bf16 matmul peak {report['matmul_peak_tflops']} TFLOP/s",
+          flush=True)
+
+    report["trained"] = trained_tpf(args, device)
+    tpf = report["trained"][f"tpf_threshold_{args.thresholds[0]}"]
+    print(f"trained small model: {report['trained']}", flush=True)
+    write(report, out, stem)
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=32, use_flash_attention=True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = DiffusionTransformer(cfg).to(device, dtype).eval()
+    report["parameters"] = model.num_parameters()
+    gen_cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
+                               strategy="threshold", confidence_threshold=args.thresholds[0], use_adaptive_steps=False)
+    for batch in args.batches:
+        prompts = [torch.randint(4, cfg.vocab_size, (args.prompt_len,)) for _ in range(batch)]
+        hf = hf_generate(SHAPES[args.shape], batch, args.prompt_len, args.hf_tokens, device)
+        for path, static in [("fixed-shape steps" + (" + CUDA graphs" if device == "cuda" else ""), True),
+                             ("eager packed (baseline)", False)]:
+            if not static and args.skip_eager:
+                continue
+            row = {"batch": batch, "path": path, **time_engine(model, prompts, gen_cfg, static, device)}
+            if bandwidth:
+                context = args.prompt_len + args.gen // 2  # the average visible context over the answer
+                row.update(step_floor(cfg, batch, context, bandwidth, peak))
+                row["step_over_floor"] = row["step_ms_median"] / row["floor_ms"]
+            row["projected_tokens_per_s"] = batch * tpf / (row["step_ms_median"] / 1e3)
+            row["hf_tokens_per_s"] = hf["tokens_per_s"]
+            row["projected_over_hf"] = row["projected_tokens_per_s"] / hf["tokens_per_s"]
+            row["measured_over_hf"] = row["tokens_per_s"] / hf["tokens_per_s"]
+            report["rows"].append(row)
+            write(report, out, stem)
+            print(f"batch {batch:3d} {path:32s} step {row['step_ms_median']:7.2f} ms  floor "
+                  f"{row.get('floor_ms', float('nan')):6.2f} ms  measured {row['tokens_per_s']:8.0f} tok/s  projected "
+                  f"{row['projected_tokens_per_s']:8.0f} tok/s  HF {hf['tokens_per_s']:7.1f} tok/s", flush=True)
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
