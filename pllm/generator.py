@@ -8,6 +8,7 @@ import torch
 
 from .config import GenerationConfig
 from .decoding import DecodeOutput, DecodeRules, decode_with_rules
+from .engine.cuda_graphs import StaticStepRunner
 from .model import DiffusionTransformer
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ class ParallelGenerator:
     serving engine (`pllm.engine.Engine`) uses the same per-sequence decoding state.
     `use_kv_cache=False` turns the KV cache off (`GenerationConfig.kv_cache="none"`); otherwise the
     config's `kv_cache` applies ("auto": the exact block cache for block-causal models).
-    `use_cuda_graphs` is accepted for API compatibility and not used yet.
+    `use_cuda_graphs`: on a GPU, block-causal models decode cached steps as fixed-shape passes
+    replayed from CUDA graphs (`pllm.engine.cuda_graphs`; same tokens as the packed path).
     """
 
     def __init__(
@@ -42,6 +44,16 @@ class ParallelGenerator:
         self.use_cuda_graphs = use_cuda_graphs
         self.tokenizer = tokenizer
         self.last_output: DecodeOutput | None = None
+        self._static: StaticStepRunner | None = None
+
+    def _static_runner(self, batch_size: int) -> StaticStepRunner | None:
+        """The CUDA-graph step runner, captured for up to `batch_size` sequences (re-captured for more)."""
+        model = self.model
+        if not (self.use_cuda_graphs and model.device.type == "cuda" and model.config.attention_mode == "block_causal"):
+            return None
+        if self._static is None or self._static.buckets[-1] < batch_size:
+            self._static = StaticStepRunner(model, batch_size, capture=True)
+        return self._static
 
     def generate(self, prompt_tokens: torch.Tensor, max_new_tokens: int | None = None) -> torch.Tensor:
         prompt_tokens = torch.as_tensor(prompt_tokens)
@@ -64,7 +76,8 @@ class ParallelGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            self.last_output = decode_with_rules(self.model, prompts, [rules] * len(prompts))
+            self.last_output = decode_with_rules(self.model, prompts, [rules] * len(prompts),
+                                                 static=self._static_runner(len(prompts)))
         finally:
             self.model.train(was_training)
         return [t.cpu() for t in self.last_output.tokens]

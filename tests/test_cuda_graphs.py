@@ -62,7 +62,7 @@ def test_block_cache_is_exact_when_the_prompt_ends_inside_a_block(block_model):
         uncached.cache_mode = "none"
         want = run_states(block_model, [uncached])[0][0]
         got_packed = run_states(block_model, [state])[0][0]
-        got_fixed = runner.run(["r"], [state])[0][0]
+        got_fixed = runner.run([state])[0][0]
         tol = 1e-5 if DEVICE == "cuda" else 1e-10
         torch.testing.assert_close(got_packed, want, rtol=tol, atol=tol)
         torch.testing.assert_close(got_fixed, want, rtol=tol, atol=tol)
@@ -73,3 +73,21 @@ def test_fixed_shape_steps_need_a_block_causal_model():
     model = DiffusionTransformer(tiny_config())
     with pytest.raises(ValueError, match="block-causal"):
         StaticStepRunner(model, 4, capture=False)
+
+
+def test_parallel_generator_with_cuda_graphs_equals_the_packed_path(block_model):
+    from pllm import ParallelGenerator
+    from pllm.decoding import decode_with_rules
+
+    prompts = [torch.arange(4, 4 + n) for n in (1, 6, 13, 30)]
+    cfg = GenerationConfig(max_new_tokens=40, num_refinement_steps=20, temperature=0.0, strategy="threshold",
+                           confidence_threshold=0.05)
+    packed = ParallelGenerator(block_model, cfg, use_cuda_graphs=False).generate_batch(prompts)
+    rules = [DecodeRules.from_config(cfg)] * len(prompts)
+    runner = StaticStepRunner(block_model, len(prompts), capture=DEVICE == "cuda")
+    fixed = decode_with_rules(block_model, prompts, rules, static=runner).tokens
+    assert [t.cpu().tolist() for t in fixed] == [t.tolist() for t in packed]
+    assert runner.num_steps > 0
+    generator = ParallelGenerator(block_model, cfg, use_cuda_graphs=True)
+    assert [t.tolist() for t in generator.generate_batch(prompts)] == [t.tolist() for t in packed]
+    assert (generator._static is not None) == (DEVICE == "cuda")  # graphs only on a GPU

@@ -74,14 +74,16 @@ def decode_with_rules(
     rules: list[DecodeRules],
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     suffixes: list[torch.Tensor] | None = None,
+    static=None,
 ) -> DecodeOutput:
     """`decode` with each prompt's settings given as DecodeRules (e.g. `DecodeRules.from_config`).
-    suffixes: per prompt, fixed tokens after the answer (infilling, bidirectional models)."""
+    suffixes: per prompt, fixed tokens after the answer (infilling, bidirectional models).
+    static: a StaticStepRunner for fixed-shape (CUDA-graph) steps (see `run_states`)."""
     suffixes = suffixes or [None] * len(prompts)
     states = [DecodeState(p, r, model.config, model.device, sfx) for p, r, sfx in zip(prompts, rules, suffixes)]
     nfe = 0
     while active := [s for s in states if not s.finished]:
-        logits = run_states(model, active)
+        logits = run_states(model, active, static)
         nfe += 1
         commits = {id(s): (s.start, s.advance(l)) for s, l in zip(active, logits)}
         if on_step is not None:
@@ -90,11 +92,19 @@ def decode_with_rules(
                         steps=sum(s.num_steps_taken for s in states), nfe_per_sequence=[s.nfe for s in states])
 
 
-def run_states(model: torch.nn.Module, states: list[DecodeState]) -> list[list[torch.Tensor]]:
-    """One packed forward pass over every segment of every state; the logits, grouped per state."""
-    segments = [s.segments() for s in states]
-    logits = iter(model.forward_segments([seg for segs in segments for seg in segs]))
-    return [[next(logits) for _ in segs] for segs in segments]
+def run_states(model: torch.nn.Module, states: list[DecodeState], static=None) -> list[list[torch.Tensor]]:
+    """One forward pass over every segment of every state; the logits, grouped per state.
+
+    static: a `pllm.engine.cuda_graphs.StaticStepRunner`; the states it takes run through its
+    fixed-shape (CUDA-graph) step, the others in one packed pass beside it."""
+    fixed = [s for s in states if static.eligible(s)] if static is not None else []
+    logits = dict(zip(map(id, fixed), static.run(fixed))) if fixed else {}
+    packed = [s for s in states if id(s) not in logits]
+    if packed:
+        segments = [s.segments() for s in packed]
+        flat = iter(model.forward_segments([seg for segs in segments for seg in segs]))
+        logits.update((id(s), [next(flat) for _ in segs]) for s, segs in zip(packed, segments))
+    return [logits[id(s)] for s in states]
 
 
 def _left_padded(states: list[DecodeState], commits: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ class StaticStepRunner:
         self.window = 2 * self.block
         self.buckets = batch_buckets(max_num_seqs)
         self.cache = model.new_static_cache(self.buckets[-1])
-        self.slot_of: dict[str, int] = {}  # request id -> its cache slot (= its row in the step)
+        self.slot_of: dict[DecodeState, int] = {}  # a running state -> its cache slot (= its row in the step)
         device, W, bs = model.device, self.window, self.block
         B = self.buckets[-1]
         self.tokens = torch.full((B, W), model.config.pad_token_id, dtype=torch.long, device=device)
@@ -74,11 +74,12 @@ class StaticStepRunner:
         torch.cuda.synchronize()
 
     # -- one step ------------------------------------------------------------------------------
-    def run(self, request_ids: list[str], states: list[DecodeState]) -> list[list[torch.Tensor]]:
-        """One step for these requests (all eligible): per request, the logits of its current block."""
+    def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
+        """One step for these states (all eligible): per state, the logits of its current block.
+        A state keeps its cache slot from step to step (states are keys by identity)."""
         n = len(states)
         B = next(b for b in self.buckets if b >= n)
-        self._assign_slots(request_ids, states)
+        self._assign_slots(states)
         bs, W = self.block, self.window
         self.tokens[:B].fill_(self.model.config.pad_token_id)
         self.positions[n:B] = torch.arange(-bs, bs, device=self.positions.device)
@@ -102,15 +103,15 @@ class StaticStepRunner:
         # The window's last block holds the current block at offset start - (lo + bs).
         return [[out[i, s.start - lo - bs:s.end - lo - bs]] for i, (s, lo) in enumerate(zip(states, starts))]
 
-    def _assign_slots(self, request_ids: list[str], states: list[DecodeState]) -> None:
-        """Row i of the step uses slot i: move continuing requests' slots, prefill new ones."""
+    def _assign_slots(self, states: list[DecodeState]) -> None:
+        """Row i of the step uses slot i: move continuing states' slots, prefill new ones."""
         old = self.slot_of
-        moves = [(old[r], i) for i, r in enumerate(request_ids) if r in old and old[r] != i]
+        moves = [(old[s], i) for i, s in enumerate(states) if s in old and old[s] != i]
         if moves:
             self.cache.move([m[0] for m in moves], [m[1] for m in moves])
-        self.slot_of = {r: i for i, r in enumerate(request_ids)}
-        for i, (r, state) in enumerate(zip(request_ids, states)):
-            if r not in old:
+        self.slot_of = {s: i for i, s in enumerate(states)}
+        for i, state in enumerate(states):
+            if state not in old:
                 self._prefill(state, i)
 
     def _prefill(self, state: DecodeState, slot: int) -> None:

@@ -33,14 +33,4 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, batch: list[Request]) -> list[list[torch.Tensor]]:
         """Per request, the logits of each of its segments (the state, then any drafts)."""
-        if self.static is None:
-            return run_states(self.model, [r.state for r in batch])
-        fixed = [r for r in batch if self.static.eligible(r.state)]
-        packed = [r for r in batch if not self.static.eligible(r.state)]
-        logits = {}
-        if fixed:
-            out = self.static.run([r.request_id for r in fixed], [r.state for r in fixed])
-            logits.update(zip((r.request_id for r in fixed), out))
-        if packed:
-            logits.update(zip((r.request_id for r in packed), run_states(self.model, [r.state for r in packed])))
-        return [logits[r.request_id] for r in batch]
+        return run_states(self.model, [r.state for r in batch], self.static)
