@@ -53,6 +53,12 @@ def fused_attention(
         # flash-attn takes (B, L, H, hd) and maps GQA heads itself.
         out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal)
         return out.transpose(1, 2)
+    if mask is not None and gqa:
+        # SDPA's memory-efficient kernel (the one that takes a mask) has no grouped-query mode and
+        # would fall back to the float32 math path: give every query head its key/value head.
+        groups = query.shape[1] // key.shape[1]
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+        gqa = False
     backends = UNMASKED_BACKENDS if mask is None else MASKED_BACKENDS
     if not use_flash:
         backends = [b for b in backends if b != SDPBackend.FLASH_ATTENTION]

@@ -106,9 +106,11 @@ class StaticKVCache:
 class StaticStep:
     """A fixed-shape pass over `rows` (B) slots of a StaticKVCache: each row computes a window of W
     consecutive positions, writes their keys/values into its slot, and reads keys [0, limit) of
-    its slot under the block-causal rule (plus itself, so padding rows never see nothing)."""
+    its slot under the block-causal rule (plus itself, so padding rows never see nothing), among
+    the slot's first key_length entries (shorter contexts read less)."""
 
     cache: StaticKVCache
     rows: slice  # slots of the rows
-    slots: torch.Tensor  # (B, W) cache indices of the window's positions (position + offset)
-    mask: torch.Tensor  # (B, 1, W, cache length) bool
+    slots: torch.Tensor  # (B, kv_heads, W, head_dim) cache index of each written key/value element
+    mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
+    key_length: int  # cache entries the step reads (a prefix of the slot)

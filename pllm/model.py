@@ -74,10 +74,10 @@ class Attention(nn.Module):
     def _static_cache_attention(self, q, k, v, step: StaticStep) -> torch.Tensor:
         """Write the window's keys/values into each row's slot, then attend over the whole slot
         under the step's mask (fixed shapes: CUDA-graph friendly)."""
-        ck, cv = step.cache.keys[self.layer_idx, step.rows], step.cache.values[self.layer_idx, step.rows]
-        rows = torch.arange(ck.shape[0], device=ck.device)[:, None]
-        ck[rows, :, step.slots] = k.transpose(1, 2).to(ck.dtype)  # (B, W, KV, hd) into (B, KV, S, hd)
-        cv[rows, :, step.slots] = v.transpose(1, 2).to(cv.dtype)
+        ck = step.cache.keys[self.layer_idx, step.rows, :, :step.key_length]
+        cv = step.cache.values[self.layer_idx, step.rows, :, :step.key_length]
+        ck.scatter_(2, step.slots, k.to(ck.dtype))  # (B, KV, W, hd) into (B, KV, S, hd): one kernel each
+        cv.scatter_(2, step.slots, v.to(cv.dtype))
         return fused_attention(q, ck, cv, mask=step.mask, use_flash=self.use_flash)
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
@@ -349,23 +349,28 @@ class DiffusionTransformer(nn.Module):
 
     @torch.no_grad()
     def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
-                       cache: StaticKVCache, rows: slice, num_logits: int) -> torch.Tensor:
+                       cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None) -> torch.Tensor:
         """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a
         window of consecutive positions per row; positions below 0 are padding), limits (B,) the
         first position no query may see. Keys/values of the window are written into the slots, and
-        each query reads its slot's keys at positions < limit in blocks up to its own. Returns the
+        each query reads its slot's keys at positions < limit in blocks up to its own, among the
+        first `key_length` cache entries (default: all; must cover every window). Returns the
         float32 logits of the last `num_logits` window positions, (B, num_logits, V)."""
-        bs = self.config.block_size
-        slots = positions + cache.offset
-        key_pos = torch.arange(cache.length, device=tokens.device) - cache.offset  # (S,)
+        bs, cfg = self.config.block_size, self.config
+        B, W = positions.shape
+        S = key_length or cache.length
+        slots = (positions + cache.offset)[:, None, :, None].expand(B, cfg.kv_heads, W, cfg.head_dim)
+        key_pos = torch.arange(S, device=tokens.device) - cache.offset  # (S,)
         visible = ((key_pos[None, None, :] >= 0) & (key_pos[None, None, :] < limits[:, None, None])
                    & (key_pos.div(bs, rounding_mode="floor")[None, None, :]
                       <= positions.div(bs, rounding_mode="floor")[:, :, None]))
         visible |= key_pos[None, None, :] == positions[:, :, None]  # every query sees itself
-        step = StaticStep(cache, rows, slots, visible[:, None])
+        # An additive bias built once for all layers (a bool mask is converted in every call).
+        x = self.embed_tokens(tokens)
+        bias = torch.zeros(B, 1, W, S, dtype=x.dtype, device=x.device).masked_fill_(~visible[:, None], float("-inf"))
+        step = StaticStep(cache, rows, slots, bias, S)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at][:, None], self.rope_sin[rope_at][:, None]
-        x = self.embed_tokens(tokens)
         for block in self.layers:
             x = block(x, cos, sin, step)
         if num_logits == 0:

@@ -5,7 +5,8 @@ the window of blocks k-1 and k: block k-1 is recomputed (it may have just finish
 keys/values become final) and block k is the one being decoded; everything before lives in the
 cache. That window is 2 * block_size tokens for every sequence at every step, so a whole batch is
 one fixed-shape pass over a preallocated `StaticKVCache` (a slot per running sequence), which is
-captured once per batch-size bucket (1, 2, 4, 8, ...) and replayed: one graph launch instead of
+captured once per batch-size bucket (1, 2, 4, 8, ...) and key-length bucket (the cache prefix the
+batch can see) and replayed: one graph launch instead of
 hundreds of kernel launches per step, which dominate at batch 1 (the CUDA-graph decoding of
 gpt-fast / nano-vllm, applied to block diffusion). Prompts are prefilled eagerly into their slot.
 On CPU the same fixed-shape step runs eagerly (that is what the CPU tests exercise).
@@ -42,7 +43,13 @@ class StaticStepRunner:
         self.tokens = torch.full((B, W), model.config.pad_token_id, dtype=torch.long, device=device)
         self.positions = torch.arange(-bs, bs, device=device).repeat(B, 1)
         self.limits = torch.zeros(B, dtype=torch.long, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Key-length buckets: a step reads only the cache prefix its sequences can see.
+        self.lengths, length = [], max(4 * W, 64)
+        while length < self.cache.length:
+            self.lengths.append(length)
+            length *= 2
+        self.lengths.append(self.cache.length)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_steps = self.num_replays = 0
         if capture:
             self._capture_all()
@@ -52,25 +59,26 @@ class StaticStepRunner:
         """Exact block cache, one segment per step (draft-and-verify runs several)."""
         return state.block_causal and state.cache_mode == "block" and not state.rules.draft_length
 
-    def _step(self, B: int) -> torch.Tensor:
+    def _step(self, B: int, S: int) -> torch.Tensor:
         return self.model.forward_static(self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
-                                         slice(0, B), self.block)
+                                         slice(0, B), self.block, key_length=S)
 
     def _capture_all(self) -> None:
         """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        shapes = [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]  # largest first
         with torch.cuda.stream(side):
-            for B in self.buckets:
-                self._step(B)  # warm-up: kernels picked and compiled outside the capture
+            for B, S in shapes:
+                self._step(B, S)  # warm-up: kernels picked and compiled outside the capture
         torch.cuda.current_stream().wait_stream(side)
         pool = None
-        for B in reversed(self.buckets):  # largest first, so the smaller ones fit in its pool
+        for B, S in shapes:  # the largest first, so the smaller ones fit in its memory pool
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self._step(B)
+                out = self._step(B, S)
             pool = graph.pool()
-            self.graphs[B] = (graph, out)
+            self.graphs[B, S] = (graph, out)
         torch.cuda.synchronize()
 
     # -- one step ------------------------------------------------------------------------------
@@ -93,13 +101,15 @@ class StaticStepRunner:
         self.positions[:n] = torch.tensor(starts, device=self.positions.device)[:, None] + torch.arange(
             W, device=self.positions.device)
         self.limits[:n] = torch.tensor([s.end for s in states], device=self.limits.device)
+        need = max(starts) + W + self.cache.offset  # the furthest cache entry any window touches
+        S = next(length for length in self.lengths if length >= need)
         self.num_steps += 1
-        if B in self.graphs:
-            graph, out = self.graphs[B]
+        if (B, S) in self.graphs:
+            graph, out = self.graphs[B, S]
             graph.replay()
             self.num_replays += 1
         else:
-            out = self._step(B)
+            out = self._step(B, S)
         # The window's last block holds the current block at offset start - (lo + bs).
         return [[out[i, s.start - lo - bs:s.end - lo - bs]] for i, (s, lo) in enumerate(zip(states, starts))]
 

@@ -1,0 +1,78 @@
+"""Where an engine step's time goes: CUDA-graph replay alone vs the whole step, and a profiler table.
+
+  python benchmarks/profile_step.py --device cuda --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
+from pllm.engine import Engine
+
+SHAPES = {
+    "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=2048),
+    "tiny": dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, max_position_embeddings=1024),
+}
+
+
+def timed(fn, n: int, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    args = p.parse_args()
+    device = args.device
+    torch.manual_seed(0)
+    cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=32)
+    model = DiffusionTransformer(cfg).to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    engine = Engine(model, EngineConfig(max_num_seqs=args.batch, max_batched_tokens=1 << 20), static_step=True)
+    gen = GenerationConfig(max_new_tokens=512, num_refinement_steps=512, temperature=0.0, strategy="threshold",
+                           use_adaptive_steps=False)
+    for _ in range(args.batch):
+        engine.add_request(torch.randint(4, cfg.vocab_size, (128,)), gen)
+    for _ in range(5):
+        engine.step()
+    static = engine.runner.static
+    B = next(b for b in static.buckets if b >= args.batch)
+    for S in static.lengths:
+        if (B, S) in static.graphs:
+            print(f"graph replay alone, key length {S}: {timed(static.graphs[B, S][0].replay, 50, device):.3f} ms")
+    S = static.lengths[0]
+    print(f"forward_static eager, key length {S}: {timed(lambda: static._step(B, S), 20, device):.3f} ms")
+    print(f"whole engine step: {timed(engine.step, 50, device):.3f} ms")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(10):
+            engine.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
+    if device == "cuda":
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                static._step(B, S)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()
