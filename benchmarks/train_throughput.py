@@ -1,26 +1,33 @@
 """Training throughput and MFU on one GPU: our trainer against an eager HF-Llama baseline.
 
-For each size (~125M, ~350M, ~1B, sequence 2048, bidirectional masked diffusion), in one run:
-  ours:     `DistributedTrainer` (bf16 autocast over fp32 master weights, torch.compile, flash
-            attention through `kernels.fused_attention`, the fused LM-head cross-entropy);
-  baseline: HF transformers' Llama blocks of the same shape made bidirectional (`is_causal=False`,
-            SDPA attention), eager PyTorch, the same objective (mask with probability t, logits
-            at masked positions, cross-entropy weighted 1/t), same optimizer and autocast.
-Both run without QK-norm (Llama has none), so parameter counts match. MFU = FLOPs per token
-(6 * matmul parameters + attention, `ModelConfig.flops_per_token`) * tokens/s over the bf16 matmul
-peak measured in the same run (8192^3), and over the datasheet peak for reference.
+Per size (~125M, ~350M, ~1B; sequence 2048; bidirectional masked diffusion), in one run:
+  ours:     `DistributedTrainer` (bf16 autocast over fp32 weights, torch.compile, the model's own
+            attention kernels and LM-head loss) via `training_step` / `strategy.backward` / `.step`;
+  baseline: `transformers.LlamaForCausalLM` of the same shape, SDPA, eager, made bidirectional
+            (`config.is_causal = False`: no causal mask, SDPA gets is_causal=False), with the same
+            objective (mask with probability t, logits at masked rows only, CE weighted 1/t, / B*L),
+            AdamW (fused on CUDA), autocast and gradient clipping.
+Both run without QK-norm (Llama has none; ours defaults to qk_norm=True): like-for-like architectures
+with equal parameter counts. MFU = `ModelConfig.flops_per_token(seq)` * tokens/s over the bf16 matmul
+peak measured at start (8192^3), and over the datasheet peak. Needs `transformers` (the dev extra).
 
-  python benchmarks/train_throughput.py --device cuda          # the H100 run (125m 350m 1b)
-  python benchmarks/train_throughput.py --quick                # CPU smoke run (tiny shape)
+  python benchmarks/train_throughput.py                        # GPU: 125m 350m 1b
+  python benchmarks/train_throughput.py --quick --device cpu   # CPU smoke run (tiny shape)
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
+import importlib.util
+import itertools
 import json
+import logging
 import platform
+import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,200 +35,243 @@ import torch
 import torch.nn.functional as F
 
 from pllm import DiffusionTransformer, DistributedTrainer, ModelConfig, TrainingConfig
-from pllm.optim import peak_flops
+from pllm.optim import param_groups, peak_flops
 
+log = logging.getLogger("train_throughput")
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {  # shape, micro-batch, sequence length
-    "125m": (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=2048), 16, 2048),
-    "350m": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=2816), 8, 2048),
-    "1b": (dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                intermediate_size=5632), 8, 2048),
-    "tiny": (dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=128), 4, 64),
+SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab; default micro-batch, sequence length
+    "125m": (768, 12, 12, 12, 2048, 32768, 16, 2048),
+    "350m": (1024, 24, 16, 16, 2816, 32768, 8, 2048),
+    "1b": (2048, 22, 32, 4, 5632, 32768, 8, 2048),  # = configs/gpu-1b.yaml
+    "tiny": (64, 2, 4, 2, 128, 512, 4, 64),  # CPU smoke run
 }
-MASK_ID = 3
+MASK_ID, LR, WEIGHT_DECAY, BETAS = 3, 3e-4, 0.1, (0.9, 0.95)  # the TrainingConfig defaults ours runs with
 
 
 def model_config(size: str) -> ModelConfig:
-    shape, _, seq = SIZES[size]
-    return ModelConfig(**{"vocab_size": 32768, **shape}, max_position_embeddings=max(seq, 64), qk_norm=False,
-                       tie_word_embeddings=True, noise_schedule="linear", attention_mode="bidirectional")
+    d, layers, heads, kv, ffn, vocab, _, seq = SIZES[size]
+    return ModelConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=kv, intermediate_size=ffn, max_position_embeddings=max(seq, 2048),
+                       qk_norm=False, tie_word_embeddings=True, noise_schedule="linear", attention_mode="bidirectional")
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
 
 
-def matmul_peak(device: str) -> float | None:
-    if device != "cuda":
+def matmul_peak(device: str, n: int = 8192, iters: int = 20) -> float | None:
+    """Measured dense bf16 matmul FLOP/s (the MFU denominator actually reachable on this GPU)."""
+    if not is_cuda(device):
         return None
-    a, b = (torch.randn(8192, 8192, dtype=torch.bfloat16, device=device) for _ in range(2))
-    for _ in range(3):
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=device) for _ in range(2))
+    for _ in range(5):
         a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(20):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
         a @ b
-    sync(device)
-    return 2 * 8192**3 * 20 / (time.perf_counter() - t0)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3)
 
 
-def batches(cfg: ModelConfig, batch: int, seq: int, device: str):
-    g = torch.Generator().manual_seed(0)
-    while True:
-        yield torch.randint(4, cfg.vocab_size, (batch, seq), generator=g).to(device)
+def random_batches(vocab: int, batch: int, seq: int, device: str, count: int = 4) -> list[torch.Tensor]:
+    # A few batches made on the device up front: no host-to-device copy (and its sync) inside the timed loop.
+    g = torch.Generator(device=device).manual_seed(0)
+    return [torch.randint(4, vocab, (batch, seq), generator=g, device=device) for _ in range(count)]
 
 
-def timed_steps(step, warmup: int, steps: int, device: str) -> float:
+def timed(step, warmup: int, steps: int, device: str) -> float:
+    sync = torch.cuda.synchronize if is_cuda(device) else (lambda: None)
     for _ in range(warmup):
-        step()  # compilation and allocator warm-up happen here
-    sync(device)
+        step()  # torch.compile and the allocator warm up here
+    sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    sync(device)
+    sync()
     return time.perf_counter() - t0
 
 
 # -- ours --------------------------------------------------------------------------------------
-def run_ours(cfg: ModelConfig, batch: int, seq: int, device: str, args) -> float:
-    train = TrainingConfig(batch_size=batch, seq_len=seq, num_train_steps=10**6, warmup_steps=1, use_fsdp=False,
-                           mixed_precision="bf16" if device == "cuda" else "no", use_torch_compile=device == "cuda",
+def run_ours(cfg: ModelConfig, batch: int, seq: int, device: str, args) -> dict:
+    train = TrainingConfig(batch_size=batch, seq_len=seq, learning_rate=LR, weight_decay=WEIGHT_DECAY,
+                           adam_beta1=BETAS[0], adam_beta2=BETAS[1], max_grad_norm=1.0, num_train_steps=10**6,
+                           warmup_steps=1, eval_interval=10**9, use_fsdp=False, use_cuda_graphs=False,
+                           mixed_precision="bf16" if is_cuda(device) else "no", use_torch_compile=is_cuda(device),
                            torch_compile_mode="default", gradient_checkpointing=args.checkpointing,
-                           eval_interval=10**9, output_dir="/tmp/train-throughput")
-    trainer = DistributedTrainer(DiffusionTransformer(cfg), train, train_dataloader=[None], device=device,
-                                 show_progress=False)
-    data = batches(cfg, batch, seq, device)
+                           output_dir="/tmp/train-throughput")
+    data = random_batches(cfg.vocab_size, batch, seq, device)
+    model = DiffusionTransformer(cfg)
+    trainer = DistributedTrainer(model, train, train_dataloader=data, show_progress=False, device=device)
+    batches = itertools.cycle(data)
 
     def step():
-        out = trainer.training_step(next(data))
+        out = trainer.training_step(next(batches))
         trainer.strategy.backward(out.loss)
         trainer.strategy.step()
 
-    seconds = timed_steps(step, args.warmup, args.steps, device)
-    return args.steps * batch * seq / seconds
+    seconds = timed(step, args.warmup, args.steps, device)
+    return {"tokens_per_s": args.steps * batch * seq / seconds, "params": model.num_parameters()}
 
 
 # -- eager HF Llama baseline -------------------------------------------------------------------
 def hf_llama(cfg: ModelConfig):
-    """HF Llama blocks of our shape, bidirectional: (LlamaModel, tied lm_head weight)."""
-    from transformers import LlamaConfig, LlamaModel
+    """`LlamaForCausalLM` of our shape (tied LM head), bidirectional, SDPA attention, no cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    llama = LlamaModel(LlamaConfig(
+    config = LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_position_embeddings,
-        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, attn_implementation="sdpa"))
-    for layer in llama.layers:
-        layer.self_attn.is_causal = False  # a denoiser attends both ways
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True, use_cache=False)
+    # transformers 5.x: config.is_causal=False makes the model build a bidirectional mask (None without
+    # padding, so SDPA can still pick flash attention) and pass is_causal=False to every attention call.
+    config.is_causal = False
+    llama = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+    for layer in llama.model.layers:
+        layer.self_attn.is_causal = False  # what SDPA reads when no is_causal kwarg comes (older versions)
     return llama
 
 
-def hf_loss(llama, input_ids: torch.Tensor) -> torch.Tensor:
-    """The masked-diffusion loss (linear schedule) computed the plain way: full logits at masked rows."""
+def hf_loss(llama, input_ids: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Masked-diffusion NELBO (linear schedule) the plain way: LM head on the masked rows, 1/t weights."""
     B, L = input_ids.shape
-    t = torch.rand(B, 1, device=input_ids.device).clamp_min(1e-3)
+    t = eps + (1 - eps) * torch.rand(B, 1, device=input_ids.device)
     masked = torch.rand(B, L, device=input_ids.device) < t
-    hidden = llama(torch.where(masked, MASK_ID, input_ids)).last_hidden_state
-    logits = hidden[masked] @ llama.embed_tokens.weight.t()  # tied LM head
+    hidden = llama.model(torch.where(masked, MASK_ID, input_ids), use_cache=False).last_hidden_state
+    logits = llama.lm_head(hidden[masked])
     ce = F.cross_entropy(logits.float(), input_ids[masked], reduction="none")
     return (ce / t.expand(B, L)[masked]).sum() / (B * L)
 
 
-def run_baseline(cfg: ModelConfig, batch: int, seq: int, device: str, args) -> float:
-    llama = hf_llama(cfg).to(device).train()
-    optimizer = torch.optim.AdamW(llama.parameters(), lr=3e-4, fused=device == "cuda")
-    data = batches(cfg, batch, seq, device)
+def run_baseline(cfg: ModelConfig, batch: int, seq: int, device: str, args) -> dict:
+    llama = hf_llama(cfg).to(device).train()  # fp32 master weights
+    optimizer = torch.optim.AdamW(param_groups(llama, WEIGHT_DECAY), lr=LR, betas=BETAS,
+                                  fused=True if is_cuda(device) else None)
+    batches = itertools.cycle(random_batches(cfg.vocab_size, batch, seq, device))
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = hf_loss(llama, next(data))
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=is_cuda(device)):
+            loss = hf_loss(llama, next(batches))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(llama.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds = timed_steps(step, args.warmup, args.steps, device)
-    return args.steps * batch * seq / seconds
+    seconds = timed(step, args.warmup, args.steps, device)
+    return {"tokens_per_s": args.steps * batch * seq / seconds, "params": sum(p.numel() for p in llama.parameters())}
 
 
 # -- report ------------------------------------------------------------------------------------
-def measure(run, *a) -> tuple[float | None, float | None, str | None]:
-    """(tokens/s, peak GiB, error) of one run; an out-of-memory run is recorded, not fatal."""
-    device = a[3]
-    if device == "cuda":
+def measure(run, cfg, batch, seq, device, args) -> dict:
+    """One run's result plus peak memory; out-of-memory is recorded as "oom" instead of ending the benchmark."""
+    if is_cuda(device):
         torch.cuda.reset_peak_memory_stats()
     try:
-        tokens_per_s, error = run(*a), None
-    except torch.OutOfMemoryError:
-        tokens_per_s, error = None, "oom"
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        result = run(cfg, batch, seq, device, args)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or one wrapped by torch.compile
+        if "out of memory" not in str(e).lower():
+            raise
+        result = {"tokens_per_s": None, "error": "oom"}
+    if is_cuda(device):
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    torch._dynamo.reset()  # compiled graphs keep the model alive; the next size starts clean
     gc.collect()
-    if device == "cuda":
+    if is_cuda(device):
         torch.cuda.empty_cache()
-    return tokens_per_s, memory, error
+    return result
+
+
+def fmt(value, spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| size | params | batch x seq | ours tok/s | ours MFU | eager HF tok/s | HF MFU | ours / HF |",
-             "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    header = "size | params | batch x seq | ours tok/s | ours MFU | eager HF tok/s | HF MFU | ours / HF | peak GB ours / HF"
+    lines = [f"| {header} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['size']} | {r['params'] / 1e6:.0f}M | {r['batch']} x {r['seq_len']} | "
-                     f"{fmt(r['ours_tokens_per_s'], ',.0f')} | {fmt(r['ours_mfu'], '.1%')} | "
-                     f"{fmt(r['baseline_tokens_per_s'], ',.0f')} | {fmt(r['baseline_mfu'], '.1%')} | "
-                     f"{fmt(r['speedup'], '.2f')} |")
+        ours, base = (fmt(r[f"{w}_tokens_per_s"], ",.0f", r.get(f"{w}_error", "n/a")) for w in ("ours", "baseline"))
+        lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['batch']} x {r['seq_len']} | {ours} | "
+                     f"{fmt(r['ours_mfu'], '.1%')} | {base} | {fmt(r['baseline_mfu'], '.1%')} | "
+                     f"{fmt(r['speedup'], '.2f')}x | "
+                     f"{fmt(r['ours_peak_mem_gb'], '.1f')} / {fmt(r['baseline_peak_mem_gb'], '.1f')} |")
     return "\n".join(lines)
+
+
+def provenance(device: str, args) -> dict:
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    hf_version = importlib.util.find_spec("transformers") and importlib.metadata.version("transformers")
+    return {"device": torch.cuda.get_device_name(device) if is_cuda(device) else platform.processor() or "cpu",
+            "torch": torch.__version__, "transformers": hf_version, "commit": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": shlex.join([sys.executable, *sys.argv]),
+            "steps": args.steps, "warmup": args.warmup, "checkpointing": args.checkpointing,
+            "ours": "DistributedTrainer, " + ("torch.compile default, bf16 autocast" if is_cuda(device) else "eager fp32"),
+            "baseline": "transformers LlamaForCausalLM, sdpa, eager, bidirectional", "qk_norm": False}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["125m", "350m", "1b"], choices=list(SIZES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sizes", nargs="+", default=["125m", "350m", "1b"], choices=sorted(SIZES))
     p.add_argument("--batch", type=int, default=None, help="micro-batch (default: per size)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 2 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our trainer")
     p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--quick", action="store_true", help="CPU smoke run: the tiny shape")
+    p.add_argument("--quick", action="store_true", help="smoke run: the tiny shape only")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    device = args.device
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    device, gpu = args.device, is_cuda(args.device)
     if args.quick:
         args.sizes = ["tiny"]
-    args.steps = args.steps or (10 if device == "cuda" else 2)
-    args.warmup = args.warmup or (3 if device == "cuda" else 1)
+    args.steps = args.steps if args.steps is not None else (10 if gpu else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+
     peak = matmul_peak(device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__,
-              "measured_bf16_peak_tflops": peak and peak / 1e12,
-              "datasheet_bf16_peak_tflops": (peak_flops(torch.device(device)) or 0) / 1e12 or None, "rows": []}
+    datasheet = peak_flops(torch.device(device))
+    report = {**provenance(device, args), "measured_bf16_peak_tflops": peak and peak / 1e12,
+              "datasheet_bf16_peak_tflops": datasheet and datasheet / 1e12, "rows": []}
+    log.info("device %s, measured bf16 matmul peak %s TFLOP/s", report["device"],
+             f"{peak / 1e12:.0f}" if peak else "n/a")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_throughput_{device}"
+    stem = f"train_throughput_{torch.device(device).type}"
     for size in args.sizes:
         cfg = model_config(size)
-        _, batch, seq = SIZES[size]
-        batch = args.batch or batch
-        flops = cfg.flops_per_token(seq)
-        ours, ours_mem, ours_err = measure(run_ours, cfg, batch, seq, device, args)
-        base, base_mem, base_err = (None, None, "skipped") if args.skip_baseline else measure(
+        *_, batch, seq = SIZES[size]
+        batch, flops = args.batch or batch, cfg.flops_per_token(seq)
+        log.info("%s: ours (batch %d x %d, warm-up %d steps incl. compile, %d timed)", size, batch, seq,
+                 args.warmup, args.steps)
+        ours = measure(run_ours, cfg, batch, seq, device, args)
+        log.info("%s: eager HF baseline", size)
+        base = {"tokens_per_s": None, "error": "skipped"} if args.skip_baseline else measure(
             run_baseline, cfg, batch, seq, device, args)
-        mfu = lambda tps: tps * flops / peak if (tps and peak) else None  # noqa: E731
-        row = {"size": size, "params": DiffusionTransformer(cfg).num_parameters(), "batch": batch, "seq_len": seq,
-               "flops_per_token": flops, "ours_tokens_per_s": ours, "ours_mfu": mfu(ours),
-               "ours_mfu_datasheet": ours * flops / report["datasheet_bf16_peak_tflops"] / 1e12
-               if (ours and report["datasheet_bf16_peak_tflops"]) else None,
-               "baseline_tokens_per_s": base, "baseline_mfu": mfu(base),
-               "speedup": ours / base if (ours and base) else None, "ours_peak_mem_gb": ours_mem,
-               "baseline_peak_mem_gb": base_mem, "errors": [e for e in (ours_err, base_err) if e]}
+        with torch.device("meta"):  # shapes only: the count without allocating weights (also after an OOM)
+            params = DiffusionTransformer(cfg).num_parameters()
+        row = {"size": size, "params": params,
+               "baseline_params": base.get("params"), "batch": batch, "seq_len": seq, "flops_per_token": flops}
+        for who, r in (("ours", ours), ("baseline", base)):
+            tps = r["tokens_per_s"]
+            row.update({f"{who}_tokens_per_s": tps, f"{who}_peak_mem_gb": r.get("peak_mem_gb"),
+                        f"{who}_mfu": tps * flops / peak if (tps and peak) else None,
+                        f"{who}_mfu_datasheet": tps * flops / datasheet if (tps and datasheet) else None})
+            if "error" in r:
+                row[f"{who}_error"] = r["error"]
+        o, b = ours["tokens_per_s"], base["tokens_per_s"]
+        row["speedup"] = o / b if (o and b) else None
         report["rows"].append(row)
-        (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-        (out / f"{stem}.md").write_text(table(report["rows"]) + "\n")
-        print(f"{size}: ours {ours} tok/s (MFU {row['ours_mfu']}), eager HF {base} tok/s, errors {row['errors']}",
-              flush=True)
+        # written after every size: a GPU job cut off by its time limit keeps the sizes it finished
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"{stem}.md").write_text(
+            f"Training throughput, {report['device']} (measured bf16 peak {fmt(peak and peak / 1e12, '.0f')} "
+            f"TFLOP/s), torch {report['torch']}, commit {report['commit'][:10]}, {report['date']}\n\n"
+            + table(report["rows"]) + "\n")
+        log.info("%s: ours %s tok/s, eager HF %s tok/s", size, o and f"{o:,.0f}", b and f"{b:,.0f}")
     print(table(report["rows"]))
 
 
