@@ -258,6 +258,7 @@ class EngineConfig(_ConfigMixin):
     # Block-causal models on a GPU: cached decoding steps run as fixed-shape passes replayed from
     # CUDA graphs captured per batch-size bucket (pllm/engine/cuda_graphs.py).
     use_cuda_graphs: bool = True
+    compile_step: bool = True  # ...with its elementwise chains fused by torch.compile (GPU)
 
 
 @dataclass(config=_STRICT)

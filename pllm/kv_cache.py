@@ -114,3 +114,4 @@ class StaticStep:
     slots: torch.Tensor  # (B, kv_heads, W, head_dim) cache index of each written key/value element
     mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
     key_length: int  # cache entries the step reads (a prefix of the slot)
+    fused: bool = False  # compiled elementwise kernels (see `pllm.model.fused`)

@@ -12,6 +12,7 @@ The model is single-device math: parallelism (FSDP2, DeepSpeed) is applied from 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def _norm_rotate(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
+    if weight is not None:
+        x = F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return apply_rotary(x, cos, sin)
+
+
+def _add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
+    h = x + y
+    return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@functools.cache
+def fused(fn):
+    """`fn` compiled once for all shapes: the decoding step's chains of small elementwise kernels
+    (QK-norm + rotary, residual add + RMSNorm, SiLU * up) become one kernel each."""
+    return torch.compile(fn, dynamic=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -62,7 +85,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        if isinstance(mask, StaticStep) and mask.fused:
+            qn, kn = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
+            q = fused(_norm_rotate)(q, qn, self.q_norm.eps if qn is not None else 0.0, cos, sin)
+            k = fused(_norm_rotate)(k, kn, self.k_norm.eps if kn is not None else 0.0, cos, sin)
+        else:
+            q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
         if isinstance(mask, PackedSegments):
             y = self._packed_attention(q, k, v, mask)
         elif isinstance(mask, StaticStep):
@@ -137,6 +165,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(mask, StaticStep) and mask.fused:
+            x, h = fused(_add_rms_norm)(x, self.attn(self.attn_norm(x), cos, sin, mask), self.mlp_norm.weight,
+                                        self.mlp_norm.eps)
+            mlp = self.mlp
+            return x + mlp.down_proj(fused(_silu_mul)(mlp.gate_proj(h), mlp.up_proj(h)))
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -349,13 +382,15 @@ class DiffusionTransformer(nn.Module):
 
     @torch.no_grad()
     def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
-                       cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None) -> torch.Tensor:
+                       cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None,
+                       fused_ops: bool = False) -> torch.Tensor:
         """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a
         window of consecutive positions per row; positions below 0 are padding), limits (B,) the
         first position no query may see. Keys/values of the window are written into the slots, and
         each query reads its slot's keys at positions < limit in blocks up to its own, among the
         first `key_length` cache entries (default: all; must cover every window). Returns the
-        float32 logits of the last `num_logits` window positions, (B, num_logits, V)."""
+        float32 logits of the last `num_logits` window positions, (B, num_logits, V). fused_ops: run
+        the elementwise chains through torch.compile'd kernels (GPU; `fused`)."""
         bs, cfg = self.config.block_size, self.config
         B, W = positions.shape
         S = key_length or cache.length
@@ -368,7 +403,7 @@ class DiffusionTransformer(nn.Module):
         # An additive bias built once for all layers (a bool mask is converted in every call).
         x = self.embed_tokens(tokens)
         bias = torch.zeros(B, 1, W, S, dtype=x.dtype, device=x.device).masked_fill_(~visible[:, None], float("-inf"))
-        step = StaticStep(cache, rows, slots, bias, S)
+        step = StaticStep(cache, rows, slots, bias, S, fused_ops)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at][:, None], self.rope_sin[rope_at][:, None]
         for block in self.layers:

@@ -91,3 +91,21 @@ def test_parallel_generator_with_cuda_graphs_equals_the_packed_path(block_model)
     generator = ParallelGenerator(block_model, cfg, use_cuda_graphs=True)
     assert [t.tolist() for t in generator.generate_batch(prompts)] == [t.tolist() for t in packed]
     assert (generator._static is not None) == (DEVICE == "cuda")  # graphs only on a GPU
+
+
+def test_compiled_step_ops_decode_the_same_tokens(block_model):
+    """torch.compile'd elementwise chains (QK-norm + rotary, add + RMSNorm, SiLU * up) in the
+    fixed-shape step: the same answers as the eager ops."""
+    from pllm.decoding import decode_with_rules
+
+    prompts = [torch.arange(4, 4 + n) for n in (1, 6, 13, 30)]
+    cfg = GenerationConfig(max_new_tokens=40, num_refinement_steps=20, temperature=0.0, strategy="threshold",
+                           confidence_threshold=0.05)
+    rules = [DecodeRules.from_config(cfg)] * len(prompts)
+    model = block_model.float()  # the compiled path is for the GPU dtypes; float64 is not its case
+    plain = decode_with_rules(model, prompts, rules, static=StaticStepRunner(model, 4, capture=False, compile_ops=False))
+    fused = decode_with_rules(model, prompts, rules, static=StaticStepRunner(model, 4, capture=DEVICE == "cuda",
+                                                                             compile_ops=True))
+    same = sum(int((a == b).sum()) for a, b in zip(plain.tokens, fused.tokens))
+    assert same >= 0.95 * sum(t.numel() for t in plain.tokens)
+    block_model.to(DTYPE)

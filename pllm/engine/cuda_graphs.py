@@ -30,10 +30,13 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 class StaticStepRunner:
     """Runs the states of requests (by id) through fixed-shape steps; see the module docstring."""
 
-    def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool):
+    def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None):
+        """capture: CUDA graphs (GPU); compile_ops: torch.compile the step's elementwise chains
+        (default: with capture)."""
         if model.config.attention_mode != "block_causal":
             raise ValueError("fixed-shape steps need a block-causal model (bidirectional models see the whole answer)")
         self.model, self.block = model, model.config.block_size
+        self.compile_ops = capture if compile_ops is None else compile_ops
         self.window = 2 * self.block
         self.buckets = batch_buckets(max_num_seqs)
         self.cache = model.new_static_cache(self.buckets[-1])
@@ -61,7 +64,7 @@ class StaticStepRunner:
 
     def _step(self, B: int, S: int) -> torch.Tensor:
         return self.model.forward_static(self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
-                                         slice(0, B), self.block, key_length=S)
+                                         slice(0, B), self.block, key_length=S, fused_ops=self.compile_ops)
 
     def _capture_all(self) -> None:
         """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""

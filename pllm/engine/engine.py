@@ -55,7 +55,7 @@ class Engine:
         self.generation = generation or GenerationConfig()  # defaults for requests that bring none
         if static_step is None:
             static_step = self.config.use_cuda_graphs and model.device.type == "cuda"
-        self.runner = ModelRunner(model, static_step, self.config.max_num_seqs)
+        self.runner = ModelRunner(model, static_step, self.config.max_num_seqs, self.config.compile_step)
         self.model_config = model.config
         self.scheduler = Scheduler(self.config)
         self._incoming: deque[Request] = deque()

@@ -20,11 +20,13 @@ class ModelRunner:
     step run instead through fixed-shape steps (`StaticStepRunner`), captured as CUDA graphs on
     GPUs; the others (draft-and-verify, no cache) still run packed, in a second pass."""
 
-    def __init__(self, model: DiffusionTransformer, static_step: bool = False, max_num_seqs: int = 32):
+    def __init__(self, model: DiffusionTransformer, static_step: bool = False, max_num_seqs: int = 32,
+                 compile_ops: bool = True):
         self.model = model.eval()
         self.static = None
         if static_step and model.config.attention_mode == "block_causal":
-            self.static = StaticStepRunner(model, max_num_seqs, capture=model.device.type == "cuda")
+            on_gpu = model.device.type == "cuda"
+            self.static = StaticStepRunner(model, max_num_seqs, capture=on_gpu, compile_ops=compile_ops and on_gpu)
 
     @property
     def device(self) -> torch.device:
