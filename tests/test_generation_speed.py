@@ -1,0 +1,25 @@
+"""The generation-speed benchmark runs end to end on CPU (tiny shapes; the H100 figures are in
+benchmarks/RESULTS.md)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generation_speed_quick_run_writes_every_row(tmp_path):
+    run = subprocess.run([sys.executable, "benchmarks/generation_speed.py", "--quick", "--device", "cpu", "--out",
+                          str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "generation_speed_tiny_cpu.json").read_text())
+    assert report["trained"]["model_parameters"] > 0 and report["trained"]["tpf_threshold_0.7"] >= 1.0
+    rows = {(r["batch"], r["path"].split(" ")[0]) for r in report["rows"]}
+    assert rows == {(1, "fixed-shape"), (1, "eager"), (4, "fixed-shape"), (4, "eager")}
+    for row in report["rows"]:
+        # every request decoded all its tokens, one per step (a barely trained model; threshold decoding)
+        assert row["tokens"] == row["batch"] * report["gen_tokens"] and row["tokens_per_s"] > 0
+        assert row["hf_tokens_per_s"] > 0 and row["step_ms_median"] > 0
+    assert (tmp_path / "out" / "generation_speed_tiny_cpu.md").read_text().startswith("| batch |")
