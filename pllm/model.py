@@ -100,8 +100,8 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
     def _static_cache_attention(self, q, k, v, step: StaticStep) -> torch.Tensor:
-        """Write the window's keys/values into each row's slot, then attend over the whole slot
-        under the step's mask (fixed shapes: CUDA-graph friendly)."""
+        """Write the window's keys/values into each row's slot, then attend over the slot's first
+        key_length entries under the step's mask (fixed shapes: CUDA-graph friendly)."""
         ck = step.cache.keys[self.layer_idx, step.rows, :, :step.key_length]
         cv = step.cache.values[self.layer_idx, step.rows, :, :step.key_length]
         ck.scatter_(2, step.slots, k.to(ck.dtype))  # (B, KV, W, hd) into (B, KV, S, hd): one kernel each

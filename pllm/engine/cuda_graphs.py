@@ -86,8 +86,9 @@ class StaticStepRunner:
 
     # -- one step ------------------------------------------------------------------------------
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
-        """One step for these states (all eligible): per state, the logits of its current block.
-        A state keeps its cache slot from step to step (states are keys by identity)."""
+        """One step for these states (all eligible): per state, the logits of its current block
+        (on a GPU, views of the graph's output: valid until the next step). A state keeps its cache
+        slot from step to step (states are keys by identity)."""
         n = len(states)
         B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)
