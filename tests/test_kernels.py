@@ -166,3 +166,15 @@ def test_triton_kernels_under_the_interpreter():
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
+
+
+def test_seed_readme_kernel_snippet_runs():
+    """The seed README's "Custom Kernels" snippet, under the distribution's import name."""
+    from parallel_llm.kernels import flash_attention, fused_attention, parallel_decode
+
+    query = key = value = torch.randn(2, 4, 32, 16, device=DEVICE)
+    output = fused_attention(query, key, value, use_flash=True)
+    assert output.shape == query.shape
+    assert torch.allclose(flash_attention(query, key, value), output, atol=1e-5)
+    tokens = parallel_decode(torch.randn(2, 32, 100, device=DEVICE), num_parallel=64).tokens
+    assert tokens.shape == (2, 32)
