@@ -44,7 +44,8 @@ def fused_attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention. query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV
     dividing H (grouped-query attention: query head h reads key/value head h // (H // KV)).
-    mask: bool, broadcastable to (B, H, Lq, Lk), True = may attend. Returns (B, H, Lq, hd)."""
+    mask: broadcastable to (B, H, Lq, Lk), bool (True = may attend) or an additive float bias.
+    Returns (B, H, Lq, hd)."""
     gqa = key.shape[1] != query.shape[1]
     if block_size is not None:
         block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
