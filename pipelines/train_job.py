@@ -137,7 +137,9 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> TrainJobRes
                                      job.tracking.registered_model, job.tracking.alias)
     client.set_terminated(run_id)
 
-    model = load_model(model_dir)
+    import torch
+
+    model = load_model(model_dir, "cuda" if torch.cuda.is_available() else "cpu")  # a 1B sample on CPU takes minutes
     generator = ParallelGenerator(model, job.generation, tokenizer=load_tokenizer(model_dir))
     text = generator.generate_text(job.prompt)
     metrics["generation_nfe"] = generator.last_output.nfe

@@ -229,11 +229,14 @@ class GenerationConfig(_ConfigMixin):
     #   "factor"       Fast-dLLM's factor rule with parallel_factor;
     #   "credit"       CreditDecoding: threshold commits on logits fused with trace credits;
     #   "draft_verify" FreeDave: lossless draft-and-verify; the answer equals "static"'s.
-    strategy: Literal["static", "threshold", "factor", "credit", "draft_verify"] = "static"
+    #   "speculative": a draft model proposes, this model verifies (pllm/decoding/speculative.py);
+    #       lossless: the target's distribution (autoregressive targets) / its static decoding (block targets).
+    strategy: Literal["static", "threshold", "factor", "credit", "draft_verify", "speculative"] = "static"
     block_size: Optional[PositiveInt] = None  # semi-autoregressive block length; None = one block
     seed: Optional[int] = None  # sampling seed (per request); None = nondeterministic when sampling
     parallel_factor: Annotated[float, Field(gt=0.0)] = 1.0  # "factor": f in n-th token conf >= 1 - f/(n+1)
-    draft_length: PositiveInt = 4  # "draft_verify": drafted future steps verified per forward pass
+    draft_length: PositiveInt = 4  # "draft_verify" / "speculative": drafted future steps (tokens for an
+    #   autoregressive target) verified per forward pass
     credit_alpha: Annotated[float, Field(ge=0.0)] = 0.7  # "credit": weight of log(1 + credit)
     credit_beta: Probability = 0.8  # "credit": per-step decay of the credits
     credit_gamma: Annotated[float, Field(gt=0.0)] = 0.2  # "credit": the top token gains p ** gamma

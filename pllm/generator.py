@@ -7,7 +7,7 @@ import logging
 import torch
 
 from .config import GenerationConfig
-from .decoding import DecodeOutput, DecodeRules, decode_with_rules
+from .decoding import DecodeOutput, DecodeRules, Drafter, check_draft_model, decode_with_rules
 from .engine.cuda_graphs import StaticStepRunner
 from .model import DiffusionTransformer
 
@@ -37,8 +37,14 @@ class ParallelGenerator:
         use_kv_cache: bool = True,
         use_cuda_graphs: bool = True,
         tokenizer=None,
+        draft_model: DiffusionTransformer | None = None,
     ):
+        """draft_model: a small model with the same tokenizer, for strategy="speculative"."""
         self.model = model
+        self.drafter = None
+        if draft_model is not None:
+            check_draft_model(model.config, draft_model.config)
+            self.drafter = Drafter(draft_model)
         self.config = config or GenerationConfig()
         self.use_kv_cache = use_kv_cache
         self.use_cuda_graphs = use_cuda_graphs
@@ -77,7 +83,7 @@ class ParallelGenerator:
         self.model.eval()
         try:
             self.last_output = decode_with_rules(self.model, prompts, [rules] * len(prompts),
-                                                 static=self._static_runner(len(prompts)))
+                                                 static=self._static_runner(len(prompts)), drafter=self.drafter)
         finally:
             self.model.train(was_training)
         return [t.cpu() for t in self.last_output.tokens]

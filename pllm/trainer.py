@@ -131,6 +131,13 @@ class DistributedTrainer:
         for cb in self.callbacks:
             cb(metrics, self.step)
 
+    def _memory_gib(self) -> dict[str, float]:
+        """Per-GPU memory, the largest over ranks: the peak so far (activations included) and what is held
+        between steps (parameters + optimizer state; gradients are freed), which sharding divides."""
+        peak, held = self.strategy.all_reduce([torch.cuda.max_memory_allocated(self.device) / 2**30,
+                                               torch.cuda.memory_allocated(self.device) / 2**30], op="max")
+        return {"peak_memory_gib": peak, "state_memory_gib": held}
+
     def _out_of_time(self, deadline: float) -> bool:
         if deadline == math.inf:
             return False
@@ -170,6 +177,8 @@ class DistributedTrainer:
                 if self._peak:
                     flops = self.model_config.flops_per_token(cfg.seq_len) * last["tokens_per_s"]
                     last["mfu"] = flops / (self._peak * strategy.world_size)
+                if self.device.type == "cuda":
+                    last.update(self._memory_gib())
                 self._emit(last)
                 window_tokens, window_start = 0, time.perf_counter()
             if self.eval_dataloader is not None and self.step % cfg.eval_interval == 0:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .speculative import Drafter, check_draft_model
 from .state import DecodeRules, DecodeState
 
 
@@ -23,6 +24,13 @@ class DecodeOutput:
     nfe: int = 0  # model forward passes (batched)
     steps: int = 0  # denoising steps summed over the prompts (draft-and-verify takes several per pass)
     nfe_per_sequence: list[int] = field(default_factory=list)  # forward passes each prompt took part in
+    draft_nfe: int = 0  # draft-model forward passes (speculative decoding)
+    drafted: int = 0  # drafted tokens (autoregressive target) or steps, summed over the prompts
+    accepted: int = 0  # ... of which the target accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.drafted, 1)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -45,6 +53,7 @@ def decode(
     stop_at_eos: bool = False,
     seed: int | None | list[int | None] = None,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    draft_model: torch.nn.Module | None = None,
     **options,
 ) -> DecodeOutput:
     """Decode `gen_length` tokens after each prompt (1-D tensors, any lengths).
@@ -57,14 +66,16 @@ def decode(
     stop_at_eos: once a row's answer has a final EOS (every token before it committed), the rest of
         the row becomes EOS and the row takes no more steps; the loop ends when every row is finished.
     seed: one seed for every row, or one per row (sampling only).
-    options: the other `DecodeRules` fields (credit, draft_length, cache, parallel_factor, ...).
+    draft_model: the draft model for speculative=True (see `speculative.py`).
+    options: the other `DecodeRules` fields (credit, draft_length, speculative, cache, parallel_factor, ...).
     on_step(x, committed): called after each forward pass with the full state (B, P+G), prompts
         left-padded with pad_token_id, and the bool mask of positions committed by that pass.
     """
     seeds = seed if isinstance(seed, list) else [seed] * len(prompts)
     rules = [DecodeRules(gen_length, num_steps, block_size, temperature, top_k, top_p, repetition_penalty,
                          confidence_threshold, min_per_step, stop_at_eos, s, **options) for s in seeds]
-    return decode_with_rules(model, prompts, rules, on_step)
+    drafter = Drafter(draft_model) if draft_model is not None else None
+    return decode_with_rules(model, prompts, rules, on_step, drafter=drafter)
 
 
 @torch.no_grad()
@@ -75,21 +86,31 @@ def decode_with_rules(
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     suffixes: list[torch.Tensor] | None = None,
     static=None,
+    drafter: Drafter | None = None,
 ) -> DecodeOutput:
     """`decode` with each prompt's settings given as DecodeRules (e.g. `DecodeRules.from_config`).
     suffixes: per prompt, fixed tokens after the answer (infilling, bidirectional models).
-    static: a StaticStepRunner for fixed-shape (CUDA-graph) steps (see `run_states`)."""
+    static: a StaticStepRunner for fixed-shape (CUDA-graph) steps (see `run_states`).
+    drafter: the draft model's `Drafter`, needed by rules with speculative=True."""
     suffixes = suffixes or [None] * len(prompts)
+    if any(r.speculative for r in rules):
+        if drafter is None:
+            raise ValueError("speculative decoding needs a draft model")
+        check_draft_model(model.config, drafter.config)
     states = [DecodeState(p, r, model.config, model.device, sfx) for p, r, sfx in zip(prompts, rules, suffixes)]
-    nfe = 0
+    nfe = draft_nfe = 0
     while active := [s for s in states if not s.finished]:
+        if drafter is not None:
+            draft_nfe += drafter.propose(active)
         logits = run_states(model, active, static)
         nfe += 1
         commits = {id(s): (s.start, s.advance(l)) for s, l in zip(active, logits)}
         if on_step is not None:
             on_step(*_left_padded(states, commits, model.config.pad_token_id))
     return DecodeOutput(tokens=[s.answer.clone() for s in states], nfe=nfe,
-                        steps=sum(s.num_steps_taken for s in states), nfe_per_sequence=[s.nfe for s in states])
+                        steps=sum(s.num_steps_taken for s in states), nfe_per_sequence=[s.nfe for s in states],
+                        draft_nfe=draft_nfe, drafted=sum(s.drafted for s in states),
+                        accepted=sum(s.accepted for s in states))
 
 
 def run_states(model: torch.nn.Module, states: list[DecodeState], static=None) -> list[list[torch.Tensor]]:

@@ -15,6 +15,9 @@ Strategies (`GenerationConfig.strategy`, see `DecodeRules.from_config`):
   previous accepted state and its logits, yields exactly that draft; its logits then serve the next
   step. Every accepted state is one the static decoder reaches (same logits, same random draws, in
   order), so the answer equals static decoding's, in fewer forward passes.
+- speculative: the same verification with drafts from a separate draft model, or for an
+  autoregressive target (block-causal, block_size 1) standard speculative sampling
+  (`speculative.py`; the engine's `Drafter` proposes before each pass).
 
 Caches (`KVCache` / `Segment`, see `pllm/kv_cache.py`): "block" is exact for block-causal models;
 "prefix" and "dual" (Fast-dLLM) are approximations for bidirectional models, refreshed by a full
@@ -59,7 +62,8 @@ class DecodeRules:
     credit_alpha: float = 0.7
     credit_beta: float = 0.8
     credit_gamma: float = 0.2
-    draft_length: int = 0  # draft-and-verify: future static steps drafted and verified per pass
+    draft_length: int = 0  # draft-and-verify / speculative: future steps drafted and verified per pass
+    speculative: bool = False  # drafts come from a draft model (`speculative.Drafter`), not the model itself
     cache: str = "none"  # one of CACHE_MODES
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class DecodeRules:
         if self.draft_length and (self.min_per_step != "schedule" or self.credit):
             raise ValueError("draft-and-verify reproduces static decoding: it needs min_per_step='schedule' "
                              "and no credit")
+        if self.speculative and not self.draft_length:
+            raise ValueError("speculative decoding needs draft_length >= 1")
 
     def check_model(self, model_config: ModelConfig) -> None:
         """Raise ValueError if these rules cannot run on this model."""
@@ -83,15 +89,16 @@ class DecodeRules:
         # use_adaptive_steps: static steps also commit whatever is already above the threshold
         # (confident blocks take fewer steps), and an answer stops at its first final EOS.
         threshold = cfg.confidence_threshold if (s in ("threshold", "credit") or
-                                                 (s in ("static", "draft_verify") and cfg.use_adaptive_steps)) else None
+                                                 (s in ("static", "draft_verify", "speculative") and cfg.use_adaptive_steps)) else None
         return cls(gen_length=gen_length or cfg.max_new_tokens, num_steps=cfg.num_refinement_steps,
                    block_size=cfg.block_size, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    repetition_penalty=cfg.repetition_penalty, confidence_threshold=threshold,
                    min_per_step={"threshold": "one", "credit": "one", "factor": "factor"}.get(s, "schedule"),
                    stop_at_eos=cfg.use_adaptive_steps, seed=cfg.seed, parallel_factor=cfg.parallel_factor,
                    credit=s == "credit", credit_alpha=cfg.credit_alpha, credit_beta=cfg.credit_beta,
-                   credit_gamma=cfg.credit_gamma, draft_length=cfg.draft_length if s == "draft_verify" else 0,
-                   cache=cfg.kv_cache)
+                   credit_gamma=cfg.credit_gamma,
+                   draft_length=cfg.draft_length if s in ("draft_verify", "speculative") else 0,
+                   speculative=s == "speculative", cache=cfg.kv_cache)
 
 
 def block_bounds(prompt_len: int, total: int, block_size: int, aligned: bool) -> list[tuple[int, int]]:
@@ -140,6 +147,18 @@ class DecodeState:
         if rules.temperature > 0:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(rules.seed if rules.seed is not None else int(torch.randint(0, 2**62, (1,))))
+        # Speculative decoding (`speculative.py`): the draft model's proposal for the next pass, its
+        # cache and its random draws; an autoregressive target verifies token by token.
+        self.ar_target = self.block_causal and model_config.block_size == 1
+        self.speculation = None
+        self.draft_kv: KVCache | None = None
+        self.draft_generator = None
+        if rules.speculative and rules.temperature > 0:
+            self.draft_generator = torch.Generator(device=device)
+            # Its own stream: the target's draws must stay those of decoding without a draft model.
+            seed = (rules.seed + 0x5DEECE66D) % 2**62 if rules.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            self.draft_generator.manual_seed(seed)
+        self.drafted = self.accepted = 0  # drafted tokens (AR target) or steps, and how many were accepted
         self.nfe = 0  # forward passes this sequence took part in
         self.num_steps_taken = 0  # denoising steps (rule applications); > nfe with draft-and-verify
         self.drafts: list[torch.Tensor] = []
@@ -186,7 +205,82 @@ class DecodeState:
         compute, store = self._plan()
         window = self.window()
         current = Segment(self.tokens, window, compute, self.kv, store)
+        if self.ar_target and self.speculation is not None:
+            return [current] + self._prefix_segments(compute[0] if compute else 0)
         return [current] + [Segment(d, window, compute, self.kv, None) for d in self.drafts]
+
+    # -- speculative decoding with a draft model --------------------------------------------------
+    def wants_speculation(self) -> bool:
+        return self.rules.speculative and not self.finished and self.speculation is None and not self.drafts
+
+    def speculation_positions(self) -> torch.Tensor:
+        """Where the draft model proposes: the next `draft_length` tokens (autoregressive target),
+        else the current block's masked positions."""
+        if self.ar_target:
+            return torch.arange(self.start, min(self.start + self.rules.draft_length, self.answer_end),
+                                device=self.tokens.device)
+        block = self.tokens[self.start:self.end]
+        return (block == self.cfg.mask_token_id).nonzero().flatten() + self.start
+
+    def set_speculation(self, spec) -> None:
+        """The draft model's proposal (a `speculative.Speculation`) for the next pass."""
+        if self.ar_target:
+            self.speculation = spec
+            return
+        # Block target: the draft's tokens, in the draft's confidence order, give the future static states.
+        proposal = self.tokens[self.start:self.end].clone()
+        confidence = torch.zeros(proposal.shape, dtype=torch.float32, device=proposal.device)
+        proposal[spec.positions - self.start] = spec.tokens
+        confidence[spec.positions - self.start] = spec.confidence.float()
+        self.drafts = self._draft(proposal, confidence)
+
+    def _prefix_segments(self, compute_start: int) -> list[Segment]:
+        """Autoregressive target: the logits after each drafted prefix, read-only on the cache."""
+        n, drafted = self.start, self.speculation.tokens
+        segments = []
+        for k in range(1, drafted.numel() + 1):
+            if n + k >= self.answer_end:
+                break
+            tokens = self.tokens.clone()
+            tokens[n:n + k] = drafted[:k]
+            segments.append(Segment(tokens, torch.tensor([n + k], device=tokens.device), (compute_start, n + k + 1),
+                                    self.kv, None))
+        return segments
+
+    def _verify_tokens(self, logits: list[torch.Tensor]) -> int:
+        """Speculative sampling over the drafted tokens; returns how many tokens were committed."""
+        from .speculative import token_distribution
+
+        spec, r = self.speculation, self.rules
+        self.speculation = None
+        committed = 0
+        for k, step_logits in enumerate(logits):
+            p = token_distribution(step_logits, r, self.cfg, self.tokens)[0]
+            drafted = k < spec.tokens.numel()
+            if drafted:
+                d = int(spec.tokens[k])
+                if r.temperature == 0:
+                    token = int(p.argmax())
+                else:  # accept with probability min(1, p/q), else draw from norm(max(p - q, 0))
+                    q = spec.probs[k]
+                    u = torch.rand((), dtype=torch.float64, generator=self.generator, device=p.device)
+                    token = d if u * q[d] < p[d] else None
+                    if token is None:
+                        residual = (p - q).clamp_min(0)
+                        residual = residual if residual.sum() > 0 else p
+                        token = int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
+                self.drafted += 1
+                self.accepted += token == d
+            else:  # every drafted token was accepted: one more from the target's own distribution
+                token = int(p.argmax()) if r.temperature == 0 else int(torch.multinomial(p, 1, generator=self.generator))
+            block = self.tokens[self.start:self.end]
+            still_masked = block == self.cfg.mask_token_id
+            one = torch.tensor([token], device=block.device)
+            self._commit(block, still_masked, one, p[one].float(), still_masked.clone())
+            committed += 1
+            if self.finished or not drafted or token != d:
+                break
+        return committed
 
     # -- one forward pass ----------------------------------------------------------------------
     def advance(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -194,14 +288,20 @@ class DecodeState:
         the block that was current before the call which were committed by this pass."""
         logits = [logits] if isinstance(logits, torch.Tensor) else list(logits)
         start, end, drafts = self.start, self.end, self.drafts
+        if self.ar_target and self.speculation is not None:
+            self.nfe += 1
+            return torch.ones(self._verify_tokens(logits), dtype=torch.bool, device=self.tokens.device)
         committed = torch.zeros(end - start, dtype=torch.bool, device=self.tokens.device)
         for i, step_logits in enumerate(logits):
             # Logits i > 0 belong to drafts[i - 1]: usable only if the state now is exactly that draft.
             if i and (self.finished or self.start != start or not torch.equal(self.tokens, drafts[i - 1])):
                 break
+            self.accepted += i > 0
             committed |= self._step(step_logits)
         self.nfe += 1
-        self.drafts = self._draft() if (self.rules.draft_length and not self.finished and self.start == start) else []
+        self.drafted += len(drafts)
+        self_drafting = self.rules.draft_length and not self.rules.speculative
+        self.drafts = self._draft(*self._last) if (self_drafting and not self.finished and self.start == start) else []
         return committed
 
     def _step(self, logits: torch.Tensor) -> torch.Tensor:
@@ -251,10 +351,10 @@ class DecodeState:
                 self.finished = True
         return commit
 
-    def _draft(self) -> list[torch.Tensor]:
-        """The states the static rule reaches in the next steps if the last step's confidence order
-        and proposals held: each draft commits the next scheduled count of masked positions."""
-        proposal, confidence = self._last
+    def _draft(self, proposal: torch.Tensor, confidence: torch.Tensor) -> list[torch.Tensor]:
+        """The states the static rule reaches in the next steps if this confidence order and these
+        proposals (over the current block; the last step's, or a draft model's) held: each draft
+        commits the next scheduled count of masked positions."""
         block = self.tokens[self.start:self.end]
         masked = (block == self.cfg.mask_token_id).nonzero().flatten()
         if masked.numel() == 0:

@@ -16,7 +16,7 @@ from collections import deque
 import torch
 
 from ..config import EngineConfig, GenerationConfig, ModelConfig
-from ..decoding import DecodeRules, DecodeState
+from ..decoding import DecodeRules, DecodeState, Drafter, check_draft_model
 from ..model import DiffusionTransformer
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, tokens_per_pass
@@ -48,21 +48,27 @@ def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_to
 
 class Engine:
     def __init__(self, model: DiffusionTransformer, config: EngineConfig | None = None,
-                 generation: GenerationConfig | None = None, static_step: bool | None = None):
+                 generation: GenerationConfig | None = None, static_step: bool | None = None,
+                 draft_model: DiffusionTransformer | None = None):
         """static_step: fixed-shape (CUDA-graph) steps for block-causal models; default: on when
-        `config.use_cuda_graphs` and the model is on a GPU."""
+        `config.use_cuda_graphs` and the model is on a GPU.
+        draft_model: a small model with the same tokenizer, for requests with strategy="speculative"."""
         self.config = config or EngineConfig()
         self.generation = generation or GenerationConfig()  # defaults for requests that bring none
         if static_step is None:
             static_step = self.config.use_cuda_graphs and model.device.type == "cuda"
         self.runner = ModelRunner(model, static_step, self.config.max_num_seqs, self.config.compile_step)
         self.model_config = model.config
+        if draft_model is not None:
+            check_draft_model(model.config, draft_model.config)
+        self.drafter = Drafter(draft_model) if draft_model is not None else None
         self.scheduler = Scheduler(self.config)
         self._incoming: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._ids = itertools.count()
         self.stats = {"steps": 0, "batch_size": 0, "peak_batch_size": 0, "batch_tokens": 0, "generated_tokens": 0,
-                      "finished": 0, "aborted": 0}
+                      "finished": 0, "aborted": 0, "draft_passes": 0, "drafted_tokens": 0,
+                      "accepted_draft_tokens": 0}
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -75,6 +81,8 @@ class Engine:
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten()
         rules = DecodeRules.from_config(config)
         rules.check_model(self.model_config)
+        if rules.speculative and self.drafter is None:
+            raise ValueError("strategy 'speculative' needs a draft model, and this engine has none")
         check_request(self.model_config, self.config, prompt.numel(), config.max_new_tokens, rules.draft_length)
         request_id = request_id or f"req-{next(self._ids)}"
         self._incoming.append(Request(request_id, prompt, config, rules))
@@ -102,10 +110,16 @@ class Engine:
             request.state = DecodeState(request.prompt, request.rules, self.model_config, self.runner.device)
         if not batch:
             return outputs
+        if self.drafter is not None:
+            self.stats["draft_passes"] += self.drafter.propose([r.state for r in batch])
         logits = self.runner.run(batch)
         now = time.perf_counter()
         for request, block_logits in zip(batch, logits):
-            request.state.advance(block_logits)
+            state = request.state
+            drafted, accepted = state.drafted, state.accepted
+            state.advance(block_logits)
+            self.stats["drafted_tokens"] += state.drafted - drafted
+            self.stats["accepted_draft_tokens"] += state.accepted - accepted
             final = request.state.final_tokens()
             new = final[request.num_sent:].tolist()
             if new and request.first_token_time is None:
