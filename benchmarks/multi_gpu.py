@@ -98,19 +98,21 @@ def train(args) -> None:
             wall = run_job(job_command(args, strategy, n, out), args.work / f"train-{strategy}-{n}.log", args.timeout)
             m = json.loads((out / "metrics.json").read_text())
             assert m["world_size"] == n and m["step"] == args.steps, m
-            row = {"strategy": strategy, "gpus": n, "tokens_per_s": m["tokens_per_s"],
-                   "tokens_per_s_per_gpu": m["tokens_per_s"] / n, "mfu": m.get("mfu"),
-                   "peak_memory_gib": m.get("peak_memory_gib"), "state_memory_gib": m.get("state_memory_gib"),
-                   "loss": m["loss"], "job_wall_s": wall}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append({"strategy": strategy, "gpus": n, "tokens_per_s": m["tokens_per_s"],
+                         "tokens_per_s_per_gpu": m["tokens_per_s"] / n, "mfu": m.get("mfu"),
+                         "peak_memory_gib": m.get("peak_memory_gib"), "state_memory_gib": m.get("state_memory_gib"),
+                         "loss": m["loss"], "job_wall_s": wall})
+            print(json.dumps(rows[-1]), flush=True)
+            report_train(args, rows)  # after every job: a run cut short still leaves its rows
+
+
+def report_train(args, rows: list[dict]) -> None:
     for row in rows:
-        base = next(r for r in rows if r["strategy"] == row["strategy"] and r["gpus"] == min(args.gpus))
-        scale = row["gpus"] / base["gpus"]
+        base = next(r for r in rows if r["strategy"] == row["strategy"])
         row["scaling_efficiency"] = row["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
         if row["state_memory_gib"]:
             row["state_memory_reduction"] = base["state_memory_gib"] / row["state_memory_gib"]
-            row["ideal_reduction"] = scale
+            row["ideal_reduction"] = row["gpus"] / base["gpus"]
     results = {"env": environment(args.device), "size": args.size, "steps": args.steps, "rows": rows}
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     table = ["| strategy | GPUs | tok/s | tok/s per GPU | scaling eff. | MFU | peak mem/GPU (GiB) | "
@@ -119,7 +121,7 @@ def train(args) -> None:
         table.append(f"| {r['strategy']} | {r['gpus']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | "
                      f"{r['scaling_efficiency']:.1%} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_memory_gib'], '.1f')} | "
                      f"{fmt(r['state_memory_gib'], '.1f')} | "
-                     f"{fmt(r.get('state_memory_reduction'), '.2f')}x ({r['gpus'] / min(args.gpus):.0f}x) |")
+                     f"{fmt(r.get('state_memory_reduction'), '.2f')}x ({fmt(r.get('ideal_reduction'), '.0f')}x) |")
     path = write(results, "train_" + "_".join(args.strategies), "\n".join(table), args.out)
     plot_train(rows, path.with_suffix(".png"))
 
