@@ -30,11 +30,15 @@ LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 
 class Generator:
-    def __init__(self, model: str, mlflow_uri: str | None = None, engine: dict | None = None, device: str = "auto"):
+    def __init__(self, model: str, mlflow_uri: str | None = None, engine: dict | None = None, device: str = "auto",
+                 draft_model: str | None = None):
+        """draft_model: a small model with the same tokenizer (same forms as `model`), loaded on the same
+        device, for requests with strategy="speculative"."""
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         model_dir, generation = resolve_model_source(model, mlflow_uri)
+        draft = load_model(resolve_model_source(draft_model, mlflow_uri)[0], device=device) if draft_model else None
         self.engine = Engine(load_model(model_dir, device=device), EngineConfig.from_dict(engine or {}),
-                             generation or GenerationConfig())
+                             generation or GenerationConfig(), draft_model=draft)
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = threading.Event()
@@ -42,7 +46,7 @@ class Generator:
         self._metrics()
         self._thread = threading.Thread(target=self._run, name="pllm-engine", daemon=True)
         self._thread.start()
-        log.info("Generator ready: %s on %s", model, device)
+        log.info("Generator ready: %s on %s%s", model, device, f" (draft model {draft_model})" if draft_model else "")
 
     def _metrics(self) -> None:
         self.m_requests = metrics.Counter("pllm_requests", "Finished generation requests.", tag_keys=("finish_reason",))

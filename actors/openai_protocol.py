@@ -3,7 +3,8 @@
 Requests are validated with pydantic; a failure becomes an OpenAI-style error object
 (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status. Beyond OpenAI's fields, a
 request may choose the diffusion decoding (`strategy`, `steps`, `block_size`,
-`confidence_threshold`, `parallel_factor`, `draft_length`, `kv_cache`), `top_k` and `ignore_eos` (as in vLLM)."""
+`confidence_threshold`, `parallel_factor`, `draft_length`, `kv_cache`; "speculative" needs a server started
+with a draft model), `top_k` and `ignore_eos` (as in vLLM)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class SamplingFields(BaseModel):
     # Parallel-LLM extensions
     top_k: Annotated[int, Field(ge=0)] = 0
     repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
-    strategy: Optional[Literal["static", "threshold", "factor", "credit", "draft_verify"]] = None
+    strategy: Optional[Literal["static", "threshold", "factor", "credit", "draft_verify", "speculative"]] = None
     steps: Optional[Annotated[int, Field(gt=0)]] = None
     block_size: Optional[Annotated[int, Field(gt=0)]] = None
     confidence_threshold: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None

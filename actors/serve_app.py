@@ -3,7 +3,8 @@ Generator replicas.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with `stream: true` as server-sent
 events: text is sent as soon as its tokens are final, in order), GET /v1/models, GET /health.
-Start it with `serve run serve_config.yaml` (the `app_builder` below) or `pllm serve --model ...`.
+Start it with `serve run serve_config.yaml` (the `app_builder` below) or `pllm serve --model ...`
+(`--draft-model ...` adds a draft model to every replica, for requests with strategy "speculative").
 """
 
 
@@ -22,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pllm.checkpoint import load_config, load_tokenizer
 from pllm.config import EngineConfig, GenerationConfig
-from pllm.decoding import DecodeRules
+from pllm.decoding import DecodeRules, check_draft_model
 from pllm.engine import check_request, max_new_tokens_limit
 from pllm.registry import resolve_model_source
 
@@ -70,13 +71,14 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 @serve.ingress(app)
 class OpenAIIngress:
     def __init__(self, generator: DeploymentHandle, model: str, model_name: str, mlflow_uri: Optional[str] = None,
-                 engine: Optional[dict] = None):
+                 engine: Optional[dict] = None, has_draft_model: bool = False):
         model_dir, generation = resolve_model_source(model, mlflow_uri)
         self.tokenizer = load_tokenizer(model_dir)
         self.model_config = load_config(model_dir)
         self.engine_config = EngineConfig.from_dict(engine or {})
         self.defaults = generation or GenerationConfig()
         self.generator, self.model_name, self.created = generator, model_name, int(time.time())
+        self.has_draft_model = has_draft_model
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -114,6 +116,9 @@ class OpenAIIngress:
         except ValidationError as exc:
             raise validation_error(exc) from None
         rules = DecodeRules.from_config(config)
+        if rules.speculative and not self.has_draft_model:
+            raise APIError(400, "strategy 'speculative' needs a draft model, and this server has none "
+                           "(start it with --draft-model)", param="strategy", code="invalid_value")
         try:
             rules.check_model(self.model_config)
         except ValueError as exc:
@@ -191,6 +196,7 @@ class ServeArgs(BaseModel):
     """Arguments of the application (`args:` in serve_config.yaml, flags of `pllm serve`)."""
 
     model: str  # models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, or a saved model folder
+    draft_model: Optional[str] = None  # same forms: a small model with the same tokenizer (speculative decoding)
     model_name: Optional[str] = None  # the id clients send as "model"; default: the registered name or folder name
     mlflow_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     device: str = "auto"  # "auto": cuda when the replica has a GPU
@@ -215,14 +221,18 @@ class ServeArgs(BaseModel):
 def build_app(args: ServeArgs) -> serve.Application:
     EngineConfig.from_dict(args.engine)  # a bad engine config fails here, before any replica starts
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if args.draft_model:  # ... and so does a draft model that cannot serve this target
+        check_draft_model(load_config(resolve_model_source(args.model, mlflow_uri)[0]),
+                          load_config(resolve_model_source(args.draft_model, mlflow_uri)[0]))
     generator = GeneratorDeployment.options(
         max_ongoing_requests=args.max_ongoing_requests,
         autoscaling_config={"min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                             "target_ongoing_requests": args.target_ongoing_requests,
                             "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s},
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
-    ).bind(args.model, mlflow_uri, args.engine, args.device)
-    return OpenAIIngress.bind(generator, args.model, args.served_name(), mlflow_uri, args.engine)
+    ).bind(args.model, mlflow_uri, args.engine, args.device, args.draft_model)
+    return OpenAIIngress.bind(generator, args.model, args.served_name(), mlflow_uri, args.engine,
+                              args.draft_model is not None)
 
 
 def app_builder(args: ServeArgs) -> serve.Application:

@@ -90,7 +90,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .actors.serve_app import ServeArgs
 
     engine = {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens}
-    serve_args = ServeArgs(model=args.model, model_name=args.name, mlflow_uri=args.mlflow_uri, device=args.device,
+    serve_args = ServeArgs(model=args.model, draft_model=args.draft_model, model_name=args.name,
+                           mlflow_uri=args.mlflow_uri, device=args.device,
                            engine=engine, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                            num_gpus_per_replica=args.num_gpus_per_replica)
     url = start_server(serve_args, host=args.host, port=args.port)
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")
     s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
+    s.add_argument("--draft-model", default=None,
+                   help="a small model with the same tokenizer, same forms as --model, for strategy 'speculative'")
     s.add_argument("--name", default=None, help="model id for clients (default: the registered name)")
     s.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     s.add_argument("--host", default="127.0.0.1")

@@ -19,10 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model_dir(path: Path) -> Path:
+def make_model_dir(path: Path, seed: int = 0) -> Path:
     files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "json", "*.py")))
     tokenizer = Tokenizer.train([Path(f).read_text() for f in files], vocab_size=512)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
                       use_flash_attention=False, dtype="float32")

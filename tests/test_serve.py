@@ -22,12 +22,13 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     registry_uri = register_model(make_model_dir(root / "model"), tracking_uri)
+    draft_dir = make_model_dir(root / "draft", seed=1)  # the same tokenizer, other weights
     metrics_port, http_port = free_port(), free_port()
     ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=metrics_port)
     from pllm.actors.serve_app import ServeArgs, build_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-    args = ServeArgs(model=registry_uri, mlflow_uri=tracking_uri, min_replicas=1, max_replicas=1,
+    args = ServeArgs(model=registry_uri, draft_model=str(draft_dir), mlflow_uri=tracking_uri, min_replicas=1, max_replicas=1,
                      engine={"max_num_seqs": 32, "max_batched_tokens": 8192})
     serve.run(build_app(args), name="pllm", route_prefix="/")
     url = f"http://127.0.0.1:{http_port}"
@@ -90,12 +91,15 @@ def _request(url: str, body: dict) -> dict:
     return r.json()
 
 
-def test_lossless_strategy_over_http_equals_static(server):
-    body = {"prompt": "def f(x):\n", "max_tokens": 24, "temperature": 0.0, "block_size": 8, "steps": 24,
-            "ignore_eos": True}
-    static = _request(server["url"], {**body, "strategy": "static"})
-    lossless = _request(server["url"], {**body, "strategy": "draft_verify", "draft_length": 4})
-    assert lossless["choices"][0]["text"] == static["choices"][0]["text"]
+@pytest.mark.parametrize("strategy", ["draft_verify", "speculative"])
+def test_lossless_strategy_over_http_equals_static(server, strategy):
+    """draft_verify drafts from the model itself; speculative from the draft model the server loaded."""
+    for temperature, seed in ((0.0, None), (0.9, 5)):
+        body = {"prompt": "def f(x):\n", "max_tokens": 24, "temperature": temperature, "seed": seed, "block_size": 8,
+                "steps": 24, "ignore_eos": True}
+        static = _request(server["url"], {**body, "strategy": "static"})
+        lossless = _request(server["url"], {**body, "strategy": strategy, "draft_length": 4})
+        assert lossless["choices"][0]["text"] == static["choices"][0]["text"]
 
 
 def test_32_concurrent_mixed_requests_equal_their_single_request_results(server):
@@ -104,7 +108,7 @@ def test_32_concurrent_mixed_requests_equal_their_single_request_results(server)
         bodies.append({
             "prompt": ["def f(x):\n", "import os\n", "class A:\n    def __init__(self):\n", "# a comment\n"][i % 4] * (1 + i % 3),
             "max_tokens": [4, 9, 16, 23, 32, 40][i % 6], "temperature": [0.0, 0.7][i % 2], "seed": 100 + i,
-            "top_p": [1.0, 0.9][(i // 2) % 2], "top_k": [0, 40][(i // 4) % 2], "strategy": ["static", "threshold", "factor", "credit", "draft_verify"][(i // 3) % 5],
+            "top_p": [1.0, 0.9][(i // 2) % 2], "top_k": [0, 40][(i // 4) % 2], "strategy": ["static", "threshold", "factor", "credit", "draft_verify", "speculative"][(i // 3) % 6],
             "kv_cache": ["none", "prefix", "dual"][(i // 2) % 3],
             "block_size": [4, 8, None][i % 3], "steps": [None, 8][(i // 5) % 2], "ignore_eos": i % 8 != 0})
     before = stats(server)["peak_batch_size"]
@@ -253,6 +257,9 @@ def test_generator_replicas_autoscale_up_under_load_and_back_down(server, tmp_pa
 
     try:
         assert replicas() == 1
+        # This app has no draft model: a speculative request is refused, and the app keeps serving.
+        r = requests.post(url + "/v1/completions", json={"prompt": "x", "strategy": "speculative"}, timeout=30)
+        assert r.status_code == 400 and "draft model" in r.json()["error"]["message"]
         with cf.ThreadPoolExecutor(8) as pool:
             clients = [pool.submit(keep_busy) for _ in range(8)]
             deadline, peak = time.time() + 120, 1
@@ -268,3 +275,13 @@ def test_generator_replicas_autoscale_up_under_load_and_back_down(server, tmp_pa
         assert replicas() == 1, "idle: back to min_replicas"
     finally:
         serve.delete("autoscale")
+
+
+def test_a_draft_model_with_another_tokenizer_fails_before_deploying(tmp_path):
+    from conftest import tiny_config
+    from pllm import DiffusionTransformer
+    from pllm.actors.serve_app import ServeArgs, build_app
+
+    other = DiffusionTransformer(tiny_config()).save_pretrained(tmp_path / "other")  # vocabulary of 96, not 512
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_app(ServeArgs(model=str(make_model_dir(tmp_path / "model")), draft_model=str(other)))
