@@ -1,0 +1,40 @@
+"""The speculative-decoding and multi-GPU benchmarks run end to end on CPU (tiny shapes, gloo, CPU
+replicas); their GPU figures are in benchmarks/RESULTS.md."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: float) -> None:
+    run = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_speculative_benchmark_is_lossless_and_reports_every_row(tmp_path):
+    _run(["benchmarks/speculative.py", "--size", "tiny", "--train-seconds", "6", "--draft-train-seconds", "3",
+          "--batches", "3", "--draft-lengths", "2", "--out", str(tmp_path)], 600)
+    report = json.loads((tmp_path / "speculative_tiny_cpu.json").read_text())
+    rows = {(r["target"], r["label"]): r for r in report["rows"]}
+    assert set(rows) == {("ar", "target alone (eager)"), ("ar", "draft alone (eager)"), ("ar", "speculative k=2"),
+                         ("ar", "target alone, T=0.8"), ("ar", "speculative k=4, T=0.8"),
+                         ("block", "target alone (eager)"), ("block", "draft alone (eager)"),
+                         ("block", "speculative k=2")}
+    for shape in ("ar", "block"):
+        spec = rows[(shape, "speculative k=2")]
+        assert spec["exact_match"] == 1.0 and spec["draft_passes"] > 0 and 0 <= spec["acceptance_rate"] <= 1
+        assert spec["tokens_per_target_forward"] >= rows[(shape, "target alone (eager)")]["tokens_per_target_forward"]
+    assert report["parameters"]["ar_draft"] < report["parameters"]["ar_target"]
+
+
+def test_multi_gpu_serve_benchmark_scales_replicas_up_and_back_down_on_cpu(tmp_path):
+    _run(["benchmarks/multi_gpu.py", "serve", "--device", "cpu", "--replicas", "2", "--concurrency", "4",
+          "--max-num-seqs", "4", "--max-tokens", "16", "--warmup-s", "3", "--duration-s", "6", "--phase-s", "4",
+          "--work", str(tmp_path / "work"), "--out", str(tmp_path)], 900)
+    report = json.loads((tmp_path / "multi_gpu_serve_cpu.json").read_text())
+    assert [r["replicas"] for r in report["fixed"]] == [1, 2] and all(r["tokens_per_s"] > 0 for r in report["fixed"])
+    auto = report["autoscale"]
+    assert auto["replicas_during_low"] == 1 and auto["max_replicas_during_high"] == 2 and auto["final_replicas"] == 1
