@@ -9,6 +9,7 @@ target and draft (block 32); each draft is ~15x smaller than its target. On held
   speculative, draft_length k: acceptance rate (accepted / drafted tokens, or steps for the block
       target), tokens per target forward, draft passes, tokens/s, and exact match with the target
       alone (greedy: must be 100%);
+  the AR target with the block-diffusion draft, which proposes all k tokens in one pass;
   sampling (temperature 0.8, AR target): acceptance and tokens per target forward.
 
 Decoding runs in float32 (as in benchmarks/decoding.py: same-shape packed passes are bit-identical).
@@ -151,6 +152,10 @@ def main() -> None:
                 cfg = base.replace(strategy="speculative", draft_length=k)
                 add(shape, run(f"speculative k={k}", target, prompts, cfg, batch, device, draft=draft), alone)
             if shape == "ar":
+                # A block-diffusion draft proposes all k tokens in one pass (parallel drafting).
+                cfg = base.replace(strategy="speculative", draft_length=4)
+                add(shape, run("speculative k=4, block-diffusion draft", target, prompts, cfg, batch, device,
+                               draft=models["block_draft"]), alone)
                 hot = dict(temperature=0.8, seed=0)
                 sampled = run("target alone, T=0.8", target, prompts, base.replace(**hot), batch, device)
                 add(shape, sampled, None)

@@ -20,7 +20,7 @@ def test_speculative_benchmark_is_lossless_and_reports_every_row(tmp_path):
     report = json.loads((tmp_path / "speculative_tiny_cpu.json").read_text())
     rows = {(r["target"], r["label"]): r for r in report["rows"]}
     assert set(rows) == {("ar", "target alone (eager)"), ("ar", "draft alone (eager)"), ("ar", "speculative k=2"),
-                         ("ar", "target alone, T=0.8"), ("ar", "speculative k=4, T=0.8"),
+                         ("ar", "speculative k=4, block-diffusion draft"), ("ar", "target alone, T=0.8"), ("ar", "speculative k=4, T=0.8"),
                          ("block", "target alone (eager)"), ("block", "draft alone (eager)"),
                          ("block", "speculative k=2")}
     for shape in ("ar", "block"):
