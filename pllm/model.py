@@ -291,6 +291,10 @@ class DiffusionTransformer(nn.Module):
         sin = self.rope_sin[position_ids][:, None]
 
         x = self.embed_tokens(input_ids)
+        if self.gradient_checkpointing and self.training:
+            # In x's dtype already: FSDP2's mixed precision casts a block's inputs in forward but not in
+            # the backward recomputation, and checkpointing needs both to see the same tensors.
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
