@@ -86,8 +86,8 @@ class RayHead:
     it through RAY_ADDRESS), so each job skips Ray's start-up."""
 
     def __init__(self, num_cpus: int):
-        self.ray = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else "ray"
-        subprocess.run([self.ray, "start", "--head", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+        self.ray = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command, also where it is not on PATH
+        subprocess.run([*self.ray, "start", "--head", f"--num-cpus={num_cpus}", "--include-dashboard=false",
                         "--disable-usage-stats"], check=True, capture_output=True, timeout=180)
         os.environ["RAY_ADDRESS"] = "auto"
 
@@ -96,7 +96,7 @@ class RayHead:
 
     def __exit__(self, *exc):
         os.environ.pop("RAY_ADDRESS", None)
-        subprocess.run([self.ray, "stop", "--force"], capture_output=True, timeout=180)
+        subprocess.run([*self.ray, "stop", "--force"], capture_output=True, timeout=180)
 
 
 def run_job(cmd: list[str], log_path: Path, timeout: float) -> float:
