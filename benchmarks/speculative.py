@@ -110,6 +110,7 @@ def main() -> None:
     p.add_argument("--draft-train-seconds", type=float, default=None, help="... and of each draft")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--draft-lengths", type=int, nargs="+", default=[2, 4, 6])
+    p.add_argument("--prompts", type=int, default=None, help="held-out prompts (default: the size's)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     spec, device, gen = SIZES[args.size], args.device, SIZES[args.size]["gen"]
@@ -121,7 +122,7 @@ def main() -> None:
                                          args.draft_train_seconds or args.train_seconds / 3)
     _, val_files = split_files(corpus_files(), DataConfig().validation_fraction)
     sources = [doc for f in val_files for doc in read_documents(f)]
-    prompts = [torch.tensor(x.prompt) for x in function_prompts(sources, corpus.tokenizer, spec["prompts"],
+    prompts = [torch.tensor(x.prompt) for x in function_prompts(sources, corpus.tokenizer, args.prompts or spec["prompts"],
                                                                 context_tokens=96, continuation_tokens=gen)]
     base = GenerationConfig(max_new_tokens=gen, num_refinement_steps=gen, temperature=0.0, use_adaptive_steps=False,
                             kv_cache="auto")
