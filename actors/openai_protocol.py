@@ -3,8 +3,8 @@
 Requests are validated with pydantic; a failure becomes an OpenAI-style error object
 (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status. Beyond OpenAI's fields, a
 request may choose the diffusion decoding (`strategy`, `steps`, `block_size`,
-`confidence_threshold`, `parallel_factor`, `draft_length`, `kv_cache`; "speculative" needs a server started
-with a draft model), `top_k` and `ignore_eos` (as in vLLM)."""
+`confidence_threshold`, `parallel_factor`, `draft_length`, `adaptive_draft_length`, `kv_cache`;
+"speculative" needs a server started with a draft model), `top_k` and `ignore_eos` (as in vLLM)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class SamplingFields(BaseModel):
     confidence_threshold: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
     parallel_factor: Optional[Annotated[float, Field(gt=0.0)]] = None
     draft_length: Optional[Annotated[int, Field(gt=0, le=16)]] = None
+    adaptive_draft_length: Optional[bool] = None
     kv_cache: Optional[Literal["auto", "none", "block", "prefix", "dual"]] = None
     ignore_eos: bool = False
 
@@ -61,7 +62,8 @@ class SamplingFields(BaseModel):
             confidence_threshold=(self.confidence_threshold if self.confidence_threshold is not None
                                   else defaults.confidence_threshold),
             use_adaptive_steps=not self.ignore_eos,
-            **{name: getattr(self, name) for name in ("parallel_factor", "draft_length", "kv_cache")
+            **{name: getattr(self, name)
+               for name in ("parallel_factor", "draft_length", "adaptive_draft_length", "kv_cache")
                if getattr(self, name) is not None})
 
 

@@ -6,8 +6,8 @@ target and draft (block 32); each draft is ~15x smaller than its target. On held
 (top-level functions of validation files), greedy unless stated:
 
   target alone: static decoding, packed eager passes, and (GPU) CUDA-graph steps;
-  speculative, draft_length k: acceptance rate (accepted / drafted tokens, or steps for the block
-      target), tokens per target forward, draft passes, tokens/s, and exact match with the target
+  speculative, draft_length k: acceptance rate (accepted / checked drafted tokens, or steps for the
+      block target: the chance that the target accepts a drafted token), accepted / drafted, tokens per target forward, draft passes, tokens/s, and exact match with the target
       alone (greedy: must be 100%);
   the AR target with the block-diffusion draft, which proposes all k tokens in one pass;
   sampling (temperature 0.8, AR target): acceptance and tokens per target forward.
@@ -82,7 +82,7 @@ def run(label: str, target, prompts, cfg: GenerationConfig, batch: int, device: 
     rules = DecodeRules.from_config(cfg)
     drafter = Drafter(draft) if draft is not None else None
     static = StaticStepRunner(target, batch, capture=True) if graphs else None
-    answers, nfe, draft_nfe, drafted, accepted = [], 0, 0, 0, 0
+    answers, nfe, draft_nfe, drafted, verified, accepted = [], 0, 0, 0, 0, 0
     sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
@@ -92,13 +92,15 @@ def run(label: str, target, prompts, cfg: GenerationConfig, batch: int, device: 
         nfe += sum(out.nfe_per_sequence)
         draft_nfe += out.draft_nfe
         drafted += out.drafted
+        verified += out.verified
         accepted += out.accepted
     sync(device)
     seconds = time.perf_counter() - t0
     tokens = cfg.max_new_tokens * len(prompts)
     return {"label": label, "batch": batch, "answers": answers, "tokens_per_s": tokens / seconds,
             "target_forwards_per_answer": nfe / len(prompts), "tokens_per_target_forward": tokens / nfe,
-            "draft_passes": draft_nfe, "acceptance_rate": accepted / drafted if drafted else None,
+            "draft_passes": draft_nfe, "acceptance_rate": accepted / verified if verified else None,
+            "accepted_per_drafted": accepted / drafted if drafted else None,
             "draft_length": cfg.draft_length if draft is not None else None, "seconds": seconds}
 
 
@@ -176,10 +178,11 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     lines = ["| target | batch | setting | tokens/s | vs target eager | tokens / target forward | acceptance | "
-             "draft passes | exact match |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "accepted / drafted | draft passes | exact match |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['target']} | {r['batch']} | {r['label']} | {r['tokens_per_s']:,.0f} | "
               f"{fmt(r.get('speedup_vs_eager'), '.2f')}x | {r['tokens_per_target_forward']:.2f} | "
-              f"{fmt(r['acceptance_rate'], '.1%')} | {r['draft_passes']} | {fmt(r.get('exact_match'), '.0%')} |"
+              f"{fmt(r['acceptance_rate'], '.1%')} | {fmt(r['accepted_per_drafted'], '.1%')} | {r['draft_passes']} | "
+              f"{fmt(r.get('exact_match'), '.0%')} |"
               for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

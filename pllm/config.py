@@ -237,6 +237,7 @@ class GenerationConfig(_ConfigMixin):
     parallel_factor: Annotated[float, Field(gt=0.0)] = 1.0  # "factor": f in n-th token conf >= 1 - f/(n+1)
     draft_length: PositiveInt = 4  # "draft_verify" / "speculative": drafted future steps (tokens for an
     #   autoregressive target) verified per forward pass
+    adaptive_draft_length: bool = False  # "speculative": per sequence, draft one more than was last accepted
     credit_alpha: Annotated[float, Field(ge=0.0)] = 0.7  # "credit": weight of log(1 + credit)
     credit_beta: Probability = 0.8  # "credit": per-step decay of the credits
     credit_gamma: Annotated[float, Field(gt=0.0)] = 0.2  # "credit": the top token gains p ** gamma

@@ -195,3 +195,17 @@ def test_parallel_generator_with_a_draft_model():
     assert generator.last_output.draft_nfe > 0
     with pytest.raises(ValueError, match="tokenizer"):
         ParallelGenerator(target, cfg, draft_model=model_of(33, vocab_size=64, **BLOCK))
+
+
+@pytest.mark.parametrize("shape", [AR, BLOCK], ids=["autoregressive", "block"])
+def test_adaptive_draft_length_stays_exact_and_drafts_less_after_rejections(shape):
+    target = model_of(41, **shape)
+    draft = model_of(42, like=target, noise=0.02, **shape)
+    prompts = prompts_of([3, 8, 12, 5], 41)
+    common = dict(gen_length=24, num_steps=24, temperature=0.0, draft_length=6, speculative=True, draft_model=draft)
+    reference = decode(target, prompts, gen_length=24, num_steps=24, temperature=0.0)
+    fixed = decode(target, prompts, **common)
+    adaptive = decode(target, prompts, **common, adaptive_draft=True)
+    assert all(torch.equal(a, b) for a, b in zip(reference.tokens, adaptive.tokens))
+    # Shorter drafts after rejections: fewer drafted (wasted) tokens, a higher acceptance rate.
+    assert adaptive.drafted < fixed.drafted and adaptive.accepted_per_drafted > fixed.accepted_per_drafted

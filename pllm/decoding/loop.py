@@ -26,10 +26,16 @@ class DecodeOutput:
     nfe_per_sequence: list[int] = field(default_factory=list)  # forward passes each prompt took part in
     draft_nfe: int = 0  # draft-model forward passes (speculative decoding)
     drafted: int = 0  # drafted tokens (autoregressive target) or steps, summed over the prompts
-    accepted: int = 0  # ... of which the target accepted
+    verified: int = 0  # ... that the target checked (up to and including each pass's first rejection)
+    accepted: int = 0  # ... that the target accepted
 
     @property
     def acceptance_rate(self) -> float:
+        """Per drafted token (or step) checked: the chance that the target accepts it."""
+        return self.accepted / max(self.verified, 1)
+
+    @property
+    def accepted_per_drafted(self) -> float:
         return self.accepted / max(self.drafted, 1)
 
     @property
@@ -110,7 +116,7 @@ def decode_with_rules(
     return DecodeOutput(tokens=[s.answer.clone() for s in states], nfe=nfe,
                         steps=sum(s.num_steps_taken for s in states), nfe_per_sequence=[s.nfe for s in states],
                         draft_nfe=draft_nfe, drafted=sum(s.drafted for s in states),
-                        accepted=sum(s.accepted for s in states))
+                        verified=sum(s.verified for s in states), accepted=sum(s.accepted for s in states))
 
 
 def run_states(model: torch.nn.Module, states: list[DecodeState], static=None) -> list[list[torch.Tensor]]:

@@ -64,6 +64,7 @@ class DecodeRules:
     credit_gamma: float = 0.2
     draft_length: int = 0  # draft-and-verify / speculative: future steps drafted and verified per pass
     speculative: bool = False  # drafts come from a draft model (`speculative.Drafter`), not the model itself
+    adaptive_draft: bool = False  # speculative: draft one more than was last accepted (up to draft_length)
     cache: str = "none"  # one of CACHE_MODES
 
     def __post_init__(self):
@@ -98,7 +99,7 @@ class DecodeRules:
                    credit=s == "credit", credit_alpha=cfg.credit_alpha, credit_beta=cfg.credit_beta,
                    credit_gamma=cfg.credit_gamma,
                    draft_length=cfg.draft_length if s in ("draft_verify", "speculative") else 0,
-                   speculative=s == "speculative", cache=cfg.kv_cache)
+                   speculative=s == "speculative", adaptive_draft=cfg.adaptive_draft_length, cache=cfg.kv_cache)
 
 
 def block_bounds(prompt_len: int, total: int, block_size: int, aligned: bool) -> list[tuple[int, int]]:
@@ -158,7 +159,10 @@ class DecodeState:
             # Its own stream: the target's draws must stay those of decoding without a draft model.
             seed = (rules.seed + 0x5DEECE66D) % 2**62 if rules.seed is not None else int(torch.randint(0, 2**62, (1,)))
             self.draft_generator.manual_seed(seed)
-        self.drafted = self.accepted = 0  # drafted tokens (AR target) or steps, and how many were accepted
+        # Drafted tokens (AR target) or steps: proposed, verified (up to and including the first
+        # rejection) and accepted. accepted / verified estimates the per-token acceptance rate.
+        self.drafted = self.verified = self.accepted = 0
+        self.draft_len = rules.draft_length  # this sequence's next draft length (adapted with adaptive_draft)
         self.nfe = 0  # forward passes this sequence took part in
         self.num_steps_taken = 0  # denoising steps (rule applications); > nfe with draft-and-verify
         self.drafts: list[torch.Tensor] = []
@@ -217,7 +221,7 @@ class DecodeState:
         """Where the draft model proposes: the next `draft_length` tokens (autoregressive target),
         else the current block's masked positions."""
         if self.ar_target:
-            return torch.arange(self.start, min(self.start + self.rules.draft_length, self.answer_end),
+            return torch.arange(self.start, min(self.start + self.draft_len, self.answer_end),
                                 device=self.tokens.device)
         block = self.tokens[self.start:self.end]
         return (block == self.cfg.mask_token_id).nonzero().flatten() + self.start
@@ -232,7 +236,13 @@ class DecodeState:
         confidence = torch.zeros(proposal.shape, dtype=torch.float32, device=proposal.device)
         proposal[spec.positions - self.start] = spec.tokens
         confidence[spec.positions - self.start] = spec.confidence.float()
-        self.drafts = self._draft(proposal, confidence)
+        self.drafts = self._draft(proposal, confidence, self.draft_len)
+
+    def _adapt(self, drafted: int, accepted: int) -> None:
+        """Adaptive draft length: after a rejection, draft one more than was accepted; after a fully
+        accepted draft, one more than before (at most draft_length). Any length keeps the output exact."""
+        if self.rules.adaptive_draft and drafted:
+            self.draft_len = min(self.rules.draft_length, accepted + 1 if accepted < drafted else self.draft_len + 1)
 
     def _prefix_segments(self, compute_start: int) -> list[Segment]:
         """Autoregressive target: the logits after each drafted prefix, read-only on the cache."""
@@ -253,7 +263,7 @@ class DecodeState:
 
         spec, r = self.speculation, self.rules
         self.speculation = None
-        committed = 0
+        committed, accepted_before = 0, self.accepted
         for k, step_logits in enumerate(logits):
             p = token_distribution(step_logits, r, self.cfg, self.tokens)[0]
             drafted = k < spec.tokens.numel()
@@ -269,7 +279,7 @@ class DecodeState:
                         residual = (p - q).clamp_min(0)
                         residual = residual if residual.sum() > 0 else p
                         token = int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
-                self.drafted += 1
+                self.verified += 1
                 self.accepted += token == d
             else:  # every drafted token was accepted: one more from the target's own distribution
                 token = int(p.argmax()) if r.temperature == 0 else int(torch.multinomial(p, 1, generator=self.generator))
@@ -280,6 +290,8 @@ class DecodeState:
             committed += 1
             if self.finished or not drafted or token != d:
                 break
+        self.drafted += spec.tokens.numel()
+        self._adapt(spec.tokens.numel(), self.accepted - accepted_before)
         return committed
 
     # -- one forward pass ----------------------------------------------------------------------
@@ -287,19 +299,25 @@ class DecodeState:
         """Logits for `segments()` (one (n, V) tensor each) -> bool (n,) mask of the positions of
         the block that was current before the call which were committed by this pass."""
         logits = [logits] if isinstance(logits, torch.Tensor) else list(logits)
-        start, end, drafts = self.start, self.end, self.drafts
+        start, end, drafts, accepted_before = self.start, self.end, self.drafts, self.accepted
         if self.ar_target and self.speculation is not None:
             self.nfe += 1
             return torch.ones(self._verify_tokens(logits), dtype=torch.bool, device=self.tokens.device)
         committed = torch.zeros(end - start, dtype=torch.bool, device=self.tokens.device)
         for i, step_logits in enumerate(logits):
             # Logits i > 0 belong to drafts[i - 1]: usable only if the state now is exactly that draft.
-            if i and (self.finished or self.start != start or not torch.equal(self.tokens, drafts[i - 1])):
-                break
-            self.accepted += i > 0
+            if i:
+                if self.finished or self.start != start:
+                    break
+                self.verified += 1
+                if not torch.equal(self.tokens, drafts[i - 1]):
+                    break
+                self.accepted += 1
             committed |= self._step(step_logits)
         self.nfe += 1
         self.drafted += len(drafts)
+        if self.rules.speculative:
+            self._adapt(len(drafts), self.accepted - accepted_before)
         self_drafting = self.rules.draft_length and not self.rules.speculative
         self.drafts = self._draft(*self._last) if (self_drafting and not self.finished and self.start == start) else []
         return committed
@@ -351,7 +369,7 @@ class DecodeState:
                 self.finished = True
         return commit
 
-    def _draft(self, proposal: torch.Tensor, confidence: torch.Tensor) -> list[torch.Tensor]:
+    def _draft(self, proposal: torch.Tensor, confidence: torch.Tensor, length: int | None = None) -> list[torch.Tensor]:
         """The states the static rule reaches in the next steps if this confidence order and these
         proposals (over the current block; the last step's, or a draft model's) held: each draft
         commits the next scheduled count of masked positions."""
@@ -361,7 +379,7 @@ class DecodeState:
             return []
         order = masked[confidence[masked].argsort(descending=True, stable=True)]
         drafts, filled = [], 0
-        for m in range(self.rules.draft_length):
+        for m in range(length or self.rules.draft_length):
             j = self.step + m
             filled += self.schedule[j] if j < len(self.schedule) else 1
             draft = self.tokens.clone()
