@@ -110,8 +110,13 @@ def run_job(cmd: list[str], log_path: Path, timeout: float) -> float:
 
 def train(args) -> None:
     rows = []
+    previous = args.out / f"multi_gpu_train_{'_'.join(args.strategies)}_{args.device}.json"
+    if args.append and previous.exists():  # continue a run cut short (or split over device calls)
+        rows = json.loads(previous.read_text())["rows"]
     for strategy in args.strategies:
         for n in args.gpus:
+            if any(r["strategy"] == strategy and r["gpus"] == n for r in rows):
+                continue
             out = args.work / f"train-{strategy}-{n}"
             wall = run_job(job_command(args, strategy, n, out), args.work / f"train-{strategy}-{n}.log", args.timeout)
             m = json.loads((out / "metrics.json").read_text())
@@ -158,6 +163,8 @@ def plot_train(rows: list[dict], path: Path) -> None:
             b.plot([r["gpus"] for r in rs], [r["state_memory_gib"] for r in rs], "o-", label=f"{strategy} params+optim")
             b.plot([r["gpus"] for r in rs], [r["peak_memory_gib"] for r in rs], "s--", label=f"{strategy} peak")
     a.set(xlabel="GPUs", ylabel="tokens/s per GPU", title="weak scaling", ylim=(0, None))
+    for ax in (a, b):
+        ax.set_xticks(sorted({r["gpus"] for r in rows}))
     b.set(xlabel="GPUs", ylabel="GiB per GPU", title="memory per GPU", ylim=(0, None))
     for ax in (a, b):
         ax.legend(fontsize=8)
@@ -319,7 +326,8 @@ def serve_bench(args) -> None:
     from pllm.actors.serve_app import ServeArgs, build_app
 
     model_dir = make_served_model(args, args.work / "served-model")
-    ray.init(num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+    # address="local": a new cluster of our own, even where a Ray head (RAY_ADDRESS) is left running
+    ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False)
     port = 8000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
@@ -344,6 +352,7 @@ def serve_bench(args) -> None:
         serve.delete("bench")
     for r in fixed:
         r["speedup"] = r["tokens_per_s"] / fixed[0]["tokens_per_s"]
+    report_serve(args, body, engine, fixed)  # kept even if the autoscaling phase is cut short
 
     # Autoscaling: low load, then a high one above target_ongoing_requests per replica, then none.
     serve.run(build_app(ServeArgs(**base, min_replicas=1, max_replicas=args.replicas,
@@ -362,20 +371,26 @@ def serve_bench(args) -> None:
                  "scale_up_after_s": phases.events.get("high_reached_s"),
                  "scale_down_after_s": phases.events.get("idle_reached_s"), "final_replicas": samples[-1]["replicas"],
                  "tokens_per_s": auto["tokens_per_s"], "timeline": samples}
-    up, down = autoscale["scale_up_after_s"], autoscale["scale_down_after_s"]
+    report_serve(args, body, engine, fixed, autoscale)
+    if autoscale["scale_up_after_s"] is None or autoscale["scale_down_after_s"] is None:
+        raise SystemExit("autoscaling did not go up to max_replicas and back to 1")
+
+
+def report_serve(args, body: dict, engine: dict, fixed: list[dict], autoscale: dict | None = None) -> None:
     results = {"env": environment(args.device), "size": args.size, "request": body, "engine": engine,
                "fixed": fixed, "autoscale": autoscale}
     table = ["| replicas | concurrent clients | tokens/s | vs 1 replica | p50 latency |", "|---:|---:|---:|---:|---:|"]
     table += [f"| {r['replicas']} | {r['concurrency']} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | "
               f"{r['p50_latency_s']:.2f} s |" for r in fixed]
-    table += ["", f"Autoscaling min 1 / max {args.replicas}: {autoscale['replicas_during_low']} replica(s) under "
-              f"{phases.low} clients; {autoscale['max_replicas_during_high']} under {phases.high} clients (all running "
-              f"{'never' if up is None else f'{up:.0f} s'} after the load rose); {autoscale['final_replicas']} at the "
-              f"end (back to 1 {'never' if down is None else f'{down:.0f} s'} after the load stopped)."]
+    if autoscale:
+        up, down = autoscale["scale_up_after_s"], autoscale["scale_down_after_s"]
+        table += ["", f"Autoscaling min 1 / max {args.replicas}: {autoscale['replicas_during_low']} replica(s) under "
+                  f"{autoscale['low_clients']} clients; {autoscale['max_replicas_during_high']} under "
+                  f"{autoscale['high_clients']} clients (all running {'never' if up is None else f'{up:.0f} s'} after "
+                  f"the load rose); {autoscale['final_replicas']} at the end (back to 1 "
+                  f"{'never' if down is None else f'{down:.0f} s'} after the load stopped)."]
     path = write(results, "serve", "\n".join(table), args.out)
-    plot_serve(fixed, samples, path.with_suffix(".png"))
-    if up is None or down is None:
-        raise SystemExit("autoscaling did not go up to max_replicas and back to 1")
+    plot_serve(fixed, autoscale["timeline"] if autoscale else [], path.with_suffix(".png"))
 
 
 def plot_serve(fixed: list[dict], samples: list[dict], path: Path) -> None:
@@ -386,6 +401,7 @@ def plot_serve(fixed: list[dict], samples: list[dict], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.plot([r["replicas"] for r in fixed], [r["tokens_per_s"] for r in fixed], "o-")
+    a.set_xticks([r["replicas"] for r in fixed])
     a.set(xlabel="Generator replicas", ylabel="completion tokens/s", title="throughput", ylim=(0, None))
     t = [s["t"] for s in samples]
     b.step(t, [s["replicas"] for s in samples], where="post", label="running replicas")
@@ -424,6 +440,7 @@ def main() -> None:
     p.add_argument("--phase-s", type=float, default=10, help="autoscaling: low load, and time held after each change")
     p.add_argument("--phase-limit-s", type=float, default=180, help="autoscaling: longest wait for a change")
     p.add_argument("--timeout", type=float, default=900, help="per training job")
+    p.add_argument("--append", action="store_true", help="train: keep the rows already in --out, run the rest")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "multi_gpu")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
