@@ -16,7 +16,9 @@ Serve throughput / autoscaling with one Generator replica per GPU.
   python benchmarks/multi_gpu.py resume --gpus 2
   python benchmarks/multi_gpu.py serve --replicas 2
   python benchmarks/multi_gpu.py train --device cpu --size tiny --gpus 1 2   # CPU smoke run (gloo)
-Results: benchmarks/results/multi_gpu_{train_<strategies>,resume,serve}_<device>.{json,md,png}.
+A run split over several calls continues with `train --append`; `serve --autoscale-only` skips the
+fixed-replica runs; `--set KEY=VALUE` passes job config overrides (A/B runs).
+Results: benchmarks/results/multi_gpu_{train_<strategies>,resume,serve,serve_autoscale}_<device>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def job_command(args, strategy: str, workers: int, out: Path, *extra: str) -> li
             "data.validation_fraction=0.05", f"training.num_train_steps={args.steps}",
             f"training.log_interval={args.log_interval}", "training.warmup_steps=5", "training.eval_interval=100000",
             "training.eval_batches=1", "training.save_interval=100000", f"training.gradient_accumulation_steps={args.accum}",
-            "generation.max_new_tokens=16", "generation.num_refinement_steps=8", *STRATEGIES[strategy], *extra]
+            "generation.max_new_tokens=16", "generation.num_refinement_steps=8", *STRATEGIES[strategy], *args.set,
+            *extra]
     if args.batch_size:
         sets.append(f"training.batch_size={args.batch_size}")
     if args.seq_len:
@@ -167,7 +170,8 @@ def plot_train(rows: list[dict], path: Path) -> None:
         ax.set_xticks(sorted({r["gpus"] for r in rows}))
     b.set(xlabel="GPUs", ylabel="GiB per GPU", title="memory per GPU", ylim=(0, None))
     for ax in (a, b):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # no memory lines on CPU
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -342,7 +346,7 @@ def serve_bench(args) -> None:
         return serve.status().applications["bench"].deployments["Generator"].replica_states.get("RUNNING", 0)
 
     fixed = []
-    for k in range(1, args.replicas + 1):
+    for k in range(1, 0 if args.autoscale_only else args.replicas + 1):
         serve.run(build_app(ServeArgs(**base, min_replicas=k, max_replicas=k)), name="bench", route_prefix="/")
         load = Load(k * args.concurrency)
         asyncio.run(closed_loop(url, body, load, lambda t: t >= args.warmup_s))  # CUDA graphs, caches
@@ -352,7 +356,8 @@ def serve_bench(args) -> None:
         serve.delete("bench")
     for r in fixed:
         r["speedup"] = r["tokens_per_s"] / fixed[0]["tokens_per_s"]
-    report_serve(args, body, engine, fixed)  # kept even if the autoscaling phase is cut short
+    if fixed:
+        report_serve(args, body, engine, fixed)  # kept even if the autoscaling phase is cut short
 
     # Autoscaling: low load, then a high one above target_ongoing_requests per replica, then none.
     serve.run(build_app(ServeArgs(**base, min_replicas=1, max_replicas=args.replicas,
@@ -379,9 +384,11 @@ def serve_bench(args) -> None:
 def report_serve(args, body: dict, engine: dict, fixed: list[dict], autoscale: dict | None = None) -> None:
     results = {"env": environment(args.device), "size": args.size, "request": body, "engine": engine,
                "fixed": fixed, "autoscale": autoscale}
-    table = ["| replicas | concurrent clients | tokens/s | vs 1 replica | p50 latency |", "|---:|---:|---:|---:|---:|"]
-    table += [f"| {r['replicas']} | {r['concurrency']} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | "
-              f"{r['p50_latency_s']:.2f} s |" for r in fixed]
+    table = []
+    if fixed:
+        table += ["| replicas | concurrent clients | tokens/s | vs 1 replica | p50 latency |", "|---:|---:|---:|---:|---:|"]
+        table += [f"| {r['replicas']} | {r['concurrency']} | {r['tokens_per_s']:,.0f} | {r['speedup']:.2f}x | "
+                  f"{r['p50_latency_s']:.2f} s |" for r in fixed]
     if autoscale:
         up, down = autoscale["scale_up_after_s"], autoscale["scale_down_after_s"]
         table += ["", f"Autoscaling min 1 / max {args.replicas}: {autoscale['replicas_during_low']} replica(s) under "
@@ -389,7 +396,7 @@ def report_serve(args, body: dict, engine: dict, fixed: list[dict], autoscale: d
                   f"{autoscale['high_clients']} clients (all running {'never' if up is None else f'{up:.0f} s'} after "
                   f"the load rose); {autoscale['final_replicas']} at the end (back to 1 "
                   f"{'never' if down is None else f'{down:.0f} s'} after the load stopped)."]
-    path = write(results, "serve", "\n".join(table), args.out)
+    path = write(results, "serve" if fixed else "serve_autoscale", "\n".join(table), args.out)
     plot_serve(fixed, autoscale["timeline"] if autoscale else [], path.with_suffix(".png"))
 
 
@@ -400,9 +407,12 @@ def plot_serve(fixed: list[dict], samples: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot([r["replicas"] for r in fixed], [r["tokens_per_s"] for r in fixed], "o-")
-    a.set_xticks([r["replicas"] for r in fixed])
-    a.set(xlabel="Generator replicas", ylabel="completion tokens/s", title="throughput", ylim=(0, None))
+    if fixed:
+        a.plot([r["replicas"] for r in fixed], [r["tokens_per_s"] for r in fixed], "o-")
+        a.set_xticks([r["replicas"] for r in fixed])
+        a.set(xlabel="Generator replicas", ylabel="completion tokens/s", title="throughput", ylim=(0, None))
+    else:
+        a.axis("off")
     t = [s["t"] for s in samples]
     b.step(t, [s["replicas"] for s in samples], where="post", label="running replicas")
     b2 = b.twinx()
@@ -441,6 +451,9 @@ def main() -> None:
     p.add_argument("--phase-limit-s", type=float, default=180, help="autoscaling: longest wait for a change")
     p.add_argument("--timeout", type=float, default=900, help="per training job")
     p.add_argument("--append", action="store_true", help="train: keep the rows already in --out, run the rest")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train/resume: extra job config overrides (repeatable), e.g. training.gradient_checkpointing=false")
+    p.add_argument("--autoscale-only", action="store_true", help="serve: skip the fixed-replica runs")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "multi_gpu")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
