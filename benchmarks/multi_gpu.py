@@ -6,6 +6,8 @@ Serve throughput / autoscaling with one Generator replica per GPU.
           Reports tokens/s per GPU over the last log window, scaling efficiency against 1 GPU, MFU,
           and per-GPU memory: the peak (activations included) and what is held between steps
           (parameters + optimizer state), which full sharding divides by the GPU count.
+  comm    All-gather / reduce-scatter bandwidth between the GPUs (NCCL; gloo on CPU), the interconnect
+          the sharded jobs depend on, in nccl-tests' algbw / busbw terms.
   resume  The same job on N GPUs; one Ray Train worker is SIGKILLed once a checkpoint exists. The job
           must finish at exactly num_train_steps optimizer steps, resumed from that checkpoint.
   serve   The Serve app (HTTP ingress + Generator replicas of one GPU each) under a closed-loop HTTP
@@ -14,11 +16,12 @@ Serve throughput / autoscaling with one Generator replica per GPU.
 
   python benchmarks/multi_gpu.py train --gpus 1 2                  # GPU machine, ~1B
   python benchmarks/multi_gpu.py resume --gpus 2
+  python benchmarks/multi_gpu.py comm --gpus 2 4
   python benchmarks/multi_gpu.py serve --replicas 2
   python benchmarks/multi_gpu.py train --device cpu --size tiny --gpus 1 2   # CPU smoke run (gloo)
 A run split over several calls continues with `train --append`; `serve --autoscale-only` skips the
 fixed-replica runs; `--set KEY=VALUE` passes job config overrides (A/B runs).
-Results: benchmarks/results/multi_gpu_{train_<strategies>,resume,serve,serve_autoscale}_<device>.{json,md,png}.
+Results: benchmarks/results/multi_gpu_{train_<strategies>,resume,serve,serve_autoscale,comm}_<device>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -217,6 +220,66 @@ def resume(args) -> None:
     write(results, "resume", table, args.out)
     if not ok:
         raise SystemExit("resume check failed")
+
+
+# -- collective bandwidth ------------------------------------------------------------------------
+def _comm_worker(rank: int, world: int, port: int, device: str, sizes_mib: list[int], iters: int, out: str) -> None:
+    """All-gather and reduce-scatter of bf16 tensors (what FSDP2 and ZeRO-3 run every step)."""
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dev = torch.device(device, rank) if device == "cuda" else torch.device("cpu")
+    if device == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
+    # torch >= 2.13 names them *_single; older releases *_into_tensor / *_tensor (same arguments)
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
+    for mib in sizes_mib:
+        n = max(world, mib * 2**20 // 2 // world * world)  # bf16 elements of the gathered tensor
+        full = torch.zeros(n, dtype=torch.bfloat16, device=dev)
+        shard = torch.ones(n // world, dtype=torch.bfloat16, device=dev)
+        for name, op in (("all_gather", lambda: all_gather(full, shard)),
+                         ("reduce_scatter", lambda: reduce_scatter(shard, full))):
+            op()  # warm-up (NCCL sets up its channels on first use)
+            sync()
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(iters):
+                op()
+            sync()
+            seconds = (time.perf_counter() - start) / iters
+            algbw = 2 * n / seconds / 1e9  # GB/s of the whole tensor
+            # nccl-tests' bus bandwidth: each rank sends and receives (world - 1) / world of it
+            rows.append({"op": name, "gpus": world, "mib": 2 * n / 2**20, "ms": seconds * 1e3, "algbw_gbs": algbw,
+                         "busbw_gbs": algbw * (world - 1) / world})
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def comm(args) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    rows = []
+    for n in [g for g in args.gpus if g > 1]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = args.work / f"comm-{n}.json"
+        mp.spawn(_comm_worker, args=(n, port, args.device, args.comm_sizes, args.comm_iters, str(out)), nprocs=n)
+        rows += json.loads(out.read_text())
+    results = {"env": environment(args.device), "rows": rows,
+               "env_vars": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE")}}
+    table = ["| op | GPUs | size | time | algbw | busbw |", "|---|---:|---:|---:|---:|---:|"]
+    table += [f"| {r['op']} | {r['gpus']} | {r['mib']:,.0f} MiB | {r['ms']:.3f} ms | {r['algbw_gbs']:,.1f} GB/s | "
+              f"{r['busbw_gbs']:,.1f} GB/s |" for r in rows]
+    write(results, "comm", "\n".join(table), args.out)
 
 
 # -- serving -------------------------------------------------------------------------------------
@@ -428,7 +491,7 @@ def plot_serve(fixed: list[dict], samples: list[dict], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "resume", "serve"])
+    p.add_argument("what", choices=["train", "resume", "serve", "comm"])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--size", default=None, choices=list(CONFIGS), help="default: 1b on cuda, tiny on cpu")
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="Ray Train workers (one GPU each)")
@@ -454,6 +517,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="train/resume: extra job config overrides (repeatable), e.g. training.gradient_checkpointing=false")
     p.add_argument("--autoscale-only", action="store_true", help="serve: skip the fixed-replica runs")
+    p.add_argument("--comm-sizes", type=int, nargs="+", default=[16, 128, 1024], help="comm: MiB per tensor")
+    p.add_argument("--comm-iters", type=int, default=20)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "multi_gpu")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args()
@@ -466,8 +531,8 @@ def main() -> None:
         need = max(args.gpus) if args.what != "serve" else args.replicas
         if need > have:
             raise SystemExit(f"asked for {need} GPUs, {have} visible")
-    if args.what == "serve":
-        serve_bench(args)
+    if args.what in ("serve", "comm"):
+        {"serve": serve_bench, "comm": comm}[args.what](args)
         return
     with RayHead(max(8, 2 * (os.cpu_count() or 1))):
         {"train": train, "resume": resume}[args.what](args)

@@ -57,3 +57,12 @@ def test_multi_gpu_train_benchmark_appends_to_a_run_split_over_calls(tmp_path):
     assert two["world_size"] == 2 and two["optimizer_steps"] == 4
     # 2 workers x 3 micro-batches per step against 1 x 2 (a re-run 1-worker job would have had 3)
     assert two["tokens_seen"] == 3 * one["tokens_seen"]
+
+
+def test_multi_gpu_comm_benchmark_reports_both_collectives(tmp_path):
+    _run(["benchmarks/multi_gpu.py", "comm", "--device", "cpu", "--gpus", "1", "2", "--comm-sizes", "1", "4",
+          "--comm-iters", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path)], 300)
+    rows = json.loads((tmp_path / "multi_gpu_comm_cpu.json").read_text())["rows"]
+    assert [(r["op"], r["gpus"], r["mib"]) for r in rows] == [
+        ("all_gather", 2, 1.0), ("reduce_scatter", 2, 1.0), ("all_gather", 2, 4.0), ("reduce_scatter", 2, 4.0)]
+    assert all(r["busbw_gbs"] == r["algbw_gbs"] / 2 > 0 for r in rows)
