@@ -182,6 +182,9 @@ class TrainingConfig(_ConfigMixin):
     zero_stage: Literal[0, 1, 2, 3] = 3
     zero_offload_optimizer: bool = False
     zero_offload_params: bool = False
+    # Extra DeepSpeed config merged over the one the fields above build (bucket and prefetch sizes,
+    # wall_clock_breakdown, ...); batch sizes, accumulation and the ZeRO stage stay the fields' own.
+    deepspeed_config: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     # Optimization
     use_torch_compile: bool = True
@@ -202,6 +205,18 @@ class TrainingConfig(_ConfigMixin):
             raise ValueError("zero_offload_params needs use_deepspeed=True and zero_stage=3")
         if self.mixed_precision == "fp8":
             raise ValueError("mixed_precision: 'fp8' is not supported yet; allowed values: 'no', 'fp16', 'bf16'")
+        if self.deepspeed_config and not self.use_deepspeed:
+            raise ValueError("deepspeed_config is set but use_deepspeed is False")
+        owned = {"train_batch_size": "batch_size", "train_micro_batch_size_per_gpu": "batch_size",
+                 "gradient_accumulation_steps": "gradient_accumulation_steps", "gradient_clipping": "max_grad_norm",
+                 "bf16": "mixed_precision", "fp16": "mixed_precision"}
+        clash = sorted(self.deepspeed_config.keys() & owned.keys())
+        if clash:
+            raise ValueError(f"deepspeed_config: set {clash[0]!r} through training.{owned[clash[0]]} instead")
+        zero = self.deepspeed_config.get("zero_optimization", {})
+        if not isinstance(zero, dict) or "stage" in zero:
+            raise ValueError("deepspeed_config.zero_optimization must be a mapping without 'stage' "
+                             "(set training.zero_stage instead)")
         return self
 
     @property

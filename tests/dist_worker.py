@@ -56,7 +56,10 @@ def run(rank: int, world: int, port: int, train_kwargs: dict, out: str, load: st
     if rank == 0:
         losses = {int(h["step"]): h["loss"] for h in trainer.history if "loss" in h}
         weight_norm = float(sum(p.detach().double().pow(2).sum() for p in final.parameters()).sqrt())
+        # ZeRO-3 keeps parameters at or below stage3_param_persistence_threshold whole on every rank.
+        persist = [p.ds_persist for p in trainer.strategy.module.parameters() if hasattr(p, "ds_persist")]
         json.dump({"losses": losses, "strategy": trainer.strategy.name, "step": trainer.step,
+                   "zero3_params": len(persist), "zero3_persistent_params": sum(persist),
                    "optimizer_steps": trainer.strategy.optimizer_steps(), "weight_norm": weight_norm}, open(out, "w"))
     if world > 1:
         dist.barrier()

@@ -39,6 +39,11 @@ def test_defaults_follow_the_api_reference():
         (TrainingConfig, {"use_deepspeed": True}, ["use_fsdp", "use_deepspeed"]),
         (TrainingConfig, {"learning_rate": -1.0}, ["learning_rate", "greater than 0"]),
         (TrainingConfig, {"batch_size": "8"}, ["batch_size", "integer"]),
+        (TrainingConfig, {"deepspeed_config": {"wall_clock_breakdown": True}}, ["deepspeed_config", "use_deepspeed"]),
+        (TrainingConfig, {"use_fsdp": False, "use_deepspeed": True, "deepspeed_config": {"train_micro_batch_size_per_gpu": 4}},
+         ["train_micro_batch_size_per_gpu", "training.batch_size"]),
+        (TrainingConfig, {"use_fsdp": False, "use_deepspeed": True, "deepspeed_config": {"zero_optimization": {"stage": 2}}},
+         ["zero_optimization", "training.zero_stage"]),
         (GenerationConfig, {"top_p": 0.0}, ["top_p", "greater than 0"]),
         (GenerationConfig, {"temperature": -0.5}, ["temperature", "greater than or equal to 0"]),
         (GenerationConfig, {"strategy": "beam"}, ["strategy", "'static'", "'threshold'"]),
@@ -83,3 +88,16 @@ def test_flops_per_token_formula():
     n_matmul = 2 * (d * d * 2 + d * kv * hd * 2 + 3 * d * 128) + d * 1000
     assert cfg.num_matmul_params() == n_matmul
     assert cfg.flops_per_token(256) == 6 * n_matmul + 12 * 2 * 64 * 256
+
+
+def test_deepspeed_config_is_merged_over_the_built_one():
+    from pllm.strategies.zero import deepspeed_config
+
+    cfg = TrainingConfig(use_fsdp=False, use_deepspeed=True, zero_stage=3, zero_offload_optimizer=True,
+                         deepspeed_config={"zero_optimization": {"stage3_prefetch_bucket_size": 0},
+                                           "wall_clock_breakdown": True})
+    built = deepspeed_config(cfg, torch.device("cpu"))
+    assert built["wall_clock_breakdown"] is True
+    zero = built["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_prefetch_bucket_size"] == 0 and zero["offload_optimizer"]["device"] == "cpu"
+    assert built["train_micro_batch_size_per_gpu"] == cfg.batch_size

@@ -19,6 +19,10 @@ SHARDED = {
     "ddp": dict(use_fsdp=False),
     "zero2": dict(use_deepspeed=True, zero_stage=2),
     "zero3": dict(use_deepspeed=True, zero_stage=3, gradient_accumulation_steps=2),
+    # Every parameter partitioned (the default threshold keeps a tiny model's all resident), small
+    # buckets, prefetching: the gather/release/reduce paths a 1B model takes, set through deepspeed_config.
+    "zero3-partitioned": dict(use_deepspeed=True, zero_stage=3, deepspeed_config={"zero_optimization": {
+        "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 2000, "stage3_prefetch_bucket_size": 2000}}),
 }
 # fp32 everywhere: differences are only the order of floating-point reductions.
 RTOL = 2e-4
@@ -42,9 +46,12 @@ def test_two_process_run_matches_single_process(tmp_path, name):
     kwargs = {**BASE, **SHARDED[name]}
     sharded = train(tmp_path, 2, kwargs, name)
     single = train(tmp_path, 1, {**kwargs, "batch_size": 2 * kwargs["batch_size"], "use_fsdp": False,
-                                 "use_deepspeed": False}, "single")
-    assert sharded["strategy"] == {"fsdp2-grad-op": "fsdp2", "zero2": "deepspeed", "zero3": "deepspeed"}.get(name, name)
+                                 "use_deepspeed": False, "deepspeed_config": {}}, "single")
+    assert sharded["strategy"] == ("deepspeed" if name.startswith("zero") else name.removesuffix("-grad-op"))
     assert sharded["step"] == single["step"] == 8
+    if name.startswith("zero3"):  # the default threshold keeps this tiny model resident; deepspeed_config changes that
+        assert sharded["zero3_params"] > 0
+        assert sharded["zero3_persistent_params"] == (0 if name == "zero3-partitioned" else sharded["zero3_params"])
     ref = single["losses"]
     assert ref["8"] < ref["1"] - 0.5  # it learns
     for step, loss in sharded["losses"].items():
@@ -52,7 +59,7 @@ def test_two_process_run_matches_single_process(tmp_path, name):
     assert sharded["weight_norm"] == pytest.approx(single["weight_norm"], rel=RTOL)
 
 
-@pytest.mark.parametrize("name", ["fsdp2", "zero3"])
+@pytest.mark.parametrize("name", ["fsdp2", "zero3", "zero3-partitioned"])
 def test_sharded_checkpoint_resumes_exactly(tmp_path, name):
     kwargs = {**BASE, **SHARDED[name]}
     full = train(tmp_path, 2, kwargs, "full")

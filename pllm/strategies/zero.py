@@ -25,7 +25,7 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
     if cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     on_gpu = device.type == "cuda"
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "gradient_clipping": cfg.max_grad_norm,
@@ -36,6 +36,15 @@ def deepspeed_config(cfg, device: torch.device) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    return _merged(config, cfg.deepspeed_config)
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """`extra` over `base`, mapping by mapping (the user's deepspeed_config over ours)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 class DeepSpeedStrategy(Strategy):
