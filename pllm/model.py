@@ -70,10 +70,11 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
         self.use_flash = cfg.use_flash_attention
         d = cfg.hidden_size
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        # Queries, keys and values in one matmul (rows q | k | v): one larger GEMM instead of three.
+        self.qkv_split = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
+        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self._register_load_state_dict_pre_hook(_fuse_rows("qkv_proj", ("q_proj", "k_proj", "v_proj")))
         # QK-norm (as in OLMo 2, Qwen3): unit-RMS queries/keys keep attention logits O(1), so the
         # positional (rotary) patterns a denoiser needs form early and training stays stable.
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
@@ -82,9 +83,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
         """mask: a bool (B, 1, L, L) tensor, None (attend to all), or `PackedSegments` (B == 1)."""
         B, L, D = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
-        v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
+        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         if isinstance(mask, StaticStep) and mask.fused:
             qn, kn = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
             q = fused(_norm_rotate)(q, qn, self.q_norm.eps if qn is not None else 0.0, cos, sin)
@@ -148,12 +150,29 @@ class PackedSegments:
 class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        # Gate and up projections in one matmul (rows gate | up).
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self._register_load_state_dict_pre_hook(_fuse_rows("gate_up_proj", ("gate_proj", "up_proj")))
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj(x).chunk(2, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def _fuse_rows(fused: str, parts: tuple[str, ...]):
+    """A load_state_dict pre-hook: weights saved with separate projections (`parts`) load into the
+    fused one, their rows stacked in order."""
+
+    def hook(state_dict, prefix, *args):
+        names = [f"{prefix}{part}.weight" for part in parts]
+        if all(name in state_dict for name in names):
+            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(name) for name in names])
+
+    return hook
 
 
 class Block(nn.Module):
@@ -168,8 +187,7 @@ class Block(nn.Module):
         if isinstance(mask, StaticStep) and mask.fused:
             x, h = fused(_add_rms_norm)(x, self.attn(self.attn_norm(x), cos, sin, mask), self.mlp_norm.weight,
                                         self.mlp_norm.eps)
-            mlp = self.mlp
-            return x + mlp.down_proj(fused(_silu_mul)(mlp.gate_proj(h), mlp.up_proj(h)))
+            return x + self.mlp.down_proj(fused(_silu_mul)(*self.mlp.gate_up(h)))
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 

@@ -25,6 +25,31 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, tied):
     assert json.loads((tmp_path / "config.json").read_text())["attention_mode"] == "block_causal"
 
 
+def test_weights_saved_with_separate_projections_load_into_the_fused_ones(tmp_path):
+    """Models saved before q/k/v and gate/up became one matmul each still load, with equal outputs."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(tie_word_embeddings=False)).eval()
+    model.save_pretrained(tmp_path)
+    old = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("qkv_proj.weight"):
+            q, k, v = tensor.split(model.layers[0].attn.qkv_split)
+            for part, w in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+                old[name.replace("qkv_proj", part)] = w.clone()
+        elif name.endswith("gate_up_proj.weight"):
+            for part, w in zip(("gate_proj", "up_proj"), tensor.chunk(2)):
+                old[name.replace("gate_up_proj", part)] = w.clone()
+        else:
+            old[name] = tensor.clone()
+    assert not any("qkv" in n or "gate_up" in n for n in old)
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_model(tmp_path)
+    x = torch.randint(4, 96, (2, 10))
+    assert torch.equal(model(x), loaded(x))
+
+
 def test_loading_a_folder_without_weights_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_model(tmp_path)

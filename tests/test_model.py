@@ -81,9 +81,10 @@ def test_gqa_query_heads_share_kv_heads():
     x = torch.randn(B, L, 32)
     cos = model.rope_cos[:L][None, None].expand(B, 1, L, hd)
     sin = model.rope_sin[:L][None, None].expand(B, 1, L, hd)
-    q = apply_rotary(attn.q_proj(x).view(B, L, H, hd).transpose(1, 2), cos, sin)
-    k = apply_rotary(attn.k_proj(x).view(B, L, KV, hd).transpose(1, 2), cos, sin)
-    v = attn.v_proj(x).view(B, L, KV, hd).transpose(1, 2)
+    wq, wk, wv = attn.qkv_proj.weight.split([H * hd, KV * hd, KV * hd])  # rows q | k | v
+    q = apply_rotary((x @ wq.T).view(B, L, H, hd).transpose(1, 2), cos, sin)
+    k = apply_rotary((x @ wk.T).view(B, L, KV, hd).transpose(1, 2), cos, sin)
+    v = (x @ wv.T).view(B, L, KV, hd).transpose(1, 2)
     heads = []
     for h in range(H):
         g = h // (H // KV)
@@ -91,7 +92,7 @@ def test_gqa_query_heads_share_kv_heads():
         heads.append(w @ v[:, g])
     expected = attn.o_proj(torch.stack(heads, 1).transpose(1, 2).reshape(B, L, H * hd))
     assert torch.allclose(attn(x, cos, sin, None), expected, atol=1e-5)
-    assert attn.k_proj.weight.shape == (KV * hd, 32)
+    assert attn.qkv_proj.weight.shape == ((H + 2 * KV) * hd, 32)
 
 
 def test_tied_and_untied_embeddings():
