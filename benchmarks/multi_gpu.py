@@ -169,10 +169,9 @@ def plot_train(rows: list[dict], path: Path) -> None:
             b.plot([r["gpus"] for r in rs], [r["state_memory_gib"] for r in rs], "o-", label=f"{strategy} params+optim")
             b.plot([r["gpus"] for r in rs], [r["peak_memory_gib"] for r in rs], "s--", label=f"{strategy} peak")
     a.set(xlabel="GPUs", ylabel="tokens/s per GPU", title="weak scaling", ylim=(0, None))
-    for ax in (a, b):
-        ax.set_xticks(sorted({r["gpus"] for r in rows}))
     b.set(xlabel="GPUs", ylabel="GiB per GPU", title="memory per GPU", ylim=(0, None))
     for ax in (a, b):
+        ax.set_xticks(sorted({r["gpus"] for r in rows}))
         if ax.get_legend_handles_labels()[0]:  # no memory lines on CPU
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -409,7 +408,7 @@ def serve_bench(args) -> None:
         return serve.status().applications["bench"].deployments["Generator"].replica_states.get("RUNNING", 0)
 
     fixed = []
-    for k in range(1, 0 if args.autoscale_only else args.replicas + 1):
+    for k in [] if args.autoscale_only else range(1, args.replicas + 1):
         serve.run(build_app(ServeArgs(**base, min_replicas=k, max_replicas=k)), name="bench", route_prefix="/")
         load = Load(k * args.concurrency)
         asyncio.run(closed_loop(url, body, load, lambda t: t >= args.warmup_s))  # CUDA graphs, caches
