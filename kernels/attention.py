@@ -32,6 +32,11 @@ def block_causal_mask(num_queries: int, num_keys: int, block_size: int, query_of
     return k_blocks[None, :] <= q_blocks[:, None]
 
 
+def group_query_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """A (B, 1, Lq, Lk) mask laid out for `fused_attention(..., grouped_mask=True)`."""
+    return mask.repeat(1, 1, groups, 1)
+
+
 def fused_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -41,12 +46,27 @@ def fused_attention(
     query_offset: int = 0,
     causal: bool = False,
     use_flash: bool = True,
+    grouped_mask: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention. query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV
     dividing H (grouped-query attention: query head h reads key/value head h // (H // KV)).
     mask: broadcastable to (B, H, Lq, Lk), bool (True = may attend) or an additive float bias.
+    grouped_mask (grouped-query attention): the mask is (B, 1, G * Lq, Lk) with G = H // KV, the
+    same (B, 1, Lq, Lk) mask repeated G times along the queries (see `group_query_mask`); the G
+    query heads of each key/value head then run as one head of G * Lq queries, so keys and values
+    are read as they are instead of being copied per query head (short queries, as in decoding).
     Returns (B, H, Lq, hd)."""
     gqa = key.shape[1] != query.shape[1]
+    if grouped_mask and gqa:
+        B, H, L, hd = query.shape
+        kv = key.shape[1]
+        if mask is None or mask.shape[1] != 1 or mask.shape[-2] != H // kv * L:
+            raise ValueError(f"grouped_mask needs a (B, 1, {H // kv} * {L}, Lk) mask, got "
+                             f"{None if mask is None else tuple(mask.shape)}")
+        grouped = query.reshape(B, kv, H // kv * L, hd)  # head kv * G + g -> rows g * L ... (g + 1) * L
+        with sdpa_kernel(MASKED_BACKENDS):
+            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask)
+        return out.reshape(B, H, L, hd)
     if block_size is not None:
         block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
         mask = block if mask is None else mask & block

@@ -45,7 +45,10 @@ def parallel_decode(
     if masked is None:
         masked = torch.ones(B, L, dtype=torch.bool, device=logits.device)
     masked = masked.reshape(B, L)
-    min_count = torch.as_tensor(num_parallel, device=logits.device).expand(B).to(torch.int32).contiguous()
+    if isinstance(num_parallel, torch.Tensor):
+        min_count = num_parallel.to(logits.device, torch.int32).expand(B).contiguous()
+    else:  # a fill on the device: no host-to-device copy (which would wait for the GPU) per step
+        min_count = torch.full((B,), num_parallel, dtype=torch.int32, device=logits.device)
     if len(banned_ids) > 2:
         raise ValueError(f"parallel_decode bans at most two token ids, got {banned_ids}")
     if use_triton(logits) and L <= MAX_BLOCK:
