@@ -122,6 +122,25 @@ def test_eos_stops_the_row_and_fills_it():
     assert out.tokens[0].tolist() == [2] * 16 and out.nfe == 1
 
 
+def test_an_eos_inside_the_answer_ends_it_and_only_what_precedes_it_is_final():
+    from pllm.decoding import DecodeRules, DecodeState
+
+    cfg = tiny_config()
+    rules = DecodeRules(gen_length=16, num_steps=16, block_size=4, stop_at_eos=True)  # one commit per step
+    state = DecodeState(torch.tensor([5, 6, 7]), rules, cfg, "cpu")
+    logits = torch.zeros(4, cfg.vocab_size)
+    logits[:, 9] = 10.0
+    logits[3, cfg.eos_token_id] = 20.0  # block position 3: the surest, an EOS
+    finals = []
+    while not state.finished:
+        state.advance(logits)
+        finals.append(list(state.final_ids))
+        assert state.final_ids == state.final_tokens().tolist()
+    # EOS first (not final yet: position 0 still masked), then positions 0, 1, 2 one per step.
+    assert finals == [[], [9], [9, 9], [9, 9, 9]]
+    assert state.answer.tolist() == [9, 9, 9] + [cfg.eos_token_id] * 13 and state.finish_reason == "stop"
+
+
 def test_parallel_generator_interface(tiny_model):
     gen = ParallelGenerator(tiny_model, GenerationConfig(max_new_tokens=8, num_refinement_steps=4, temperature=0.0))
     single = gen.generate(torch.tensor([[5, 6, 7]]))

@@ -167,6 +167,7 @@ class DecodeState:
         self.num_steps_taken = 0  # denoising steps (rule applications); > nfe with draft-and-verify
         self.drafts: list[torch.Tensor] = []
         self.num_final = 0  # answer tokens final in order (a committed prefix): safe to stream
+        self.final_ids: list[int] = []  # those tokens on the host, up to a stopping EOS
         self.eos_at: int | None = None  # answer index of the first final EOS (stop_at_eos only)
         self.finished = rules.gen_length == 0
         self._start_block(0)
@@ -286,7 +287,7 @@ class DecodeState:
             block = self.tokens[self.start:self.end]
             still_masked = block == self.cfg.mask_token_id
             one = torch.tensor([token], device=block.device)
-            self._commit(block, still_masked, one, p[one].float(), still_masked.clone())
+            self._commit(block, one, p[one].float(), still_masked.clone())
             committed += 1
             if self.finished or not drafted or token != d:
                 break
@@ -299,11 +300,11 @@ class DecodeState:
         """Logits for `segments()` (one (n, V) tensor each) -> bool (n,) mask of the positions of
         the block that was current before the call which were committed by this pass."""
         logits = [logits] if isinstance(logits, torch.Tensor) else list(logits)
-        start, end, drafts, accepted_before = self.start, self.end, self.drafts, self.accepted
+        start, drafts, accepted_before = self.start, self.drafts, self.accepted
         if self.ar_target and self.speculation is not None:
             self.nfe += 1
             return torch.ones(self._verify_tokens(logits), dtype=torch.bool, device=self.tokens.device)
-        committed = torch.zeros(end - start, dtype=torch.bool, device=self.tokens.device)
+        committed = None
         for i, step_logits in enumerate(logits):
             # Logits i > 0 belong to drafts[i - 1]: usable only if the state now is exactly that draft.
             if i:
@@ -313,7 +314,8 @@ class DecodeState:
                 if not torch.equal(self.tokens, drafts[i - 1]):
                     break
                 self.accepted += 1
-            committed |= self._step(step_logits)
+            commit = self._step(step_logits)
+            committed = commit if committed is None else committed | commit
         self.nfe += 1
         self.drafted += len(drafts)
         if self.rules.speculative:
@@ -335,7 +337,7 @@ class DecodeState:
             # Greedy confidence decoding: logits -> token, confidence and commit in one kernel.
             out = parallel_decode(logits, min_count, r.confidence_threshold, still_masked,
                                   banned_ids=(cfg.mask_token_id, cfg.pad_token_id))
-            return self._commit(block, still_masked, out.tokens, out.confidence, out.commit)
+            return self._commit(block, out.tokens, out.confidence, out.commit)
         logits = logits.clone()
         # The answer may never contain mask or padding tokens (an undertrained model can rank them
         # first, and committing a mask would stall the loop).
@@ -353,16 +355,19 @@ class DecodeState:
             commit = factor_commit_mask(confidence, still_masked[None], r.parallel_factor)[0]
         else:
             commit = commit_mask(confidence, still_masked[None], min_count, r.confidence_threshold)[0]
-        return self._commit(block, still_masked, proposal[0], confidence[0], commit)
+        return self._commit(block, proposal[0], confidence[0], commit)
 
-    def _commit(self, block: torch.Tensor, still_masked: torch.Tensor, proposal: torch.Tensor,
-                confidence: torch.Tensor, commit: torch.Tensor) -> torch.Tensor:
+    def _commit(self, block: torch.Tensor, proposal: torch.Tensor, confidence: torch.Tensor,
+                commit: torch.Tensor) -> torch.Tensor:
         block.copy_(torch.where(commit, proposal, block))
         self._last = (proposal, confidence)
         self.step += 1
         self.num_steps_taken += 1
-        self._update_final()
-        if not self.finished and not bool((still_masked & ~commit).any()):
+        # The step's one wait for the device: the bookkeeping below reads this host copy of the block
+        # (proposals are never the mask token, so a mask left in it is a position still to decode).
+        host_block = block.tolist()
+        self._update_final(host_block)
+        if not self.finished and self.cfg.mask_token_id not in host_block:
             if self.block + 1 < len(self.blocks):
                 self._start_block(self.block + 1)
             else:
@@ -390,17 +395,23 @@ class DecodeState:
                 break
         return drafts
 
-    def _update_final(self) -> None:
-        answer, cfg = self.answer, self.cfg
-        masked = (answer == cfg.mask_token_id).nonzero()
-        self.num_final = int(masked[0]) if masked.numel() else answer.numel()
-        if self.rules.stop_at_eos:
-            eos = (answer[: self.num_final] == cfg.eos_token_id).nonzero()
-            if eos.numel():
-                # The answer ends at its first final EOS: the rest is filled with EOS, no more steps.
-                self.eos_at = int(eos[0])
-                answer[self.eos_at:] = cfg.eos_token_id
-                self.num_final, self.finished = answer.numel(), True
+    def _update_final(self, host_block: list[int]) -> None:
+        """Extend the final prefix with the current block's newly final tokens (its host copy). Blocks
+        are decoded in order, so every answer token before the current block is already final."""
+        cfg, answer = self.cfg, self.answer
+        base = self.start - self.prompt_len  # the block's first answer index
+        masked_at = host_block.index(cfg.mask_token_id) if cfg.mask_token_id in host_block else len(host_block)
+        new = host_block[self.num_final - base:masked_at]
+        if self.rules.stop_at_eos and cfg.eos_token_id in new:
+            # The answer ends at its first final EOS: the rest is filled with EOS, no more steps.
+            cut = new.index(cfg.eos_token_id)
+            self.eos_at = self.num_final + cut
+            answer[self.eos_at:] = cfg.eos_token_id
+            self.final_ids += new[:cut]
+            self.num_final, self.finished = answer.numel(), True
+            return
+        self.final_ids += new
+        self.num_final = base + masked_at
         if self.num_final == answer.numel():
             self.finished = True
 

@@ -54,6 +54,7 @@ class StaticStepRunner:
         self.lengths.append(self.cache.length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_steps = self.num_replays = 0
+        self._layout = None  # the last step's rows (see `run`)
         if capture:
             self._capture_all()
 
@@ -93,18 +94,18 @@ class StaticStepRunner:
         B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)
         bs, W = self.block, self.window
-        self.tokens[:B].fill_(self.model.config.pad_token_id)
-        self.positions[n:B] = torch.arange(-bs, bs, device=self.positions.device)
-        self.limits[:B] = 0
-        starts = []
-        for i, state in enumerate(states):
-            lo = (state.start // bs - 1) * bs  # the window: blocks k-1 and k
+        starts = [(state.start // bs - 1) * bs for state in states]  # the window: blocks k-1 and k
+        layout = (B, tuple(starts), tuple((id(s), s.end, s.tokens.numel()) for s in states))
+        if layout != self._layout:  # a new batch or a new block: positions, limits and padding change
+            self._layout, device = layout, self.positions.device
+            self.tokens[:B].fill_(self.model.config.pad_token_id)
+            self.positions[n:B] = torch.arange(-bs, bs, device=device)
+            self.limits[:B] = 0
+            self.positions[:n] = torch.tensor(starts, device=device)[:, None] + torch.arange(W, device=device)
+            self.limits[:n] = torch.tensor([s.end for s in states], device=device)
+        for i, (state, lo) in enumerate(zip(states, starts)):  # otherwise only the tokens (device copies)
             a, b = max(lo, 0), min(lo + W, state.tokens.numel())
             self.tokens[i, a - lo:b - lo] = state.tokens[a:b]
-            starts.append(lo)
-        self.positions[:n] = torch.tensor(starts, device=self.positions.device)[:, None] + torch.arange(
-            W, device=self.positions.device)
-        self.limits[:n] = torch.tensor([s.end for s in states], device=self.limits.device)
         need = max(starts) + W + self.cache.offset  # the furthest cache entry any window touches
         S = next(length for length in self.lengths if length >= need)
         self.num_steps += 1

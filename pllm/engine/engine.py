@@ -120,11 +120,11 @@ class Engine:
             state.advance(block_logits)
             self.stats["drafted_tokens"] += state.drafted - drafted
             self.stats["accepted_draft_tokens"] += state.accepted - accepted
-            final = request.state.final_tokens()
-            new = final[request.num_sent:].tolist()
+            final = state.final_ids  # host copy: no device read per request
+            new = final[request.num_sent:]
             if new and request.first_token_time is None:
                 request.first_token_time = now
-            request.num_sent = final.numel()
+            request.num_sent = len(final)
             if request.state.finished:
                 self.scheduler.remove(request.request_id)
                 request.finish_time = now
