@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pllm.decoding.commit import commit_mask
 from pllm.kernels import (block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
-                          group_query_mask, linear_cross_entropy, parallel_decode, parallel_decode_reference, use_triton)
+                          group_query_mask, linear_cross_entropy, parallel_decode, use_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
