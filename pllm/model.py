@@ -44,7 +44,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 def _norm_rotate(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
     if weight is not None:
         x = F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return apply_rotary(x, cos, sin)
+    # Written contiguous (B, H, L, hd): grouped-query attention then views it without a copy.
+    return apply_rotary(x, cos, sin).contiguous()
 
 
 def _add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -176,6 +177,10 @@ def _fuse_rows(fused: str, parts: tuple[str, ...]):
     return hook
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -185,12 +190,17 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(mask, StaticStep) and mask.fused:
-            x, h = fused(_add_rms_norm)(x, self.attn(self.attn_norm(x), cos, sin, mask), self.mlp_norm.weight,
-                                        self.mlp_norm.eps)
-            return x + self.mlp.down_proj(fused(_silu_mul)(*self.mlp.gate_up(h)))
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
+
+    def fused_step(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StaticStep,
+                   next_norm: nn.RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for the decoding step with compiled elementwise kernels: h = attn_norm(x) comes
+        in, and (output, next_norm(output)) go out, so every residual add runs fused with the norm
+        that follows it (the next block's attention norm, or the final norm)."""
+        x, h = fused(_add_rms_norm)(x, self.attn(h, cos, sin, step), self.mlp_norm.weight, self.mlp_norm.eps)
+        return fused(_add_rms_norm)(x, self.mlp.down_proj(fused(_silu_mul)(*self.mlp.gate_up(h))),
+                                    next_norm.weight, next_norm.eps)
 
 
 class DiffusionTransformer(nn.Module):
@@ -431,11 +441,18 @@ class DiffusionTransformer(nn.Module):
         step = StaticStep(cache, rows, slots, bias, S, fused_ops)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at][:, None], self.rope_sin[rope_at][:, None]
-        for block in self.layers:
-            x = block(x, cos, sin, step)
+        if fused_ops:
+            first = self.layers[0].attn_norm
+            h = fused(_rms_norm)(x, first.weight, first.eps)
+            for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
+                x, h = block.fused_step(x, h, cos, sin, step, next_norm)
+        else:
+            for block in self.layers:
+                x = block(x, cos, sin, step)
         if num_logits == 0:
             return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
-        return self.lm_head(self.norm(x[:, -num_logits:])).float()
+        h = h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:])
+        return self.lm_head(h).float()
 
     def _segment_mask(self, start: int, end: int, visible: int, device) -> torch.Tensor | None:
         """Queries at positions [start, end) over keys at positions [0, visible)."""

@@ -93,6 +93,24 @@ def test_parallel_generator_with_cuda_graphs_equals_the_packed_path(block_model)
     assert (generator._static is not None) == (DEVICE == "cuda")  # graphs only on a GPU
 
 
+def test_compiled_step_ops_give_the_eager_logits(block_model):
+    """The compiled step (residual adds fused with the following norm, QK-norm + rotary, SiLU * up)
+    computes the eager step's logits, with every norm weight away from 1 so that each one counts."""
+    model = copy.deepcopy(block_model).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    B, W = 2, 2 * model.config.block_size
+    tokens = torch.randint(4, model.config.vocab_size, (B, W), device=DEVICE)
+    positions = torch.tensor([[0], [8]], device=DEVICE) + torch.arange(W, device=DEVICE)
+    limits = torch.tensor([13, 20], device=DEVICE)
+    eager, fused = (model.forward_static(tokens, positions, limits, model.new_static_cache(B), slice(0, B), 8,
+                                         fused_ops=f) for f in (False, True))
+    assert fused.shape == (B, 8, model.config.vocab_size)
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+
+
 def test_compiled_step_ops_decode_the_same_tokens(block_model):
     """torch.compile'd elementwise chains (QK-norm + rotary, add + RMSNorm, SiLU * up) in the
     fixed-shape step: the same answers as the eager ops."""
