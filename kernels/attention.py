@@ -66,7 +66,10 @@ def fused_attention(
         grouped = query.reshape(B, kv, H // kv * L, hd)  # head kv * G + g -> rows g * L ... (g + 1) * L
         with sdpa_kernel(MASKED_BACKENDS):
             out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask)
-        return out.reshape(B, H, L, hd)
+        # One copy into (B, L, H, hd) memory, returned as its (B, H, L, hd) view: the usual
+        # `.transpose(1, 2).reshape(B, L, H * hd)` that follows is then free.
+        return (out.unflatten(2, (H // kv, L)).permute(0, 3, 1, 2, 4).reshape(B, L, H, hd)
+                .transpose(1, 2))
     if block_size is not None:
         block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
         mask = block if mask is None else mask & block
