@@ -2,8 +2,9 @@
 
 Dispatch, fastest first: flash-attn (optional `gpu` extra) for unmasked or causal fp16/bf16 CUDA
 inputs; otherwise PyTorch SDPA, restricted to its flash / memory-efficient / math backends as the
-inputs allow (a boolean mask rules out flash). cuDNN attention is left out: it builds an execution
-plan per new sequence length, which the serving engine's ragged batches keep producing. Bidirectional attention is `mask=None`,
+inputs allow (a boolean mask rules out flash). cuDNN attention builds an execution plan per new
+shape, which ragged batches keep producing, so it runs only for callers that declare fixed shapes
+(the CUDA-graph decoding step, `fixed_shape=True`). Bidirectional attention is `mask=None`,
 block-causal attention passes `block_size` (or a prebuilt mask), cached-block attention passes
 keys/values longer than the queries with `query_offset` = the position of the first query.
 """
@@ -32,11 +33,6 @@ def block_causal_mask(num_queries: int, num_keys: int, block_size: int, query_of
     return k_blocks[None, :] <= q_blocks[:, None]
 
 
-def group_query_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """A (B, 1, Lq, Lk) mask laid out for `fused_attention(..., grouped_mask=True)`."""
-    return mask.repeat(1, 1, groups, 1)
-
-
 def fused_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -46,30 +42,24 @@ def fused_attention(
     query_offset: int = 0,
     causal: bool = False,
     use_flash: bool = True,
-    grouped_mask: bool = False,
+    fixed_shape: bool = False,
 ) -> torch.Tensor:
     """Scaled dot-product attention. query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV
     dividing H (grouped-query attention: query head h reads key/value head h // (H // KV)).
     mask: broadcastable to (B, H, Lq, Lk), bool (True = may attend) or an additive float bias.
-    grouped_mask (grouped-query attention): the mask is (B, 1, G * Lq, Lk) with G = H // KV, the
-    same (B, 1, Lq, Lk) mask repeated G times along the queries (see `group_query_mask`); the G
-    query heads of each key/value head then run as one head of G * Lq queries, so keys and values
-    are read as they are instead of being copied per query head (short queries, as in decoding).
+    fixed_shape: the caller runs these exact shapes again and again (the decoding step, replayed
+    from CUDA graphs), so cuDNN attention, which plans once per shape, may run: with a mask on a
+    Hopper GPU it is 2-3x faster than the memory-efficient kernel. Elsewhere, a masked grouped-query
+    call with a (B, 1, Lq, Lk) mask runs the G = H // KV query heads of each key/value head as one
+    head of G * Lq queries, reading keys/values as they are instead of copying them per query head.
     Returns (B, H, Lq, hd)."""
     gqa = key.shape[1] != query.shape[1]
-    if grouped_mask and gqa:
-        B, H, L, hd = query.shape
-        kv = key.shape[1]
-        if mask is None or mask.shape[1] != 1 or mask.shape[-2] != H // kv * L:
-            raise ValueError(f"grouped_mask needs a (B, 1, {H // kv} * {L}, Lk) mask, got "
-                             f"{None if mask is None else tuple(mask.shape)}")
-        grouped = query.reshape(B, kv, H // kv * L, hd)  # head kv * G + g -> rows g * L ... (g + 1) * L
-        with sdpa_kernel(MASKED_BACKENDS):
-            out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask)
-        # One copy into (B, L, H, hd) memory, returned as its (B, H, L, hd) view: the usual
-        # `.transpose(1, 2).reshape(B, L, H * hd)` that follows is then free.
-        return (out.unflatten(2, (H // kv, L)).permute(0, 3, 1, 2, 4).reshape(B, L, H, hd)
-                .transpose(1, 2))
+    if fixed_shape and mask is not None:
+        if _cudnn_ok(query):
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=gqa)
+        if gqa and mask.shape[1] == 1:
+            return _grouped_query_attention(query, key, value, mask)
     if block_size is not None:
         block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
         mask = block if mask is None else mask & block
@@ -93,6 +83,23 @@ def fused_attention(
 def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """Unmasked (or causal) attention on the fastest available kernel (seed API name)."""
     return fused_attention(query, key, value, causal=causal)
+
+
+def _grouped_query_attention(query, key, value, mask) -> torch.Tensor:
+    B, H, L, hd = query.shape
+    kv = key.shape[1]
+    groups = H // kv
+    grouped = query.reshape(B, kv, groups * L, hd)  # head kv * G + g -> rows g * L ... (g + 1) * L
+    with sdpa_kernel(MASKED_BACKENDS):
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask.repeat(1, 1, groups, 1))
+    # One copy into (B, L, H, hd) memory, returned as its (B, H, L, hd) view: the usual
+    # `.transpose(1, 2).reshape(B, L, H * hd)` that follows is then free.
+    return out.unflatten(2, (groups, L)).permute(0, 3, 1, 2, 4).reshape(B, L, H, hd).transpose(1, 2)
+
+
+def _cudnn_ok(query: torch.Tensor) -> bool:
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and torch.backends.cudnn.is_available()
+            and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(query.device)[0] >= 9)
 
 
 def _flash_ok(query: torch.Tensor, use_flash: bool) -> bool:

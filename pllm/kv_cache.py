@@ -112,7 +112,6 @@ class StaticStep:
     cache: StaticKVCache
     rows: slice  # slots of the rows
     slots: torch.Tensor  # (B, kv_heads, W, head_dim) cache index of each written key/value element
-    mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf); (B, 1, G * W, key_length) for GQA
-    # (G = query heads per key/value head; see `pllm.kernels.fused_attention(grouped_mask=True)`)
+    mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
     key_length: int  # cache entries the step reads (a prefix of the slot)
     fused: bool = False  # compiled elementwise kernels (see `pllm.model.fused`)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import fused_attention, group_query_mask, linear_cross_entropy
+from .kernels import fused_attention, linear_cross_entropy
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -109,8 +109,7 @@ class Attention(nn.Module):
         cv = step.cache.values[self.layer_idx, step.rows, :, :step.key_length]
         ck.scatter_(2, step.slots, k.to(ck.dtype))  # (B, KV, W, hd) into (B, KV, S, hd): one kernel each
         cv.scatter_(2, step.slots, v.to(cv.dtype))
-        return fused_attention(q, ck, cv, mask=step.mask, use_flash=self.use_flash,
-                               grouped_mask=self.n_kv != self.n_heads)
+        return fused_attention(q, ck, cv, mask=step.mask, use_flash=self.use_flash, fixed_shape=True)
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
         """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
@@ -436,8 +435,6 @@ class DiffusionTransformer(nn.Module):
         # An additive bias built once for all layers (a bool mask is converted in every call).
         x = self.embed_tokens(tokens)
         bias = torch.zeros(B, 1, W, S, dtype=x.dtype, device=x.device).masked_fill_(~visible[:, None], float("-inf"))
-        if cfg.kv_heads != cfg.num_attention_heads:  # grouped-query heads read their key/value head as is
-            bias = group_query_mask(bias, cfg.num_attention_heads // cfg.kv_heads)
         step = StaticStep(cache, rows, slots, bias, S, fused_ops)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at][:, None], self.rope_sin[rope_at][:, None]
