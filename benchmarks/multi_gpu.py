@@ -8,14 +8,14 @@ Serve throughput / autoscaling with one Generator replica per GPU.
           (parameters + optimizer state), which full sharding divides by the GPU count.
   comm    All-gather / reduce-scatter bandwidth between the GPUs (NCCL; gloo on CPU), the interconnect
           the sharded jobs depend on, in nccl-tests' algbw / busbw terms.
-  resume  The same job on N GPUs; one Ray Train worker is SIGKILLed once a checkpoint exists. The job
-          must finish at exactly num_train_steps optimizer steps, resumed from that checkpoint.
+  resume  The same job on N GPUs; one Ray Train worker is SIGKILLed as the second checkpoint is written.
+          The job must finish at exactly num_train_steps optimizer steps, resumed from a checkpoint.
   serve   The Serve app (HTTP ingress + Generator replicas of one GPU each) under a closed-loop HTTP
           load: completion tokens/s with 1..R fixed replicas, then autoscaling min=1..max=R as the load
           rises and falls (replica count sampled every second).
 
   python benchmarks/multi_gpu.py train --gpus 1 2                  # GPU machine, ~1B
-  python benchmarks/multi_gpu.py resume --gpus 2
+  python benchmarks/multi_gpu.py resume --gpus 2 --steps 30 --save-interval 10
   python benchmarks/multi_gpu.py comm --gpus 2 4
   python benchmarks/multi_gpu.py serve --replicas 2
   python benchmarks/multi_gpu.py train --device cpu --size tiny --gpus 1 2   # CPU smoke run (gloo)
@@ -188,6 +188,8 @@ def _train_workers():
 
 def resume(args) -> None:
     n, save = args.gpus[-1], args.save_interval
+    if args.steps <= 2 * save:
+        raise SystemExit(f"resume needs --steps > 2 x --save-interval ({2 * save}): it kills at the second checkpoint")
     out = args.work / f"resume-{n}"
     cmd = job_command(args, args.strategies[0], n, out, f"training.save_interval={save}")
     log_path = args.work / f"resume-{n}.log"
@@ -196,7 +198,10 @@ def resume(args) -> None:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         killed_at, victim = None, None
         while proc.poll() is None and time.perf_counter() - start < args.timeout:
-            if list((out / "ray").glob(f"*/checkpoint-{save:07d}")) and _train_workers():
+            # Kill once the second checkpoint's folder appears: the first is then complete (a checkpoint
+            # counts only when every rank has reported it, and a kill during the first one's report
+            # leaves nothing to resume from, so the group would rightly start again at step 0).
+            if list((out / "ray").glob(f"*/checkpoint-{2 * save:07d}")) and _train_workers():
                 victim = _train_workers()[-1].pid
                 os.kill(victim, signal.SIGKILL)
                 killed_at = time.perf_counter() - start
