@@ -79,27 +79,27 @@ class Segment:
 
 
 class StaticKVCache:
-    """Preallocated keys/values for a fixed number of sequence slots, (layers, slots, kv_heads,
-    offset + max_positions, head_dim), for fixed-shape decoding steps that CUDA graphs can replay
-    (`pllm.engine.cuda_graphs`). Position p of a slot lives at index p + offset; the first `offset`
-    indices are scratch for window positions before 0, which no query ever reads."""
+    """Preallocated keys/values for a fixed number of sequence slots, for fixed-shape decoding steps
+    that CUDA graphs can replay (`pllm.engine.cuda_graphs`). `keys_values` is (layers, slots, 2,
+    kv_heads, offset + max_positions, head_dim): keys beside values, so a step stores both with one
+    scatter; `keys` and `values` are its two halves. Position p of a slot lives at index p + offset;
+    the first `offset` indices are scratch for window positions before 0, which no query ever reads."""
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_positions: int, head_dim: int,
                  offset: int, dtype: torch.dtype, device):
-        shape = (num_layers, num_slots, kv_heads, offset + max_positions, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_layers, num_slots, 2, kv_heads, offset + max_positions, head_dim)
+        self.keys_values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys, self.values = self.keys_values[:, :, 0], self.keys_values[:, :, 1]
         self.offset = offset
 
     @property
     def length(self) -> int:
-        return self.keys.shape[3]
+        return self.keys_values.shape[4]
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy slots src[i] -> dst[i] (all reads before any write, so the lists may overlap)."""
         s, d = torch.tensor(src, device=self.keys.device), torch.tensor(dst, device=self.keys.device)
-        self.keys[:, d] = self.keys[:, s]
-        self.values[:, d] = self.values[:, s]
+        self.keys_values[:, d] = self.keys_values[:, s]
 
 
 @dataclass
@@ -111,7 +111,7 @@ class StaticStep:
 
     cache: StaticKVCache
     rows: slice  # slots of the rows
-    slots: torch.Tensor  # (B, kv_heads, W, head_dim) cache index of each written key/value element
+    slots: torch.Tensor  # (B, 2, kv_heads, W, head_dim) cache index of each written key and value element
     mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
     key_length: int  # cache entries the step reads (a prefix of the slot)
     fused: bool = False  # compiled elementwise kernels (see `pllm.model.fused`)

@@ -48,6 +48,12 @@ def _norm_rotate(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     return apply_rotary(x, cos, sin).contiguous()
 
 
+def _norm_rotate_beside(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                        cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Normed, rotated keys beside the values, (B, 2, KV, L, hd): what the static cache stores."""
+    return torch.stack([_norm_rotate(k, weight, eps, cos, sin), v], dim=1)
+
+
 def _add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
     h = x + y
     return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
@@ -88,28 +94,31 @@ class Attention(nn.Module):
         q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        if isinstance(mask, StaticStep) and mask.fused:
-            qn, kn = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
-            q = fused(_norm_rotate)(q, qn, self.q_norm.eps if qn is not None else 0.0, cos, sin)
-            k = fused(_norm_rotate)(k, kn, self.k_norm.eps if kn is not None else 0.0, cos, sin)
+        if isinstance(mask, StaticStep):
+            y = self._static_step_attention(q, k, v, cos, sin, mask)
         else:
             q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
-        if isinstance(mask, PackedSegments):
-            y = self._packed_attention(q, k, v, mask)
-        elif isinstance(mask, StaticStep):
-            y = self._static_cache_attention(q, k, v, mask)
-        else:
-            y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash)
+            if isinstance(mask, PackedSegments):
+                y = self._packed_attention(q, k, v, mask)
+            else:
+                y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
-    def _static_cache_attention(self, q, k, v, step: StaticStep) -> torch.Tensor:
-        """Write the window's keys/values into each row's slot, then attend over the slot's first
-        key_length entries under the step's mask (fixed shapes: CUDA-graph friendly)."""
-        ck = step.cache.keys[self.layer_idx, step.rows, :, :step.key_length]
-        cv = step.cache.values[self.layer_idx, step.rows, :, :step.key_length]
-        ck.scatter_(2, step.slots, k.to(ck.dtype))  # (B, KV, W, hd) into (B, KV, S, hd): one kernel each
-        cv.scatter_(2, step.slots, v.to(cv.dtype))
-        return fused_attention(q, ck, cv, mask=step.mask, use_flash=self.use_flash, fixed_shape=True)
+    def _static_step_attention(self, q, k, v, cos, sin, step: StaticStep) -> torch.Tensor:
+        """QK-norm and rotary; the window's keys and values into each row's slot (one scatter for
+        both); then attention over the slot's first key_length entries under the step's mask (fixed
+        shapes: CUDA-graph friendly)."""
+        if step.fused:
+            qn, kn = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
+            q = fused(_norm_rotate)(q, qn, self.q_norm.eps if qn is not None else 0.0, cos, sin)
+            kv = fused(_norm_rotate_beside)(k, v, kn, self.k_norm.eps if kn is not None else 0.0, cos, sin)
+        else:
+            q = apply_rotary(self.q_norm(q), cos, sin)
+            kv = torch.stack([apply_rotary(self.k_norm(k), cos, sin), v], dim=1)
+        cache = step.cache.keys_values[self.layer_idx, step.rows, :, :, :step.key_length]  # (B, 2, KV, S, hd)
+        cache.scatter_(3, step.slots, kv.to(cache.dtype))
+        return fused_attention(q, cache[:, 0], cache[:, 1], mask=step.mask, use_flash=self.use_flash,
+                               fixed_shape=True)
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
         """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
@@ -426,7 +435,7 @@ class DiffusionTransformer(nn.Module):
         bs, cfg = self.config.block_size, self.config
         B, W = positions.shape
         S = key_length or cache.length
-        slots = (positions + cache.offset)[:, None, :, None].expand(B, cfg.kv_heads, W, cfg.head_dim)
+        slots = (positions + cache.offset)[:, None, None, :, None].expand(B, 2, cfg.kv_heads, W, cfg.head_dim)
         key_pos = torch.arange(S, device=tokens.device) - cache.offset  # (S,)
         visible = ((key_pos[None, None, :] >= 0) & (key_pos[None, None, :] < limits[:, None, None])
                    & (key_pos.div(bs, rounding_mode="floor")[None, None, :]
