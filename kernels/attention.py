@@ -54,15 +54,15 @@ def fused_attention(
     head of G * Lq queries, reading keys/values as they are instead of copying them per query head.
     Returns (B, H, Lq, hd)."""
     gqa = key.shape[1] != query.shape[1]
+    if block_size is not None:
+        block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
+        mask = block if mask is None else mask & block
     if fixed_shape and mask is not None:
         if _cudnn_ok(query):
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
                 return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=gqa)
         if gqa and mask.shape[1] == 1:
             return _grouped_query_attention(query, key, value, mask)
-    if block_size is not None:
-        block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
-        mask = block if mask is None else mask & block
     if mask is None and _flash_ok(query, use_flash):
         # flash-attn takes (B, L, H, hd) and maps GQA heads itself.
         out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal)

@@ -41,9 +41,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def _norm_rotate(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
     if weight is not None:
-        x = F.rms_norm(x, (x.shape[-1],), weight, eps)
+        x = _rms_norm(x, weight, eps)
     # Written contiguous (B, H, L, hd): grouped-query attention then views it without a copy.
     return apply_rotary(x, cos, sin).contiguous()
 
@@ -56,7 +60,7 @@ def _norm_rotate_beside(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor |
 
 def _add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
     h = x + y
-    return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
+    return h, _rms_norm(h, weight, eps)
 
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -183,10 +187,6 @@ def _fuse_rows(fused: str, parts: tuple[str, ...]):
             state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(name) for name in names])
 
     return hook
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 class Block(nn.Module):

@@ -158,6 +158,12 @@ def test_fixed_shape_grouped_query_attention_with_a_mask_equals_the_definition(d
     y = got.transpose(1, 2).reshape(2, 12, 8 * 16)  # what o_proj reads
     torch.testing.assert_close(y.float(), want.transpose(1, 2).reshape(2, 12, 128), rtol=tolerance(dtype, 64),
                                atol=tolerance(dtype, 64))
+    # block_size still applies on this path: the block-causal rule is combined with the given mask.
+    block = block_causal_mask(12, 40, 8, query_offset=20)
+    got = fused_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask=mask, block_size=8, query_offset=20,
+                          fixed_shape=True)
+    want = _attention_by_definition(q, k, v, mask & block.to(DEVICE))
+    assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 4)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="flash/efficient SDPA backends need CUDA")
