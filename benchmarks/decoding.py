@@ -90,7 +90,8 @@ QUICK = {"static", "draft_verify k=4", "threshold 0.7", "autoregressive (static,
 
 # -- training ----------------------------------------------------------------------------------
 def train_models(size: str, device: str, seconds: float, ar_seconds: float, out: Path, corpus,
-                 names=tuple(MODELS)) -> dict[str, DiffusionTransformer]:
+                 names=tuple(MODELS), on_save=None, save_interval: int = 0) -> dict[str, DiffusionTransformer]:
+    """on_save(trainer), every save_interval steps: e.g. measure the model while it trains."""
     spec, tok = SIZES[size], corpus.tokenizer
     models = {}
     for name, shape in ((n, MODELS[n]) for n in names):
@@ -105,12 +106,14 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
         train = TrainingConfig(batch_size=spec["batch"], seq_len=spec["seq_len"], learning_rate=spec["lr"],
                                num_train_steps=100_000, max_train_minutes=(ar_seconds if name == "ar" else seconds) / 60, warmup_steps=100,
                                weight_decay=0.01, eval_interval=10**9, log_interval=50, use_fsdp=False,
+                               save_interval=save_interval if on_save else 0,
                                use_torch_compile=False, use_cuda_graphs=False, gradient_checkpointing=False,
                                mixed_precision="bf16" if device == "cuda" else "no", output_dir=str(path))
         torch.manual_seed(0)
         model = DiffusionTransformer(cfg)
         loader = make_dataloader(corpus.train_tokens, train.seq_len, train.batch_size, shuffle=True)
-        trainer = DistributedTrainer(model, train, cfg, loader, None, device=device, show_progress=False)
+        trainer = DistributedTrainer(model, train, cfg, loader, None, device=device, show_progress=False,
+                                     on_save=on_save)
         t0 = time.perf_counter()
         metrics = trainer.train()
         print(f"[{name}] {model.num_parameters() / 1e6:.1f}M params, {trainer.step} steps in "

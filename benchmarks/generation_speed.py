@@ -101,27 +101,33 @@ def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, pea
 
 
 # -- our engine --------------------------------------------------------------------------------
-def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device: str) -> dict:
+def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device: str, pipeline: bool = True) -> dict:
     """Run the prompts to completion in one engine; per-step times (prefill steps excluded)."""
-    engine = Engine(model, EngineConfig(max_num_seqs=max(len(prompts), 1), max_batched_tokens=1 << 20),
-                    static_step=static_step)
+    engine = Engine(model, EngineConfig(max_num_seqs=max(len(prompts), 1), max_batched_tokens=1 << 20,
+                                        pipeline_steps=pipeline), static_step=static_step)
     engine.generate(prompts[:1], GenerationConfig(**{**cfg.to_dict(), "max_new_tokens": 8}))  # warm-up
+    static = engine.runner.static
+    ahead_before = (static.num_ahead, static.num_ahead_used) if static else (0, 0)
     ids = [engine.add_request(p, cfg) for p in prompts]
     steps, tokens = [], 0
     sync(device)
     start = time.perf_counter()
     while engine.has_work():
+        # No device sync here: each step waits for its own commits, and with pipelining the next
+        # step is already running on the device when it returns (a sync would serialize them).
         t0 = time.perf_counter()
         outs = engine.step()
-        sync(device)
         steps.append(time.perf_counter() - t0)
         tokens += sum(len(o.new_token_ids) for o in outs)
+    sync(device)
     total = time.perf_counter() - start
     assert engine.stats["finished"] == len(ids) + 1  # and the warm-up request
     body = steps[1:] or steps  # the first step also prefills every prompt
     return {"step_ms_median": statistics.median(body) * 1e3, "step_ms_mean": statistics.fmean(body) * 1e3,
             "steps": len(steps), "tokens": tokens, "tokens_per_s": tokens / total, "seconds": total,
-            "tpf": tokens / len(prompts) / max(len(steps), 1)}
+            "tpf": tokens / len(prompts) / max(len(steps), 1), "pipelined": engine.pipeline,
+            "steps_launched_ahead": static.num_ahead - ahead_before[0] if static else 0,
+            "steps_launched_ahead_used": static.num_ahead_used - ahead_before[1] if static else 0}
 
 
 def trained_tpf(args, device: str) -> dict:
@@ -134,19 +140,42 @@ def trained_tpf(args, device: str) -> dict:
     bench = _load_decoding_benchmark()
     size = "tiny" if args.quick else "small"
     corpus = prepare_corpus(DataConfig(), bench.SIZES[size]["model"]["vocab_size"], cache_dir())
-    model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
-                               names=("block32",))["block32"]
     _, val_files = split_files(corpus_files(), DataConfig().validation_fraction)
     sources = [doc for f in val_files for doc in read_documents(f)]
     prompts = bench.function_prompts(sources, corpus.tokenizer, args.tpf_prompts, context_tokens=96,
                                      continuation_tokens=args.gen)
-    out = {"model_parameters": model.num_parameters(), "train_seconds": args.train_seconds}
-    for threshold in args.thresholds:
-        cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
-                               strategy="threshold", confidence_threshold=threshold, use_adaptive_steps=False)
-        result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts],
-                                   [DecodeRules.from_config(cfg)] * len(prompts))
-        out[f"tpf_threshold_{threshold}"] = args.gen / statistics.fmean(result.nfe_per_sequence)
+
+    def tpf(model) -> dict:
+        out = {}
+        for threshold in args.thresholds:
+            cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
+                                   strategy="threshold", confidence_threshold=threshold, use_adaptive_steps=False)
+            result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts],
+                                       [DecodeRules.from_config(cfg)] * len(prompts))
+            out[f"tpf_threshold_{threshold}"] = args.gen / statistics.fmean(result.nfe_per_sequence)
+        return out
+
+    curve, t0 = [], time.perf_counter()
+
+    def measure(trainer) -> None:  # TPF as training goes on (the decoding time is not training time)
+        nonlocal t0
+        trainer.model.eval()
+        seconds = time.perf_counter() - t0
+        point = {"step": trainer.step, "train_seconds": (curve[-1]["train_seconds"] if curve else 0) + seconds,
+                 "loss": next((h["loss"] for h in reversed(trainer.history) if "loss" in h), None),
+                 **tpf(trainer.model)}
+        curve.append(point)
+        print(f"TPF while training: {point}", flush=True)
+        trainer.model.train()
+        t0 = time.perf_counter()
+
+    model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
+                               names=("block32",), on_save=measure if args.tpf_every else None,
+                               save_interval=args.tpf_every)["block32"]
+    out = {"model_parameters": model.num_parameters(), "train_seconds": args.train_seconds, **tpf(model)}
+    if curve:  # the wall-clock budget included the measurements: the net training time is less
+        out["net_train_seconds"] = curve[-1]["train_seconds"] + time.perf_counter() - t0
+        out["curve"] = curve
     return out
 
 
@@ -202,8 +231,10 @@ def main() -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7])
     p.add_argument("--train-seconds", type=float, default=120.0, help="training of the small model for TPF")
     p.add_argument("--tpf-prompts", type=int, default=32)
+    p.add_argument("--tpf-every", type=int, default=0, help="also measure TPF every N training steps (a curve)")
     p.add_argument("--hf-tokens", type=int, default=64, help="new tokens per HF generate call")
     p.add_argument("--skip-eager", action="store_true", help="skip the eager packed-path baseline")
+    p.add_argument("--tpf-only", action="store_true", help="only train the small model and measure its TPF")
     p.add_argument("--work-dir", default="runs/generation-bench")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shape, short answers")
@@ -228,6 +259,8 @@ def main() -> None:
     tpf = report["trained"][f"tpf_threshold_{args.thresholds[0]}"]
     print(f"trained small model: {report['trained']}", flush=True)
     write(report, out, stem)
+    if args.tpf_only:
+        return
 
     torch.manual_seed(0)
     cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=32, use_flash_attention=True)
@@ -239,11 +272,13 @@ def main() -> None:
     for batch in args.batches:
         prompts = [torch.randint(4, cfg.vocab_size, (args.prompt_len,)) for _ in range(batch)]
         hf = hf_generate(SHAPES[args.shape], batch, args.prompt_len, args.hf_tokens, device)
-        for path, static in [("fixed-shape steps" + (" + CUDA graphs" if device == "cuda" else ""), True),
-                             ("eager packed (baseline)", False)]:
-            if not static and args.skip_eager:
-                continue
-            row = {"batch": batch, "path": path, **time_engine(model, prompts, gen_cfg, static, device)}
+        graphs = " + CUDA graphs" if device == "cuda" else ""
+        for path, static, pipeline in [(f"fixed-shape steps{graphs}, pipelined", True, True),
+                                       (f"fixed-shape steps{graphs}", True, False),
+                                       ("eager packed (baseline)", False, False)]:
+            if (not static and args.skip_eager) or (pipeline and device != "cuda"):
+                continue  # pipelining is for CUDA graphs (on CPU it would only add dropped steps)
+            row = {"batch": batch, "path": path, **time_engine(model, prompts, gen_cfg, static, device, pipeline)}
             if bandwidth:
                 context = args.prompt_len + args.gen // 2  # the average visible context over the answer
                 row.update(step_floor(cfg, batch, context, bandwidth, peak))

@@ -278,6 +278,9 @@ class EngineConfig(_ConfigMixin):
     # CUDA graphs captured per batch-size bucket (pllm/engine/cuda_graphs.py).
     use_cuda_graphs: bool = True
     compile_step: bool = True  # ...with its elementwise chains fused by torch.compile (GPU)
+    # ...and each step launched before the host reads the last one's commits, so the GPU computes
+    # while the host does the bookkeeping (a step launched ahead is dropped when a block ends).
+    pipeline_steps: bool = True
 
 
 @dataclass(config=_STRICT)

@@ -127,3 +127,28 @@ def test_compiled_step_ops_decode_the_same_tokens(block_model):
     same = sum(int((a == b).sum()) for a, b in zip(plain.tokens, fused.tokens))
     assert same >= 0.95 * sum(t.numel() for t in plain.tokens)
     block_model.to(DTYPE)
+
+
+def test_steps_launched_ahead_change_no_token(block_model):
+    """The pipelined loop (each step launched before the host reads the last one's commits; on by
+    default with CUDA graphs, forced here on CPU) decodes the plain loop's tokens: in a changing
+    batch, and in a steady one, where the steps launched ahead are used inside blocks and dropped
+    where a block ends."""
+    requests = mixed_requests(16)
+    config = EngineConfig(max_num_seqs=6, max_batched_tokens=400, pipeline_steps=False)
+    plain = run_staggered(Engine(block_model, config, static_step=True), requests)
+    engine = Engine(block_model, config, static_step=True)
+    engine.pipeline = True
+    assert run_staggered(engine, requests) == plain
+    assert engine.runner.static.num_ahead_used > 0
+
+    prompts = [p for p, _ in requests[:3]]
+    cfg = GenerationConfig(max_new_tokens=40, num_refinement_steps=40, temperature=0.0, strategy="threshold",
+                           confidence_threshold=0.05, use_adaptive_steps=False)
+    expected = Engine(block_model, config, static_step=True).generate(prompts, cfg)
+    engine = Engine(block_model, config, static_step=True)
+    engine.pipeline = True
+    assert engine.generate(prompts, cfg) == expected
+    static = engine.runner.static
+    assert static.num_ahead == engine.stats["steps"]  # every step launched its successor
+    assert 0 < static.num_ahead_used < static.num_ahead  # used inside blocks, dropped at block ends

@@ -170,6 +170,8 @@ class DecodeState:
         self.final_ids: list[int] = []  # those tokens on the host, up to a stopping EOS
         self.eos_at: int | None = None  # answer index of the first final EOS (stop_at_eos only)
         self.finished = rules.gen_length == 0
+        self.deferred = False  # the current step's bookkeeping waits for `finish_step` (see `advance`)
+        self._reading: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
         self._start_block(0)
 
     # -- the current block ---------------------------------------------------------------------
@@ -296,10 +298,16 @@ class DecodeState:
         return committed
 
     # -- one forward pass ----------------------------------------------------------------------
-    def advance(self, logits: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    def advance(self, logits: torch.Tensor | list[torch.Tensor], defer: bool = False) -> torch.Tensor:
         """Logits for `segments()` (one (n, V) tensor each) -> bool (n,) mask of the positions of
-        the block that was current before the call which were committed by this pass."""
+        the block that was current before the call which were committed by this pass.
+        defer: return once the commit is queued on the device; the caller then calls `finish_step`,
+        and until then the state still shows the block as it was (`start`, `finished`, ...).
+        The engine uses it to launch the next step before waiting for this one (one segment only)."""
         logits = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+        if defer and (len(logits) > 1 or self.rules.draft_length):
+            raise ValueError("only a single-segment step (no drafts) can defer its bookkeeping")
+        self.deferred = defer
         start, drafts, accepted_before = self.start, self.drafts, self.accepted
         if self.ar_target and self.speculation is not None:
             self.nfe += 1
@@ -363,16 +371,35 @@ class DecodeState:
         self._last = (proposal, confidence)
         self.step += 1
         self.num_steps_taken += 1
-        # The step's one wait for the device: the bookkeeping below reads this host copy of the block
-        # (proposals are never the mask token, so a mask left in it is a position still to decode).
-        host_block = block.tolist()
+        # The block's host copy, read without waiting; `finish_step` waits for it (the step's one
+        # wait for the device) unless this step is deferred (see `advance`).
+        if block.is_cuda:
+            host, ready = block.to("cpu", non_blocking=True), torch.cuda.Event()
+            ready.record()
+        else:
+            host, ready = block.clone(), None
+        self._reading = (host, ready)
+        if not self.deferred:
+            self.finish_step()
+        return commit
+
+    def finish_step(self) -> None:
+        """Wait for the last commit's host copy of the block, then the bookkeeping that needs it:
+        the final prefix, an EOS stop, the move to the next block. Proposals are never the mask
+        token, so a mask left in the copy is a position still to decode."""
+        if self._reading is None:
+            return
+        host, ready = self._reading
+        self._reading = None
+        if ready is not None:
+            ready.synchronize()
+        host_block = host.tolist()
         self._update_final(host_block)
         if not self.finished and self.cfg.mask_token_id not in host_block:
             if self.block + 1 < len(self.blocks):
                 self._start_block(self.block + 1)
             else:
                 self.finished = True
-        return commit
 
     def _draft(self, proposal: torch.Tensor, confidence: torch.Tensor, length: int | None = None) -> list[torch.Tensor]:
         """The states the static rule reaches in the next steps if this confidence order and these

@@ -35,7 +35,7 @@ class StaticStepRunner:
         (default: with capture)."""
         if model.config.attention_mode != "block_causal":
             raise ValueError("fixed-shape steps need a block-causal model (bidirectional models see the whole answer)")
-        self.model, self.block = model, model.config.block_size
+        self.model, self.block, self.capture = model, model.config.block_size, capture
         self.compile_ops = capture if compile_ops is None else compile_ops
         self.window = 2 * self.block
         self.buckets = batch_buckets(max_num_seqs)
@@ -54,7 +54,9 @@ class StaticStepRunner:
         self.lengths.append(self.cache.length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_steps = self.num_replays = 0
+        self.num_ahead = self.num_ahead_used = 0  # steps launched ahead (see `run_ahead`), and those used
         self._layout = None  # the last step's rows (see `run`)
+        self._ahead: tuple[tuple, list[list[torch.Tensor]]] | None = None
         if capture:
             self._capture_all()
 
@@ -86,10 +88,31 @@ class StaticStepRunner:
         torch.cuda.synchronize()
 
     # -- one step ------------------------------------------------------------------------------
+    @staticmethod
+    def _inputs(states: list[DecodeState]) -> tuple:
+        """What a step's result depends on besides the cache: the states, their blocks, their tokens
+        (every commit counts a step)."""
+        return tuple((id(s), s.start, s.end, s.num_steps_taken) for s in states)
+
+    def run_ahead(self, states: list[DecodeState]) -> None:
+        """Launch the next step for these states now, assuming their blocks do not change: call it
+        after their commits are queued and before waiting for them (`DecodeState.advance(defer=True)`),
+        so the device computes the next step while the host does this one's bookkeeping. The next
+        `run` uses the result if its states, blocks and tokens are the ones assumed; otherwise (a block
+        or an answer ended, the batch changed) it is dropped. A dropped step wrote only keys/values
+        that the replacing step writes again: the window's blocks recomputed from the same tokens."""
+        inputs = self._inputs(states)
+        self._ahead = (inputs, self.run(states))
+        self.num_ahead += 1
+
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
         """One step for these states (all eligible): per state, the logits of its current block
         (on a GPU, views of the graph's output: valid until the next step). A state keeps its cache
         slot from step to step (states are keys by identity)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == self._inputs(states):
+            self.num_ahead_used += 1
+            return ahead[1]
         n = len(states)
         B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)

@@ -58,6 +58,10 @@ class Engine:
         if static_step is None:
             static_step = self.config.use_cuda_graphs and model.device.type == "cuda"
         self.runner = ModelRunner(model, static_step, self.config.max_num_seqs, self.config.compile_step)
+        # Launch each step before the host reads the last one's commits (`StaticStepRunner.run_ahead`):
+        # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
+        static = self.runner.static
+        self.pipeline = bool(self.config.pipeline_steps and static is not None and static.capture)
         self.model_config = model.config
         if draft_model is not None:
             check_draft_model(model.config, draft_model.config)
@@ -113,13 +117,20 @@ class Engine:
         if self.drafter is not None:
             self.stats["draft_passes"] += self.drafter.propose([r.state for r in batch])
         logits = self.runner.run(batch)
-        now = time.perf_counter()
-        for request, block_logits in zip(batch, logits):
-            state = request.state
+        states = [r.state for r in batch]
+        ahead = self.pipeline and all(map(self.runner.static.eligible, states))
+        for state, block_logits in zip(states, logits):
             drafted, accepted = state.drafted, state.accepted
-            state.advance(block_logits)
+            state.advance(block_logits, defer=ahead)
             self.stats["drafted_tokens"] += state.drafted - drafted
             self.stats["accepted_draft_tokens"] += state.accepted - accepted
+        if ahead:
+            self.runner.static.run_ahead(states)
+            for state in states:
+                state.finish_step()
+        now = time.perf_counter()
+        for request in batch:
+            state = request.state
             final = state.final_ids  # host copy: no device read per request
             new = final[request.num_sent:]
             if new and request.first_token_time is None:
