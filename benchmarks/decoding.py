@@ -106,7 +106,7 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
         train = TrainingConfig(batch_size=spec["batch"], seq_len=spec["seq_len"], learning_rate=spec["lr"],
                                num_train_steps=100_000, max_train_minutes=(ar_seconds if name == "ar" else seconds) / 60, warmup_steps=100,
                                weight_decay=0.01, eval_interval=10**9, log_interval=50, use_fsdp=False,
-                               save_interval=save_interval if on_save else 0,
+                               **({"save_interval": save_interval} if on_save else {}),
                                use_torch_compile=False, use_cuda_graphs=False, gradient_checkpointing=False,
                                mixed_precision="bf16" if device == "cuda" else "no", output_dir=str(path))
         torch.manual_seed(0)

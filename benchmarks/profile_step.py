@@ -33,6 +33,27 @@ def timed(fn, n: int, device: str) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
+def launch_costs(static, B: int, n: int = 20) -> None:
+    """Host time of one graph launch: with the GPU idle, while the same graph still runs, and while
+    another graph (the next key-length bucket) runs. A launch that waits for the running copy of its
+    own graph would stop the engine from queueing a step ahead."""
+    first, other = (static.graphs[B, S][0] for S in static.lengths[:2])
+    costs = {"idle": [], "same graph in flight": [], "other graph in flight": []}
+    for _ in range(n):
+        for key, second in (("same graph in flight", first), ("other graph in flight", other)):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            first.replay()
+            t1 = time.perf_counter()
+            second.replay()
+            t2 = time.perf_counter()
+            torch.cuda.synchronize()
+            costs["idle"].append(t1 - t0)
+            costs[key].append(t2 - t1)
+    for key, values in costs.items():
+        print(f"graph launch, host time, {key}: {sorted(values)[len(values) // 2] * 1e3:.3f} ms (median)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -56,6 +77,8 @@ def main() -> None:
     for S in static.lengths:
         if (B, S) in static.graphs:
             print(f"graph replay alone, key length {S}: {timed(static.graphs[B, S][0].replay, 50, device):.3f} ms")
+    if device == "cuda":
+        launch_costs(static, B)
     S = static.lengths[0]
     print(f"forward_static eager, key length {S}: {timed(lambda: static._step(B, S), 20, device):.3f} ms")
     print(f"whole engine step: {timed(engine.step, 50, device):.3f} ms")
