@@ -1,13 +1,14 @@
 """`parallel_decode`: logits of a block -> proposed token, confidence and the positions to commit.
 
 The per-step work of confidence-based parallel decoding (LLaDA low-confidence remasking, Fast-dLLM
-threshold decoding) in one kernel launch: for every position of a block, the greedy token and its
+threshold decoding) in two kernel launches: for every position of a block, the greedy token and its
 probability under softmax(logits) (with banned ids such as the mask token excluded), then, among
 the positions still masked, the `max(min_count, #confidence > threshold)` most confident ones
 (ties to the lower index, capped by the number still masked) -- exactly the rule of
-`pllm.decoding.commit.commit_mask`. The Triton kernel reads the logits once (one program per
-sequence, online softmax over vocabulary tiles); `parallel_decode_reference` is the PyTorch
-definition it is tested against and the path used on CPU.
+`pllm.decoding.commit.commit_mask`. The Triton kernels read the logits once, one program per
+position (online softmax over vocabulary tiles: a single program per sequence would stream the
+whole block's logits through one SM), then one program per sequence selects the positions; `parallel_decode_reference` is the PyTorch definition they are tested against and the
+path used on CPU.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from .backend import HAS_TRITON, use_triton
 
-MAX_BLOCK = 256  # positions per sequence the kernel handles in one program
+MAX_BLOCK = 256  # positions per sequence the selection kernel ranks in one program
 
 
 class ParallelDecodeOutput(NamedTuple):
@@ -81,33 +82,39 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _parallel_decode_kernel(logits_ptr, masked_ptr, min_count_ptr, tokens_ptr, conf_ptr, commit_ptr,
-                                L, V, stride_b, stride_l, threshold, banned0, banned1,
-                                BLOCK_L: tl.constexpr, BLOCK_V: tl.constexpr):
-        b = tl.program_id(0)
-        rows = tl.arange(0, BLOCK_L)
-        row_ok = rows < L
-        # Per-lane online softmax and argmax over vocabulary tiles; lanes are merged at the end.
-        run_max = tl.full([BLOCK_L, BLOCK_V], float("-inf"), tl.float32)
-        run_sum = tl.zeros([BLOCK_L, BLOCK_V], tl.float32)
-        run_arg = tl.zeros([BLOCK_L, BLOCK_V], tl.int32)
+    def _token_confidence_kernel(logits_ptr, tokens_ptr, conf_ptr, L, V, stride_b, stride_l, banned0, banned1,
+                                 BLOCK_V: tl.constexpr):
+        """One program per position: greedy token and its probability, online softmax over
+        vocabulary tiles (per-lane running max / sum / argmax, merged at the end)."""
+        b, pos = tl.program_id(0), tl.program_id(1)
+        row = logits_ptr + b * stride_b + pos * stride_l
+        run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        run_sum = tl.zeros([BLOCK_V], tl.float32)
+        run_arg = tl.zeros([BLOCK_V], tl.int32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols < V)[None, :] & (cols != banned0)[None, :] & (cols != banned1)[None, :]
-            x = tl.load(logits_ptr + b * stride_b + rows[:, None] * stride_l + cols[None, :], mask=ok,
-                        other=float("-inf")).to(tl.float32)
+            ok = (cols < V) & (cols != banned0) & (cols != banned1)
+            x = tl.load(row + cols, mask=ok, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(run_max, x)
             safe = tl.where(new_max == float("-inf"), 0.0, new_max)
             run_sum = run_sum * tl.exp(run_max - safe) + tl.exp(x - safe)
-            run_arg = tl.where(x > run_max, cols[None, :] + tl.zeros([BLOCK_L, BLOCK_V], tl.int32), run_arg)
+            run_arg = tl.where(x > run_max, cols, run_arg)
             run_max = new_max
-        row_max = tl.max(run_max, axis=1)
+        row_max = tl.max(run_max, axis=0)
         safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-        total = tl.sum(run_sum * tl.exp(run_max - safe_max[:, None]), axis=1)
+        total = tl.sum(run_sum * tl.exp(run_max - safe_max), axis=0)
         # The first index holding the maximum (torch.argmax's tie rule).
-        token = tl.min(tl.where(run_max == row_max[:, None], run_arg, V), axis=1)
-        conf = tl.where(row_ok, 1.0 / total, 0.0)
+        token = tl.min(tl.where(run_max == row_max, run_arg, V), axis=0)
+        tl.store(tokens_ptr + b * L + pos, token.to(tl.int64))
+        tl.store(conf_ptr + b * L + pos, 1.0 / total)
 
+    @triton.jit
+    def _select_kernel(conf_ptr, masked_ptr, min_count_ptr, commit_ptr, L, threshold, BLOCK_L: tl.constexpr):
+        """One program per sequence: the positions to commit, from the confidences."""
+        b = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_L)
+        row_ok = rows < L
+        conf = tl.load(conf_ptr + b * L + rows, mask=row_ok, other=0.0)
         masked = (tl.load(masked_ptr + b * L + rows, mask=row_ok, other=0) != 0) & row_ok
         # Rank among masked positions: more confident first, ties to the lower index.
         ahead = masked[None, :] & ((conf[None, :] > conf[:, None])
@@ -117,8 +124,6 @@ if HAS_TRITON:
         above = tl.sum((masked & (conf > threshold)).to(tl.int32), axis=0)
         count = tl.minimum(tl.maximum(tl.load(min_count_ptr + b), above), num_masked)
         commit = masked & (rank < count)
-        tl.store(tokens_ptr + b * L + rows, token.to(tl.int64), mask=row_ok)
-        tl.store(conf_ptr + b * L + rows, conf, mask=row_ok)
         tl.store(commit_ptr + b * L + rows, commit.to(tl.int8), mask=row_ok)
 
 
@@ -130,10 +135,10 @@ def _parallel_decode_triton(logits, masked, min_count, threshold, banned_ids) ->
     confidence = torch.empty(B, L, dtype=torch.float32, device=logits.device)
     commit = torch.empty(B, L, dtype=torch.int8, device=logits.device)
     banned = [*banned_ids, -1, -1][:2]
-    block_l = max(16, triton.next_power_of_2(L))
-    block_v = max(32, 4096 // block_l)
-    _parallel_decode_kernel[(B,)](logits, masked.to(torch.int8).contiguous(), min_count, tokens, confidence, commit,
-                                  L, V, logits.stride(0), logits.stride(1),
-                                  2.0 if threshold is None else float(threshold), banned[0], banned[1],
-                                  BLOCK_L=block_l, BLOCK_V=block_v, num_warps=8)
+    _token_confidence_kernel[(B, L)](logits, tokens, confidence, L, V, logits.stride(0), logits.stride(1),
+                                     banned[0], banned[1], BLOCK_V=min(4096, triton.next_power_of_2(V)),
+                                     num_warps=8)
+    _select_kernel[(B,)](confidence, masked.to(torch.int8).contiguous(), min_count, commit, L,
+                         2.0 if threshold is None else float(threshold),
+                         BLOCK_L=max(16, triton.next_power_of_2(L)), num_warps=4)
     return ParallelDecodeOutput(tokens, confidence, commit.bool())
