@@ -68,8 +68,8 @@ def main() -> None:
     engine = Engine(model, EngineConfig(max_num_seqs=args.batch, max_batched_tokens=1 << 20), static_step=True)
     gen = GenerationConfig(max_new_tokens=512, num_refinement_steps=512, temperature=0.0, strategy="threshold",
                            use_adaptive_steps=False)
-    for _ in range(args.batch):
-        engine.add_request(torch.randint(4, cfg.vocab_size, (128,)), gen)
+    for i in range(args.batch):  # staggered prompt lengths: rows finish their blocks at different steps
+        engine.add_request(torch.randint(4, cfg.vocab_size, (128 + 7 * i,)), gen)
     for _ in range(5):
         engine.step()
     static = engine.runner.static
@@ -81,7 +81,12 @@ def main() -> None:
         launch_costs(static, B)
     S = static.lengths[0]
     print(f"forward_static eager, key length {S}: {timed(lambda: static._step(B, S), 20, device):.3f} ms")
-    print(f"whole engine step: {timed(engine.step, 50, device):.3f} ms")
+    for pipeline in (True, False) if engine.pipeline else (False,):
+        engine.pipeline = pipeline
+        before = (static.num_ahead, static.num_ahead_used)
+        ms = timed(engine.step, 50, device)
+        ahead = f", {static.num_ahead_used - before[1]}/{static.num_ahead - before[0]} steps launched ahead used"
+        print(f"whole engine step{', pipelined' if pipeline else ''}: {ms:.3f} ms{ahead if pipeline else ''}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(10):

@@ -90,19 +90,44 @@ class StaticStepRunner:
     # -- one step ------------------------------------------------------------------------------
     @staticmethod
     def _inputs(states: list[DecodeState]) -> tuple:
-        """What a step's result depends on besides the cache: the states, their blocks, their tokens
-        (every commit counts a step)."""
-        return tuple((id(s), s.start, s.end, s.num_steps_taken) for s in states)
+        """What a step launched ahead assumed: these states in this order, at this many commits."""
+        return tuple((id(s), s.num_steps_taken) for s in states)
 
     def run_ahead(self, states: list[DecodeState]) -> None:
-        """Launch the next step for these states now, assuming their blocks do not change: call it
-        after their commits are queued and before waiting for them (`DecodeState.advance(defer=True)`),
-        so the device computes the next step while the host does this one's bookkeeping. The next
-        `run` uses the result if its states, blocks and tokens are the ones assumed; otherwise (a block
-        or an answer ended, the batch changed) it is dropped. A dropped step wrote only keys/values
-        that the replacing step writes again: the window's blocks recomputed from the same tokens."""
-        inputs = self._inputs(states)
-        self._ahead = (inputs, self.run(states))
+        """Launch the next step for these states now: call it after their commits are queued and
+        before waiting for them (`DecodeState.advance(defer=True)`), so the device computes the next
+        step while the host does this one's bookkeeping. Whether a commit finished its block is
+        known only on the device, so the device picks each row's window: the next block's if the
+        current one has no mask left, else the current one's (what the host's bookkeeping will
+        decide from the same tokens). The next `run` uses the result if its states are the same, in
+        the same order, at the same number of commits; otherwise (an answer ended, the batch
+        changed) it is dropped. A dropped step wrote only keys/values that the replacing step writes
+        again: its windows recomputed from the same tokens."""
+        n, bs, W = len(states), self.block, self.window
+        B = next(b for b in self.buckets if b >= n)
+        self._assign_slots(states)
+        device, mask_id = self.positions.device, self.model.config.mask_token_id
+        # Per row, (window start, block end) now and after the current block, if it has a next one.
+        now = [((s.start // bs - 1) * bs, s.end) for s in states]
+        nxt = [((s.end // bs - 1) * bs, s.blocks[s.block + 1][1]) if s.block + 1 < len(s.blocks) else now[i]
+               for i, s in enumerate(states)]
+        done = torch.stack([(s.tokens[s.start:s.end] != mask_id).all() for s in states])[:, None]  # (n, 1)
+        self.tokens[:B].fill_(self.model.config.pad_token_id)
+        following = torch.full((n, W), self.model.config.pad_token_id, dtype=torch.long, device=device)
+        for i, (state, (lo, _), (lo2, _)) in enumerate(zip(states, now, nxt)):
+            for row, start in ((self.tokens[i], lo), (following[i], lo2)):
+                a, b = max(start, 0), min(start + W, state.tokens.numel())
+                row[a - start:b - start] = state.tokens[a:b]
+        self.tokens[:n] = torch.where(done, following, self.tokens[:n])
+        table = torch.tensor([now, nxt], device=device)  # (2, n, 2): one host-to-device copy
+        chosen = torch.where(done, table[1], table[0])  # (n, 2)
+        self.positions[n:B] = torch.arange(-bs, bs, device=device)
+        self.positions[:n] = chosen[:, :1] + torch.arange(W, device=device)
+        self.limits[:B] = 0
+        self.limits[:n] = chosen[:, 1]
+        self._layout = None  # the next plain `run` rewrites positions, limits and padding
+        need = max(max(lo for lo, _ in now), max(lo for lo, _ in nxt)) + W + self.cache.offset
+        self._ahead = (self._inputs(states), self._replay(B, need))
         self.num_ahead += 1
 
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
@@ -112,7 +137,7 @@ class StaticStepRunner:
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == self._inputs(states):
             self.num_ahead_used += 1
-            return ahead[1]
+            return self._current_blocks(ahead[1], states)
         n = len(states)
         B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)
@@ -129,17 +154,26 @@ class StaticStepRunner:
         for i, (state, lo) in enumerate(zip(states, starts)):  # otherwise only the tokens (device copies)
             a, b = max(lo, 0), min(lo + W, state.tokens.numel())
             self.tokens[i, a - lo:b - lo] = state.tokens[a:b]
-        need = max(starts) + W + self.cache.offset  # the furthest cache entry any window touches
+        out = self._replay(B, max(starts) + W + self.cache.offset)
+        return self._current_blocks(out, states)
+
+    def _replay(self, B: int, need: int) -> torch.Tensor:
+        """The step over rows :B, reading enough of the cache to cover entry `need` (the furthest
+        one any window touches): a graph replay where one was captured."""
         S = next(length for length in self.lengths if length >= need)
         self.num_steps += 1
         if (B, S) in self.graphs:
             graph, out = self.graphs[B, S]
             graph.replay()
             self.num_replays += 1
-        else:
-            out = self._step(B, S)
-        # The window's last block holds the current block at offset start - (lo + bs).
-        return [[out[i, s.start - lo - bs:s.end - lo - bs]] for i, (s, lo) in enumerate(zip(states, starts))]
+            return out
+        return self._step(B, S)
+
+    def _current_blocks(self, out: torch.Tensor, states: list[DecodeState]) -> list[list[torch.Tensor]]:
+        """Each row's current block: the window's last block, from offset start - (window start + bs)."""
+        bs = self.block
+        return [[out[i, s.start - (s.start // bs - 1) * bs - bs:s.end - (s.start // bs - 1) * bs - bs]]
+                for i, s in enumerate(states)]
 
     def _assign_slots(self, states: list[DecodeState]) -> None:
         """Row i of the step uses slot i: move continuing states' slots, prefill new ones."""
