@@ -69,6 +69,42 @@ def test_engine_on_cuda_bf16_completes_mixed_requests():
         assert len(answer) == cfg.max_new_tokens or cfg.use_adaptive_steps
 
 
+def test_bf16_step_graphs_replay_in_any_order_at_batch_16():
+    """The bf16 fixed-shape step (cuDNN attention on Hopper) at batch 16: every captured graph
+    replays in any order (shorter key lengths after longer ones, as when new requests join) and
+    gives the eager step's logits, and a staggered batch decodes to the end with pipelined steps.
+    `benchmarks/profile_step.py --batch 16` crashed on an H200 replaying graphs by hand after the
+    engine's steps; this is the library-level check of that pattern."""
+    from pllm import EngineConfig
+    from pllm.engine import Engine
+
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      attention_mode="block_causal", block_size=32, use_flash_attention=True)
+    model = DiffusionTransformer(cfg).cuda().to(torch.bfloat16).eval()
+    engine = Engine(model, EngineConfig(max_num_seqs=16))
+    static = engine.runner.static
+    assert engine.pipeline and len(static.graphs) == len(static.buckets) * len(static.lengths)
+    gen = GenerationConfig(max_new_tokens=96, num_refinement_steps=96, temperature=0.0, strategy="threshold",
+                           use_adaptive_steps=False)
+    ids = [engine.add_request(torch.randint(4, 96, (20 + 9 * i,)), gen) for i in range(16)]
+    for _ in range(5):
+        engine.step()
+    shapes = sorted(static.graphs, key=lambda shape: shape[1], reverse=True)
+    for B, S in shapes + shapes[::-1]:
+        static.graphs[B, S][0].replay()
+    torch.cuda.synchronize()
+    B, S = 16, static.lengths[0]
+    graph, out = static.graphs[B, S]
+    graph.replay()
+    replayed = out.clone()
+    torch.testing.assert_close(static._step(B, S), replayed, rtol=0.05, atol=0.05)
+    while engine.has_work():
+        engine.step()
+    assert engine.stats["finished"] == len(ids)
+    assert static.num_ahead_used >= static.num_ahead - len(ids)  # only answers ending drop a step
+
+
 def test_serve_app_on_a_gpu_replica(tmp_path):
     import ray
     import requests
