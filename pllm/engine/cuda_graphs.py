@@ -14,6 +14,8 @@ On CPU the same fixed-shape step runs eagerly (that is what the CPU tests exerci
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..decoding import DecodeState
@@ -106,27 +108,32 @@ class StaticStepRunner:
         n, bs, W = len(states), self.block, self.window
         B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)
-        device, mask_id = self.positions.device, self.model.config.mask_token_id
-        # Per row, (window start, block end) now and after the current block, if it has a next one.
-        now = [((s.start // bs - 1) * bs, s.end) for s in states]
-        nxt = [((s.end // bs - 1) * bs, s.blocks[s.block + 1][1]) if s.block + 1 < len(s.blocks) else now[i]
-               for i, s in enumerate(states)]
-        done = torch.stack([(s.tokens[s.start:s.end] != mask_id).all() for s in states])[:, None]  # (n, 1)
-        self.tokens[:B].fill_(self.model.config.pad_token_id)
-        following = torch.full((n, W), self.model.config.pad_token_id, dtype=torch.long, device=device)
-        for i, (state, (lo, _), (lo2, _)) in enumerate(zip(states, now, nxt)):
-            for row, start in ((self.tokens[i], lo), (following[i], lo2)):
-                a, b = max(start, 0), min(start + W, state.tokens.numel())
-                row[a - start:b - start] = state.tokens[a:b]
-        self.tokens[:n] = torch.where(done, following, self.tokens[:n])
-        table = torch.tensor([now, nxt], device=device)  # (2, n, 2): one host-to-device copy
-        chosen = torch.where(done, table[1], table[0])  # (n, 2)
+        device, pad, mask_id = self.positions.device, self.model.config.pad_token_id, self.model.config.mask_token_id
+        # A fixed number of batched ops whatever the batch size: every row's tokens in one tensor,
+        # and per row (one host-to-device copy) where they start in it, their count, the current
+        # block, and the next block's end (-1 after the last block).
+        sizes = [s.tokens.numel() for s in states]
+        after = [s.blocks[s.block + 1][1] if s.block + 1 < len(s.blocks) else -1 for s in states]
+        table = torch.tensor([list(itertools.accumulate([0] + sizes[:-1])), sizes, [s.start for s in states],
+                              [s.end for s in states], after], device=device)
+        offset, size, start, end, after_end = table[:, :, None]  # each (n, 1)
+        flat = torch.cat([s.tokens for s in states])
+        last = flat.numel() - 1
+        block_pos = start + torch.arange(bs, device=device)  # the current block (its first may be short)
+        block_tokens = flat[(offset + block_pos).clamp(max=last)]
+        move = ((block_tokens != mask_id) | (block_pos >= end)).all(-1, keepdim=True) & (after_end >= 0)
+        lo = (torch.where(move, end, start) // bs - 1) * bs  # the window: blocks k-1 and k
+        positions = lo + torch.arange(W, device=device)  # (n, W)
+        inside = (positions >= 0) & (positions < size)
+        self.tokens[:n] = torch.where(inside, flat[(offset + positions).clamp(0, last)], pad)
+        self.tokens[n:B] = pad
+        self.positions[:n] = positions
         self.positions[n:B] = torch.arange(-bs, bs, device=device)
-        self.positions[:n] = chosen[:, :1] + torch.arange(W, device=device)
-        self.limits[:B] = 0
-        self.limits[:n] = chosen[:, 1]
+        self.limits[:n] = torch.where(move, after_end, end)[:, 0]
+        self.limits[n:B] = 0
         self._layout = None  # the next plain `run` rewrites positions, limits and padding
-        need = max(max(lo for lo, _ in now), max(lo for lo, _ in nxt)) + W + self.cache.offset
+        furthest = max(((s.end if a >= 0 else s.start) // bs - 1) * bs for s, a in zip(states, after))
+        need = furthest + W + self.cache.offset
         self._ahead = (self._inputs(states), self._replay(B, need))
         self.num_ahead += 1
 
