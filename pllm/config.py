@@ -279,7 +279,7 @@ class EngineConfig(_ConfigMixin):
     use_cuda_graphs: bool = True
     compile_step: bool = True  # ...with its elementwise chains fused by torch.compile (GPU)
     # ...and each step launched before the host reads the last one's commits, so the GPU computes
-    # while the host does the bookkeeping (a step launched ahead is dropped when a block ends).
+    # while the host does the bookkeeping (a step launched ahead is dropped when the batch changes).
     pipeline_steps: bool = True
 
 

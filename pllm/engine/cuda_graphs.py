@@ -58,7 +58,7 @@ class StaticStepRunner:
         self.num_steps = self.num_replays = 0
         self.num_ahead = self.num_ahead_used = 0  # steps launched ahead (see `run_ahead`), and those used
         self._layout = None  # the last step's rows (see `run`)
-        self._ahead: tuple[tuple, list[list[torch.Tensor]]] | None = None
+        self._ahead: tuple[tuple, torch.Tensor] | None = None  # (what it assumed, its logits)
         if capture:
             self._capture_all()
 
