@@ -10,6 +10,10 @@ batch can see) and replayed: one graph launch instead of
 hundreds of kernel launches per step, which dominate at batch 1 (the CUDA-graph decoding of
 gpt-fast / nano-vllm, applied to block diffusion). Prompts are prefilled eagerly into their slot.
 On CPU the same fixed-shape step runs eagerly (that is what the CPU tests exercise).
+
+On a GPU the engine also launches each step ahead (`run_ahead`): before the host has read the
+last step's commits, with each row's window (this block or the next) chosen on the device, so the
+host's per-step bookkeeping overlaps the device's work instead of leaving it idle.
 """
 
 from __future__ import annotations
