@@ -60,7 +60,10 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
+    p.add_argument("--no-cudnn", action="store_true", help="keep SDPA's cuDNN backend out of the step (A/B)")
     args = p.parse_args()
+    if args.no_cudnn:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     device = args.device
     torch.manual_seed(0)
     cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=32)
