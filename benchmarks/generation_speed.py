@@ -228,6 +228,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=256, help="new tokens per request")
+    p.add_argument("--stagger", type=int, default=0, help="prompt i has prompt_len + i * stagger tokens")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7])
     p.add_argument("--train-seconds", type=float, default=120.0, help="training of the small model for TPF")
     p.add_argument("--tpf-prompts", type=int, default=32)
@@ -247,7 +248,7 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__, "shape": args.shape,
-              "prompt_len": args.prompt_len, "gen_tokens": args.gen, "rows": []}
+              "prompt_len": args.prompt_len, "stagger": args.stagger, "gen_tokens": args.gen, "rows": []}
     out = Path(args.out)
 
     bandwidth, peak = measured_bandwidth(device), measured_matmul_peak(device)
@@ -270,7 +271,8 @@ def main() -> None:
     gen_cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
                                strategy="threshold", confidence_threshold=args.thresholds[0], use_adaptive_steps=False)
     for batch in args.batches:
-        prompts = [torch.randint(4, cfg.vocab_size, (args.prompt_len,)) for _ in range(batch)]
+        # --stagger: prompts of different lengths, so rows finish their blocks at different steps
+        prompts = [torch.randint(4, cfg.vocab_size, (args.prompt_len + args.stagger * i,)) for i in range(batch)]
         hf = hf_generate(SHAPES[args.shape], batch, args.prompt_len, args.hf_tokens, device)
         graphs = " + CUDA graphs" if device == "cuda" else ""
         for path, static, pipeline in [(f"fixed-shape steps{graphs}, pipelined", True, True),
