@@ -7,8 +7,9 @@ the positions still masked, the `max(min_count, #confidence > threshold)` most c
 (ties to the lower index, capped by the number still masked) -- exactly the rule of
 `pllm.decoding.commit.commit_mask`. The Triton kernels read the logits once, one program per
 position (online softmax over vocabulary tiles: a single program per sequence would stream the
-whole block's logits through one SM), then one program per sequence selects the positions; `parallel_decode_reference` is the PyTorch definition they are tested against and the
-path used on CPU.
+whole block's logits through one SM), then one program per sequence selects the positions;
+`parallel_decode_reference` is the PyTorch definition they are tested against and the path used
+on CPU.
 """
 
 from __future__ import annotations

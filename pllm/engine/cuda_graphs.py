@@ -181,10 +181,10 @@ class StaticStepRunner:
         return self._step(B, S)
 
     def _current_blocks(self, out: torch.Tensor, states: list[DecodeState]) -> list[list[torch.Tensor]]:
-        """Each row's current block: the window's last block, from offset start - (window start + bs)."""
+        """Each row's current block: in the window's last block, from offset start % block_size
+        (the answer's first block may start inside a model block)."""
         bs = self.block
-        return [[out[i, s.start - (s.start // bs - 1) * bs - bs:s.end - (s.start // bs - 1) * bs - bs]]
-                for i, s in enumerate(states)]
+        return [[out[i, s.start % bs:s.start % bs + s.end - s.start]] for i, s in enumerate(states)]
 
     def _assign_slots(self, states: list[DecodeState]) -> None:
         """Row i of the step uses slot i: move continuing states' slots, prefill new ones."""

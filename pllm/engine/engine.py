@@ -114,10 +114,10 @@ class Engine:
             request.state = DecodeState(request.prompt, request.rules, self.model_config, self.runner.device)
         if not batch:
             return outputs
-        if self.drafter is not None:
-            self.stats["draft_passes"] += self.drafter.propose([r.state for r in batch])
-        logits = self.runner.run(batch)
         states = [r.state for r in batch]
+        if self.drafter is not None:
+            self.stats["draft_passes"] += self.drafter.propose(states)
+        logits = self.runner.run(batch)
         ahead = self.pipeline and all(map(self.runner.static.eligible, states))
         for state, block_logits in zip(states, logits):
             drafted, accepted = state.drafted, state.accepted
