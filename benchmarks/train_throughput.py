@@ -199,6 +199,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def attention_ab_lines(rows: list[dict]) -> str:
+    lines = [f"\n{r['size']}: ours without cuDNN attention {fmt(r['ours_no_cudnn_tokens_per_s'], ',.0f')} tok/s "
+             f"(MFU {fmt(r['ours_no_cudnn_mfu'], '.1%')}); with it {fmt(r['cudnn_speedup'], '.3f')}x that\n"
+             for r in rows if "cudnn_speedup" in r]
+    return "".join(lines)
+
+
 def provenance(device: str, args) -> dict:
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
@@ -222,6 +229,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our trainer")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--attention-ab", action="store_true",
+                   help="also time ours with SDPA's cuDNN backend off (FlashAttention-2 in training)")
     p.add_argument("--quick", action="store_true", help="smoke run: the tiny shape only")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
@@ -248,6 +257,11 @@ def main() -> None:
         log.info("%s: ours (batch %d x %d, warm-up %d steps incl. compile, %d timed)", size, batch, seq,
                  args.warmup, args.steps)
         ours = measure(run_ours, cfg, batch, seq, device, args)
+        if args.attention_ab:
+            log.info("%s: ours without cuDNN attention", size)
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            ours_flash = measure(run_ours, cfg, batch, seq, device, args)
+            torch.backends.cuda.enable_cudnn_sdp(True)
         log.info("%s: eager HF baseline", size)
         base = {"tokens_per_s": None, "error": "skipped"} if args.skip_baseline else measure(
             run_baseline, cfg, batch, seq, device, args)
@@ -264,13 +278,18 @@ def main() -> None:
                 row[f"{who}_error"] = r["error"]
         o, b = ours["tokens_per_s"], base["tokens_per_s"]
         row["speedup"] = o / b if (o and b) else None
+        if args.attention_ab:
+            f = ours_flash["tokens_per_s"]
+            row.update({"ours_no_cudnn_tokens_per_s": f, "ours_no_cudnn_mfu": f and peak and f * flops / peak,
+                        "ours_no_cudnn_peak_mem_gb": ours_flash.get("peak_mem_gb"),
+                        "cudnn_speedup": o / f if (o and f) else None})
         report["rows"].append(row)
         # written after every size: a GPU job cut off by its time limit keeps the sizes it finished
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / f"{stem}.md").write_text(
             f"Training throughput, {report['device']} (measured bf16 peak {fmt(peak and peak / 1e12, '.0f')} "
             f"TFLOP/s), torch {report['torch']}, commit {report['commit'][:10]}, {report['date']}\n\n"
-            + table(report["rows"]) + "\n")
+            + table(report["rows"]) + "\n" + attention_ab_lines(report["rows"]))
         log.info("%s: ours %s tok/s, eager HF %s tok/s", size, o and f"{o:,.0f}", b and f"{b:,.0f}")
     print(table(report["rows"]))
 

@@ -105,7 +105,9 @@ class Attention(nn.Module):
             if isinstance(mask, PackedSegments):
                 y = self._packed_attention(q, k, v, mask)
             else:
-                y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash)
+                # Training batches share one shape, so cuDNN's per-shape plans are reused (Hopper).
+                y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash,
+                                    fixed_shape=self.training and mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
     def _static_step_attention(self, q, k, v, cos, sin, step: StaticStep) -> torch.Tensor:

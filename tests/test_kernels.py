@@ -166,6 +166,24 @@ def test_fixed_shape_grouped_query_attention_with_a_mask_equals_the_definition(d
     assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fixed_shape_unmasked_attention_forward_and_gradients_equal_the_definition(dtype):
+    # The training call (fixed_shape, no mask, grouped-query): cuDNN attention on a Hopper GPU in
+    # bf16, SDPA elsewhere. Its backward pass must give the definition's gradients too.
+    torch.manual_seed(7)
+    q, k, v = (torch.randn(2, h, 256, 64, device=DEVICE) for h in (8, 2, 2))
+    grad_out = torch.randn(2, 8, 256, 64, device=DEVICE)
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    got = fused_attention(*leaves, fixed_shape=True)
+    (got.float() * grad_out).sum().backward()
+    refs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = _attention_by_definition(*refs)
+    (want * grad_out).sum().backward()
+    assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 4)
+    for leaf, ref in zip(leaves, refs):
+        assert (leaf.grad.float() - ref.grad).norm() / ref.grad.norm() < tolerance(dtype, 8)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="flash/efficient SDPA backends need CUDA")
 def test_fused_attention_bf16_on_gpu_matches_fp32_definition():
     torch.manual_seed(5)
