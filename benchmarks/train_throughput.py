@@ -112,7 +112,22 @@ def run_ours(cfg: ModelConfig, batch: int, seq: int, device: str, args) -> dict:
         trainer.strategy.step()
 
     seconds = timed(step, args.warmup, args.steps, device)
+    if args.profile and is_cuda(device):
+        profile_table(step, Path(args.out) / f"train_profile_{cfg.num_hidden_layers}l_{cfg.hidden_size}d.txt")
     return {"tokens_per_s": args.steps * batch * seq / seconds, "params": model.num_parameters()}
+
+
+def profile_table(step, path: Path, steps: int = 2) -> None:
+    """Where a training step's GPU time goes: the kernels by total CUDA time over a few steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{steps} steps\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=40) + "\n")
+    log.info("profile written to %s", path)
 
 
 # -- eager HF Llama baseline -------------------------------------------------------------------
@@ -232,6 +247,7 @@ def main() -> None:
     p.add_argument("--attention-ab", action="store_true",
                    help="also time ours with SDPA's cuDNN backend off (FlashAttention-2 in training)")
     p.add_argument("--quick", action="store_true", help="smoke run: the tiny shape only")
+    p.add_argument("--profile", action="store_true", help="GPU: also write a kernel table of our training step")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

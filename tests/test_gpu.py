@@ -73,8 +73,8 @@ def test_bf16_step_graphs_replay_in_any_order_at_batch_16():
     """The bf16 fixed-shape step (cuDNN attention on Hopper) at batch 16: every captured graph
     replays in any order (shorter key lengths after longer ones, as when new requests join) and
     gives the eager step's logits, and a staggered batch decodes to the end with pipelined steps.
-    `benchmarks/profile_step.py --batch 16` crashed on an H200 replaying graphs by hand after the
-    engine's steps; this is the library-level check of that pattern."""
+    (Every bucket here covers the batch's positions: a shorter one would scatter keys/values past
+    its slice, which is what crashed `benchmarks/profile_step.py --batch 16` on an H200.)"""
     from pllm import EngineConfig
     from pllm.engine import Engine
 

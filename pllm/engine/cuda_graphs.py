@@ -60,6 +60,7 @@ class StaticStepRunner:
         self.lengths.append(self.cache.length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_steps = self.num_replays = 0
+        self.last_length = self.lengths[0]  # the key-length bucket of the last step
         self.num_ahead = self.num_ahead_used = 0  # steps launched ahead (see `run_ahead`), and those used
         self._layout = None  # the last step's rows (see `run`)
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (what it assumed, its logits)
@@ -173,6 +174,7 @@ class StaticStepRunner:
         one any window touches): a graph replay where one was captured."""
         S = next(length for length in self.lengths if length >= need)
         self.num_steps += 1
+        self.last_length = S  # a shorter bucket would scatter keys/values past its slice
         if (B, S) in self.graphs:
             graph, out = self.graphs[B, S]
             graph.replay()
