@@ -1,11 +1,11 @@
 """Attention dispatch and Triton kernels, each with a PyTorch reference implementation (installed as
 `pllm.kernels`; the reference runs where Triton or a GPU is absent)."""
 
-from .attention import block_causal_mask, flash_attention, fused_attention
+from .attention import block_causal_mask, flash_attention, fused_attention, prepare_attention
 from .backend import HAS_TRITON, use_triton
 from .cross_entropy import cross_entropy_rows, cross_entropy_rows_reference, linear_cross_entropy
 from .parallel_decode import ParallelDecodeOutput, parallel_decode, parallel_decode_reference
 
 __all__ = ["HAS_TRITON", "ParallelDecodeOutput", "block_causal_mask", "cross_entropy_rows",
            "cross_entropy_rows_reference", "flash_attention", "fused_attention", "linear_cross_entropy",
-           "parallel_decode", "parallel_decode_reference", "use_triton"]
+           "parallel_decode", "parallel_decode_reference", "prepare_attention", "use_triton"]

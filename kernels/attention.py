@@ -102,9 +102,29 @@ def _grouped_query_attention(query, key, value, mask) -> torch.Tensor:
     return out.unflatten(2, (groups, L)).permute(0, 3, 1, 2, 4).reshape(B, L, H, hd).transpose(1, 2)
 
 
+# Whether cuDNN attention runs on a device: Hopper or newer, cuDNN present and SDPA's cuDNN backend
+# enabled. Those queries cannot be traced by torch.compile (each one would split the compiled graph
+# in every layer), so they run eagerly: on the first eager call, or in `prepare_attention`, which
+# compiling callers run first. A compiled graph traced before either uses the other backends.
+_CUDNN_BY_DEVICE: dict[torch.device, bool] = {}
+
+
+def prepare_attention(device: torch.device | str) -> None:
+    """Record (again) whether cuDNN attention may run on `device`; call it before torch.compile."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    _CUDNN_BY_DEVICE[device] = (torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()
+                                and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _cudnn_ok(query: torch.Tensor) -> bool:
-    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and torch.backends.cudnn.is_available()
-            and torch.backends.cuda.cudnn_sdp_enabled() and torch.cuda.get_device_capability(query.device)[0] >= 9)
+    if not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if not torch.compiler.is_compiling():
+        prepare_attention(query.device)
+    return _CUDNN_BY_DEVICE.get(query.device, False)
 
 
 def _flash_ok(query: torch.Tensor, use_flash: bool) -> bool:

@@ -24,6 +24,31 @@ def test_bf16_training_on_cuda_lowers_the_elbo(compile_model):
     assert final["val_elbo_nats"] < before - 1.0, (before, final)
 
 
+@pytest.mark.parametrize("compile_model", [False, True])
+@pytest.mark.parametrize("hidden", [32, 256])  # head_dim 8 and 64
+def test_bf16_training_gradients_match_fp32(hidden, compile_model):
+    """The training attention (cuDNN on Hopper, chosen outside the compiled graph) gives the fp32
+    model's gradients, compiled or not."""
+    import copy
+    import torch.nn.functional as F
+    from pllm.kernels import prepare_attention
+
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(hidden_size=hidden, max_position_embeddings=256,
+                                             use_flash_attention=True)).cuda().train()
+    reference = copy.deepcopy(model)
+    x = torch.randint(4, 96, (4, 256), device="cuda")
+    noisy = torch.where(torch.rand(x.shape, device="cuda") < 0.5, 3, x)
+    prepare_attention("cuda")
+    run = torch.compile(model) if compile_model else model
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        F.cross_entropy(run(noisy).float().flatten(0, 1), x.flatten()).backward()
+    F.cross_entropy(reference(noisy).flatten(0, 1), x.flatten()).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        err = ((p.grad - q.grad).norm() / q.grad.norm()).item()
+        assert err < 0.05, (name, err)
+
+
 def test_bf16_inference_matches_fp32_greedy_on_a_trained_model(tmp_path):
     torch.manual_seed(0)
     model = DiffusionTransformer(tiny_config(dtype="bfloat16"))

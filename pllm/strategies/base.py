@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainingConfig
+from ..kernels import prepare_attention
 from ..optim import build_optimizer, build_scheduler, lr_lambda, scheduler_state
 
 OPTIMIZER_FILE = "train_state.pt"
@@ -54,6 +55,7 @@ class Strategy:
 
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.cfg.use_torch_compile and self.device.type == "cuda":
+            prepare_attention(self.device)  # the attention backend is chosen outside the compiled graph
             return torch.compile(model, mode=self.cfg.torch_compile_mode)
         return model
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..kernels import prepare_attention
 from ..optim import build_scheduler, param_groups
 from .base import Strategy
 
@@ -74,6 +75,7 @@ class DeepSpeedStrategy(Strategy):
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
         if self.cfg.use_torch_compile and self.device.type == "cuda":
+            prepare_attention(self.device)
             engine.compile()
         self.engine = self.model = engine
         self.module = engine.module
