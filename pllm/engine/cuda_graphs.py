@@ -64,6 +64,11 @@ class StaticStepRunner:
         self.num_ahead = self.num_ahead_used = 0  # steps launched ahead (see `run_ahead`), and those used
         self._layout = None  # the last step's rows (see `run`)
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (what it assumed, its logits)
+        pinned = device.type == "cuda"
+        self._table = torch.zeros(5, B, dtype=torch.long, device=device)  # see `_table_to_device`
+        self._tables = [(torch.zeros(5, B, dtype=torch.long, pin_memory=pinned),
+                         torch.cuda.Event() if pinned else _Done()) for _ in range(2)]
+        self._turn = 0
         if capture:
             self._capture_all()
 
@@ -119,8 +124,8 @@ class StaticStepRunner:
         # block, and the next block's end (-1 after the last block).
         sizes = [s.tokens.numel() for s in states]
         after = [s.blocks[s.block + 1][1] if s.block + 1 < len(s.blocks) else -1 for s in states]
-        table = torch.tensor([list(itertools.accumulate([0] + sizes[:-1])), sizes, [s.start for s in states],
-                              [s.end for s in states], after], device=device)
+        table = self._table_to_device([list(itertools.accumulate([0] + sizes[:-1])), sizes,
+                                       [s.start for s in states], [s.end for s in states], after])
         offset, size, start, end, after_end = table[:, :, None]  # each (n, 1)
         flat = torch.cat([s.tokens for s in states])
         last = flat.numel() - 1
@@ -141,6 +146,20 @@ class StaticStepRunner:
         need = furthest + W + self.cache.offset
         self._ahead = (self._inputs(states), self._replay(B, need))
         self.num_ahead += 1
+
+    def _table_to_device(self, rows: list[list[int]]) -> torch.Tensor:
+        """A small table of ints on the device without a stream sync. A copy from pageable memory
+        would wait for the step in flight, undoing the pipelining; from pinned memory it is queued.
+        Two pinned buffers take turns, and a buffer is refilled only after its last copy is done."""
+        host, done = self._tables[self._turn]
+        self._turn ^= 1
+        done.synchronize()  # that copy was queued two steps ago: almost always finished
+        n = len(rows[0])
+        host[:, :n] = torch.tensor(rows)
+        table = self._table[:, :n]
+        table.copy_(host[:, :n], non_blocking=True)
+        done.record()
+        return table
 
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
         """One step for these states (all eligible): per state, the logits of its current block
@@ -207,3 +226,13 @@ class StaticStepRunner:
         positions = torch.arange(end, device=self.tokens.device)[None]
         self.model.forward_static(state.tokens[None, :end], positions, torch.tensor([end], device=self.tokens.device),
                                   self.cache, slice(slot, slot + 1), 0)
+
+
+class _Done:
+    """A CPU stand-in for a CUDA event: CPU copies finish before they return."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
