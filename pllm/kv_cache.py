@@ -115,3 +115,4 @@ class StaticStep:
     mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
     key_length: int  # cache entries the step reads (a prefix of the slot)
     fused: bool = False  # compiled elementwise kernels (see `pllm.model.fused`)
+    fixed_shape: bool = True  # shapes that recur (see `pllm.kernels.fused_attention`)

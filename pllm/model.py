@@ -124,7 +124,7 @@ class Attention(nn.Module):
         cache = step.cache.keys_values[self.layer_idx, step.rows, :, :, :step.key_length]  # (B, 2, KV, S, hd)
         cache.scatter_(3, step.slots, kv.to(cache.dtype))
         return fused_attention(q, cache[:, 0], cache[:, 1], mask=step.mask, use_flash=self.use_flash,
-                               fixed_shape=True)
+                               fixed_shape=step.fixed_shape)
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
         """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
@@ -426,14 +426,15 @@ class DiffusionTransformer(nn.Module):
     @torch.no_grad()
     def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
                        cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None,
-                       fused_ops: bool = False) -> torch.Tensor:
+                       fused_ops: bool = False, fixed_shape: bool = True) -> torch.Tensor:
         """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a
         window of consecutive positions per row; positions below 0 are padding), limits (B,) the
         first position no query may see. Keys/values of the window are written into the slots, and
         each query reads its slot's keys at positions < limit in blocks up to its own, among the
         first `key_length` cache entries (default: all; must cover every window). Returns the
         float32 logits of the last `num_logits` window positions, (B, num_logits, V). fused_ops: run
-        the elementwise chains through torch.compile'd kernels (GPU; `fused`)."""
+        the elementwise chains through torch.compile'd kernels (GPU; `fused`). fixed_shape=False
+        for one-off shapes (a prompt's prefill): no attention kernel that plans per shape."""
         bs, cfg = self.config.block_size, self.config
         B, W = positions.shape
         S = key_length or cache.length
@@ -446,7 +447,7 @@ class DiffusionTransformer(nn.Module):
         # An additive bias built once for all layers (a bool mask is converted in every call).
         x = self.embed_tokens(tokens)
         bias = torch.zeros(B, 1, W, S, dtype=x.dtype, device=x.device).masked_fill_(~visible[:, None], float("-inf"))
-        step = StaticStep(cache, rows, slots, bias, S, fused_ops)
+        step = StaticStep(cache, rows, slots, bias, S, fused_ops, fixed_shape)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at][:, None], self.rope_sin[rope_at][:, None]
         if fused_ops:

@@ -219,13 +219,14 @@ class StaticStepRunner:
                 self._prefill(state, i)
 
     def _prefill(self, state: DecodeState, slot: int) -> None:
-        """Keys/values of every position before the first window (whole prompt blocks)."""
+        """Keys/values of every position before the first window (whole prompt blocks). Prompt
+        lengths vary, so no per-shape attention plans (cuDNN's cost far more than they save here)."""
         end = (state.start // self.block - 1) * self.block
         if end <= 0:
             return
         positions = torch.arange(end, device=self.tokens.device)[None]
         self.model.forward_static(state.tokens[None, :end], positions, torch.tensor([end], device=self.tokens.device),
-                                  self.cache, slice(slot, slot + 1), 0)
+                                  self.cache, slice(slot, slot + 1), 0, fixed_shape=False)
 
 
 class _Done:
