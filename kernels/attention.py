@@ -5,9 +5,9 @@ inputs; otherwise PyTorch SDPA, restricted to its flash / memory-efficient / mat
 inputs allow (a boolean mask rules out flash). cuDNN attention builds an execution plan per new
 shape, which ragged batches keep producing, so it runs only for callers that declare fixed shapes
 (`fixed_shape=True`: training on batches of one sequence length, and the CUDA-graph decoding
-step). Bidirectional attention is `mask=None`,
-block-causal attention passes `block_size` (or a prebuilt mask), cached-block attention passes
-keys/values longer than the queries with `query_offset` = the position of the first query.
+step). Bidirectional attention is `mask=None`, block-causal attention passes `block_size` (or a
+prebuilt mask), cached-block attention passes keys/values longer than the queries with
+`query_offset` = the position of the first query.
 """
 
 from __future__ import annotations
@@ -51,9 +51,10 @@ def fused_attention(
     fixed_shape: the caller runs these exact shapes again and again (training batches of one
     length; the decoding step, replayed from CUDA graphs), so cuDNN attention, which plans once per
     shape, may run on a Hopper GPU: with a mask it is 2-3x faster than the memory-efficient
-    kernel, and without one (training, forward and backward) it is faster than FlashAttention-2. Elsewhere, a masked grouped-query
-    call with a (B, 1, Lq, Lk) mask runs the G = H // KV query heads of each key/value head as one
-    head of G * Lq queries, reading keys/values as they are instead of copying them per query head.
+    kernel, and without one (training, forward and backward) faster than FlashAttention-2.
+    Elsewhere, a masked grouped-query call with a (B, 1, Lq, Lk) mask runs the G = H // KV query
+    heads of each key/value head as one head of G * Lq queries, reading keys/values as they are
+    instead of copying them per query head.
     Returns (B, H, Lq, hd)."""
     gqa = key.shape[1] != query.shape[1]
     if block_size is not None:
