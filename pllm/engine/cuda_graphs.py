@@ -154,10 +154,10 @@ class StaticStepRunner:
         host, done = self._tables[self._turn]
         self._turn ^= 1
         done.synchronize()  # that copy was queued two steps ago: almost always finished
-        n = len(rows[0])
-        host[:, :n] = torch.tensor(rows)
-        table = self._table[:, :n]
-        table.copy_(host[:, :n], non_blocking=True)
+        k, n = len(rows), len(rows[0])
+        host[:k, :n] = torch.tensor(rows)
+        table = self._table[:k, :n]
+        table.copy_(host[:k, :n], non_blocking=True)
         done.record()
         return table
 
@@ -180,8 +180,9 @@ class StaticStepRunner:
             self.tokens[:B].fill_(self.model.config.pad_token_id)
             self.positions[n:B] = torch.arange(-bs, bs, device=device)
             self.limits[:B] = 0
-            self.positions[:n] = torch.tensor(starts, device=device)[:, None] + torch.arange(W, device=device)
-            self.limits[:n] = torch.tensor([s.end for s in states], device=device)
+            first, ends = self._table_to_device([starts, [s.end for s in states]])
+            self.positions[:n] = first[:, None] + torch.arange(W, device=device)
+            self.limits[:n] = ends
         for i, (state, lo) in enumerate(zip(states, starts)):  # otherwise only the tokens (device copies)
             a, b = max(lo, 0), min(lo + W, state.tokens.numel())
             self.tokens[i, a - lo:b - lo] = state.tokens[a:b]
@@ -225,8 +226,9 @@ class StaticStepRunner:
         if end <= 0:
             return
         positions = torch.arange(end, device=self.tokens.device)[None]
-        self.model.forward_static(state.tokens[None, :end], positions, torch.tensor([end], device=self.tokens.device),
-                                  self.cache, slice(slot, slot + 1), 0, fixed_shape=False)
+        limit = torch.full((1,), end, device=self.tokens.device)  # a fill: no copy that waits for the GPU
+        self.model.forward_static(state.tokens[None, :end], positions, limit, self.cache, slice(slot, slot + 1), 0,
+                                  fixed_shape=False)
 
 
 class _Done:
