@@ -154,9 +154,8 @@ def test_launching_a_step_ahead_never_waits_for_the_gpu():
     static.run_ahead = strict_launch
     gen = GenerationConfig(max_new_tokens=64, num_refinement_steps=64, temperature=0.0, strategy="threshold",
                            use_adaptive_steps=False)
-    answers = engine.generate([torch.randint(4, 96, (20 + 9 * i,)) for i in range(4)], gen)
-    assert [len(a) for a in answers] == [64] * 4
-    assert static.num_ahead > 50
+    engine.generate([torch.randint(4, 96, (20 + 9 * i,)) for i in range(4)], gen)
+    assert engine.stats["finished"] == 4 and static.num_ahead > 50
 
 
 def test_serve_app_on_a_gpu_replica(tmp_path):
