@@ -152,3 +152,32 @@ def test_steps_launched_ahead_change_no_token(block_model):
     static = engine.runner.static
     assert static.num_ahead == engine.stats["steps"] > 3 * 40 // 8  # every step launched its successor
     assert static.num_ahead - len(prompts) <= static.num_ahead_used < static.num_ahead
+
+
+def test_batched_commits_equal_per_request_commits(block_model, monkeypatch):
+    """Greedy requests of one fixed-shape step commit in one call (`batched_commit`) and decode the
+    tokens, in the same number of steps, of committing request by request: static schedules
+    (several positions per step) beside threshold rules, prompts ending inside a block, requests
+    joining and leaving."""
+    import pllm.engine.engine as engine_module
+    from pllm.engine.batched_commit import commit_batch
+
+    g = torch.Generator().manual_seed(3)
+    requests = []
+    for i in range(12):
+        prompt = torch.randint(4, 96, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
+        requests.append((prompt, GenerationConfig(
+            max_new_tokens=int(torch.randint(8, 40, (1,), generator=g)), num_refinement_steps=[4, 8, 40][i % 3],
+            temperature=0.0, strategy=["static", "threshold"][i % 2], confidence_threshold=0.05,
+            use_adaptive_steps=True)))
+    config = EngineConfig(max_num_seqs=6, max_batched_tokens=400)
+    one_by_one = Engine(block_model, config, static_step=True)
+    one_by_one.batch_commits = False
+    expected = run_staggered(one_by_one, requests)
+    calls = []
+    monkeypatch.setattr(engine_module, "commit_batch",
+                        lambda *a, **k: (calls.append(len(a[0])), commit_batch(*a, **k)))
+    engine = Engine(block_model, config, static_step=True)
+    assert run_staggered(engine, requests) == expected
+    assert engine.stats["steps"] == one_by_one.stats["steps"]
+    assert len(calls) == engine.stats["steps"] and max(calls) == 6  # every step, up to the full batch

@@ -113,6 +113,15 @@ def block_bounds(prompt_len: int, total: int, block_size: int, aligned: bool) ->
     return bounds or [(prompt_len, prompt_len)]
 
 
+def host_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of device tokens, queued without waiting: read it after the event has passed."""
+    if not tokens.is_cuda:
+        return tokens.clone(), None
+    host, ready = tokens.to("cpu", non_blocking=True), torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class DecodeState:
     """prompt + `gen_length` mask tokens, decoded block by block (LLaDA's semi-autoregressive
     order). `segments()` describes what the next forward pass runs for this sequence (the current
@@ -337,10 +346,7 @@ class DecodeState:
         r, cfg = self.rules, self.cfg
         block = self.tokens[self.start:self.end]
         still_masked = block == cfg.mask_token_id
-        if r.min_per_step == "factor":
-            min_count = 0
-        else:
-            min_count = self.schedule[self.step] if (r.min_per_step == "schedule" and self.step < len(self.schedule)) else 1
+        min_count = self.min_commits()
         if r.temperature == 0 and r.repetition_penalty == 1.0 and self.credit is None and r.min_per_step != "factor":
             # Greedy confidence decoding: logits -> token, confidence and commit in one kernel.
             out = parallel_decode(logits, min_count, r.confidence_threshold, still_masked,
@@ -368,20 +374,42 @@ class DecodeState:
     def _commit(self, block: torch.Tensor, proposal: torch.Tensor, confidence: torch.Tensor,
                 commit: torch.Tensor) -> torch.Tensor:
         block.copy_(torch.where(commit, proposal, block))
+        self._record_step(proposal, confidence, *host_copy(block))
+        return commit
+
+    def _record_step(self, proposal: torch.Tensor, confidence: torch.Tensor, host: torch.Tensor,
+                     ready: torch.cuda.Event | None) -> None:
+        """A step's commit is queued: `host` will hold the block's new tokens once `ready` has
+        passed. `finish_step` waits for it (the step's one wait for the device), now unless this
+        step is deferred (see `advance`)."""
         self._last = (proposal, confidence)
         self.step += 1
         self.num_steps_taken += 1
-        # The block's host copy, read without waiting; `finish_step` waits for it (the step's one
-        # wait for the device) unless this step is deferred (see `advance`).
-        if block.is_cuda:
-            host, ready = block.to("cpu", non_blocking=True), torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = block.clone(), None
         self._reading = (host, ready)
         if not self.deferred:
             self.finish_step()
-        return commit
+
+    def advance_committed(self, proposal: torch.Tensor, confidence: torch.Tensor, host: torch.Tensor,
+                          ready: torch.cuda.Event | None, defer: bool = False) -> None:
+        """`advance` for a step whose commit was made for many states at once
+        (`pllm.engine.batched_commit`): the current block in `tokens` is already updated, and
+        `host` is (once `ready` has passed) its host copy."""
+        self.deferred = defer
+        self.nfe += 1
+        self._record_step(proposal, confidence, host, ready)
+
+    def greedy_kernel_rules(self) -> bool:
+        """Whether a step is one `parallel_decode` call (greedy confidence decoding, one segment)."""
+        r = self.rules
+        return (r.temperature == 0 and r.repetition_penalty == 1.0 and self.credit is None
+                and r.min_per_step != "factor" and not r.draft_length)
+
+    def min_commits(self) -> int:
+        """Positions the next step commits at least (the static schedule's count, else one)."""
+        if self.rules.min_per_step == "factor":
+            return 0
+        return self.schedule[self.step] if (self.rules.min_per_step == "schedule"
+                                            and self.step < len(self.schedule)) else 1
 
     def finish_step(self) -> None:
         """Wait for the last commit's host copy of the block, then the bookkeeping that needs it:

@@ -63,11 +63,12 @@ class StaticStepRunner:
         self.last_length = self.lengths[0]  # the key-length bucket of the last step
         self.num_ahead = self.num_ahead_used = 0  # steps launched ahead (see `run_ahead`), and those used
         self._layout = None  # the last step's rows (see `run`)
+        self.last_logits: torch.Tensor | None = None
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (what it assumed, its logits)
         pinned = device.type == "cuda"
-        self._table = torch.zeros(5, B, dtype=torch.long, device=device)  # see `_table_to_device`
+        self._table = torch.zeros(5, B, dtype=torch.long, device=device)  # see `to_device`
         self._tables = [(torch.zeros(5, B, dtype=torch.long, pin_memory=pinned),
-                         torch.cuda.Event() if pinned else _Done()) for _ in range(2)]
+                         torch.cuda.Event() if pinned else _Done()) for _ in range(4)]
         self._turn = 0
         if capture:
             self._capture_all()
@@ -124,7 +125,7 @@ class StaticStepRunner:
         # block, and the next block's end (-1 after the last block).
         sizes = [s.tokens.numel() for s in states]
         after = [s.blocks[s.block + 1][1] if s.block + 1 < len(s.blocks) else -1 for s in states]
-        table = self._table_to_device([list(itertools.accumulate([0] + sizes[:-1])), sizes,
+        table = self.to_device([list(itertools.accumulate([0] + sizes[:-1])), sizes,
                                        [s.start for s in states], [s.end for s in states], after])
         offset, size, start, end, after_end = table[:, :, None]  # each (n, 1)
         flat = torch.cat([s.tokens for s in states])
@@ -147,13 +148,15 @@ class StaticStepRunner:
         self._ahead = (self._inputs(states), self._replay(B, need))
         self.num_ahead += 1
 
-    def _table_to_device(self, rows: list[list[int]]) -> torch.Tensor:
-        """A small table of ints on the device without a stream sync. A copy from pageable memory
-        would wait for the step in flight, undoing the pipelining; from pinned memory it is queued.
-        Two pinned buffers take turns, and a buffer is refilled only after its last copy is done."""
+    def to_device(self, rows: list[list[int]]) -> torch.Tensor:
+        """A small table of ints (at most 5 rows of at most max_num_seqs) on the device, without a
+        stream sync: a copy from pageable memory would wait for the step in flight, undoing the
+        pipelining; from pinned memory it is queued. Pinned buffers take turns, and a buffer is
+        refilled only after its last copy is done (two steps ago at two calls per step: finished).
+        The result is valid for the work queued before the next call."""
         host, done = self._tables[self._turn]
-        self._turn ^= 1
-        done.synchronize()  # that copy was queued two steps ago: almost always finished
+        self._turn = (self._turn + 1) % len(self._tables)
+        done.synchronize()
         k, n = len(rows), len(rows[0])
         host[:k, :n] = torch.tensor(rows)
         table = self._table[:k, :n]
@@ -180,12 +183,13 @@ class StaticStepRunner:
             self.tokens[:B].fill_(self.model.config.pad_token_id)
             self.positions[n:B] = torch.arange(-bs, bs, device=device)
             self.limits[:B] = 0
-            first, ends = self._table_to_device([starts, [s.end for s in states]])
+            first, ends = self.to_device([starts, [s.end for s in states]])
             self.positions[:n] = first[:, None] + torch.arange(W, device=device)
             self.limits[:n] = ends
-        for i, (state, lo) in enumerate(zip(states, starts)):  # otherwise only the tokens (device copies)
-            a, b = max(lo, 0), min(lo + W, state.tokens.numel())
-            self.tokens[i, a - lo:b - lo] = state.tokens[a:b]
+        # Otherwise only the tokens: one multi-tensor copy for all rows.
+        spans = [(max(lo, 0), min(lo + W, state.tokens.numel())) for state, lo in zip(states, starts)]
+        torch._foreach_copy_([self.tokens[i, a - lo:b - lo] for i, ((a, b), lo) in enumerate(zip(spans, starts))],
+                             [state.tokens[a:b] for state, (a, b) in zip(states, spans)])
         out = self._replay(B, max(starts) + W + self.cache.offset)
         return self._current_blocks(out, states)
 
@@ -206,6 +210,7 @@ class StaticStepRunner:
         """Each row's current block: in the window's last block, from offset start % block_size
         (the answer's first block may start inside a model block)."""
         bs = self.block
+        self.last_logits = out  # row i: states[i]'s model block (see `pllm.engine.batched_commit`)
         return [[out[i, s.start % bs:s.start % bs + s.end - s.start]] for i, s in enumerate(states)]
 
     def _assign_slots(self, states: list[DecodeState]) -> None:

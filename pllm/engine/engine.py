@@ -18,6 +18,7 @@ import torch
 from ..config import EngineConfig, GenerationConfig, ModelConfig
 from ..decoding import DecodeRules, DecodeState, Drafter, check_draft_model
 from ..model import DiffusionTransformer
+from .batched_commit import batchable, commit_batch
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, tokens_per_pass
 from .scheduler import Scheduler
@@ -62,6 +63,9 @@ class Engine:
         # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
         static = self.runner.static
         self.pipeline = bool(self.config.pipeline_steps and static is not None and static.capture)
+        # Greedy requests of one fixed-shape step commit together (`batched_commit`); False: one by
+        # one (the simpler path, kept for comparison).
+        self.batch_commits = True
         self.model_config = model.config
         if draft_model is not None:
             check_draft_model(model.config, draft_model.config)
@@ -118,12 +122,17 @@ class Engine:
         if self.drafter is not None:
             self.stats["draft_passes"] += self.drafter.propose(states)
         logits = self.runner.run(batch)
-        ahead = self.pipeline and all(map(self.runner.static.eligible, states))
-        for state, block_logits in zip(states, logits):
-            drafted, accepted = state.drafted, state.accepted
-            state.advance(block_logits, defer=ahead)
-            self.stats["drafted_tokens"] += state.drafted - drafted
-            self.stats["accepted_draft_tokens"] += state.accepted - accepted
+        static = self.runner.static
+        fixed = static is not None and all(map(static.eligible, states))  # one fixed-shape step for all
+        ahead = self.pipeline and fixed
+        if fixed and self.batch_commits and batchable(states):
+            commit_batch(states, static.last_logits[:len(states)], static.to_device, defer=ahead)
+        else:
+            for state, block_logits in zip(states, logits):
+                drafted, accepted = state.drafted, state.accepted
+                state.advance(block_logits, defer=ahead)
+                self.stats["drafted_tokens"] += state.drafted - drafted
+                self.stats["accepted_draft_tokens"] += state.accepted - accepted
         if ahead:
             self.runner.static.run_ahead(states)
             for state in states:
