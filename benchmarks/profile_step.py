@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -13,6 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
+from pllm.engine.batched_commit import commit_batch
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -54,6 +56,27 @@ def launch_costs(static, B: int, lengths: list[int], n: int = 20) -> None:
         print(f"graph launch, host time, {key}: {sorted(values)[len(values) // 2] * 1e3:.3f} ms (median)")
 
 
+def commit_costs(engine, static, device: str, n: int = 50) -> None:
+    """Host time of one step's commits (deferred, then finished, as in a pipelined step), in one
+    batched call and request by request, on the last step's logits (the states move on)."""
+    states = [r.state for r in engine.scheduler.running]
+    logits, bs = static.last_logits[:len(states)], static.block
+
+    def one_by_one():
+        for i, s in enumerate(states):
+            s.advance(logits[i, s.start % bs:s.start % bs + s.end - s.start], defer=True)
+        for s in states:
+            s.finish_step()
+
+    def batched():
+        commit_batch(states, logits, static.to_device, defer=True)
+        for s in states:
+            s.finish_step()
+
+    for name, fn in (("batched", batched), ("one by one", one_by_one)):
+        print(f"commits of one step, {name}: {timed(fn, n, device):.3f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,12 +110,14 @@ def main() -> None:
         launch_costs(static, B, lengths)
     S = lengths[0]
     print(f"forward_static eager, key length {S}: {timed(lambda: static._step(B, S), 20, device):.3f} ms")
-    for pipeline in (True, False) if engine.pipeline else (False,):
-        engine.pipeline = pipeline
+    for pipeline, batched in itertools.product((True, False) if engine.pipeline else (False,), (True, False)):
+        engine.pipeline, engine.batch_commits = pipeline, batched
         before = (static.num_ahead, static.num_ahead_used)
         ms = timed(engine.step, 50, device)
         ahead = f", {static.num_ahead_used - before[1]}/{static.num_ahead - before[0]} steps launched ahead used"
-        print(f"whole engine step{', pipelined' if pipeline else ''}: {ms:.3f} ms{ahead if pipeline else ''}")
+        print(f"whole engine step{', pipelined' if pipeline else ''}, "
+              f"{'batched commits' if batched else 'commits one by one'}: {ms:.3f} ms{ahead if pipeline else ''}")
+    commit_costs(engine, static, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(10):

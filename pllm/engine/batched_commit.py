@@ -19,9 +19,15 @@ from ..decoding.state import host_copy
 from ..kernels import parallel_decode
 
 
+# Below this many requests, committing one by one takes fewer operations (the batched call has a
+# fixed cost of about ten): measured on CPU with `benchmarks/profile_step.py`, break-even at two.
+MIN_BATCH = 3
+
+
 def batchable(states: list[DecodeState]) -> bool:
-    """Whether these states' next step can be one call: greedy kernel rules and one threshold."""
-    return (all(s.greedy_kernel_rules() for s in states)
+    """Whether these states' next step is worth one call: enough of them, greedy kernel rules and
+    one threshold."""
+    return (len(states) >= MIN_BATCH and all(s.greedy_kernel_rules() for s in states)
             and len({s.rules.confidence_threshold for s in states}) == 1)
 
 
