@@ -130,32 +130,36 @@ def test_bf16_step_graphs_replay_in_any_order_at_batch_16():
     assert static.num_ahead_used >= static.num_ahead - len(ids)  # only answers ending drop a step
 
 
-def test_launching_a_step_ahead_never_waits_for_the_gpu():
-    """`run_ahead` must only queue work: a synchronizing call in it (a copy from pageable memory,
-    `.item()`) makes the host wait for the step in flight and undoes the pipelining. CUDA's sync
-    debug mode turns any such call into an error."""
+def test_launching_a_step_ahead_never_waits_for_the_gpu(monkeypatch):
+    """`run_ahead` and the batched commit before it must only queue work: a synchronizing call
+    there (a copy from pageable memory, `.item()`) makes the host wait for the step in flight and
+    undoes the pipelining. CUDA's sync debug mode turns any such call into an error."""
+    import pllm.engine.engine as engine_module
     from pllm import EngineConfig
     from pllm.engine import Engine
+
+    def strict(fn):
+        def call(*args, **kwargs):
+            calls.append(fn.__name__)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return call
 
     torch.manual_seed(0)
     cfg = tiny_config(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       attention_mode="block_causal", block_size=32, use_flash_attention=True)
     engine = Engine(DiffusionTransformer(cfg).cuda().to(torch.bfloat16).eval(), EngineConfig(max_num_seqs=4))
-    static = engine.runner.static
-    launch = static.run_ahead
-
-    def strict_launch(states):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            launch(states)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
-    static.run_ahead = strict_launch
+    static, calls = engine.runner.static, []
+    static.run_ahead = strict(static.run_ahead)
+    monkeypatch.setattr(engine_module, "commit_batch", strict(engine_module.commit_batch))
     gen = GenerationConfig(max_new_tokens=64, num_refinement_steps=64, temperature=0.0, strategy="threshold",
                            use_adaptive_steps=False)
     engine.generate([torch.randint(4, 96, (20 + 9 * i,)) for i in range(4)], gen)
     assert engine.stats["finished"] == 4 and static.num_ahead > 50
+    assert calls.count("commit_batch") > 50
 
 
 def test_serve_app_on_a_gpu_replica(tmp_path):
