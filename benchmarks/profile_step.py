@@ -59,7 +59,9 @@ def launch_costs(static, B: int, lengths: list[int], n: int = 20) -> None:
 def commit_costs(engine, static, device: str, n: int = 50) -> None:
     """Host time of one step's commits (deferred, then finished, as in a pipelined step), in one
     batched call and request by request, on the last step's logits (the states move on)."""
+    engine.step()  # a step of the running states (none finishes: answers are long), then its logits
     states = [r.state for r in engine.scheduler.running]
+    assert states and not any(s.finished for s in states), "the answers ended: time fewer steps"
     logits, bs = static.last_logits[:len(states)], static.block
 
     def one_by_one():
@@ -110,13 +112,15 @@ def main() -> None:
         launch_costs(static, B, lengths)
     S = lengths[0]
     print(f"forward_static eager, key length {S}: {timed(lambda: static._step(B, S), 20, device):.3f} ms")
-    for pipeline, batched in itertools.product((True, False) if engine.pipeline else (False,), (True, False)):
+    pipelined = engine.pipeline
+    for pipeline, batched in itertools.product((True, False) if pipelined else (False,), (True, False)):
         engine.pipeline, engine.batch_commits = pipeline, batched
         before = (static.num_ahead, static.num_ahead_used)
         ms = timed(engine.step, 50, device)
         ahead = f", {static.num_ahead_used - before[1]}/{static.num_ahead - before[0]} steps launched ahead used"
         print(f"whole engine step{', pipelined' if pipeline else ''}, "
               f"{'batched commits' if batched else 'commits one by one'}: {ms:.3f} ms{ahead if pipeline else ''}")
+    engine.pipeline, engine.batch_commits = pipelined, True  # the defaults again, for the profiles
     commit_costs(engine, static, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:

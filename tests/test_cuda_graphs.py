@@ -156,28 +156,49 @@ def test_steps_launched_ahead_change_no_token(block_model):
 
 def test_batched_commits_equal_per_request_commits(block_model, monkeypatch):
     """Greedy requests of one fixed-shape step commit in one call (`batched_commit`) and decode the
-    tokens, in the same number of steps, of committing request by request: static schedules
-    (several positions per step) beside threshold rules, prompts ending inside a block, requests
-    joining and leaving."""
+    tokens, with the same forward passes per request, of committing request by request: static
+    schedules (several positions per step) beside threshold rules that fire, prompts ending inside
+    a block, requests joining and leaving. Different thresholds in one step fall back to one by one."""
     import pllm.engine.engine as engine_module
-    from pllm.engine.batched_commit import commit_batch
+    from pllm.engine.batched_commit import batchable, commit_batch
 
+    model = copy.deepcopy(block_model)
+    model.lm_head.weight.data *= 25  # tied with the embeddings: confident logits, so thresholds fire
     g = torch.Generator().manual_seed(3)
     requests = []
     for i in range(12):
         prompt = torch.randint(4, 96, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
         requests.append((prompt, GenerationConfig(
             max_new_tokens=int(torch.randint(8, 40, (1,), generator=g)), num_refinement_steps=[4, 8, 40][i % 3],
-            temperature=0.0, strategy=["static", "threshold"][i % 2], confidence_threshold=0.05,
+            temperature=0.0, strategy=["static", "threshold"][i % 2], confidence_threshold=0.5,
             use_adaptive_steps=True)))
+
+    def run(engine):
+        answers, nfe, pending, step = {}, {}, list(requests), 0
+        while pending or engine.has_work():
+            if pending and step % 2 == 0:
+                answers[engine.add_request(*pending.pop(0))] = []
+            for out in engine.step():
+                answers[out.request_id].extend(out.new_token_ids)
+                nfe[out.request_id] = out.nfe
+            step += 1
+        return list(answers.values()), list(nfe.values())
+
     config = EngineConfig(max_num_seqs=6, max_batched_tokens=400)
-    one_by_one = Engine(block_model, config, static_step=True)
+    one_by_one = Engine(model, config, static_step=True)
     one_by_one.batch_commits = False
-    expected = run_staggered(one_by_one, requests)
+    expected, expected_nfe = run(one_by_one)
+    assert sum(expected_nfe) < sum(map(len, expected)) / 1.5  # the rules commit several tokens per pass
     calls = []
     monkeypatch.setattr(engine_module, "commit_batch",
                         lambda *a, **k: (calls.append(len(a[0])), commit_batch(*a, **k)))
-    engine = Engine(block_model, config, static_step=True)
-    assert run_staggered(engine, requests) == expected
-    assert engine.stats["steps"] == one_by_one.stats["steps"]
+    engine = Engine(model, config, static_step=True)
+    assert run(engine) == (expected, expected_nfe)
     assert len(calls) > engine.stats["steps"] // 2 and min(calls) >= 3 and max(calls) == 6
+
+    states = [DecodeState(torch.arange(4, 9), DecodeRules.from_config(cfg), model.config, DEVICE)
+              for _, cfg in requests[:4]]
+    assert batchable(states)
+    other = GenerationConfig(max_new_tokens=8, temperature=0.0, strategy="threshold", confidence_threshold=0.6)
+    assert not batchable(states + [DecodeState(torch.arange(4, 9), DecodeRules.from_config(other), model.config,
+                                               DEVICE)])

@@ -17,6 +17,7 @@ import torch
 from ..decoding import DecodeState
 from ..decoding.state import host_copy
 from ..kernels import parallel_decode
+from ..kernels.parallel_decode import MAX_BLOCK
 
 
 # Below this many requests, committing one by one takes fewer operations (the batched call has a
@@ -28,7 +29,10 @@ def batchable(states: list[DecodeState]) -> bool:
     """Whether these states' next step is worth one call: enough of them, greedy kernel rules and
     one threshold."""
     return (len(states) >= MIN_BATCH and all(s.greedy_kernel_rules() for s in states)
-            and len({s.rules.confidence_threshold for s in states}) == 1)
+            and len({s.rules.confidence_threshold for s in states}) == 1
+            # One kernel path for both: a request's own call on a block of at most MAX_BLOCK positions
+            # takes the Triton kernel, so the batched call must too (the reference rounds differently).
+            and states[0].cfg.block_size <= MAX_BLOCK)
 
 
 def commit_batch(states: list[DecodeState], logits: torch.Tensor, to_device, defer: bool = False) -> None:

@@ -66,8 +66,8 @@ class StaticStepRunner:
         self.last_logits: torch.Tensor | None = None
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (what it assumed, its logits)
         pinned = device.type == "cuda"
-        self._table = torch.zeros(5, B, dtype=torch.long, device=device)  # see `to_device`
-        self._tables = [(torch.zeros(5, B, dtype=torch.long, pin_memory=pinned),
+        self._table = torch.zeros(5 * B, dtype=torch.long, device=device)  # see `to_device`
+        self._tables = [(torch.zeros(5 * B, dtype=torch.long, pin_memory=pinned),
                          torch.cuda.Event() if pinned else _Done()) for _ in range(4)]
         self._turn = 0
         if capture:
@@ -151,18 +151,20 @@ class StaticStepRunner:
     def to_device(self, rows: list[list[int]]) -> torch.Tensor:
         """A small table of ints (at most 5 rows of at most max_num_seqs) on the device, without a
         stream sync: a copy from pageable memory would wait for the step in flight, undoing the
-        pipelining; from pinned memory it is queued. Pinned buffers take turns, and a buffer is
-        refilled only after its last copy is done (two steps ago at two calls per step: finished).
-        The result is valid for the work queued before the next call."""
+        pipelining; from pinned memory it is queued. The copy is of one contiguous run (a strided
+        one would be staged through pageable memory). Pinned buffers take turns, and a buffer is
+        refilled only after its last copy is done (at up to three calls per step, the one before
+        last step's: finished). The result is valid for the work queued before the next call."""
         host, done = self._tables[self._turn]
         self._turn = (self._turn + 1) % len(self._tables)
         done.synchronize()
         k, n = len(rows), len(rows[0])
-        host[:k, :n] = torch.tensor(rows)
-        table = self._table[:k, :n]
-        table.copy_(host[:k, :n], non_blocking=True)
+        source = host[:k * n]
+        source.copy_(torch.tensor(rows).view(-1))
+        table = self._table[:k * n]
+        table.copy_(source, non_blocking=True)
         done.record()
-        return table
+        return table.view(k, n)
 
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
         """One step for these states (all eligible): per state, the logits of its current block
