@@ -380,8 +380,8 @@ class DecodeState:
     def _record_step(self, proposal: torch.Tensor, confidence: torch.Tensor, host: torch.Tensor,
                      ready: torch.cuda.Event | None) -> None:
         """A step's commit is queued: `host` will hold the block's new tokens once `ready` has
-        passed. `finish_step` waits for it (the step's one wait for the device), now unless this
-        step is deferred (see `advance`)."""
+        passed. `finish_step`, the step's one wait for the device, runs now unless this step is
+        deferred (see `advance`)."""
         self._last = (proposal, confidence)
         self.step += 1
         self.num_steps_taken += 1
