@@ -154,7 +154,8 @@ def test_steps_launched_ahead_change_no_token(block_model):
     assert static.num_ahead - len(prompts) <= static.num_ahead_used < static.num_ahead
 
 
-def test_batched_commits_equal_per_request_commits(block_model, monkeypatch):
+@pytest.mark.parametrize("threshold", [0.5, 0.999])  # thresholds that fire often, and almost never
+def test_batched_commits_equal_per_request_commits(block_model, monkeypatch, threshold):
     """Greedy requests of one fixed-shape step commit in one call (`batched_commit`) and decode the
     tokens, with the same forward passes per request, of committing request by request: static
     schedules (several positions per step) beside threshold rules that fire, prompts ending inside
@@ -170,12 +171,13 @@ def test_batched_commits_equal_per_request_commits(block_model, monkeypatch):
         prompt = torch.randint(4, 96, (int(torch.randint(1, 30, (1,), generator=g)),), generator=g)
         requests.append((prompt, GenerationConfig(
             max_new_tokens=int(torch.randint(8, 40, (1,), generator=g)), num_refinement_steps=[4, 8, 40][i % 3],
-            temperature=0.0, strategy=["static", "threshold"][i % 2], confidence_threshold=0.5,
+            temperature=0.0, strategy=["static", "threshold"][i % 2], confidence_threshold=threshold,
             use_adaptive_steps=True)))
 
     def run(engine):
         answers, nfe, pending, step = {}, {}, list(requests), 0
         while pending or engine.has_work():
+            assert step < 1000, "the engine stopped making progress"
             if pending and step % 2 == 0:
                 answers[engine.add_request(*pending.pop(0))] = []
             for out in engine.step():
@@ -188,7 +190,8 @@ def test_batched_commits_equal_per_request_commits(block_model, monkeypatch):
     one_by_one = Engine(model, config, static_step=True)
     one_by_one.batch_commits = False
     expected, expected_nfe = run(one_by_one)
-    assert sum(expected_nfe) < sum(map(len, expected)) / 1.5  # the rules commit several tokens per pass
+    if threshold < 0.9:
+        assert sum(expected_nfe) < sum(map(len, expected)) / 1.5  # the rules commit several tokens per pass
     calls = []
     monkeypatch.setattr(engine_module, "commit_batch",
                         lambda *a, **k: (calls.append(len(a[0])), commit_batch(*a, **k)))

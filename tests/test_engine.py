@@ -32,10 +32,12 @@ def mixed_requests(n: int, seed: int = 0):
 
 
 def run_staggered(engine: Engine, requests, every: int = 2):
-    """Add one request every `every` steps while earlier ones run; collect streamed tokens."""
+    """Add one request every `every` steps while earlier ones run; collect streamed tokens. A
+    decoding bug that stops commits fails here instead of looping forever."""
     answers, ids, pending = {}, [], list(requests)
-    step = 0
+    step, limit = 0, every * len(requests) + sum(cfg.max_new_tokens for _, cfg in requests) + 100
     while pending or engine.has_work():
+        assert step < limit, "the engine stopped making progress"
         if pending and step % every == 0:
             prompt, cfg = pending.pop(0)
             ids.append(engine.add_request(prompt, cfg))
