@@ -347,7 +347,7 @@ class DecodeState:
         block = self.tokens[self.start:self.end]
         still_masked = block == cfg.mask_token_id
         min_count = self.min_commits()
-        if r.temperature == 0 and r.repetition_penalty == 1.0 and self.credit is None and r.min_per_step != "factor":
+        if self.greedy_kernel_rules():
             # Greedy confidence decoding: logits -> token, confidence and commit in one kernel.
             out = parallel_decode(logits, min_count, r.confidence_threshold, still_masked,
                                   banned_ids=(cfg.mask_token_id, cfg.pad_token_id))
@@ -399,10 +399,9 @@ class DecodeState:
         self._record_step(proposal, confidence, host, ready)
 
     def greedy_kernel_rules(self) -> bool:
-        """Whether a step is one `parallel_decode` call (greedy confidence decoding, one segment)."""
+        """Whether a step's commit is one `parallel_decode` call (greedy confidence decoding)."""
         r = self.rules
-        return (r.temperature == 0 and r.repetition_penalty == 1.0 and self.credit is None
-                and r.min_per_step != "factor" and not r.draft_length)
+        return r.temperature == 0 and r.repetition_penalty == 1.0 and self.credit is None and r.min_per_step != "factor"
 
     def min_commits(self) -> int:
         """Positions the next step commits at least (the static schedule's count, else one)."""

@@ -26,9 +26,9 @@ MIN_BATCH = 3
 
 
 def batchable(states: list[DecodeState]) -> bool:
-    """Whether these states' next step is worth one call: enough of them, greedy kernel rules and
-    one threshold."""
-    return (len(states) >= MIN_BATCH and all(s.greedy_kernel_rules() for s in states)
+    """Whether these states' next step is worth one call: enough of them, one segment each (no
+    drafts), greedy kernel rules and one threshold."""
+    return (len(states) >= MIN_BATCH and all(s.greedy_kernel_rules() and not s.rules.draft_length for s in states)
             and len({s.rules.confidence_threshold for s in states}) == 1
             # One kernel path for both: a request's own call on a block of at most MAX_BLOCK positions
             # takes the Triton kernel, so the batched call must too (the reference rounds differently).

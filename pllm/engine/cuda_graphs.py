@@ -126,7 +126,7 @@ class StaticStepRunner:
         sizes = [s.tokens.numel() for s in states]
         after = [s.blocks[s.block + 1][1] if s.block + 1 < len(s.blocks) else -1 for s in states]
         table = self.to_device([list(itertools.accumulate([0] + sizes[:-1])), sizes,
-                                       [s.start for s in states], [s.end for s in states], after])
+                                [s.start for s in states], [s.end for s in states], after])
         offset, size, start, end, after_end = table[:, :, None]  # each (n, 1)
         flat = torch.cat([s.tokens for s in states])
         last = flat.numel() - 1
