@@ -111,7 +111,7 @@ class StaticStep:
 
     cache: StaticKVCache
     rows: slice  # slots of the rows
-    slots: torch.Tensor  # (B, 2, kv_heads, W, head_dim) cache index of each written key and value element
+    index: torch.Tensor  # (B, W) cache entry of each window position (its keys and values go there)
     mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
     key_length: int  # cache entries the step reads (a prefix of the slot)
     fused: bool = False  # compiled elementwise kernels (see `pllm.model.fused`)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import fused_attention, linear_cross_entropy
+from .kernels import apply_rotary, fused_attention, linear_cross_entropy, rotate_into_cache
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -34,28 +34,8 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torc
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, L, hd); cos/sin: (B, 1, L, hd)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
-
-
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def _norm_rotate(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor):
-    if weight is not None:
-        x = _rms_norm(x, weight, eps)
-    # Written contiguous (B, H, L, hd): grouped-query attention then views it without a copy.
-    return apply_rotary(x, cos, sin).contiguous()
-
-
-def _norm_rotate_beside(k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                        cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Normed, rotated keys beside the values, (B, 2, KV, L, hd): what the static cache stores."""
-    return torch.stack([_norm_rotate(k, weight, eps, cos, sin), v], dim=1)
 
 
 def _add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -70,7 +50,7 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def fused(fn):
     """`fn` compiled once for all shapes: the decoding step's chains of small elementwise kernels
-    (QK-norm + rotary, residual add + RMSNorm, SiLU * up) become one kernel each."""
+    (residual add + RMSNorm, SiLU * up) become one kernel each."""
     return torch.compile(fn, dynamic=True)
 
 
@@ -94,13 +74,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
         """mask: a bool (B, 1, L, L) tensor, None (attend to all), or `PackedSegments` (B == 1)."""
         B, L, D = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
-        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
-        v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        qkv = self.qkv_proj(x)
         if isinstance(mask, StaticStep):
-            y = self._static_step_attention(q, k, v, cos, sin, mask)
+            y = self._static_step_attention(qkv, cos, sin, mask)
         else:
+            q, k, v = qkv.split(self.qkv_split, dim=-1)
+            q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+            k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
+            v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
             if isinstance(mask, PackedSegments):
                 y = self._packed_attention(q, k, v, mask)
@@ -110,19 +91,14 @@ class Attention(nn.Module):
                                     fixed_shape=self.training and mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
-    def _static_step_attention(self, q, k, v, cos, sin, step: StaticStep) -> torch.Tensor:
-        """QK-norm and rotary; the window's keys and values into each row's slot (one scatter for
-        both); then attention over the slot's first key_length entries under the step's mask (fixed
-        shapes: CUDA-graph friendly)."""
-        if step.fused:
-            qn, kn = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
-            q = fused(_norm_rotate)(q, qn, self.q_norm.eps if qn is not None else 0.0, cos, sin)
-            kv = fused(_norm_rotate_beside)(k, v, kn, self.k_norm.eps if kn is not None else 0.0, cos, sin)
-        else:
-            q = apply_rotary(self.q_norm(q), cos, sin)
-            kv = torch.stack([apply_rotary(self.k_norm(k), cos, sin), v], dim=1)
+    def _static_step_attention(self, qkv, cos, sin, step: StaticStep) -> torch.Tensor:
+        """QK-norm and rotary, the window's keys and values into each row's slot (one kernel on the
+        GPU: `rotate_into_cache`); then attention over the slot's first key_length entries under the
+        step's mask (fixed shapes: CUDA-graph friendly)."""
         cache = step.cache.keys_values[self.layer_idx, step.rows, :, :, :step.key_length]  # (B, 2, KV, S, hd)
-        cache.scatter_(3, step.slots, kv.to(cache.dtype))
+        q_weight, k_weight = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
+        eps = self.q_norm.eps if q_weight is not None else 0.0
+        q = rotate_into_cache(qkv, self.n_heads, self.n_kv, q_weight, k_weight, eps, cos, sin, cache, step.index)
         return fused_attention(q, cache[:, 0], cache[:, 1], mask=step.mask, use_flash=self.use_flash,
                                fixed_shape=step.fixed_shape)
 
@@ -438,7 +414,6 @@ class DiffusionTransformer(nn.Module):
         bs, cfg = self.config.block_size, self.config
         B, W = positions.shape
         S = key_length or cache.length
-        slots = (positions + cache.offset)[:, None, None, :, None].expand(B, 2, cfg.kv_heads, W, cfg.head_dim)
         key_pos = torch.arange(S, device=tokens.device) - cache.offset  # (S,)
         visible = ((key_pos[None, None, :] >= 0) & (key_pos[None, None, :] < limits[:, None, None])
                    & (key_pos.div(bs, rounding_mode="floor")[None, None, :]
@@ -447,9 +422,9 @@ class DiffusionTransformer(nn.Module):
         # An additive bias built once for all layers (a bool mask is converted in every call).
         x = self.embed_tokens(tokens)
         bias = torch.zeros(B, 1, W, S, dtype=x.dtype, device=x.device).masked_fill_(~visible[:, None], float("-inf"))
-        step = StaticStep(cache, rows, slots, bias, S, fused_ops, fixed_shape)
+        step = StaticStep(cache, rows, positions + cache.offset, bias, S, fused_ops, fixed_shape)
         rope_at = positions.clamp(min=0)
-        cos, sin = self.rope_cos[rope_at][:, None], self.rope_sin[rope_at][:, None]
+        cos, sin = self.rope_cos[rope_at], self.rope_sin[rope_at]  # (B, W, hd)
         if fused_ops:
             first = self.layers[0].attn_norm
             h = fused(_rms_norm)(x, first.weight, first.eps)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pllm.decoding.commit import commit_mask
 from pllm.kernels import (block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
-                          linear_cross_entropy, parallel_decode, use_triton)
+                          linear_cross_entropy, parallel_decode, rotate_into_cache, use_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -195,6 +195,50 @@ def test_fused_attention_bf16_on_gpu_matches_fp32_definition():
         assert (got - want).norm() / want.norm() < tolerance(torch.bfloat16, 2)
 
 
+def _norm_rotate_by_definition(x, weight, eps, cos, sin):
+    """x (..., hd) float32: RMS norm with weight (None: none), then rotate-half rotary."""
+    if weight is not None:
+        x = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * weight.float()
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_rotate_into_cache_equals_norm_rotary_and_store(dtype, qk_norm):
+    # The decoding step's work between the QKV matmul and attention, on a slice of a larger cache (as
+    # the model passes it): rows at different positions, 4 query heads per key/value head (3 key/value
+    # heads: not a power of two).
+    from pllm.model import rotary_tables
+
+    torch.manual_seed(8)
+    B, W, H, KV, hd, eps = 3, 5, 12, 3, 16, 1e-6
+    qkv = torch.randn(B, W, (H + 2 * KV) * hd, device=DEVICE).to(dtype)
+    q_weight, k_weight = ((1 + 0.5 * torch.randn(hd, device=DEVICE)).to(dtype) if qk_norm else None for _ in "qk")
+    index = torch.tensor([[s + w for w in range(W)] for s in (0, 7, 19)], device=DEVICE)
+    cos, sin = (t.to(DEVICE)[index] for t in rotary_tables(hd, 64, 10000.0))
+    full = torch.randn(2, 5, 2, KV, 40, hd, device=DEVICE).to(dtype)  # (layers, slots, 2, KV, S, hd)
+    before = full.clone()
+    got = rotate_into_cache(qkv, H, KV, q_weight, k_weight, eps, cos, sin, full[1, 1:4, :, :, :32], index)
+
+    x = qkv.float().view(B, W, H + 2 * KV, hd)
+    c, s = cos[:, :, None], sin[:, :, None]
+    want_q = _norm_rotate_by_definition(x[:, :, :H], q_weight, eps, c, s).transpose(1, 2)
+    want_k = _norm_rotate_by_definition(x[:, :, H:H + KV], k_weight, eps, c, s)  # (B, W, KV, hd)
+    assert got.shape == (B, H, W, hd) and got.is_contiguous() and got.dtype == dtype
+    assert (got.float() - want_q).norm() / want_q.norm() < tolerance(dtype, 4)
+    written = full[1, 1:4, :, :, :32].float()
+    rows = torch.arange(B, device=DEVICE)[:, None]
+    got_k = written[:, 0].permute(0, 2, 1, 3)[rows, index]  # (B, W, KV, hd)
+    assert (got_k - want_k).norm() / want_k.norm() < tolerance(dtype, 4)
+    torch.testing.assert_close(written[:, 1].permute(0, 2, 1, 3)[rows, index], x[:, :, H + KV:], rtol=0, atol=0)
+    untouched = torch.ones_like(full, dtype=torch.bool)
+    untouched[1, 1:4].permute(0, 3, 1, 2, 4)[rows, index] = False  # (B, W) entries of every kv/head/dim
+    assert torch.equal(full[untouched], before[untouched])  # nothing else in the cache changed
+    with pytest.raises(ValueError, match="do not fit"):
+        rotate_into_cache(qkv, H, KV, q_weight, k_weight, eps, cos, sin, full[1, 1:3, :, :, :32], index)
+
+
 def test_kernels_take_the_triton_path_where_they_should():
     on = use_triton(torch.empty(1, device=DEVICE))
     assert on == (DEVICE == "cuda" or INTERPRETED)
@@ -205,7 +249,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
