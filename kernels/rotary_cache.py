@@ -19,7 +19,8 @@ from .backend import HAS_TRITON, use_triton
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, "rotate half" layout. x: (B, H, L, hd); cos/sin: (B, 1, L, hd) float32."""
+    """Rotary embedding, "rotate half" layout. x (..., hd), e.g. (B, H, L, hd) with cos/sin (B, 1, L,
+    hd) float32, or (B, L, H, hd) with cos/sin (B, L, 1, hd)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)

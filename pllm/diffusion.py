@@ -74,12 +74,18 @@ def mask_tokens(
     """Mask each valid token with probability 1 - alpha(t), t per row (B,) or per position (B, L).
     Returns (x_t, is_masked). `draw` (uniforms shaped like input_ids) fixes the noise, e.g. to slice
     one global draw across ranks."""
+    is_masked = masked_positions(t, schedule, valid, generator, draw)
+    return torch.where(is_masked, mask_token_id, input_ids), is_masked
+
+
+def masked_positions(t: torch.Tensor, schedule: NoiseSchedule, valid: torch.Tensor,
+                     generator: torch.Generator | None = None, draw: torch.Tensor | None = None) -> torch.Tensor:
+    """`mask_tokens`' is_masked alone, on valid's device."""
     p_mask = schedule.mask_probability(t)
     p_mask = p_mask[:, None] if p_mask.dim() == 1 else p_mask  # (B, 1) or (B, L)
     if draw is None:
-        draw = torch.rand(input_ids.shape, generator=generator, device=input_ids.device)
-    is_masked = (draw < p_mask) & valid
-    return torch.where(is_masked, mask_token_id, input_ids), is_masked
+        draw = torch.rand(valid.shape, generator=generator, device=valid.device)
+    return (draw < p_mask) & valid
 
 
 @dataclass
@@ -113,24 +119,45 @@ def diffusion_loss(
     1: the ordinary autoregressive loss, with no sampling noise.
     """
     B, L = input_ids.shape
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    device = input_ids.device
+    # Which positions are masked is decided where the noise is (t, mask_draw or the generator). Noise
+    # drawn on the host (as the trainer does) gives their count and indices without waiting for the
+    # GPU, so a training step has no host-device sync and the host queues the next step's kernels
+    # while the GPU still runs this one.
+    noise = next((x.device for x in (mask_draw, t) if x is not None),
+                 generator.device if generator is not None else device)
+    valid = (torch.ones(B, L, dtype=torch.bool, device=noise) if attention_mask is None
+             else attention_mask.to(noise).bool())
     num_blocks = -(-L // block_size) if block_size else 1
     if t is None:
-        t = sample_t(B * num_blocks, eps, generator, device=input_ids.device).view(B, num_blocks)
+        t = sample_t(B * num_blocks, eps, generator, device=noise).view(B, num_blocks)
     per_block = t.view(B, -1)  # (B, 1) or (B, num_blocks)
     t_pos = per_block.repeat_interleave(block_size if per_block.shape[1] > 1 else L, dim=1)[:, :L]  # (B, L)
     if block_size == 1:
-        x_t, is_masked = torch.where(valid, mask_token_id, input_ids), valid
-        weight = torch.ones(int(valid.sum()), device=input_ids.device)
+        is_masked = valid
+        weight = torch.ones(B, L, device=noise)
     else:
-        x_t, is_masked = mask_tokens(input_ids, t_pos, schedule, mask_token_id, valid, generator, mask_draw)
-        weight = schedule.elbo_weight(t_pos)[is_masked]
+        is_masked = masked_positions(t_pos, schedule, valid, generator, mask_draw)
+        weight = schedule.elbo_weight(t_pos)
+    index = is_masked.flatten().nonzero().squeeze(1)  # flat positions b * L + i of the masked tokens
+    num_tokens, num_masked = int(valid.sum()), int(index.numel())
+    weight = weight.flatten()[index]
+    is_masked, index, weight, t = (to_device(x, device) for x in (is_masked, index, weight, t))
+    x_t = torch.where(is_masked, mask_token_id, input_ids)
     clean = {"clean_input_ids": input_ids} if block_size else {}
     # sum over masked positions of weight * CE, computed by the model's fused LM head + loss
-    nelbo = model(x_t, t, attention_mask=attention_mask, logits_mask=is_masked, loss_targets=input_ids[is_masked],
-                  loss_weights=weight, **clean)
-    num_tokens = int(valid.sum())
-    return DiffusionLoss(nelbo / max(num_tokens, 1), nelbo.detach(), num_tokens, int(is_masked.sum()))
+    nelbo = model(x_t, t, attention_mask=None if attention_mask is None else to_device(attention_mask, device),
+                  logits_mask=index, loss_targets=input_ids.flatten()[index], loss_weights=weight, **clean)
+    return DiffusionLoss(nelbo / max(num_tokens, 1), nelbo.detach(), num_tokens, num_masked)
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """x on `device`; from host memory to a GPU through pinned memory, without waiting for the copy."""
+    if x.device == device:
+        return x
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 @dataclass
@@ -189,10 +216,11 @@ def evaluate_elbo(
 
 def unpack_batch(batch: torch.Tensor | dict, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Accept a tensor of token ids or a dict with input_ids and optional attention_mask."""
+    device = torch.device(device)
     if isinstance(batch, dict):
         mask = batch.get("attention_mask")
-        return batch["input_ids"].to(device), None if mask is None else mask.to(device)
+        return to_device(batch["input_ids"], device), None if mask is None else to_device(mask, device)
     if isinstance(batch, (list, tuple)):
         batch = batch[0]
-    return batch.to(device), None
+    return to_device(batch, device), None
 

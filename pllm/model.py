@@ -78,11 +78,14 @@ class Attention(nn.Module):
         if isinstance(mask, StaticStep):
             y = self._static_step_attention(qkv, cos, sin, mask)
         else:
+            # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
+            # rotary and their backward then read and write in memory order (no transposing copies),
+            # and attention's output (and its gradients) come back in that layout too.
             q, k, v = qkv.split(self.qkv_split, dim=-1)
-            q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-            k = k.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
-            v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, L, 1, hd)
+            q = apply_rotary(self.q_norm(q.view(B, L, self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
+            k = apply_rotary(self.k_norm(k.view(B, L, self.n_kv, self.head_dim)), cos, sin).transpose(1, 2)
+            v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
             if isinstance(mask, PackedSegments):
                 y = self._packed_attention(q, k, v, mask)
             else:
@@ -279,7 +282,9 @@ class DiffusionTransformer(nn.Module):
         real tokens before each position, so a left-padded prompt gets the same positions as unpadded.
         With return_confidence, also returns the max softmax probability per position (B, L).
         logits_mask (B, L) bool: compute logits only where True and return them as (N, V); the
-        training loss needs them at masked positions only, and the LM head is a large matmul.
+        training loss needs them at masked positions only, and the LM head is a large matmul. Or the
+        (N,) flat indices b * L + i of those positions: counting True entries of a GPU mask makes
+        the host wait for the GPU, an index made on the host does not.
         clean_input_ids (B, L), block-causal models only: block-diffusion training (BD3-LM, Arriola
         et al. 2025, sec. 3.2): the noisy and the clean sequence run side by side, each noisy block
         seeing itself and the clean blocks before it, exactly what it sees when decoding after
@@ -317,7 +322,7 @@ class DiffusionTransformer(nn.Module):
                 x = block(x, cos, sin, mask)
         x = self.norm(x[:, :L])  # with clean_input_ids: the noisy half only
         if logits_mask is not None:
-            x = x[logits_mask]  # (N, D)
+            x = x[logits_mask] if logits_mask.dtype == torch.bool else x.flatten(0, 1)[logits_mask]  # (N, D)
         if loss_targets is not None:
             if logits_mask is None:
                 raise ValueError("loss_targets needs logits_mask (the positions the targets belong to)")

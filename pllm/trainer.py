@@ -93,10 +93,11 @@ class DistributedTrainer:
         B, L = input_ids.shape
         W, r = self.strategy.world_size, self.strategy.rank
         seed = (self.cfg.seed * 1_000_003 + self.step * self.cfg.gradient_accumulation_steps + micro) % 2**63
-        g = torch.Generator(device=self.device).manual_seed(seed)
+        # Drawn on the host: `diffusion_loss` then knows which positions are masked without a sync.
+        g = torch.Generator().manual_seed(seed)
         blocks = -(-L // self.block_size) if self.block_size else 1  # block diffusion: a t per block
-        t = sample_t(B * W * blocks, generator=g, device=self.device).view(B * W, blocks)[r * B : (r + 1) * B]
-        draw = torch.rand((B * W, L), generator=g, device=self.device)[r * B : (r + 1) * B]
+        t = sample_t(B * W * blocks, generator=g).view(B * W, blocks)[r * B : (r + 1) * B]
+        draw = torch.rand((B * W, L), generator=g)[r * B : (r + 1) * B]
         return t, draw
 
     def training_step(self, batch, micro: int = 0) -> DiffusionLoss:
@@ -156,23 +157,25 @@ class DistributedTrainer:
         last: dict[str, float] = {}
         last_eval: dict[str, float] = {}
         while self.step < cfg.num_train_steps:
+            # Loss and gradient norm stay on the device until a log step reads them: reading one
+            # waits for the GPU, and the host could not queue the next step's work meanwhile.
             loss_sum, step_tokens = 0.0, 0
             for micro in range(cfg.gradient_accumulation_steps):
                 out = self.training_step(next(batches), micro)
                 strategy.backward(out.loss)
-                loss_sum += float(out.loss.detach()) / cfg.gradient_accumulation_steps
+                loss_sum = loss_sum + out.loss.detach() / cfg.gradient_accumulation_steps
                 step_tokens += out.num_tokens * strategy.world_size  # equal shards on every rank
             grad_norm = strategy.step()
             self.tokens_seen += step_tokens
             window_tokens += step_tokens
             self.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}")
 
             if self.step % cfg.log_interval == 0 or self.step == cfg.num_train_steps:
                 elapsed = time.perf_counter() - window_start
-                loss = strategy.all_reduce([loss_sum])[0] / strategy.world_size
-                last = {"loss": loss, "lr": strategy.lr, "grad_norm": grad_norm,
+                loss = strategy.all_reduce([float(loss_sum)])[0] / strategy.world_size
+                bar.set_postfix(loss=f"{loss:.3f}")
+                last = {"loss": loss, "lr": strategy.lr, "grad_norm": float(grad_norm),
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": self.tokens_seen}
                 if self._peak:
                     flops = self.model_config.flops_per_token(cfg.seq_len) * last["tokens_per_s"]

@@ -22,7 +22,8 @@ class FixedLogits(nn.Module):
         # The DiffusionTransformer contract: logits, or with loss_targets the weighted CE sum.
         self.seen_inputs = x.clone()
         logits = self.table[: x.shape[1]].expand(x.shape[0], -1, -1)
-        logits = logits if logits_mask is None else logits[logits_mask]
+        if logits_mask is not None:  # a bool (B, L) mask or the flat indices of its True positions
+            logits = logits[logits_mask] if logits_mask.dtype == torch.bool else logits.flatten(0, 1)[logits_mask]
         if loss_targets is None:
             return logits
         return (torch.nn.functional.cross_entropy(logits, loss_targets, reduction="none") * loss_weights).sum()

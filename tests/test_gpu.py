@@ -49,6 +49,36 @@ def test_bf16_training_gradients_match_fp32(hidden, compile_model):
         assert err < 0.05, (name, err)
 
 
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_a_training_step_never_waits_for_the_gpu(compile_model):
+    """A training step (noise, masking, forward, fused loss, backward, clipping, AdamW) only queues
+    work: the masked positions are chosen on the host and the loss and gradient norm stay on the
+    device. A synchronizing call (a boolean-mask index, `.item()`, a pageable copy) would let the
+    GPU run dry while the host prepares the next step; sync debug mode makes any such call an error."""
+    torch.manual_seed(0)
+    cfg = small_training(mixed_precision="bf16", use_torch_compile=compile_model, torch_compile_mode="default")
+    trainer = DistributedTrainer(DiffusionTransformer(tiny_config()), cfg, train_dataloader=loader(),
+                                 show_progress=False)
+    batches = loader()
+
+    def step(i):
+        out = trainer.training_step(batches[i % len(batches)])
+        trainer.strategy.backward(out.loss)
+        return out, trainer.strategy.step()
+
+    for i in range(3):  # compilation, cuDNN plans and the allocator warm up here (they may sync)
+        step(i)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = [step(i) for i in range(3, 6)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    out, grad_norm = results[-1]
+    assert out.num_masked > 0 and torch.isfinite(out.loss) and float(grad_norm) > 0
+    assert trainer.strategy.optimizer_steps() == 6
+
+
 def test_bf16_inference_matches_fp32_greedy_on_a_trained_model(tmp_path):
     torch.manual_seed(0)
     model = DiffusionTransformer(tiny_config(dtype="bfloat16"))

@@ -22,6 +22,8 @@ def test_logits_mask_returns_only_selected_positions(tiny_model):
     x = torch.randint(4, 96, (2, 9))
     sel = torch.rand(2, 9) < 0.5
     assert torch.allclose(tiny_model(x, logits_mask=sel), tiny_model(x)[sel], atol=1e-6)
+    index = sel.flatten().nonzero().squeeze(1)  # the same positions as flat indices b * L + i
+    assert torch.allclose(tiny_model(x, logits_mask=index), tiny_model(x)[sel], atol=1e-6)
 
 
 def test_sequence_longer_than_context_is_rejected(tiny_model):

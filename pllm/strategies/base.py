@@ -71,8 +71,9 @@ class Strategy:
         """Backward of one micro-batch's mean loss (scaled for gradient accumulation here)."""
         self.scaler.scale(loss / self.cfg.gradient_accumulation_steps).backward()
 
-    def step(self) -> float:
-        """Clip, step optimizer and scheduler, zero the gradients; returns the gradient norm."""
+    def step(self) -> torch.Tensor | float:
+        """Clip, step optimizer and scheduler, zero the gradients; returns the gradient norm (a
+        tensor: reading it waits for the GPU, so callers read it only when they log)."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -80,7 +81,7 @@ class Strategy:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
     @property
     def lr(self) -> float:
