@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 from pllm.engine.batched_commit import commit_batch
+from pllm.kernels import attention
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -86,7 +87,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rows", type=int, default=25, help="profiler table rows")
     p.add_argument("--no-cudnn", action="store_true", help="keep SDPA's cuDNN backend out of the step (A/B)")
+    p.add_argument("--cudnn-step-attention", action="store_true",
+                   help="the step's masked attention on cuDNN instead of our Triton kernel (A/B)")
     args = p.parse_args()
+    if args.cudnn_step_attention:
+        attention.USE_BIAS_ATTENTION_KERNEL = False
     if args.no_cudnn:
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = args.device

@@ -7,7 +7,8 @@ shape, which ragged batches keep producing, so it runs only for callers that dec
 (`fixed_shape=True`: training on batches of one sequence length, and the CUDA-graph decoding
 step). Bidirectional attention is `mask=None`, block-causal attention passes `block_size` (or a
 prebuilt mask), cached-block attention passes keys/values longer than the queries with
-`query_offset` = the position of the first query.
+`query_offset` = the position of the first query. The decoding step's fixed-shape call with an
+additive bias runs our Triton kernel (`bias_attention`) on a GPU.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .bias_attention import bias_attention, runs_kernel
+
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the install
     flash_attn_func = None
 
+# The decoding step's masked attention on our Triton kernel (`bias_attention`); False: cuDNN (A/B).
+USE_BIAS_ATTENTION_KERNEL = True
 UNMASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -50,8 +55,9 @@ def fused_attention(
     mask: broadcastable to (B, H, Lq, Lk), bool (True = may attend) or an additive float bias.
     fixed_shape: the caller runs these exact shapes again and again (training batches of one
     length; the decoding step, replayed from CUDA graphs), so cuDNN attention, which plans once per
-    shape, may run on a Hopper GPU: with a mask it is 2-3x faster than the memory-efficient
-    kernel, and without one (training, forward and backward) faster than FlashAttention-2.
+    shape, may run on a Hopper GPU: without a mask (training, forward and backward) it is faster
+    than FlashAttention-2. With an additive (B, 1, Lq, Lk) bias in half precision (the decoding
+    step) our Triton kernel `bias_attention` runs instead, on any CUDA GPU.
     Elsewhere, a masked grouped-query call with a (B, 1, Lq, Lk) mask runs the G = H // KV query
     heads of each key/value head as one head of G * Lq queries, reading keys/values as they are
     instead of copying them per query head.
@@ -64,6 +70,8 @@ def fused_attention(
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *UNMASKED_BACKENDS]):
             return F.scaled_dot_product_attention(query, key, value, enable_gqa=gqa)
     if fixed_shape and mask is not None:
+        if USE_BIAS_ATTENTION_KERNEL and runs_kernel(query, key, value, mask):
+            return bias_attention(query, key, value, mask)
         if _cudnn_ok(query):
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
                 return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=gqa)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.decoding.commit import commit_mask
-from pllm.kernels import (block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
+from pllm.kernels import (bias_attention, block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
                           linear_cross_entropy, parallel_decode, rotate_into_cache, use_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,6 +195,30 @@ def test_fused_attention_bf16_on_gpu_matches_fp32_definition():
         assert (got - want).norm() / want.norm() < tolerance(torch.bfloat16, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("key_length", [40, 200])
+def test_bias_attention_equals_the_definition(key_length, dtype):
+    # The decoding step's call: a window of 64 queries per row over a slice of the static cache
+    # (keys and values read in place, strided), 4 query heads per key/value head, an additive bias.
+    torch.manual_seed(9)
+    B, H, KV, Lq, hd = 2, 8, 2, 64, 32
+    q = torch.randn(B, H, Lq, hd, device=DEVICE).to(dtype)
+    cache = torch.randn(3, 2, KV, 256, hd, device=DEVICE).to(dtype)  # (slots, keys | values, KV, S, hd)
+    k, v = cache[1:, 0, :, :key_length], cache[1:, 1, :, :key_length]
+    mask = torch.rand(B, 1, Lq, key_length, device=DEVICE) < 0.4
+    mask[..., 5] = True  # every query sees at least one key
+    bias = torch.zeros(mask.shape, device=DEVICE).masked_fill_(~mask, float("-inf")).to(dtype)
+    got = bias_attention(q, k, v, bias)
+    want = _attention_by_definition(q.float(), k.float(), v.float(), mask)
+    assert got.shape == (B, H, Lq, hd) and got.dtype == dtype
+    assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 4)
+    kernel_ran = use_triton(q) and not (INTERPRETED and dtype == torch.bfloat16)
+    if kernel_ran:  # it writes (B, Lq, H, hd) memory: the output projection's input is then a view
+        assert got.transpose(1, 2).is_contiguous()
+    with pytest.raises(ValueError, match="additive"):
+        bias_attention(q, k, v, mask)
+
+
 def _norm_rotate_by_definition(x, weight, eps, cos, sin):
     """x (..., hd) float32: RMS norm with weight (None: none), then rotate-half rotary."""
     if weight is not None:
@@ -249,7 +273,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or attention or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
