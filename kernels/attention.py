@@ -70,7 +70,7 @@ def fused_attention(
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *UNMASKED_BACKENDS]):
             return F.scaled_dot_product_attention(query, key, value, enable_gqa=gqa)
     if fixed_shape and mask is not None:
-        if USE_BIAS_ATTENTION_KERNEL and runs_kernel(query, key, value, mask):
+        if USE_BIAS_ATTENTION_KERNEL and runs_kernel(query, key, value, mask) and _bias_kernel_pays(query, key):
             return bias_attention(query, key, value, mask)
         if _cudnn_ok(query):
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
@@ -92,6 +92,17 @@ def fused_attention(
         backends = [b for b in backends if b != SDPBackend.FLASH_ATTENTION]
     with sdpa_kernel(backends):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def _bias_kernel_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Where `bias_attention` beat cuDNN on an H200 (benchmarks/RESULTS.md): when its programs (one
+    per query head and 64-query tile) fill the GPU, or over at most 512 keys. With few programs over
+    long keys (batch 1 at 1,024 keys and more) each program's serial pass over the keys is the
+    critical path, and cuDNN, which splits it, is faster."""
+    if not query.is_cuda:
+        return True
+    programs = query.shape[0] * query.shape[1] * -(-query.shape[2] // 64)
+    return key.shape[2] <= 512 or programs >= torch.cuda.get_device_properties(query.device).multi_processor_count
 
 
 def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool = False) -> torch.Tensor:
