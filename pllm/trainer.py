@@ -102,7 +102,9 @@ class DistributedTrainer:
 
     def training_step(self, batch, micro: int = 0) -> DiffusionLoss:
         """Loss of one micro-batch (override to change the objective)."""
-        input_ids, attention_mask = unpack_batch(batch, self.device)
+        input_ids, _ = unpack_batch(batch, self.device)
+        # The padding mask as the loader gave it (on the host): the masking is decided there.
+        attention_mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         t, draw = self._noise(input_ids, micro)
         with self.autocast():
             return diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,

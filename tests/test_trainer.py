@@ -81,3 +81,24 @@ def test_checkpoint_restores_weights_optimizer_scheduler_and_step(tmp_path):
 def test_missing_dataloader_is_a_clear_error():
     with pytest.raises(ValueError, match="train_dataloader"):
         DistributedTrainer(DiffusionTransformer(tiny_config()), small_training())
+
+
+def test_padded_batches_mask_and_count_only_real_tokens():
+    """A dict batch with a padding mask: the noise (drawn on the host) never masks padding, and the
+    loss counts real tokens only, like `diffusion_loss` given the same noise by hand."""
+    from pllm.diffusion import diffusion_loss
+
+    torch.manual_seed(0)
+    trainer = DistributedTrainer(DiffusionTransformer(tiny_config()), small_training(), train_dataloader=loader(),
+                                 show_progress=False)
+    input_ids = loader()[0]
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[:, 20:] = 0  # right padding
+    out = trainer.training_step({"input_ids": input_ids, "attention_mask": attention_mask})
+    assert out.num_tokens == int(attention_mask.sum()) and 0 < out.num_masked <= out.num_tokens
+    t, draw = trainer._noise(input_ids, 0)
+    want = diffusion_loss(trainer.model, input_ids, trainer.schedule, trainer.model_config.mask_token_id,
+                          attention_mask, t=t, mask_draw=draw)
+    p_mask = trainer.schedule.mask_probability(t)  # (B, 1): one noise level per sequence
+    assert out.num_masked == want.num_masked == int(((draw < p_mask) & attention_mask.bool()).sum())
+    torch.testing.assert_close(out.loss, want.loss)
