@@ -56,8 +56,9 @@ def fused_attention(
     fixed_shape: the caller runs these exact shapes again and again (training batches of one
     length; the decoding step, replayed from CUDA graphs), so cuDNN attention, which plans once per
     shape, may run on a Hopper GPU: without a mask (training, forward and backward) it is faster
-    than FlashAttention-2. With an additive (B, 1, Lq, Lk) bias in half precision (the decoding
-    step) our Triton kernel `bias_attention` runs instead, on any CUDA GPU.
+    than FlashAttention-2. With an additive (B, 1, Lq, Lk) bias in half precision and no gradients
+    (the decoding step) our Triton kernel `bias_attention` runs instead, on any CUDA GPU, where it
+    was measured to pay (`_bias_kernel_pays`); elsewhere cuDNN on Hopper.
     Elsewhere, a masked grouped-query call with a (B, 1, Lq, Lk) mask runs the G = H // KV query
     heads of each key/value head as one head of G * Lq queries, reading keys/values as they are
     instead of copying them per query head.

@@ -1,8 +1,8 @@
 """`bias_attention`: attention of a decoding step's window over a cached prefix, under an additive
 bias (the step's block-causal mask), for grouped-query heads.
 
-A plain flash-attention forward: one program per (64-query tile, query head), an online softmax
-over tiles of 64 keys. It reads keys and values in place from the cache slice (any strides), maps
+A plain flash-attention forward: one program per (query tile of up to 64, query head), an online
+softmax over tiles of 64 keys. It reads keys and values in place from the cache slice (any strides), maps
 query head h to key/value head h // (H / KV), and writes its output in (B, Lq, H, hd) memory, so
 the `transpose(1, 2).reshape(B, Lq, H * hd)` that feeds the output projection is a view. With
 cuDNN that reshape was a copy kernel per layer. On an H200, in the 1.1B model's step
@@ -25,29 +25,35 @@ from .backend import HAS_TRITON, use_triton
 def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV dividing H; bias (B, 1, Lq, Lk)
     additive (0 or -inf), every query seeing at least one key. Returns (B, H, Lq, hd)."""
-    B, H, Lq, hd = query.shape
-    if (key.shape[1] == 0 or H % key.shape[1] or bias.dim() != 4 or bias.shape[0] not in (1, B)
-            or bias.shape[1:] != (1, Lq, key.shape[2]) or bias.dtype == torch.bool):
-        raise ValueError(f"bias_attention: query {tuple(query.shape)}, key {tuple(key.shape)}, bias "
-                         f"{tuple(bias.shape)} {bias.dtype} (needs KV | H and an additive (B, 1, Lq, Lk) bias)")
+    if not _shapes_fit(query, key, value, bias):
+        raise ValueError(f"bias_attention: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                         f"{tuple(value.shape)}, bias {tuple(bias.shape)} {bias.dtype} (needs key/value (B, KV, Lk, "
+                         "hd) with KV | H and an additive (B, 1, Lq, Lk) bias)")
     if use_triton(query, key, value, bias) and triton_fits(query, key, value):
         return _bias_attention_triton(query, key, value, bias)
     return bias_attention_reference(query, key, value, bias)
 
 
+def _shapes_fit(query, key, value, bias) -> bool:
+    B, H, Lq, hd = query.shape
+    return (key.dim() == 4 and value.shape == key.shape and key.shape[0] == B and key.shape[3] == hd
+            and 0 < key.shape[1] and H % key.shape[1] == 0 and bias.dtype != torch.bool and bias.dim() == 4
+            and bias.shape[0] in (1, B) and bias.shape[1:] == (1, Lq, key.shape[2]))
+
+
 def runs_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> bool:
     """Whether `bias_attention` would run the Triton kernel for these inputs."""
-    B, H, Lq, _ = query.shape
-    return (bias.dtype != torch.bool and bias.dim() == 4 and bias.shape[0] in (1, B)
-            and bias.shape[1:] == (1, Lq, key.shape[2]) and key.shape[1] > 0 and H % key.shape[1] == 0
-            and use_triton(query, key, value, bias) and triton_fits(query, key, value))
+    return _shapes_fit(query, key, value, bias) and use_triton(query, key, value, bias) and triton_fits(query, key, value)
 
 
 def triton_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Half-precision inputs (a float32 dot would run in TF32), head sizes the tiles take, and
-    contiguous head dimensions. Triton's CPU interpreter gets bfloat16 dots wrong (it multiplies
-    the raw 16-bit patterns), so there only float16 takes the kernel."""
+    """Half-precision inputs (a float32 dot would run in TF32), head sizes the tiles take,
+    contiguous head dimensions, and no gradients (the kernel has no backward pass). Triton's CPU
+    interpreter gets bfloat16 dots wrong (it multiplies the raw 16-bit patterns), so there only
+    float16 takes the kernel."""
     dtypes = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        return False
     return (query.shape[-1] in (16, 32, 64, 128) and query.dtype in dtypes
             and key.dtype == value.dtype == query.dtype and all(t.stride(-1) == 1 for t in (query, key, value)))
 
@@ -67,7 +73,7 @@ if HAS_TRITON:
                                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bm, s_bn,
                                s_ob, s_om, s_oh, GROUPS: tl.constexpr, HD: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit offsets: large caches
         b, h = bh // H, bh % H
         kv = h // GROUPS
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

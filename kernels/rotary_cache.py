@@ -84,7 +84,8 @@ if HAS_TRITON:
                                   H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                                   BLOCK_KV: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
         """One program per token: all its query, key and value heads."""
-        b, w = tl.program_id(0) // W, tl.program_id(0) % W
+        token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
+        b, w = token // W, token % W
         row = qkv_ptr + b * s_qkv_b + w * s_qkv_w
         d = tl.arange(0, HALF)[None, :]
         trig = b * s_cs_b + w * s_cs_w + d

@@ -124,8 +124,8 @@ def diffusion_loss(
     # drawn on the host (as the trainer does) gives their count and indices without waiting for the
     # GPU, so a training step has no host-device sync and the host queues the next step's kernels
     # while the GPU still runs this one.
-    noise = next((x.device for x in (mask_draw, t) if x is not None),
-                 generator.device if generator is not None else device)
+    noise = next((x.device for x in (mask_draw, generator, t) if x is not None), device)
+    t = None if t is None else t.to(noise)
     valid = (torch.ones(B, L, dtype=torch.bool, device=noise) if attention_mask is None
              else attention_mask.to(noise).bool())
     num_blocks = -(-L // block_size) if block_size else 1

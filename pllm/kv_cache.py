@@ -82,8 +82,9 @@ class StaticKVCache:
     """Preallocated keys/values for a fixed number of sequence slots, for fixed-shape decoding steps
     that CUDA graphs can replay (`pllm.engine.cuda_graphs`). `keys_values` is (layers, slots, 2,
     kv_heads, offset + max_positions, head_dim): keys beside values, so a step stores both with one
-    scatter; `keys` and `values` are its two halves. Position p of a slot lives at index p + offset;
-    the first `offset` indices are scratch for window positions before 0, which no query ever reads."""
+    kernel (`pllm.kernels.rotate_into_cache`); `keys` and `values` are its two halves. Position p of
+    a slot lives at index p + offset; the first `offset` indices are scratch for window positions
+    before 0, which no query ever reads."""
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_positions: int, head_dim: int,
                  offset: int, dtype: torch.dtype, device):
@@ -114,5 +115,4 @@ class StaticStep:
     index: torch.Tensor  # (B, W) cache entry of each window position (its keys and values go there)
     mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
     key_length: int  # cache entries the step reads (a prefix of the slot)
-    fused: bool = False  # compiled elementwise kernels (see `pllm.model.fused`)
     fixed_shape: bool = True  # shapes that recur (see `pllm.kernels.fused_attention`)

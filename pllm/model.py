@@ -72,7 +72,8 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
-        """mask: a bool (B, 1, L, L) tensor, None (attend to all), or `PackedSegments` (B == 1)."""
+        """mask: a bool (B, 1, L, L) tensor, None (attend to all), `PackedSegments` (B == 1), or a
+        `StaticStep` (the fixed-shape decoding step; cos/sin then (B, L, hd), else (B, 1, L, hd))."""
         B, L, D = x.shape
         qkv = self.qkv_proj(x)
         if isinstance(mask, StaticStep):
@@ -322,7 +323,13 @@ class DiffusionTransformer(nn.Module):
                 x = block(x, cos, sin, mask)
         x = self.norm(x[:, :L])  # with clean_input_ids: the noisy half only
         if logits_mask is not None:
-            x = x[logits_mask] if logits_mask.dtype == torch.bool else x.flatten(0, 1)[logits_mask]  # (N, D)
+            if logits_mask.dtype == torch.bool:
+                x = x[logits_mask]  # (N, D)
+            elif not logits_mask.dtype.is_floating_point and logits_mask.dim() == 1:
+                x = x.flatten(0, 1)[logits_mask]
+            else:
+                raise ValueError(f"logits_mask must be a bool (B, L) mask or (N,) integer indices, got "
+                                 f"{logits_mask.dtype} {tuple(logits_mask.shape)}")
         if loss_targets is not None:
             if logits_mask is None:
                 raise ValueError("loss_targets needs logits_mask (the positions the targets belong to)")
@@ -427,7 +434,7 @@ class DiffusionTransformer(nn.Module):
         # An additive bias built once for all layers (a bool mask is converted in every call).
         x = self.embed_tokens(tokens)
         bias = torch.zeros(B, 1, W, S, dtype=x.dtype, device=x.device).masked_fill_(~visible[:, None], float("-inf"))
-        step = StaticStep(cache, rows, positions + cache.offset, bias, S, fused_ops, fixed_shape)
+        step = StaticStep(cache, rows, positions + cache.offset, bias, S, fixed_shape)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at], self.rope_sin[rope_at]  # (B, W, hd)
         if fused_ops:

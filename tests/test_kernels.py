@@ -196,27 +196,33 @@ def test_fused_attention_bf16_on_gpu_matches_fp32_definition():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("key_length", [40, 200])
-def test_bias_attention_equals_the_definition(key_length, dtype):
-    # The decoding step's call: a window of 64 queries per row over a slice of the static cache
-    # (keys and values read in place, strided), 4 query heads per key/value head, an additive bias.
+@pytest.mark.parametrize("queries, key_length, bias_batch", [(64, 40, 2), (64, 200, 1), (5, 70, 2), (100, 130, 2)])
+def test_bias_attention_equals_the_definition(queries, key_length, bias_batch, dtype):
+    # The decoding step's call: a window of queries per row over a slice of the static cache (keys
+    # and values read in place, strided), 4 query heads per key/value head, an additive bias (also
+    # one broadcast over the batch); query counts that fill one tile, part of one, and part of two.
     torch.manual_seed(9)
-    B, H, KV, Lq, hd = 2, 8, 2, 64, 32
-    q = torch.randn(B, H, Lq, hd, device=DEVICE).to(dtype)
+    B, H, KV, hd = 2, 8, 2, 32
+    q = torch.randn(B, H, queries, hd, device=DEVICE).to(dtype)
     cache = torch.randn(3, 2, KV, 256, hd, device=DEVICE).to(dtype)  # (slots, keys | values, KV, S, hd)
     k, v = cache[1:, 0, :, :key_length], cache[1:, 1, :, :key_length]
-    mask = torch.rand(B, 1, Lq, key_length, device=DEVICE) < 0.4
+    mask = torch.rand(bias_batch, 1, queries, key_length, device=DEVICE) < 0.4
     mask[..., 5] = True  # every query sees at least one key
     bias = torch.zeros(mask.shape, device=DEVICE).masked_fill_(~mask, float("-inf")).to(dtype)
     got = bias_attention(q, k, v, bias)
     want = _attention_by_definition(q.float(), k.float(), v.float(), mask)
-    assert got.shape == (B, H, Lq, hd) and got.dtype == dtype
+    assert got.shape == (B, H, queries, hd) and got.dtype == dtype
     assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 4)
     kernel_ran = use_triton(q) and not (INTERPRETED and dtype == torch.bfloat16)
     if kernel_ran:  # it writes (B, Lq, H, hd) memory: the output projection's input is then a view
         assert got.transpose(1, 2).is_contiguous()
+    # The step's dispatch: fused_attention with fixed shapes and the bias gives the same result.
+    via_dispatch = fused_attention(q, k, v, mask=bias, fixed_shape=True)
+    assert (via_dispatch.float() - want).norm() / want.norm() < tolerance(dtype, 4)
     with pytest.raises(ValueError, match="additive"):
         bias_attention(q, k, v, mask)
+    with pytest.raises(ValueError, match="additive"):
+        bias_attention(q, k, v[..., :16], bias)
 
 
 def _norm_rotate_by_definition(x, weight, eps, cos, sin):
