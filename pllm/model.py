@@ -423,7 +423,7 @@ class DiffusionTransformer(nn.Module):
         float32 logits of the last `num_logits` window positions, (B, num_logits, V). fused_ops: run
         the elementwise chains through torch.compile'd kernels (GPU; `fused`). fixed_shape=False
         for one-off shapes (a prompt's prefill): no attention kernel that plans per shape."""
-        bs, cfg = self.config.block_size, self.config
+        bs = self.config.block_size
         B, W = positions.shape
         S = key_length or cache.length
         key_pos = torch.arange(S, device=tokens.device) - cache.offset  # (S,)
