@@ -29,7 +29,7 @@ def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"bias_attention: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
                          f"{tuple(value.shape)}, bias {tuple(bias.shape)} {bias.dtype} (needs key/value (B, KV, Lk, "
                          "hd) with KV | H and an additive (B, 1, Lq, Lk) bias)")
-    if use_triton(query, key, value, bias) and triton_fits(query, key, value):
+    if runs_kernel(query, key, value, bias):
         return _bias_attention_triton(query, key, value, bias)
     return bias_attention_reference(query, key, value, bias)
 

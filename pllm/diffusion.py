@@ -126,8 +126,11 @@ def diffusion_loss(
     # while the GPU still runs this one.
     noise = next((x.device for x in (mask_draw, generator, t) if x is not None), device)
     t = None if t is None else t.to(noise)
+    # The padding mask goes where the masking is decided; the model's copy below is then a no-op
+    # unless that is the host.
+    attention_mask = None if attention_mask is None else attention_mask.to(noise)
     valid = (torch.ones(B, L, dtype=torch.bool, device=noise) if attention_mask is None
-             else attention_mask.to(noise).bool())
+             else attention_mask.bool())
     num_blocks = -(-L // block_size) if block_size else 1
     if t is None:
         t = sample_t(B * num_blocks, eps, generator, device=noise).view(B, num_blocks)
@@ -215,11 +218,12 @@ def evaluate_elbo(
 
 
 def unpack_batch(batch: torch.Tensor | dict, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Accept a tensor of token ids or a dict with input_ids and optional attention_mask."""
+    """Accept a tensor of token ids or a dict with input_ids and optional attention_mask. The ids go
+    to `device`; the mask stays where the loader put it (on the host, usually): `diffusion_loss`
+    decides the masking there and copies it to the model's device itself."""
     device = torch.device(device)
     if isinstance(batch, dict):
-        mask = batch.get("attention_mask")
-        return to_device(batch["input_ids"], device), None if mask is None else to_device(mask, device)
+        return to_device(batch["input_ids"], device), batch.get("attention_mask")
     if isinstance(batch, (list, tuple)):
         batch = batch[0]
     return to_device(batch, device), None

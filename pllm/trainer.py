@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ModelConfig, TrainingConfig
-from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, sample_t, to_device, unpack_batch
+from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, sample_t, unpack_batch
 from .optim import peak_flops
 from .strategies import build_strategy
 
@@ -102,11 +102,7 @@ class DistributedTrainer:
 
     def training_step(self, batch, micro: int = 0) -> DiffusionLoss:
         """Loss of one micro-batch (override to change the objective)."""
-        if isinstance(batch, dict):  # the padding mask stays as the loader gave it (on the host):
-            # the masking is decided there, and `diffusion_loss` copies it to the device itself
-            input_ids, attention_mask = to_device(batch["input_ids"], self.device), batch.get("attention_mask")
-        else:
-            input_ids, attention_mask = unpack_batch(batch, self.device)
+        input_ids, attention_mask = unpack_batch(batch, self.device)
         t, draw = self._noise(input_ids, micro)
         with self.autocast():
             return diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,
