@@ -36,6 +36,8 @@ import torch.nn.functional as F
 
 from pllm import DiffusionTransformer, DistributedTrainer, ModelConfig, TrainingConfig
 from pllm.optim import param_groups, peak_flops
+from pllm.kernels import swiglu
+from pllm.strategies import base as strategies_base
 
 log = logging.getLogger("train_throughput")
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,12 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab; default micro
     "1b": (2048, 22, 32, 4, 5632, 32768, 8, 2048),  # = configs/gpu-1b.yaml
     "tiny": (64, 2, 4, 2, 128, 512, 4, 64),  # CPU smoke run
 }
+# --ab: our step again with one part switched off, in the same run: (what runs instead, switch)
+AB = {"cudnn": ("SDPA's cuDNN backend off (FlashAttention-2)", torch.backends.cuda.enable_cudnn_sdp),
+      "silu-mul": ("SwiGLU compiled by Inductor (no Triton op)", lambda on: setattr(swiglu, "USE_SILU_MUL_KERNEL", on)),
+      "coordinate-descent": ("Inductor's default kernel configs (no coordinate descent)",
+                             lambda on: setattr(strategies_base, "COORDINATE_DESCENT_TUNING", on))}
+AB_KEYS = {"cudnn": "no_cudnn", "silu-mul": "no_silu_mul", "coordinate-descent": "no_coordinate_descent"}  # JSON field names
 MASK_ID, LR, WEIGHT_DECAY, BETAS = 3, 3e-4, 0.1, (0.9, 0.95)  # the TrainingConfig defaults ours runs with
 
 
@@ -215,10 +223,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def attention_ab_lines(rows: list[dict]) -> str:
-    lines = [f"\n{r['size']}: ours without cuDNN attention {fmt(r['ours_no_cudnn_tokens_per_s'], ',.0f')} tok/s "
-             f"(MFU {fmt(r['ours_no_cudnn_mfu'], '.1%')}); with it {fmt(r['cudnn_speedup'], '.3f')}x that\n"
-             for r in rows if "cudnn_speedup" in r]
+def ab_lines(rows: list[dict]) -> str:
+    lines = [f"\n{r['size']}: ours with {AB[name][0]}: {fmt(r[f'ours_{key}_tokens_per_s'], ',.0f')} tok/s "
+             f"(MFU {fmt(r[f'ours_{key}_mfu'], '.1%')}); the default is {fmt(r[f'{key}_speedup'], '.3f')}x that\n"
+             for r in rows for name, key in AB_KEYS.items() if f"{key}_speedup" in r]
     return "".join(lines)
 
 
@@ -245,8 +253,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3 on GPU, 1 on CPU)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing in our trainer")
     p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--attention-ab", action="store_true",
-                   help="also time ours with SDPA's cuDNN backend off (FlashAttention-2 in training)")
+    p.add_argument("--ab", nargs="+", default=[], choices=list(AB),
+                   help="also time ours with one part switched off: " + "; ".join(f"{k}: {v[0]}" for k, v in AB.items()))
+    p.add_argument("--attention-ab", action="store_true", help="= --ab cudnn")
     p.add_argument("--quick", action="store_true", help="smoke run: the tiny shape only")
     p.add_argument("--profile", action="store_true", help="GPU: also write a kernel table of our training step")
     p.add_argument("--out", default="benchmarks/results")
@@ -255,6 +264,8 @@ def main() -> None:
     device, gpu = args.device, is_cuda(args.device)
     if args.quick:
         args.sizes = ["tiny"]
+    if args.attention_ab and "cudnn" not in args.ab:
+        args.ab.append("cudnn")
     args.steps = args.steps if args.steps is not None else (10 if gpu else 2)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
 
@@ -274,12 +285,13 @@ def main() -> None:
         log.info("%s: ours (batch %d x %d, warm-up %d steps incl. compile, %d timed)", size, batch, seq,
                  args.warmup, args.steps)
         ours = measure(run_ours, cfg, batch, seq, device, args)
-        if args.attention_ab:
-            log.info("%s: ours without cuDNN attention", size)
-            torch.backends.cuda.enable_cudnn_sdp(False)
+        ab = {}
+        for name in args.ab:
+            log.info("%s: ours with %s", size, AB[name][0])
+            AB[name][1](False)
             no_profile = argparse.Namespace(**{**vars(args), "profile": False})  # the profile is of the default
-            ours_flash = measure(run_ours, cfg, batch, seq, device, no_profile)
-            torch.backends.cuda.enable_cudnn_sdp(True)
+            ab[name] = measure(run_ours, cfg, batch, seq, device, no_profile)
+            AB[name][1](True)
         log.info("%s: eager HF baseline", size)
         base = {"tokens_per_s": None, "error": "skipped"} if args.skip_baseline else measure(
             run_baseline, cfg, batch, seq, device, args)
@@ -296,18 +308,17 @@ def main() -> None:
                 row[f"{who}_error"] = r["error"]
         o, b = ours["tokens_per_s"], base["tokens_per_s"]
         row["speedup"] = o / b if (o and b) else None
-        if args.attention_ab:
-            f = ours_flash["tokens_per_s"]
-            row.update({"ours_no_cudnn_tokens_per_s": f, "ours_no_cudnn_mfu": f and peak and f * flops / peak,
-                        "ours_no_cudnn_peak_mem_gb": ours_flash.get("peak_mem_gb"),
-                        "cudnn_speedup": o / f if (o and f) else None})
+        for name, result in ab.items():
+            key, f = AB_KEYS[name], result["tokens_per_s"]
+            row.update({f"ours_{key}_tokens_per_s": f, f"ours_{key}_mfu": f and peak and f * flops / peak,
+                        f"ours_{key}_peak_mem_gb": result.get("peak_mem_gb"), f"{key}_speedup": o / f if (o and f) else None})
         report["rows"].append(row)
         # written after every size: a GPU job cut off by its time limit keeps the sizes it finished
         (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / f"{stem}.md").write_text(
             f"Training throughput, {report['device']} (measured bf16 peak {fmt(peak and peak / 1e12, '.0f')} "
             f"TFLOP/s), torch {report['torch']}, commit {report['commit'][:10]}, {report['date']}\n\n"
-            + table(report["rows"]) + "\n" + attention_ab_lines(report["rows"]))
+            + table(report["rows"]) + "\n" + ab_lines(report["rows"]))
         log.info("%s: ours %s tok/s, eager HF %s tok/s", size, o and f"{o:,.0f}", b and f"{b:,.0f}")
     print(table(report["rows"]))
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import apply_rotary, fused_attention, linear_cross_entropy, rotate_into_cache
+from .kernels import apply_rotary, fused_attention, linear_cross_entropy, rotate_into_cache, silu_mul
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -155,8 +155,7 @@ class SwiGLU(nn.Module):
         return self.gate_up_proj(x).chunk(2, dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # a Triton op with its own backward on GPU
 
 
 def _fuse_rows(fused: str, parts: tuple[str, ...]):

@@ -18,8 +18,19 @@ from ..config import TrainingConfig
 from ..kernels import prepare_attention
 from ..optim import build_optimizer, build_scheduler, lr_lambda, scheduler_state
 
+# Inductor's coordinate-descent tuning searches block sizes and warps for each of its own kernels at
+# compile time (compile time only; GEMMs stay cuBLAS): the rotary backward of the 1B model ran ~5x
+# its memory time with the default heuristics (benchmarks/training_kernels.py).
+COORDINATE_DESCENT_TUNING = True
 OPTIMIZER_FILE = "train_state.pt"
 SCHEDULER_FILE = "scheduler.json"
+
+
+def compile_options(mode: str) -> dict:
+    """torch.compile's Inductor options for the training step: the mode's own, plus coordinate descent."""
+    from torch._inductor import list_mode_options
+
+    return {**list_mode_options(mode), "coordinate_descent_tuning": COORDINATE_DESCENT_TUNING}
 
 
 def distributed() -> bool:
@@ -56,7 +67,7 @@ class Strategy:
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.cfg.use_torch_compile and self.device.type == "cuda":
             prepare_attention(self.device)  # the attention backend is chosen outside the compiled graph
-            return torch.compile(model, mode=self.cfg.torch_compile_mode)
+            return torch.compile(model, options=compile_options(self.cfg.torch_compile_mode))
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:

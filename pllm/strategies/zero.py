@@ -12,7 +12,7 @@ import torch
 
 from ..kernels import prepare_attention
 from ..optim import build_scheduler, param_groups
-from .base import Strategy
+from .base import Strategy, compile_options
 
 TAG = "zero"
 
@@ -76,7 +76,7 @@ class DeepSpeedStrategy(Strategy):
             dist_init_required=False)
         if self.cfg.use_torch_compile and self.device.type == "cuda":
             prepare_attention(self.device)
-            engine.compile()
+            engine.compile(compile_kwargs={"options": compile_options("default")})  # default mode, as before
         self.engine = self.model = engine
         self.module = engine.module
         self.optimizer, self.scheduler = optimizer, scheduler
