@@ -66,6 +66,7 @@ def rotary_case(tokens: int, heads: int, kv_heads: int, head_dim: int, seq: int,
     nbytes = 2 * tokens * (width + (heads + kv_heads) * head_dim) + 2 * tokens * 2 * width
 
     def prep(qkv, *weights):
+        weights = weights or (None, None)
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         out = []
         for x, h, w in ((q, heads, weights[0]), (k, kv_heads, weights[1])):

@@ -102,3 +102,34 @@ def test_padded_batches_mask_and_count_only_real_tokens():
     p_mask = trainer.schedule.mask_probability(t)  # (B, 1): one noise level per sequence
     assert out.num_masked == want.num_masked == int(((draw < p_mask) & attention_mask.bool()).sum())
     torch.testing.assert_close(out.loss, want.loss)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active / inactive
+def test_clipping_inside_fused_adamw_equals_clip_then_step(max_norm):
+    # On a GPU the optimizer is fused AdamW and the clip is folded into its kernel (grad_scale); the
+    # CPU build of fused AdamW takes the same path here, against clip_grad_norm_ + unfused AdamW.
+    from pllm.optim import build_scheduler, param_groups
+    from pllm.strategies.base import Strategy
+
+    torch.manual_seed(0)
+    cfg = small_training(max_grad_norm=max_norm, learning_rate=1e-2, warmup_steps=1)
+    models, strategies = [DiffusionTransformer(tiny_config()) for _ in range(2)], []
+    models[1].load_state_dict(models[0].state_dict())
+    for model, fused in zip(models, (True, False)):
+        strategy = Strategy(cfg, torch.device("cpu"))
+        strategy.setup(model)
+        strategy.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, fused=fused)
+        strategy.scheduler = build_scheduler(strategy.optimizer, cfg)
+        strategies.append(strategy)
+    batch = chain_batches(8)
+    norms = []
+    for _ in range(3):
+        for model in models:
+            model(batch).float().pow(2).mean().backward()
+        grads = [p.grad for p in models[0].parameters() if p.grad is not None]
+        assert strategies[0]._clips_in_optimizer(grads) and not strategies[1]._clips_in_optimizer(grads)
+        norms.append([float(s.step()) for s in strategies])
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert norms[0][0] == pytest.approx(norms[0][1], rel=1e-5)
+    assert (norms[0][0] > max_norm) == (max_norm < 1)  # the small bound does clip

@@ -87,12 +87,29 @@ class Strategy:
         tensor: reading it waits for the GPU, so callers read it only when they log)."""
         self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.scaler.step(self.optimizer)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self._clips_in_optimizer(grads):
+            # Fused AdamW divides every gradient by `grad_scale` inside its own kernel (the hook GradScaler
+            # uses), so the clip costs no pass of its own over the gradients (a read and a write of each).
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            self.optimizer.grad_scale = ((grad_norm + 1e-6) / max_norm).clamp_(min=1.0)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+
+    def _clips_in_optimizer(self, grads: list[torch.Tensor]) -> bool:
+        """Clipping by the fused AdamW kernel: with a finite max norm, no loss scaler (it sets
+        `grad_scale` itself) and plain-tensor gradients (not sharded DTensors)."""
+        return (bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
+                and self.cfg.max_grad_norm > 0 and not any(hasattr(g, "full_tensor") for g in grads))
 
     @property
     def lr(self) -> float:
