@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import time
 
@@ -89,9 +90,14 @@ def main() -> None:
     p.add_argument("--no-cudnn", action="store_true", help="keep SDPA's cuDNN backend out of the step (A/B)")
     p.add_argument("--cudnn-step-attention", action="store_true",
                    help="the step's masked attention on cuDNN instead of our Triton kernel (A/B)")
+    p.add_argument("--query-tile-64", action="store_true",
+                   help="our step attention kernel with 64-query tiles always, not smaller ones that fill the SMs (A/B)")
     args = p.parse_args()
     if args.cudnn_step_attention:
         attention.USE_BIAS_ATTENTION_KERNEL = False
+    if args.query_tile_64:
+        # (the package exports a function of that name)
+        importlib.import_module("pllm.kernels.bias_attention").FILL_SMS = False
     if args.no_cudnn:
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = args.device

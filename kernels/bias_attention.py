@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from .backend import HAS_TRITON, use_triton
 
+FILL_SMS = True  # smaller query tiles while the programs do not fill the GPU (False: always 64; A/B)
+
 
 def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV dividing H; bias (B, 1, Lq, Lk)
@@ -56,6 +58,18 @@ def triton_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
         return False
     return (query.shape[-1] in (16, 32, 64, 128) and query.dtype in dtypes
             and key.dtype == value.dtype == query.dtype and all(t.stride(-1) == 1 for t in (query, key, value)))
+
+
+def query_tile(batch: int, heads: int, queries: int, device: torch.device) -> int:
+    """Queries per program: 64, or (FILL_SMS) fewer, down to 16, while the programs would not give
+    every SM one (batch 1: 32 heads x one 64-query tile is 32 programs on 132 SMs; with tiles of 16,
+    128 programs share the serial pass over the keys four ways)."""
+    tile = 64 if queries > 32 else max(16, 1 << (queries - 1).bit_length())
+    if FILL_SMS and device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        while tile > 16 and batch * heads * -(-queries // tile) < sms:
+            tile //= 2
+    return tile
 
 
 def bias_attention_reference(query, key, value, bias) -> torch.Tensor:
@@ -111,7 +125,7 @@ def _bias_attention_triton(query, key, value, bias) -> torch.Tensor:
     Lk = key.shape[2]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     bias = bias.expand(B, 1, Lq, Lk)
-    block_m = 64 if Lq > 32 else max(16, triton.next_power_of_2(Lq))
+    block_m = query_tile(B, H, Lq, query.device)
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](
         query, key, value, bias, out, Lq, Lk, H, hd ** -0.5,
