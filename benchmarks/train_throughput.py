@@ -52,7 +52,7 @@ AB = {"cudnn": ("SDPA's cuDNN backend off (FlashAttention-2)", torch.backends.cu
       "silu-mul": ("SwiGLU compiled by Inductor (no Triton op)", lambda on: setattr(swiglu, "USE_SILU_MUL_KERNEL", on)),
       "coordinate-descent": ("Inductor's default kernel configs (no coordinate descent)",
                              lambda on: setattr(strategies_base, "COORDINATE_DESCENT_TUNING", on))}
-AB_KEYS = {"cudnn": "no_cudnn", "silu-mul": "no_silu_mul", "coordinate-descent": "no_coordinate_descent"}  # JSON field names
+AB_KEYS = {name: "no_" + name.replace("-", "_") for name in AB}  # JSON field names
 MASK_ID, LR, WEIGHT_DECAY, BETAS = 3, 3e-4, 0.1, (0.9, 0.95)  # the TrainingConfig defaults ours runs with
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .bias_attention import bias_attention, query_tile, runs_kernel
+from .bias_attention import bias_attention, runs_kernel
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
@@ -97,13 +97,12 @@ def fused_attention(
 
 def _bias_kernel_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
     """Where `bias_attention` beat cuDNN on an H200 (benchmarks/RESULTS.md): when its programs (one
-    per query head and query tile) fill the GPU, or over at most 512 keys. With few programs over
+    per query head and 64-query tile) fill the GPU, or over at most 512 keys. With few programs over
     long keys (batch 1 at 1,024 keys and more) each program's serial pass over the keys is the
     critical path, and cuDNN, which splits it, is faster."""
     if not query.is_cuda:
         return True
-    B, H, Lq = query.shape[:3]
-    programs = B * H * -(-Lq // query_tile(B, H, Lq, query.device))
+    programs = query.shape[0] * query.shape[1] * -(-query.shape[2] // 64)  # as measured: 64-query tiles
     return key.shape[2] <= 512 or programs >= torch.cuda.get_device_properties(query.device).multi_processor_count
 
 

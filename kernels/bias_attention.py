@@ -60,15 +60,14 @@ def triton_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
             and key.dtype == value.dtype == query.dtype and all(t.stride(-1) == 1 for t in (query, key, value)))
 
 
-def query_tile(batch: int, heads: int, queries: int, device: torch.device) -> int:
-    """Queries per program: 64, or (FILL_SMS) fewer, down to 16, while the programs would not give
-    every SM one (batch 1: 32 heads x one 64-query tile is 32 programs on 132 SMs; with tiles of 16,
-    128 programs share the serial pass over the keys four ways)."""
+def query_tile(batch: int, heads: int, queries: int, sms: int | None) -> int:
+    """Queries per program: 64, or (FILL_SMS, on a GPU of `sms` SMs) fewer, down to 16, while the
+    programs would not give every SM one. At batch 1, 32 heads x one 64-query tile are 32 programs
+    on an H200's 132 SMs; with tiles of 16, 128 programs share the work, each with its own pass over
+    the keys (the same length: smaller tiles do not shorten that pass)."""
     tile = 64 if queries > 32 else max(16, 1 << (queries - 1).bit_length())
-    if FILL_SMS and device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        while tile > 16 and batch * heads * -(-queries // tile) < sms:
-            tile //= 2
+    while FILL_SMS and sms and tile > 16 and batch * heads * -(-queries // tile) < sms:
+        tile //= 2
     return tile
 
 
@@ -125,7 +124,8 @@ def _bias_attention_triton(query, key, value, bias) -> torch.Tensor:
     Lk = key.shape[2]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     bias = bias.expand(B, 1, Lq, Lk)
-    block_m = query_tile(B, H, Lq, query.device)
+    block_m = query_tile(B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count
+                         if query.is_cuda else None)
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](
         query, key, value, bias, out, Lq, Lk, H, hd ** -0.5,

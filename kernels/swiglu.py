@@ -1,5 +1,5 @@
 """`silu_mul`: SwiGLU's elementwise step, silu(gate) * up, read from the fused gate | up projection
-output, with Triton forward and backward kernels for training on the GPU.
+output, with Triton forward and backward kernels on the GPU (the backward is what training needs).
 
 Under torch.compile, Inductor writes the backward of chunk -> silu * up as one kernel over the
 concatenated gradient, each element choosing its half by a masked load; on an H200 at the 1B shape
@@ -41,30 +41,30 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _silu_mul_forward_kernel(gate_up_ptr, out_ptr, F, BLOCK: tl.constexpr):
+    def _silu_mul_forward_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = cols < F
-        gate = tl.load(gate_up_ptr + row * 2 * F + cols, mask=inside).to(tl.float32)
-        up = tl.load(gate_up_ptr + row * 2 * F + F + cols, mask=inside).to(tl.float32)
+        inside = cols < width
+        gate = tl.load(gate_up_ptr + row * 2 * width + cols, mask=inside).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * 2 * width + width + cols, mask=inside).to(tl.float32)
         out = gate * tl.sigmoid(gate) * up
-        tl.store(out_ptr + row * F + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
+        tl.store(out_ptr + row * width + cols, out.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _silu_mul_backward_kernel(gate_up_ptr, grad_ptr, grad_gate_up_ptr, F, BLOCK: tl.constexpr):
+    def _silu_mul_backward_kernel(gate_up_ptr, grad_ptr, grad_gate_up_ptr, width, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        inside = cols < F
-        gate = tl.load(gate_up_ptr + row * 2 * F + cols, mask=inside).to(tl.float32)
-        up = tl.load(gate_up_ptr + row * 2 * F + F + cols, mask=inside).to(tl.float32)
-        grad = tl.load(grad_ptr + row * F + cols, mask=inside).to(tl.float32)
+        inside = cols < width
+        gate = tl.load(gate_up_ptr + row * 2 * width + cols, mask=inside).to(tl.float32)
+        up = tl.load(gate_up_ptr + row * 2 * width + width + cols, mask=inside).to(tl.float32)
+        grad = tl.load(grad_ptr + row * width + cols, mask=inside).to(tl.float32)
         sig = tl.sigmoid(gate)
         # d/dgate [gate * sig(gate)] = sig * (1 + gate * (1 - sig))
         grad_gate = grad * up * sig * (1.0 + gate * (1.0 - sig))
         grad_up = grad * gate * sig
         dtype = grad_gate_up_ptr.dtype.element_ty
-        tl.store(grad_gate_up_ptr + row * 2 * F + cols, grad_gate.to(dtype), mask=inside)
-        tl.store(grad_gate_up_ptr + row * 2 * F + F + cols, grad_up.to(dtype), mask=inside)
+        tl.store(grad_gate_up_ptr + row * 2 * width + cols, grad_gate.to(dtype), mask=inside)
+        tl.store(grad_gate_up_ptr + row * 2 * width + width + cols, grad_up.to(dtype), mask=inside)
 
     def _rows(x: torch.Tensor) -> torch.Tensor:
         return x.contiguous().view(-1, x.shape[-1])
@@ -95,7 +95,7 @@ if HAS_TRITON:
 
     @_silu_mul_backward_op.register_fake
     def _(gate_up, grad):
-        return torch.empty_like(gate_up)
+        return gate_up.new_empty(gate_up.shape)  # contiguous, as the op returns it
 
     def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])

@@ -7,6 +7,7 @@ CPU, under Triton's interpreter (`test_triton_kernels_under_the_interpreter` rer
 TRITON_INTERPRET=1), so CI executes the kernel code too. Tolerances scale with the dtype's epsilon.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -286,8 +287,12 @@ def test_silu_mul_forward_and_backward_equal_the_definition(dtype):
     assert got.shape == (2, 7, width) and got.dtype == dtype and got_grad.dtype == dtype
     assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 2)
     assert (got_grad.float() - want_grad).norm() / want_grad.norm() < tolerance(dtype, 2)
-    if use_triton(gate_up):  # the op's registration: fake tensors, autograd, schema
-        torch.library.opcheck(torch.ops.pllm.silu_mul.default, (gate_up.detach().requires_grad_(),))
+    if use_triton(gate_up):  # the op's registration (fake tensors, autograd, schema), also on a strided input
+        for x in (gate_up, gate_up.transpose(0, 1)):
+            torch.library.opcheck(torch.ops.pllm.silu_mul.default, (x.detach().requires_grad_(),))
+            torch.library.opcheck(torch.ops.pllm.silu_mul_backward.default, (x.detach(), silu_mul(x).detach()))
+    strided = gate_up.transpose(0, 1)  # not contiguous: the op copies it first
+    torch.testing.assert_close(silu_mul(strided), got.transpose(0, 1))
     if DEVICE == "cuda":  # compiled graphs call the op, forward and backward
         compiled = torch.compile(lambda t: silu_mul(t).square().sum())
         (compiled_grad,) = torch.autograd.grad(compiled(gate_up), gate_up)
@@ -295,6 +300,20 @@ def test_silu_mul_forward_and_backward_equal_the_definition(dtype):
         assert (compiled_grad.float() - eager_grad.float()).norm() / eager_grad.float().norm() < tolerance(dtype, 2)
     with pytest.raises(ValueError, match="odd"):
         silu_mul(gate_up[..., 1:])
+
+
+def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
+    module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports a function of that name
+    tile = module.query_tile
+    assert tile(16, 32, 64, sms=132) == 64  # 512 programs already
+    assert tile(3, 32, 64, sms=132) == 32  # 96 programs -> 192
+    assert tile(1, 32, 64, sms=132) == 16  # 32 -> 64 -> 128: no tile below 16
+    assert tile(1, 32, 5, sms=132) == 16 and tile(1, 32, 64, sms=None) == 64  # CPU: no SM count
+    module.FILL_SMS = False
+    try:
+        assert tile(1, 32, 64, sms=132) == 64
+    finally:
+        module.FILL_SMS = True
 
 
 def test_kernels_take_the_triton_path_where_they_should():

@@ -104,7 +104,7 @@ def test_padded_batches_mask_and_count_only_real_tokens():
     torch.testing.assert_close(out.loss, want.loss)
 
 
-@pytest.mark.parametrize("max_norm", [1e-3, 1e3])  # clipping active / inactive
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3, 0.0])  # clipping active / inactive / off
 def test_clipping_inside_fused_adamw_equals_clip_then_step(max_norm):
     # On a GPU the optimizer is fused AdamW and the clip is folded into its kernel (grad_scale); the
     # CPU build of fused AdamW takes the same path here, against clip_grad_norm_ + unfused AdamW.
@@ -129,7 +129,8 @@ def test_clipping_inside_fused_adamw_equals_clip_then_step(max_norm):
         grads = [p.grad for p in models[0].parameters() if p.grad is not None]
         assert strategies[0]._clips_in_optimizer(grads) and not strategies[1]._clips_in_optimizer(grads)
         norms.append([float(s.step()) for s in strategies])
+        assert not hasattr(strategies[0].optimizer, "grad_scale")  # left for no other step
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert norms[0][0] == pytest.approx(norms[0][1], rel=1e-5)
-    assert (norms[0][0] > max_norm) == (max_norm < 1)  # the small bound does clip
+    assert (norms[0][0] > max_norm) == (max_norm < 1)  # the small bound does clip; 0 is no clipping

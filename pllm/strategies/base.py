@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -27,7 +26,8 @@ SCHEDULER_FILE = "scheduler.json"
 
 
 def compile_options(mode: str) -> dict:
-    """torch.compile's Inductor options for the training step: the mode's own, plus coordinate descent."""
+    """torch.compile's Inductor options for the training step: the mode's own, and coordinate descent
+    (which "max-autotune" turns on by itself; COORDINATE_DESCENT_TUNING = False turns it off there too)."""
     from torch._inductor import list_mode_options
 
     return {**list_mode_options(mode), "coordinate_descent_tuning": COORDINATE_DESCENT_TUNING}
@@ -86,9 +86,12 @@ class Strategy:
         """Clip, step optimizer and scheduler, zero the gradients; returns the gradient norm (a
         tensor: reading it waits for the GPU, so callers read it only when they log)."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        max_norm = self.cfg.max_grad_norm
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if self._clips_in_optimizer(grads):
+        if max_norm <= 0:  # no clipping: the norm is only logged
+            grad_norm = torch.nn.utils.get_total_norm(grads)
+            self.scaler.step(self.optimizer)
+        elif self._clips_in_optimizer(grads):
             # Fused AdamW divides every gradient by `grad_scale` inside its own kernel (the hook GradScaler
             # uses), so the clip costs no pass of its own over the gradients (a read and a write of each).
             grad_norm = torch.nn.utils.get_total_norm(grads)
@@ -106,10 +109,10 @@ class Strategy:
         return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
     def _clips_in_optimizer(self, grads: list[torch.Tensor]) -> bool:
-        """Clipping by the fused AdamW kernel: with a finite max norm, no loss scaler (it sets
-        `grad_scale` itself) and plain-tensor gradients (not sharded DTensors)."""
+        """Clipping by the fused AdamW kernel: with no loss scaler (it sets `grad_scale` itself) and
+        plain-tensor gradients (not sharded DTensors)."""
         return (bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
-                and self.cfg.max_grad_norm > 0 and not any(hasattr(g, "full_tensor") for g in grads))
+                and not any(hasattr(g, "full_tensor") for g in grads))
 
     @property
     def lr(self) -> float:

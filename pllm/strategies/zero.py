@@ -76,7 +76,9 @@ class DeepSpeedStrategy(Strategy):
             dist_init_required=False)
         if self.cfg.use_torch_compile and self.device.type == "cuda":
             prepare_attention(self.device)
-            engine.compile(compile_kwargs={"options": compile_options("default")})  # default mode, as before
+            # DeepCompile (deepspeed_config compile.deepcompile) brings its own backend, which takes no options.
+            engine.compile(compile_kwargs={} if engine.is_deepcompile_enabled() else
+                           {"options": compile_options("default")})
         self.engine = self.model = engine
         self.module = engine.module
         self.optimizer, self.scheduler = optimizer, scheduler
