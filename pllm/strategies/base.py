@@ -86,22 +86,20 @@ class Strategy:
         """Clip, step optimizer and scheduler, zero the gradients; returns the gradient norm (a
         tensor: reading it waits for the GPU, so callers read it only when they log)."""
         self.scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.max_grad_norm
+        max_norm = self.cfg.max_grad_norm  # 0: no clipping, the norm is only logged
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if max_norm <= 0:  # no clipping: the norm is only logged
-            grad_norm = torch.nn.utils.get_total_norm(grads)
-            self.scaler.step(self.optimizer)
-        elif self._clips_in_optimizer(grads):
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if max_norm > 0 and self._clips_in_optimizer(grads):
             # Fused AdamW divides every gradient by `grad_scale` inside its own kernel (the hook GradScaler
             # uses), so the clip costs no pass of its own over the gradients (a read and a write of each).
-            grad_norm = torch.nn.utils.get_total_norm(grads)
             self.optimizer.grad_scale = ((grad_norm + 1e-6) / max_norm).clamp_(min=1.0)
             try:
                 self.optimizer.step()
             finally:
                 del self.optimizer.grad_scale
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if max_norm > 0:  # clip_grad_norm_'s second half, with the norm computed above
+                torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), max_norm, grad_norm)
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
