@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from pllm import DiffusionTransformer, DistributedTrainer, ModelConfig, TrainingConfig
 from pllm.optim import param_groups, peak_flops
-from pllm.kernels import swiglu
+from pllm.kernels import qkv_rotary, swiglu
 from pllm.strategies import base as strategies_base
 
 log = logging.getLogger("train_throughput")
@@ -51,7 +51,9 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab; default micro
 AB = {"cudnn": ("SDPA's cuDNN backend off (FlashAttention-2)", torch.backends.cuda.enable_cudnn_sdp),
       "silu-mul": ("SwiGLU compiled by Inductor (no Triton op)", lambda on: setattr(swiglu, "USE_SILU_MUL_KERNEL", on)),
       "coordinate-descent": ("Inductor's default kernel configs (no coordinate descent)",
-                             lambda on: setattr(strategies_base, "COORDINATE_DESCENT_TUNING", on))}
+                             lambda on: setattr(strategies_base, "COORDINATE_DESCENT_TUNING", on)),
+      "rotate-qkv": ("split, QK-norm and rotary compiled by Inductor (no Triton op)",
+                     lambda on: setattr(qkv_rotary, "USE_ROTATE_QKV_KERNEL", on))}
 AB_KEYS = {name: "no_" + name.replace("-", "_") for name in AB}  # JSON field names
 MASK_ID, LR, WEIGHT_DECAY, BETAS = 3, 3e-4, 0.1, (0.9, 0.95)  # the TrainingConfig defaults ours runs with
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import apply_rotary, fused_attention, linear_cross_entropy, rotate_into_cache, silu_mul
+from .kernels import fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -70,6 +70,7 @@ class Attention(nn.Module):
         # positional (rotary) patterns a denoiser needs form early and training stays stable.
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.norm_eps = cfg.rms_norm_eps
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
         """mask: a bool (B, 1, L, L) tensor, None (attend to all), `PackedSegments` (B == 1), or a
@@ -82,11 +83,10 @@ class Attention(nn.Module):
             # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
             # rotary and their backward then read and write in memory order (no transposing copies),
             # and attention's output (and its gradients) come back in that layout too.
-            q, k, v = qkv.split(self.qkv_split, dim=-1)
-            cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, L, 1, hd)
-            q = apply_rotary(self.q_norm(q.view(B, L, self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
-            k = apply_rotary(self.k_norm(k.view(B, L, self.n_kv, self.head_dim)), cos, sin).transpose(1, 2)
-            v = v.view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
+            # One kernel each way on the GPU (`rotate_qkv`): split, QK-norm and rotary.
+            q_weight, k_weight = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
+            q, k, v = (t.transpose(1, 2) for t in rotate_qkv(qkv, cos[:, 0], sin[:, 0], self.n_heads, self.n_kv,
+                                                             q_weight, k_weight, self.norm_eps))
             if isinstance(mask, PackedSegments):
                 y = self._packed_attention(q, k, v, mask)
             else:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pllm.decoding.commit import commit_mask
 from pllm.kernels import (bias_attention, block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
-                          linear_cross_entropy, parallel_decode, rotate_into_cache, silu_mul, use_triton)
+                          linear_cross_entropy, parallel_decode, rotate_into_cache, rotate_qkv, silu_mul, use_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -302,6 +302,55 @@ def test_silu_mul_forward_and_backward_equal_the_definition(dtype):
         silu_mul(gate_up[..., 1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [False, True])
+def test_rotate_qkv_forward_and_backward_equal_the_definition(dtype, norm):
+    # The training pass's split -> QK-norm -> rotary: outputs, and the gradients of qkv and of the norm
+    # weights, against the plain definition in float64. 3 heads and 6 tokens leave padded head rows
+    # and a partial last program (4 tokens each) in the backward; cos/sin are broadcast over the batch.
+    torch.manual_seed(11)
+    B, L, H, KV, hd = 2, 3, 3, 1, 16
+    qkv = (2 * torch.randn(B, L, (H + 2 * KV) * hd, device=DEVICE)).to(dtype).requires_grad_()
+    angles = torch.rand(1, L, hd // 2, device=DEVICE) * 6.28
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    weights = [(1 + torch.randn(hd, device=DEVICE)).requires_grad_() if norm else None for _ in range(2)]
+    grads = [torch.randn(B, heads, L, hd, device=DEVICE).to(dtype) for heads in (H, KV, KV)]
+
+    got = rotate_qkv(qkv, cos, sin, H, KV, *weights, eps=1e-5)
+    # Gradients arrive through (B, heads, L, hd) views, as attention returns them: strided.
+    leaves = [qkv] + [w for w in weights if w is not None]
+    got_grads = torch.autograd.grad([t.transpose(1, 2) for t in got], leaves, grads)
+
+    x = qkv.detach().double().view(B, L, H + 2 * KV, hd).requires_grad_()
+    ws = [w.detach().double().requires_grad_() if w is not None else None for w in weights]
+    c, s = cos.double()[:, :, None], sin.double()[:, :, None]
+
+    def norm_rotate(t, w):
+        if w is not None:
+            t = t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-5) * w
+        return t * c + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1) * s
+
+    want = (norm_rotate(x[:, :, :H], ws[0]), norm_rotate(x[:, :, H:H + KV], ws[1]), x[:, :, H + KV:])
+    want_grads = torch.autograd.grad([t.transpose(1, 2) for t in want], [x] + [w for w in ws if w is not None],
+                                     [g.double() for g in grads])
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert (a.double() - b).norm() / b.norm() < tolerance(dtype, 2)
+    for a, b in zip(got_grads, want_grads):
+        assert (a.double() - b.reshape(a.shape)).norm() / b.norm() < tolerance(dtype, 4)
+    if use_triton(qkv):  # the op's registration (fake tensors, autograd, schema)
+        torch.library.opcheck(torch.ops.pllm.rotate_qkv.default, (qkv, cos, sin, *weights, H, KV, 1e-5))
+    if DEVICE == "cuda":  # compiled graphs call the op, forward and backward
+        def loss(t):
+            return sum((o.float() * torch.arange(o.numel(), device=DEVICE).view(o.shape).sin()).sum()
+                       for o in rotate_qkv(t, cos, sin, H, KV, *weights, eps=1e-5))
+        (compiled_grad,) = torch.autograd.grad(torch.compile(loss)(qkv), qkv)
+        (eager_grad,) = torch.autograd.grad(loss(qkv), qkv)
+        assert (compiled_grad.float() - eager_grad.float()).norm() / eager_grad.float().norm() < tolerance(dtype, 2)
+    with pytest.raises(ValueError, match="heads"):
+        rotate_qkv(qkv[..., 1:], cos, sin, H, KV)
+
+
 def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
     module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports a function of that name
     tile = module.query_tile
@@ -326,7 +375,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or attention or silu_mul or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or attention or silu_mul or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_config
 from pllm import DiffusionTransformer
-from pllm.model import apply_rotary
+from pllm.kernels import apply_rotary
 
 
 def test_shapes_and_confidence(tiny_model):
