@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from pllm import DiffusionTransformer, DistributedTrainer, ModelConfig, TrainingConfig
 from pllm.optim import param_groups, peak_flops
-from pllm.kernels import qkv_rotary, swiglu
+from pllm.kernels import qkv_rotary, rms_norm, swiglu
 from pllm.strategies import base as strategies_base
 
 log = logging.getLogger("train_throughput")
@@ -53,7 +53,9 @@ AB = {"cudnn": ("SDPA's cuDNN backend off (FlashAttention-2)", torch.backends.cu
       "coordinate-descent": ("Inductor's default kernel configs (no coordinate descent)",
                              lambda on: setattr(strategies_base, "COORDINATE_DESCENT_TUNING", on)),
       "rotate-qkv": ("split, QK-norm and rotary compiled by Inductor (no Triton op)",
-                     lambda on: setattr(qkv_rotary, "USE_ROTATE_QKV_KERNEL", on))}
+                     lambda on: setattr(qkv_rotary, "USE_ROTATE_QKV_KERNEL", on)),
+      "add-rms-norm": ("residual add + RMSNorm compiled by Inductor (no Triton op)",
+                       lambda on: setattr(rms_norm, "USE_ADD_RMS_NORM_KERNEL", on))}
 AB_KEYS = {name: "no_" + name.replace("-", "_") for name in AB}  # JSON field names
 MASK_ID, LR, WEIGHT_DECAY, BETAS = 3, 3e-4, 0.1, (0.9, 0.95)  # the TrainingConfig defaults ours runs with
 

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
+from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -178,9 +178,17 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (x, this block's MLP output), the latter not yet added to x: the next block (or
+        the model's final norm) adds it, fused with its norm (`add_rms_norm`). pending: the previous
+        block's MLP output (None for the first block)."""
+        if pending is None:
+            h = self.attn_norm(x)
+        else:
+            x, h = add_rms_norm(x, pending, self.attn_norm.weight, self.attn_norm.eps)
+        x, h = add_rms_norm(x, self.attn(h, cos, sin, mask), self.mlp_norm.weight, self.mlp_norm.eps)
+        return x, self.mlp(h)
 
     def fused_step(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StaticStep,
                    next_norm: nn.RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,12 +323,13 @@ class DiffusionTransformer(nn.Module):
             # In x's dtype already: FSDP2's mixed precision casts a block's inputs in forward but not in
             # the backward recomputation, and checkpointing needs both to see the same tensors.
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        pending = None
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x, pending = checkpoint(block, x, cos, sin, mask, pending, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask)
-        x = self.norm(x[:, :L])  # with clean_input_ids: the noisy half only
+                x, pending = block(x, cos, sin, mask, pending)
+        x = self.norm((x + pending)[:, :L])  # with clean_input_ids: the noisy half only
         if logits_mask is not None:
             if logits_mask.dtype == torch.bool:
                 x = x[logits_mask]  # (N, D)
@@ -395,8 +404,10 @@ class DiffusionTransformer(nn.Module):
             masks=[self._segment_mask(a, b, n, device) for (a, b), n in zip(spans, visible)])
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         x = self.embed_tokens(torch.cat([seg.tokens[a:b].to(device) for (a, b), seg in zip(spans, segments)])[None])
+        pending = None
         for block in self.layers:
-            x = block(x, cos, sin, packed)
+            x, pending = block(x, cos, sin, packed, pending)
+        x = x + pending
         index = torch.cat([seg.logit_positions.to(device) - a + start
                            for seg, (a, _), start in zip(segments, spans, starts)])
         wanted = index.numel()
@@ -442,8 +453,10 @@ class DiffusionTransformer(nn.Module):
             for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
                 x, h = block.fused_step(x, h, cos, sin, step, next_norm)
         else:
+            pending = None
             for block in self.layers:
-                x = block(x, cos, sin, step)
+                x, pending = block(x, cos, sin, step, pending)
+            x = x + pending
         if num_logits == 0:
             return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
         h = h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:])

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.decoding.commit import commit_mask
-from pllm.kernels import (bias_attention, block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
+from pllm.kernels import (add_rms_norm, bias_attention, block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
                           linear_cross_entropy, parallel_decode, rotate_into_cache, rotate_qkv, silu_mul, use_triton)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -351,6 +351,51 @@ def test_rotate_qkv_forward_and_backward_equal_the_definition(dtype, norm):
         rotate_qkv(qkv[..., 1:], cos, sin, H, KV)
 
 
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                    (torch.bfloat16, torch.bfloat16)])
+def test_add_rms_norm_forward_and_backward_equal_the_definition(dtypes):
+    # Residual add + RMSNorm as training runs it: an fp32 residual stream plus a bf16 branch output
+    # (autocast), or all one dtype. 37 rows leave a partial last backward program (16 rows each); a
+    # width of 96 leaves masked columns in the 128-wide tile.
+    torch.manual_seed(12)
+    x_dtype, y_dtype = dtypes
+    x = torch.randn(37, 96, device=DEVICE).to(x_dtype).requires_grad_()
+    y = (2 * torch.randn(37, 96, device=DEVICE)).to(y_dtype).requires_grad_()
+    weight = (1 + torch.randn(96, device=DEVICE)).requires_grad_()
+    grad_h, grad_n = torch.randn(37, 96, device=DEVICE).to(x_dtype), torch.randn(37, 96, device=DEVICE)
+    h, normed = add_rms_norm(x, y, weight, 1e-5)
+    grad_n = grad_n.to(normed.dtype)
+    got_grads = torch.autograd.grad([h, normed], [x, y, weight], [grad_h, grad_n])
+
+    xd, yd, wd = (t.detach().double().requires_grad_() for t in (x, y, weight))
+    hd = xd + yd
+    nd = hd * torch.rsqrt(hd.square().mean(-1, keepdim=True) + 1e-5) * wd
+    want_grads = torch.autograd.grad([hd, nd], [xd, yd, wd], [grad_h.double(), grad_n.double()])
+    dtype = torch.promote_types(x_dtype, y_dtype)
+    assert h.dtype == dtype and normed.dtype == dtype
+    assert (h.double() - hd).norm() / hd.norm() < tolerance(dtype, 2)
+    assert (normed.double() - nd).norm() / nd.norm() < tolerance(dtype, 2)
+    for got, want, t in zip(got_grads, want_grads, (x, y, weight)):
+        assert got.dtype == t.dtype
+        # y's gradient is x's, rounded to y's dtype
+        assert (got.double() - want).norm() / want.norm() < max(tolerance(dtype, 4), tolerance(t.dtype, 2))
+    if use_triton(x):  # the op's registration (fake tensors, autograd, schema)
+        torch.library.opcheck(torch.ops.pllm.add_rms_norm.default, (x, y, weight, 1e-5, dtype))
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):  # normed in the dtype the matmul reads
+        assert add_rms_norm(x, y, weight, 1e-5)[1].dtype == torch.bfloat16
+    if DEVICE == "cuda":  # compiled graphs call the op, forward and backward, under autocast
+        def loss(a, b):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out_h, out_n = add_rms_norm(a, b, weight, 1e-5)
+                return out_h.float().square().sum() + (out_n.float() * torch.arange(96, device=DEVICE).sin()).sum()
+        compiled = torch.autograd.grad(torch.compile(loss)(x, y), [x, y])
+        eager = torch.autograd.grad(loss(x, y), [x, y])
+        for a, b in zip(compiled, eager):
+            assert (a.float() - b.float()).norm() / b.float().norm() < tolerance(torch.bfloat16, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        add_rms_norm(x, y[:, 1:], weight, 1e-5)
+
+
 def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
     module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports a function of that name
     tile = module.query_tile
@@ -375,7 +420,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or attention or silu_mul or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
