@@ -6,7 +6,9 @@ concatenated QKV gradient in which every element picked its source (query, key o
 and its rotation partner by masked loads: on an H200 at the 1B shape it took 109 us per layer, about
 2.5x its memory time (`benchmarks/results/train_profile_1b_h200_full.txt`). Here one program per
 token reads that token's query, key and value gradient heads and writes its whole QKV gradient row,
-contiguous. With QK-norm the norm's weight gradients are summed per program, then over programs.
+contiguous: 56 us. With QK-norm the norm's weight gradients are summed per program, then over
+programs. The forward (53 us) is slower than Inductor's two kernels were (37 + 9 us); net, the
+same-run A/B gave 0.999x and 1.011x the step's tokens/s (`train_throughput.py --ab rotate-qkv`).
 The op is a `torch.library` custom op with its own autograd formula, so compiled graphs call it as
 one opaque kernel. `rotate_qkv_reference` is the PyTorch definition, tested against and used on CPU.
 """

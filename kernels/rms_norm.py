@@ -5,10 +5,11 @@ Under torch.compile (bf16 autocast over an fp32 residual stream), Inductor wrote
 looped reduction at 132-204 us per call on an H200 at the 1B shape, against about 95 us of memory
 time, and the backward as a norm-backward kernel plus a separate kernel casting the residual
 gradient to bf16 for the projection's backward matmul (119 + 47 us;
-`benchmarks/results/train_profile_1b_h200_rotate_qkv.txt`). Here one program per row does each
-way in one pass: the forward writes h and the normalised row (already in the autocast dtype, which
-the next matmul reads), and the backward writes x's gradient and, in y's dtype, y's, which is the
-same values. The weight's gradient is summed per program, then over programs.
+`benchmarks/results/train_profile_1b_h200_rotate_qkv.txt`). Here the forward is one program per
+row, writing h and the normalised row (already in the autocast dtype, which the next matmul reads):
+96 us, the memory time. The backward writes x's gradient and, in y's dtype, y's (the same values),
+with the weight's gradient summed per program, then over programs: 178 us, still short of its
+memory time (`train_profile_1b_h200_add_rms_norm.txt`). Net, in one run: 1.011x the step's tokens/s.
 `add_rms_norm_reference` is the PyTorch definition, tested against and used on CPU.
 """
 
@@ -20,9 +21,10 @@ import torch.nn.functional as F
 from .backend import HAS_TRITON, use_triton
 
 USE_ADD_RMS_NORM_KERNEL = True  # False: the PyTorch definition everywhere (benchmarks' A/B)
-# Rows per backward program: more rows, fewer partial sums of the weight's gradient to add up; fewer
-# rows, more programs keeping loads in flight (16 rows ran at 3 TB/s on an H200 at the 1B shape).
-ROWS_PER_PROGRAM = 8
+# Rows per backward program, one after another: the weight's gradient is summed per program. On an
+# H200 at the 1B shape, 8 and 16 rows both took 178-180 us per call (3 TB/s, against about 125 us of
+# memory time): the serial loop, not the number of programs, holds it back.
+ROWS_PER_PROGRAM = 16
 
 
 def _normed_dtype(h: torch.Tensor) -> torch.dtype:
