@@ -12,8 +12,8 @@ from .rotary_cache import apply_rotary, rotate_into_cache, rotate_into_cache_ref
 from .swiglu import silu_mul, silu_mul_reference
 
 __all__ = ["HAS_TRITON", "ParallelDecodeOutput", "add_rms_norm", "add_rms_norm_reference", "apply_rotary",
-           "bias_attention", "bias_attention_reference", "block_causal_mask", "cross_entropy_rows", "cross_entropy_rows_reference", "flash_attention",
-           "fused_attention", "linear_cross_entropy", "parallel_decode", "parallel_decode_reference",
-           "prepare_attention", "rotate_into_cache", "rotate_into_cache_reference", "rotate_qkv",
-           "rotate_qkv_reference", "silu_mul", "silu_mul_reference",
+           "bias_attention", "bias_attention_reference", "block_causal_mask", "cross_entropy_rows",
+           "cross_entropy_rows_reference", "flash_attention", "fused_attention", "linear_cross_entropy",
+           "parallel_decode", "parallel_decode_reference", "prepare_attention", "rotate_into_cache",
+           "rotate_into_cache_reference", "rotate_qkv", "rotate_qkv_reference", "silu_mul", "silu_mul_reference",
            "use_triton"]

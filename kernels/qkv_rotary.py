@@ -4,9 +4,9 @@ values, each (B, L, heads, hd), with Triton forward and backward kernels on the 
 Under torch.compile, Inductor wrote the backward of split -> QK-norm -> rotary as one kernel over the
 concatenated QKV gradient in which every element picked its source (query, key or value gradient)
 and its rotation partner by masked loads: on an H200 at the 1B shape it took 109 us per layer, about
-2.5x its memory time (`benchmarks/results/train_profile_1b_h200_full.txt`). Here one program per
-token reads that token's query, key and value gradient heads and writes its whole QKV gradient row,
-contiguous: 56 us. With QK-norm the norm's weight gradients are summed per program, then over
+2.5x its memory time (`benchmarks/results/train_profile_1b_h200_full.txt`). Here each program
+takes a few tokens and, per token, reads its query, key and value gradient heads and writes its
+whole QKV gradient row, contiguous: 56 us. With QK-norm the norm's weight gradients are summed per program, then over
 programs. The forward (53 us) is slower than Inductor's two kernels were (37 + 9 us); net, the
 same-run A/B gave 0.999x and 1.011x the step's tokens/s (`train_throughput.py --ab rotate-qkv`).
 The op is a `torch.library` custom op with its own autograd formula, so compiled graphs call it as
@@ -43,9 +43,10 @@ def rotate_qkv_reference(qkv, cos, sin, heads: int, kv_heads: int, q_weight=None
 def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
                eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv (B, L, (heads + 2 kv_heads) hd): rows of query | key | value heads; cos/sin (B, L, hd) at
-    each token's position ("rotate half" layout); q_weight/k_weight (hd,): QK-norm weights (None: no
-    norm). Returns q (B, L, heads, hd), k and v (B, L, kv_heads, hd)."""
+    """qkv (B, L, (heads + 2 kv_heads) hd): rows of query | key | value heads; cos/sin (B, L, hd) or
+    (1, L, hd) at each token's position ("rotate half" layout); q_weight/k_weight (hd,): QK-norm
+    weights (None: no norm). Returns q (B, L, heads, hd), k and v (B, L, kv_heads, hd). The Triton
+    kernels take head sizes that are powers of two; others run the reference."""
     B, L, width = qkv.shape
     head_dim = width // (heads + 2 * kv_heads)
     if width != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
@@ -223,16 +224,17 @@ if HAS_TRITON:
                 qkv.new_empty(B, L, kv_heads, head_dim))
 
     @torch.library.custom_op("pllm::rotate_qkv_backward", mutates_args=())
-    def _rotate_qkv_backward_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _rotate_qkv_backward_op(qkv: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
                                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, heads: int,
                                 kv_heads: int, eps: float, dq: torch.Tensor, dk: torch.Tensor,
                                 dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dqkv, dq_weight, dk_weight); a weight's gradient is empty (0,) where it has no norm."""
-        B, L, width = qkv.shape
-        head_dim = width // (heads + 2 * kv_heads)
-        qkv, cos, sin = qkv.contiguous(), _unit_stride(cos), _unit_stride(sin)
+        """(dqkv, dq_weight, dk_weight); a weight's gradient is empty (0,) where it has no norm. qkv
+        (read only by the norm's backward) may be None without QK-norm."""
+        B, L, _, head_dim = dq.shape
+        cos, sin = _unit_stride(cos), _unit_stride(sin)
         dq, dk, dv = _unit_stride(dq), _unit_stride(dk), _unit_stride(dv)
-        dqkv = torch.empty_like(qkv)
+        dqkv = torch.empty(B, L, (heads + 2 * kv_heads) * head_dim, dtype=dq.dtype, device=dq.device)
+        qkv = qkv.contiguous() if qkv is not None else dqkv  # any pointer: never read without the norm
         programs = triton.cdiv(B * L, ROWS_PER_PROGRAM)
         partial = torch.zeros(2, programs if q_weight is not None or k_weight is not None else 1, head_dim,
                               dtype=torch.float32, device=qkv.device)
@@ -245,28 +247,27 @@ if HAS_TRITON:
                 **_launch_config(qkv, cos, heads, kv_heads, q_weight, k_weight), num_warps=4)
 
         def weight_grad(weight, sums):
-            return sums.sum(0).to(weight.dtype) if weight is not None else qkv.new_empty(0)
+            return sums.sum(0).to(weight.dtype) if weight is not None else dq.new_empty(0)
 
         return dqkv, weight_grad(q_weight, partial[0]), weight_grad(k_weight, partial[1])
 
     @_rotate_qkv_backward_op.register_fake
     def _(qkv, cos, sin, q_weight, k_weight, heads, kv_heads, eps, dq, dk, dv):
         def weight_grad(weight):
-            return weight.new_empty(weight.shape) if weight is not None else qkv.new_empty(0)
+            return weight.new_empty(weight.shape) if weight is not None else dq.new_empty(0)
 
-        return qkv.new_empty(qkv.shape), weight_grad(q_weight), weight_grad(k_weight)
+        B, L, _, head_dim = dq.shape
+        return dq.new_empty(B, L, (heads + 2 * kv_heads) * head_dim), weight_grad(q_weight), weight_grad(k_weight)
 
     def _setup_context(ctx, inputs, output):
         qkv, cos, sin, q_weight, k_weight, heads, kv_heads, eps = inputs
         norm = q_weight is not None or k_weight is not None
         # Without QK-norm the backward never reads qkv: keeping it would hold one activation per layer.
         ctx.save_for_backward(qkv if norm else None, cos, sin, q_weight, k_weight)
-        ctx.shape, ctx.dtype, ctx.args = qkv.shape, qkv.dtype, (heads, kv_heads, eps)
+        ctx.args = (heads, kv_heads, eps)
 
     def _backward(ctx, dq, dk, dv):
         qkv, cos, sin, q_weight, k_weight = ctx.saved_tensors
-        if qkv is None:  # a stand-in of the right shape and dtype; never read without the norm
-            qkv = dq.new_empty(ctx.shape, dtype=ctx.dtype)
         dqkv, dq_weight, dk_weight = _rotate_qkv_backward_op(qkv, cos, sin, q_weight, k_weight, *ctx.args,
                                                              dq, dk, dv)
         return (dqkv, None, None, dq_weight if q_weight is not None else None,

@@ -1,5 +1,6 @@
 """`add_rms_norm`: the residual add and the RMSNorm after it, h = x + y and rms_norm(h) * weight,
-with Triton forward and backward kernels on the GPU (training's pre-norm blocks run it twice per layer).
+with Triton forward and backward kernels on the GPU (training runs it for every norm of the blocks
+but the first block's first one).
 
 Under torch.compile (bf16 autocast over an fp32 residual stream), Inductor wrote the forward as a
 looped reduction at 132-204 us per call on an H200 at the 1B shape, against about 95 us of memory
@@ -27,16 +28,16 @@ USE_ADD_RMS_NORM_KERNEL = True  # False: the PyTorch definition everywhere (benc
 ROWS_PER_PROGRAM = 16
 
 
-def _normed_dtype(h: torch.Tensor) -> torch.dtype:
+def _normed_dtype(device_type: str, h_dtype: torch.dtype) -> torch.dtype:
     """What the next matmul reads: the autocast dtype under autocast, else h's own."""
-    if torch.is_autocast_enabled(h.device.type):
-        return torch.get_autocast_dtype(h.device.type)
-    return h.dtype
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return h_dtype
 
 
 def add_rms_norm_reference(x, y, weight, eps: float):
     h = x + y
-    return h, F.rms_norm(h, (h.shape[-1],), weight, eps).to(_normed_dtype(h))
+    return h, F.rms_norm(h, (h.shape[-1],), weight, eps).to(_normed_dtype(h.device.type, h.dtype))
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +49,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     if (USE_ADD_RMS_NORM_KERNEL and use_triton(x, y, weight) and x.dtype in dtypes and y.dtype in dtypes
             and weight.dtype in dtypes):
-        h_dtype = torch.promote_types(x.dtype, y.dtype)
-        normed_dtype = _normed_dtype(torch.empty(0, dtype=h_dtype, device=x.device))
+        normed_dtype = _normed_dtype(x.device.type, torch.promote_types(x.dtype, y.dtype))
         return torch.ops.pllm.add_rms_norm(x, y, weight, float(eps), normed_dtype)
     return add_rms_norm_reference(x, y, weight, eps)
 
@@ -122,11 +122,12 @@ if HAS_TRITON:
     def _add_rms_norm_backward_op(h: torch.Tensor, weight: torch.Tensor, eps: float, dh: torch.Tensor,
                                   dn: torch.Tensor, x_dtype: torch.dtype,
                                   y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dx, dy, dweight): dx and dy are the same values, in x's and y's dtypes."""
+        """(dx, dy, dweight): dx and dy are the same values, in x's and y's dtypes (written twice even
+        where the dtypes match: gradients that alias each other could be accumulated into in place)."""
         h, weight, dh, dn = h.contiguous(), weight.contiguous(), dh.contiguous(), dn.contiguous()
         D = h.shape[-1]
         rows = h.numel() // D
-        programs = max(triton.cdiv(rows, ROWS_PER_PROGRAM), 1)
+        programs = triton.cdiv(rows, ROWS_PER_PROGRAM)  # none for no rows: the weight's gradient sums to 0
         dx = torch.empty(h.shape, dtype=x_dtype, device=h.device)
         dy = torch.empty(h.shape, dtype=y_dtype, device=h.device)
         partial = torch.empty(programs, D, dtype=torch.float32, device=h.device)  # every program writes its row
@@ -145,10 +146,8 @@ if HAS_TRITON:
         ctx.save_for_backward(output[0], weight)
         ctx.eps, ctx.dtypes = eps, (x.dtype, y.dtype)
 
-    def _backward(ctx, dh, dn):
+    def _backward(ctx, dh, dn):  # custom-op autograd passes zeros for an output without a gradient
         h, weight = ctx.saved_tensors
-        dh = dh if dh is not None else torch.zeros_like(h)
-        dn = dn if dn is not None else torch.zeros_like(h)
         return (*_add_rms_norm_backward_op(h, weight, ctx.eps, dh, dn, *ctx.dtypes), None, None)
 
     _add_rms_norm_op.register_autograd(_backward, setup_context=_setup_context)

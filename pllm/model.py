@@ -180,9 +180,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (x, this block's MLP output), the latter not yet added to x: the next block (or
-        the model's final norm) adds it, fused with its norm (`add_rms_norm`). pending: the previous
-        block's MLP output (None for the first block)."""
+        """Returns (x, this block's MLP output), the latter not yet added to x: the next block adds
+        it, fused with its first norm (`add_rms_norm`); after the last block the model adds it.
+        pending: the previous block's MLP output (None for the first block, or one already added)."""
         if pending is None:
             h = self.attn_norm(x)
         else:
@@ -326,10 +326,14 @@ class DiffusionTransformer(nn.Module):
         pending = None
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
-                x, pending = checkpoint(block, x, cos, sin, mask, pending, use_reentrant=False)
+                # Only x crosses a checkpoint boundary (the recomputation keeps what crosses): the
+                # block's MLP output is added here, not in the next block's first norm.
+                x, pending = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x, pending = x + pending, None
             else:
                 x, pending = block(x, cos, sin, mask, pending)
-        x = self.norm((x + pending)[:, :L])  # with clean_input_ids: the noisy half only
+        x = x[:, :L] if pending is None else x[:, :L] + pending[:, :L]  # with clean_input_ids: the noisy half
+        x = self.norm(x)
         if logits_mask is not None:
             if logits_mask.dtype == torch.bool:
                 x = x[logits_mask]  # (N, D)

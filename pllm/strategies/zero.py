@@ -71,6 +71,14 @@ class DeepSpeedStrategy(Strategy):
             # The fused loss reads the LM head's weight inside the model's own forward, not through
             # lm_head's: ZeRO-3 must gather it for the whole forward.
             deepspeed.zero.register_external_parameter(model, model.lm_head.weight)
+            # Likewise the norms' weights, which the fused ops (`add_rms_norm`, `rotate_qkv`) read
+            # inside their block's and attention's forward, not through the norms' own.
+            for block in model.layers:
+                for norm in (block.attn_norm, block.mlp_norm):
+                    deepspeed.zero.register_external_parameter(block, norm.weight)
+                for norm in (block.attn.q_norm, block.attn.k_norm):
+                    if getattr(norm, "weight", None) is not None:
+                        deepspeed.zero.register_external_parameter(block.attn, norm.weight)
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             dist_init_required=False)
