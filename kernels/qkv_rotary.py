@@ -63,13 +63,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .rotary_cache import _norm_rotate
-
-    @triton.jit
-    def _trig(cos_ptr, sin_ptr, b, l, s_cs_b, s_cs_l, HALF: tl.constexpr):
-        at = b * s_cs_b + l * s_cs_l + tl.arange(0, HALF)[None, :]
-        return (tl.load(cos_ptr + at).to(tl.float32), tl.load(cos_ptr + at + HALF).to(tl.float32),
-                tl.load(sin_ptr + at).to(tl.float32), tl.load(sin_ptr + at + HALF).to(tl.float32))
+    from .rotary_cache import _load_norm_rotate, _trig
 
     @triton.jit
     def _rotate_qkv_forward_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, k_ptr, v_ptr, L, eps,
@@ -84,25 +78,17 @@ if HAS_TRITON:
         d = tl.arange(0, HALF)[None, :]
         dtype = q_ptr.dtype.element_ty
 
-        h = tl.arange(0, BLOCK_H)[:, None]
-        ok = h < H
-        x1 = tl.load(row + h * 2 * HALF + d, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(row + h * 2 * HALF + HALF + d, mask=ok, other=0.0).to(tl.float32)
-        y1, y2 = _norm_rotate(x1, x2, qw_ptr, eps, cos1, cos2, sin1, sin2, Q_NORM, HALF)
+        y1, y2, h, ok = _load_norm_rotate(row, qw_ptr, eps, cos1, cos2, sin1, sin2, H, BLOCK_H, Q_NORM, HALF)
         out = q_ptr + (token * H + h) * 2 * HALF + d
         tl.store(out, y1.to(dtype), mask=ok)
         tl.store(out + HALF, y2.to(dtype), mask=ok)
 
-        kh = tl.arange(0, BLOCK_KV)[:, None]
-        ok = kh < KV
-        k_row = row + (H + kh) * 2 * HALF + d
-        x1 = tl.load(k_row, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(k_row + HALF, mask=ok, other=0.0).to(tl.float32)
-        y1, y2 = _norm_rotate(x1, x2, kw_ptr, eps, cos1, cos2, sin1, sin2, K_NORM, HALF)
+        y1, y2, kh, ok = _load_norm_rotate(row + H * 2 * HALF, kw_ptr, eps, cos1, cos2, sin1, sin2, KV, BLOCK_KV,
+                                           K_NORM, HALF)
         out = (token * KV + kh) * 2 * HALF + d
         tl.store(k_ptr + out, y1.to(dtype), mask=ok)
         tl.store(k_ptr + out + HALF, y2.to(dtype), mask=ok)
-        v_row = k_row + KV * 2 * HALF
+        v_row = row + (H + KV + kh) * 2 * HALF + d
         tl.store(v_ptr + out, tl.load(v_row, mask=ok, other=0.0), mask=ok)
         tl.store(v_ptr + out + HALF, tl.load(v_row + HALF, mask=ok, other=0.0), mask=ok)
 

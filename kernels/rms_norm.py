@@ -40,7 +40,8 @@ def add_rms_norm_reference(x, y, weight, eps: float):
     return h, F.rms_norm(h, (h.shape[-1],), weight, eps).to(_normed_dtype(h.device.type, h.dtype))
 
 
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, normed) = (x + y, rms_norm(x + y) * weight) over the last dimension; normed in the
     autocast dtype under autocast (the dtype the next matmul casts it to), else in h's."""
     if x.shape != y.shape or weight.shape != x.shape[-1:]:

@@ -79,6 +79,26 @@ if HAS_TRITON:
         return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
 
     @triton.jit
+    def _trig(cos_ptr, sin_ptr, b, l, s_cs_b, s_cs_l, HALF: tl.constexpr):
+        """cos and sin at one token (batch row b, position l) as their two halves in float32, (1, HALF) each."""
+        at = b * s_cs_b + l * s_cs_l + tl.arange(0, HALF)[None, :]
+        return (tl.load(cos_ptr + at).to(tl.float32), tl.load(cos_ptr + at + HALF).to(tl.float32),
+                tl.load(sin_ptr + at).to(tl.float32), tl.load(sin_ptr + at + HALF).to(tl.float32))
+
+    @triton.jit
+    def _load_norm_rotate(heads_ptr, w_ptr, eps, cos1, cos2, sin1, sin2, HEADS: tl.constexpr,
+                          BLOCK: tl.constexpr, NORM: tl.constexpr, HALF: tl.constexpr):
+        """HEADS heads of one token stored one after another from heads_ptr, loaded in float32 and
+        normed and rotated (`_norm_rotate`); returns their halves, head rows h (BLOCK, 1) and mask."""
+        h = tl.arange(0, BLOCK)[:, None]
+        d = tl.arange(0, HALF)[None, :]
+        ok = h < HEADS
+        x1 = tl.load(heads_ptr + h * 2 * HALF + d, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(heads_ptr + h * 2 * HALF + HALF + d, mask=ok, other=0.0).to(tl.float32)
+        y1, y2 = _norm_rotate(x1, x2, w_ptr, eps, cos1, cos2, sin1, sin2, NORM, HALF)
+        return y1, y2, h, ok
+
+    @triton.jit
     def _rotate_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, cache_ptr, index_ptr, W, eps,
                                   s_qkv_b, s_qkv_w, s_cs_b, s_cs_w, s_c_b, s_c_kv, s_c_h, s_c_s, s_i_b, s_i_w,
                                   H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -88,32 +108,22 @@ if HAS_TRITON:
         b, w = token // W, token % W
         row = qkv_ptr + b * s_qkv_b + w * s_qkv_w
         d = tl.arange(0, HALF)[None, :]
-        trig = b * s_cs_b + w * s_cs_w + d
-        cos1, cos2 = tl.load(cos_ptr + trig), tl.load(cos_ptr + trig + HALF)
-        sin1, sin2 = tl.load(sin_ptr + trig), tl.load(sin_ptr + trig + HALF)
+        cos1, cos2, sin1, sin2 = _trig(cos_ptr, sin_ptr, b, w, s_cs_b, s_cs_w, HALF)
         out_dtype = q_ptr.dtype.element_ty
 
-        h = tl.arange(0, BLOCK_H)[:, None]
-        ok = h < H
-        x1 = tl.load(row + h * 2 * HALF + d, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(row + h * 2 * HALF + HALF + d, mask=ok, other=0.0).to(tl.float32)
-        y1, y2 = _norm_rotate(x1, x2, qw_ptr, eps, cos1, cos2, sin1, sin2, Q_NORM, HALF)
+        y1, y2, h, ok = _load_norm_rotate(row, qw_ptr, eps, cos1, cos2, sin1, sin2, H, BLOCK_H, Q_NORM, HALF)
         q_out = q_ptr + ((b * H + h) * W + w) * 2 * HALF + d
         tl.store(q_out, y1.to(out_dtype), mask=ok)
         tl.store(q_out + HALF, y2.to(out_dtype), mask=ok)
 
-        kh = tl.arange(0, BLOCK_KV)[:, None]
-        ok = kh < KV
-        k_row = row + (H + kh) * 2 * HALF + d
-        k1 = tl.load(k_row, mask=ok, other=0.0).to(tl.float32)
-        k2 = tl.load(k_row + HALF, mask=ok, other=0.0).to(tl.float32)
-        k1, k2 = _norm_rotate(k1, k2, kw_ptr, eps, cos1, cos2, sin1, sin2, K_NORM, HALF)
+        k1, k2, kh, ok = _load_norm_rotate(row + H * 2 * HALF, kw_ptr, eps, cos1, cos2, sin1, sin2, KV, BLOCK_KV,
+                                           K_NORM, HALF)
         entry = tl.load(index_ptr + b * s_i_b + w * s_i_w)
         dst = cache_ptr + b * s_c_b + kh * s_c_h + entry * s_c_s + d
         cache_dtype = cache_ptr.dtype.element_ty
         tl.store(dst, k1.to(out_dtype).to(cache_dtype), mask=ok)
         tl.store(dst + HALF, k2.to(out_dtype).to(cache_dtype), mask=ok)
-        v_row = k_row + KV * 2 * HALF
+        v_row = row + (H + KV + kh) * 2 * HALF + d
         tl.store(dst + s_c_kv, tl.load(v_row, mask=ok, other=0.0).to(cache_dtype), mask=ok)
         tl.store(dst + s_c_kv + HALF, tl.load(v_row + HALF, mask=ok, other=0.0).to(cache_dtype), mask=ok)
 

@@ -323,15 +323,7 @@ class DiffusionTransformer(nn.Module):
             # In x's dtype already: FSDP2's mixed precision casts a block's inputs in forward but not in
             # the backward recomputation, and checkpointing needs both to see the same tensors.
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        pending = None
-        for block in self.layers:
-            if self.gradient_checkpointing and self.training:
-                # Only x crosses a checkpoint boundary (the recomputation keeps what crosses): the
-                # block's MLP output is added here, not in the next block's first norm.
-                x, pending = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-                x, pending = x + pending, None
-            else:
-                x, pending = block(x, cos, sin, mask, pending)
+        x, pending = self._blocks(x, cos, sin, mask)
         x = x[:, :L] if pending is None else x[:, :L] + pending[:, :L]  # with clean_input_ids: the noisy half
         x = self.norm(x)
         if logits_mask is not None:
@@ -350,6 +342,19 @@ class DiffusionTransformer(nn.Module):
         if return_confidence:
             return logits, logits.softmax(-1).amax(-1)
         return logits
+
+    def _blocks(self, x, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All blocks: (x, the last block's MLP output, not yet added to x; None if already added)."""
+        pending = None
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                # Only x crosses a checkpoint boundary (the recomputation keeps what crosses): the
+                # block's MLP output is added here, not in the next block's first norm.
+                x, pending = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x, pending = x + pending, None
+            else:
+                x, pending = block(x, cos, sin, mask, pending)
+        return x, pending
 
     def _noisy_and_clean_mask(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Block-diffusion training mask (B, 1, 2L, 2L) over [noisy | clean]: a noisy block sees
@@ -408,10 +413,8 @@ class DiffusionTransformer(nn.Module):
             masks=[self._segment_mask(a, b, n, device) for (a, b), n in zip(spans, visible)])
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         x = self.embed_tokens(torch.cat([seg.tokens[a:b].to(device) for (a, b), seg in zip(spans, segments)])[None])
-        pending = None
-        for block in self.layers:
-            x, pending = block(x, cos, sin, packed, pending)
-        x = x + pending
+        x, pending = self._blocks(x, cos, sin, packed)
+        x = x + pending if pending is not None else x
         index = torch.cat([seg.logit_positions.to(device) - a + start
                            for seg, (a, _), start in zip(segments, spans, starts)])
         wanted = index.numel()
@@ -457,10 +460,8 @@ class DiffusionTransformer(nn.Module):
             for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
                 x, h = block.fused_step(x, h, cos, sin, step, next_norm)
         else:
-            pending = None
-            for block in self.layers:
-                x, pending = block(x, cos, sin, step, pending)
-            x = x + pending
+            x, pending = self._blocks(x, cos, sin, step)
+            x = x + pending if pending is not None else x
         if num_logits == 0:
             return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
         h = h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:])
