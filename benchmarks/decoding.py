@@ -43,6 +43,10 @@ SIZES = {  # model shape, training rows, prompts and answer length
     "small": dict(model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                              num_key_value_heads=4, intermediate_size=1536), seq_len=512, batch=64, lr=1.5e-3,
                   prompts=128, gen=64, infill=128),
+    # For tokens-per-forward on a GPU: larger, compiled, trained for a fixed number of steps.
+    "medium": dict(model=dict(vocab_size=8192, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              num_key_value_heads=4, intermediate_size=2048), seq_len=512, batch=64, lr=1e-3,
+                   prompts=128, gen=64, infill=128, compile=True),
 }
 MODELS = {"bidirectional": dict(attention_mode="bidirectional"),
           "block32": dict(attention_mode="block_causal", block_size=32),
@@ -90,8 +94,11 @@ QUICK = {"static", "draft_verify k=4", "threshold 0.7", "autoregressive (static,
 
 # -- training ----------------------------------------------------------------------------------
 def train_models(size: str, device: str, seconds: float, ar_seconds: float, out: Path, corpus,
-                 names=tuple(MODELS), on_save=None, save_interval: int = 0) -> dict[str, DiffusionTransformer]:
-    """on_save(trainer), every save_interval steps: e.g. measure the model while it trains."""
+                 names=tuple(MODELS), on_save=None, save_interval: int = 0, steps: int = 100_000,
+                 validate: bool = False) -> dict[str, DiffusionTransformer]:
+    """on_save(trainer), every save_interval steps: e.g. measure the model while it trains.
+    steps: the LR schedule's length (training stops there or at the time budget, whichever is first);
+    validate: finish with the validation ELBO on the held-out tokens (in `model.train_metrics`)."""
     spec, tok = SIZES[size], corpus.tokenizer
     models = {}
     for name, shape in ((n, MODELS[n]) for n in names):
@@ -104,21 +111,24 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
                           use_flash_attention=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                           eos_token_id=tok.eos_token_id, mask_token_id=tok.mask_token_id)
         train = TrainingConfig(batch_size=spec["batch"], seq_len=spec["seq_len"], learning_rate=spec["lr"],
-                               num_train_steps=100_000, max_train_minutes=(ar_seconds if name == "ar" else seconds) / 60, warmup_steps=100,
+                               num_train_steps=steps, max_train_minutes=(ar_seconds if name == "ar" else seconds) / 60, warmup_steps=100,
                                weight_decay=0.01, eval_interval=10**9, log_interval=50, use_fsdp=False,
                                **({"save_interval": save_interval} if on_save else {}),
-                               use_torch_compile=False, use_cuda_graphs=False, gradient_checkpointing=False,
+                               use_torch_compile=spec.get("compile", False) and device == "cuda",
+                               use_cuda_graphs=False, gradient_checkpointing=False,
                                mixed_precision="bf16" if device == "cuda" else "no", output_dir=str(path))
         torch.manual_seed(0)
         model = DiffusionTransformer(cfg)
         loader = make_dataloader(corpus.train_tokens, train.seq_len, train.batch_size, shuffle=True)
-        trainer = DistributedTrainer(model, train, cfg, loader, None, device=device, show_progress=False,
+        val = make_dataloader(corpus.val_tokens, train.seq_len, train.batch_size, shuffle=False) if validate else None
+        trainer = DistributedTrainer(model, train, cfg, loader, val, device=device, show_progress=False,
                                      on_save=on_save)
         t0 = time.perf_counter()
         metrics = trainer.train()
         print(f"[{name}] {model.num_parameters() / 1e6:.1f}M params, {trainer.step} steps in "
               f"{time.perf_counter() - t0:.0f}s, final loss {metrics.get('loss', float('nan')):.3f}", flush=True)
         model.save_pretrained(path, tokenizer=tok)
+        model.train_metrics = {"steps": trainer.step, **metrics}
         models[name] = model.eval()
     # Decoding runs in float32: the packed forward is then bit-identical whatever shares the batch,
     # which lossless draft-and-verify relies on (bf16 GEMMs of other shapes may round differently).

@@ -131,19 +131,21 @@ def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device
 
 
 def trained_tpf(args, device: str) -> dict:
-    """Tokens per forward of threshold decoding on a small block-diffusion model trained here."""
+    """Tokens per forward of threshold decoding on a small block-diffusion model trained here, with
+    the answers' agreement with the held-out code (so a higher TPF cannot hide worse answers)."""
     from pllm.config import DataConfig
     from pllm.corpus import corpus_files, read_documents, split_files
     from pllm.data import cache_dir, prepare_corpus
     from pllm.decoding import DecodeRules, decode_with_rules
 
     bench = _load_decoding_benchmark()
-    size = "tiny" if args.quick else "small"
+    size = "tiny" if args.quick else args.tpf_size
     corpus = prepare_corpus(DataConfig(), bench.SIZES[size]["model"]["vocab_size"], cache_dir())
     _, val_files = split_files(corpus_files(), DataConfig().validation_fraction)
     sources = [doc for f in val_files for doc in read_documents(f)]
     prompts = bench.function_prompts(sources, corpus.tokenizer, args.tpf_prompts, context_tokens=96,
                                      continuation_tokens=args.gen)
+    eos = corpus.tokenizer.eos_token_id
 
     def tpf(model) -> dict:
         out = {}
@@ -153,6 +155,14 @@ def trained_tpf(args, device: str) -> dict:
             result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts],
                                        [DecodeRules.from_config(cfg)] * len(prompts))
             out[f"tpf_threshold_{threshold}"] = args.gen / statistics.fmean(result.nfe_per_sequence)
+            # Quality: the share of the reference's tokens matched position by position, and how much
+            # of the answers lies after an EOS (tokens there are easy and would inflate the TPF).
+            hits = sum(int((a[:len(p.reference)] == torch.tensor(p.reference)).sum())
+                       for a, p in zip(result.tokens, prompts))
+            out[f"reference_match_{threshold}"] = hits / sum(len(p.reference) for p in prompts)
+            after_eos = [len(a) - (a == eos).nonzero()[0, 0].item() - 1 if (a == eos).any() else 0
+                         for a in (t.cpu() for t in result.tokens)]
+            out[f"after_eos_share_{threshold}"] = sum(after_eos) / (args.gen * len(prompts))
         return out
 
     curve, t0 = [], time.perf_counter()
@@ -171,8 +181,9 @@ def trained_tpf(args, device: str) -> dict:
 
     model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
                                names=("block32",), on_save=measure if args.tpf_every else None,
-                               save_interval=args.tpf_every)["block32"]
-    out = {"model_parameters": model.num_parameters(), "train_seconds": args.train_seconds, **tpf(model)}
+                               save_interval=args.tpf_every, steps=args.tpf_steps, validate=True)["block32"]
+    out = {"size": size, "model_parameters": model.num_parameters(), "train_seconds": args.train_seconds,
+           "training": getattr(model, "train_metrics", None), **tpf(model)}
     if curve:  # the wall-clock budget included the measurements: the net training time is less
         out["net_train_seconds"] = curve[-1]["train_seconds"] + time.perf_counter() - t0
         out["curve"] = curve
@@ -232,6 +243,10 @@ def main() -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7])
     p.add_argument("--train-seconds", type=float, default=120.0, help="training of the small model for TPF")
     p.add_argument("--tpf-prompts", type=int, default=32)
+    p.add_argument("--tpf-size", choices=["small", "medium"], default="small",
+                   help="the trained model for TPF (benchmarks/decoding.py SIZES; medium is compiled on CUDA)")
+    p.add_argument("--tpf-steps", type=int, default=100_000,
+                   help="its LR schedule's length in steps (training also stops at --train-seconds)")
     p.add_argument("--tpf-every", type=int, default=0, help="also measure TPF every N training steps (a curve)")
     p.add_argument("--hf-tokens", type=int, default=64, help="new tokens per HF generate call")
     p.add_argument("--skip-eager", action="store_true", help="skip the eager packed-path baseline")
