@@ -43,10 +43,11 @@ SIZES = {  # model shape, training rows, prompts and answer length
     "small": dict(model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                              num_key_value_heads=4, intermediate_size=1536), seq_len=512, batch=64, lr=1.5e-3,
                   prompts=128, gen=64, infill=128),
-    # For tokens-per-forward on a GPU: larger, compiled, trained for a fixed number of steps.
+    # For tokens-per-forward on a GPU: larger, compiled (Inductor's default mode: max-autotune's GEMM
+    # search would take minutes of a short run), trained for a fixed number of steps.
     "medium": dict(model=dict(vocab_size=8192, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                               num_key_value_heads=4, intermediate_size=2048), seq_len=512, batch=64, lr=1e-3,
-                   prompts=128, gen=64, infill=128, compile=True),
+                   prompts=128, gen=64, infill=128, compile="default"),
 }
 MODELS = {"bidirectional": dict(attention_mode="bidirectional"),
           "block32": dict(attention_mode="block_causal", block_size=32),
@@ -114,7 +115,8 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
                                num_train_steps=steps, max_train_minutes=(ar_seconds if name == "ar" else seconds) / 60, warmup_steps=100,
                                weight_decay=0.01, eval_interval=10**9, log_interval=50, use_fsdp=False,
                                **({"save_interval": save_interval} if on_save else {}),
-                               use_torch_compile=spec.get("compile", False) and device == "cuda",
+                               use_torch_compile=bool(spec.get("compile")) and device == "cuda",
+                               torch_compile_mode=spec.get("compile") or "max-autotune",
                                use_cuda_graphs=False, gradient_checkpointing=False,
                                mixed_precision="bf16" if device == "cuda" else "no", output_dir=str(path))
         torch.manual_seed(0)

@@ -157,11 +157,10 @@ def trained_tpf(args, device: str) -> dict:
             out[f"tpf_threshold_{threshold}"] = args.gen / statistics.fmean(result.nfe_per_sequence)
             # Quality: the share of the reference's tokens matched position by position, and how much
             # of the answers lies after an EOS (tokens there are easy and would inflate the TPF).
-            hits = sum(int((a[:len(p.reference)] == torch.tensor(p.reference)).sum())
-                       for a, p in zip(result.tokens, prompts))
+            answers = [a.cpu() for a in result.tokens]
+            hits = sum(int((a[:len(p.reference)] == torch.tensor(p.reference)).sum()) for a, p in zip(answers, prompts))
             out[f"reference_match_{threshold}"] = hits / sum(len(p.reference) for p in prompts)
-            after_eos = [len(a) - (a == eos).nonzero()[0, 0].item() - 1 if (a == eos).any() else 0
-                         for a in (t.cpu() for t in result.tokens)]
+            after_eos = [len(a) - (a == eos).nonzero()[0, 0].item() - 1 if (a == eos).any() else 0 for a in answers]
             out[f"after_eos_share_{threshold}"] = sum(after_eos) / (args.gen * len(prompts))
         return out
 
@@ -179,6 +178,8 @@ def trained_tpf(args, device: str) -> dict:
         trainer.model.train()
         t0 = time.perf_counter()
 
+    from pllm.strategies import base as strategies_base
+    strategies_base.COORDINATE_DESCENT_TUNING = False  # its kernel search would eat a short run's minutes
     model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
                                names=("block32",), on_save=measure if args.tpf_every else None,
                                save_interval=args.tpf_every, steps=args.tpf_steps, validate=True)["block32"]
