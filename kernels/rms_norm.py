@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from .backend import HAS_TRITON, use_triton
 
 USE_ADD_RMS_NORM_KERNEL = True  # False: the PyTorch definition everywhere (benchmarks' A/B)
-# Rows per backward program, one after another: the weight's gradient is summed per program. On an
-# H200 at the 1B shape, 8 and 16 rows both took 178-180 us per call (3 TB/s, against about 125 us of
-# memory time): the serial loop, not the number of programs, holds it back.
+# Rows per backward program (the weight's gradient is summed per program), TILE_ROWS at a time. On
+# an H200 at the 1B shape, one row at a time took 178-180 us per call with 8 or 16 rows per program
+# (3 TB/s, against about 125 us of memory time): the serial loop held it back.
 ROWS_PER_PROGRAM = 16
+TILE_ROWS = 4  # a power of two
 
 
 def _normed_dtype(device_type: str, h_dtype: torch.dtype) -> torch.dtype:
@@ -75,31 +76,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_rms_norm_backward_kernel(h_ptr, w_ptr, dh_ptr, dn_ptr, dx_ptr, dy_ptr, dw_ptr, rows, D, eps,
-                                      BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                                      BLOCK: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr):
         program = tl.program_id(0)
-        cols = tl.arange(0, BLOCK)
-        inside = cols < D
-        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        cols = tl.arange(0, BLOCK)[None, :]
+        w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
-        for i in range(ROWS):
-            r_index = program.to(tl.int64) * ROWS + i
-            if r_index < rows:
-                row = r_index * D
-                h = tl.load(h_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-                r = tl.rsqrt(tl.sum(h * h, axis=0) / D + eps)
-                hat = h * r
-                dn = tl.load(dn_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-                dw += dn * hat
-                g = dn * w
-                # d/dh of h * r: r * (g - hat * mean(g * hat)); plus the gradient arriving at h itself
-                dx = tl.load(dh_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-                dx += r * (g - hat * (tl.sum(g * hat, axis=0) / D))
-                tl.store(dx_ptr + row + cols, dx.to(dx_ptr.dtype.element_ty), mask=inside)
-                tl.store(dy_ptr + row + cols, dx.to(dy_ptr.dtype.element_ty), mask=inside)
-        tl.store(dw_ptr + program * D + cols, dw, mask=inside)
+        for first in range(0, ROWS, TILE):  # a tile of rows at a time: their loads are all in flight together
+            in_program = first + tl.arange(0, TILE)[:, None]
+            r_index = program.to(tl.int64) * ROWS + in_program
+            inside = (in_program < ROWS) & (r_index < rows) & (cols < D)
+            offsets = r_index * D + cols
+            h = tl.load(h_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            r = tl.rsqrt(tl.sum(h * h, axis=1) / D + eps)[:, None]
+            hat = h * r
+            dn = tl.load(dn_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            dw += tl.sum(dn * hat, axis=0)
+            g = dn * w
+            # d/dh of h * r: r * (g - hat * mean(g * hat)); plus the gradient arriving at h itself
+            dx = tl.load(dh_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            dx += r * (g - hat * (tl.sum(g * hat, axis=1) / D)[:, None])
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+            tl.store(dy_ptr + offsets, dx.to(dy_ptr.dtype.element_ty), mask=inside)
+        tl.store(dw_ptr + program * D + tl.arange(0, BLOCK), dw, mask=tl.arange(0, BLOCK) < D)
 
-    def _warps(block: int) -> int:
-        return min(max(block // 256, 1), 8)
+    def _warps(elements: int) -> int:
+        return min(max(elements // 256, 1), 8)
 
     @torch.library.custom_op("pllm::add_rms_norm", mutates_args=())
     def _add_rms_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -135,7 +136,9 @@ if HAS_TRITON:
         if rows:
             block = triton.next_power_of_2(D)
             _add_rms_norm_backward_kernel[(programs,)](h, weight, dh, dn, dx, dy, partial, rows, D, eps,
-                                                       BLOCK=block, ROWS=ROWS_PER_PROGRAM, num_warps=_warps(block))
+                                                       BLOCK=block, ROWS=ROWS_PER_PROGRAM,
+                                                       TILE=min(TILE_ROWS, triton.next_power_of_2(ROWS_PER_PROGRAM)),
+                                                       num_warps=_warps(block * TILE_ROWS))
         return dx, dy, partial.sum(0).to(weight.dtype)
 
     @_add_rms_norm_backward_op.register_fake
