@@ -147,7 +147,8 @@ def trained_tpf(args, device: str) -> dict:
                                      continuation_tokens=args.gen)
     eos = corpus.tokenizer.eos_token_id
 
-    def tpf(model) -> dict:
+    def tpf(model, teacher: list | None = None) -> dict:
+        """TPF and answer quality per threshold; teacher: answers to compare with, position by position."""
         out = {}
         for threshold in args.thresholds:
             cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
@@ -162,6 +163,8 @@ def trained_tpf(args, device: str) -> dict:
             out[f"reference_match_{threshold}"] = hits / sum(len(p.reference) for p in prompts)
             after_eos = [len(a) - (a == eos).nonzero()[0, 0].item() - 1 if (a == eos).any() else 0 for a in answers]
             out[f"after_eos_share_{threshold}"] = sum(after_eos) / (args.gen * len(prompts))
+            if teacher is not None:
+                out[f"teacher_match_{threshold}"] = float(torch.stack(answers).eq(torch.stack(teacher)).float().mean())
         return out
 
     curve, t0 = [], time.perf_counter()
@@ -188,7 +191,53 @@ def trained_tpf(args, device: str) -> dict:
     if curve:  # the wall-clock budget included the measurements: the net training time is less
         out["net_train_seconds"] = curve[-1]["train_seconds"] + time.perf_counter() - t0
         out["curve"] = curve
+    if args.distill_seconds:
+        teacher = tpf_one_per_step(model, prompts, args.gen)
+        out["certainty_forcing"] = {**certainty_forcing(args, model, corpus, device), **tpf(model, teacher)}
     return out
+
+
+def tpf_one_per_step(model, prompts, gen: int) -> list:
+    """The model's answers decoded one token per forward pass (the distillation's teacher)."""
+    from pllm.decoding import DecodeRules, decode_with_rules
+
+    cfg = GenerationConfig(max_new_tokens=gen, num_refinement_steps=gen, temperature=0.0, strategy="static",
+                           use_adaptive_steps=False)
+    result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts], [DecodeRules.from_config(cfg)] * len(prompts))
+    return [a.cpu() for a in result.tokens]
+
+
+def certainty_forcing(args, model, corpus, device: str) -> dict:
+    """Fine-tune `model` in place on its own answers (pllm.certainty_forcing) to prompts cut from the
+    training tokens, each a whole number of blocks long."""
+    from pllm import TrainingConfig
+    from pllm.certainty_forcing import CertaintyForcingTrainer, self_generated_sequences
+
+    block, start = model.config.block_size, time.perf_counter()
+    prompt_len = max(block, args.prompt_len // block * block)
+    rng = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, len(corpus.train_tokens) - prompt_len, (args.distill_prompts,), generator=rng)
+    tokens = torch.from_numpy(corpus.train_tokens.astype("int64"))
+    prompts = torch.stack([tokens[i:i + prompt_len] for i in starts.tolist()])
+    sequences = self_generated_sequences(model, prompts, args.gen, batch_size=256 if device == "cuda" else 8)
+    generate_seconds = time.perf_counter() - start
+    cfg = TrainingConfig(batch_size=32, seq_len=sequences.shape[1], learning_rate=args.distill_lr,
+                         num_train_steps=args.distill_steps, max_train_minutes=args.distill_seconds / 60,
+                         warmup_steps=20, eval_interval=10**9, log_interval=50, use_fsdp=False,
+                         use_torch_compile=False, gradient_checkpointing=False,
+                         mixed_precision="bf16" if device == "cuda" else "no",
+                         output_dir=str(Path(args.work_dir) / "certainty-forcing"))
+    loader = torch.utils.data.DataLoader(sequences, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    trainer = CertaintyForcingTrainer(model, cfg, model.config, loader, device=device, show_progress=False,
+                                      on_save=lambda trainer: None, prompt_length=prompt_len,
+                                      entropy_weight=args.distill_entropy_weight)
+    metrics = trainer.train()
+    model.eval()
+    print(f"certainty forcing: {len(sequences)} answers in {generate_seconds:.0f}s, {trainer.step} steps, "
+          f"loss {metrics.get('loss', float('nan')):.3f}", flush=True)
+    return {"prompts": len(sequences), "prompt_len": prompt_len, "generate_seconds": generate_seconds,
+            "steps": trainer.step, "entropy_weight": args.distill_entropy_weight, "lr": args.distill_lr,
+            "seconds": time.perf_counter() - start, "final_loss": metrics.get("loss")}
 
 
 # -- HF generate baseline ----------------------------------------------------------------------
@@ -244,11 +293,17 @@ def main() -> None:
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7])
     p.add_argument("--train-seconds", type=float, default=120.0, help="training of the small model for TPF")
     p.add_argument("--tpf-prompts", type=int, default=32)
-    p.add_argument("--tpf-size", choices=["small", "medium"], default="small",
+    p.add_argument("--tpf-size", choices=["tiny", "small", "medium"], default="small",
                    help="the trained model for TPF (benchmarks/decoding.py SIZES; medium is compiled on CUDA)")
     p.add_argument("--tpf-steps", type=int, default=100_000,
                    help="its LR schedule's length in steps (training also stops at --train-seconds)")
     p.add_argument("--tpf-every", type=int, default=0, help="also measure TPF every N training steps (a curve)")
+    p.add_argument("--distill-seconds", type=float, default=0.0,
+                   help="then fine-tune the TPF model on its own answers (certainty forcing) for this long")
+    p.add_argument("--distill-prompts", type=int, default=1024, help="prompts it answers for that fine-tune")
+    p.add_argument("--distill-steps", type=int, default=500, help="the fine-tune's LR schedule length")
+    p.add_argument("--distill-lr", type=float, default=2e-4)
+    p.add_argument("--distill-entropy-weight", type=float, default=2.0)
     p.add_argument("--hf-tokens", type=int, default=64, help="new tokens per HF generate call")
     p.add_argument("--skip-eager", action="store_true", help="skip the eager packed-path baseline")
     p.add_argument("--tpf-only", action="store_true", help="only train the small model and measure its TPF")
@@ -273,7 +328,8 @@ def main() -> None:
           flush=True)
 
     report["trained"] = trained_tpf(args, device)
-    tpf = report["trained"][f"tpf_threshold_{args.thresholds[0]}"]
+    trained = report["trained"].get("certainty_forcing", report["trained"])  # the fine-tuned model's, if any
+    tpf = trained[f"tpf_threshold_{args.thresholds[0]}"]
     print(f"trained small model: {report['trained']}", flush=True)
     write(report, out, stem)
     if args.tpf_only:
