@@ -135,7 +135,7 @@ def trained_tpf(args, device: str) -> dict:
     the answers' agreement with the held-out code (so a higher TPF cannot hide worse answers)."""
     from pllm.config import DataConfig
     from pllm.corpus import corpus_files, read_documents, split_files
-    from pllm.data import cache_dir, prepare_corpus
+    from pllm.data import cache_dir, make_dataloader, prepare_corpus
     from pllm.decoding import DecodeRules, decode_with_rules
 
     bench = _load_decoding_benchmark()
@@ -193,7 +193,9 @@ def trained_tpf(args, device: str) -> dict:
         out["curve"] = curve
     if args.distill_seconds:
         teacher = tpf_one_per_step(model, prompts, args.gen)
-        out["certainty_forcing"] = {**certainty_forcing(args, model, corpus, device), **tpf(model, teacher)}
+        spec = bench.SIZES[size]  # validation as after pre-training (train_models), so the ELBOs compare
+        val = make_dataloader(corpus.val_tokens, spec["seq_len"], spec["batch"], shuffle=False)
+        out["certainty_forcing"] = {**certainty_forcing(args, model, corpus, device, val), **tpf(model, teacher)}
     return out
 
 
@@ -207,9 +209,9 @@ def tpf_one_per_step(model, prompts, gen: int) -> list:
     return [a.cpu() for a in result.tokens]
 
 
-def certainty_forcing(args, model, corpus, device: str) -> dict:
+def certainty_forcing(args, model, corpus, device: str, val) -> dict:
     """Fine-tune `model` in place on its own answers (pllm.certainty_forcing) to prompts cut from the
-    training tokens, each a whole number of blocks long."""
+    training tokens, each a whole number of blocks long; then its validation ELBO on `val`."""
     from pllm import TrainingConfig
     from pllm.certainty_forcing import CertaintyForcingTrainer, self_generated_sequences
 
@@ -221,14 +223,14 @@ def certainty_forcing(args, model, corpus, device: str) -> dict:
     prompts = torch.stack([tokens[i:i + prompt_len] for i in starts.tolist()])
     sequences = self_generated_sequences(model, prompts, args.gen, batch_size=256 if device == "cuda" else 8)
     generate_seconds = time.perf_counter() - start
-    cfg = TrainingConfig(batch_size=32, seq_len=sequences.shape[1], learning_rate=args.distill_lr,
+    cfg = TrainingConfig(batch_size=min(32, len(sequences)), seq_len=sequences.shape[1], learning_rate=args.distill_lr,
                          num_train_steps=args.distill_steps, max_train_minutes=args.distill_seconds / 60,
                          warmup_steps=20, eval_interval=10**9, log_interval=50, use_fsdp=False,
                          use_torch_compile=False, gradient_checkpointing=False,
                          mixed_precision="bf16" if device == "cuda" else "no",
                          output_dir=str(Path(args.work_dir) / "certainty-forcing"))
     loader = torch.utils.data.DataLoader(sequences, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-    trainer = CertaintyForcingTrainer(model, cfg, model.config, loader, device=device, show_progress=False,
+    trainer = CertaintyForcingTrainer(model, cfg, model.config, loader, val, device=device, show_progress=False,
                                       on_save=lambda trainer: None, prompt_length=prompt_len,
                                       entropy_weight=args.distill_entropy_weight)
     metrics = trainer.train()
@@ -237,7 +239,8 @@ def certainty_forcing(args, model, corpus, device: str) -> dict:
           f"loss {metrics.get('loss', float('nan')):.3f}", flush=True)
     return {"prompts": len(sequences), "prompt_len": prompt_len, "generate_seconds": generate_seconds,
             "steps": trainer.step, "entropy_weight": args.distill_entropy_weight, "lr": args.distill_lr,
-            "seconds": time.perf_counter() - start, "final_loss": metrics.get("loss")}
+            "seconds": time.perf_counter() - start, "final_loss": metrics.get("loss"),
+            "val_elbo_nats": metrics.get("val_elbo_nats")}
 
 
 # -- HF generate baseline ----------------------------------------------------------------------

@@ -92,6 +92,8 @@ class CertaintyForcingTrainer(DistributedTrainer):
         super().__init__(*args, **kwargs)
         if self.block_size is None:
             raise ValueError("certainty forcing is for block-causal models (attention_mode: block_causal)")
+        if prompt_length % self.block_size:
+            raise ValueError(f"prompt_length {prompt_length} must be a multiple of block_size {self.block_size}")
         self.prompt_length, self.entropy_weight, self.temperature = prompt_length, entropy_weight, temperature
 
     def training_step(self, batch, micro: int = 0) -> CertaintyForcingLoss:

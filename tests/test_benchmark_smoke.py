@@ -1,10 +1,12 @@
-"""The speculative-decoding and multi-GPU benchmarks run end to end on CPU (tiny shapes, gloo, CPU
-replicas); their GPU figures are in benchmarks/RESULTS.md."""
+"""The speculative-decoding, multi-GPU and norm-backward benchmarks run end to end on CPU (tiny
+shapes, gloo, CPU replicas, Triton's interpreter); their GPU figures are in benchmarks/RESULTS.md."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,12 @@ def test_multi_gpu_comm_benchmark_reports_both_collectives(tmp_path):
     assert [(r["op"], r["gpus"], r["mib"]) for r in rows] == [
         ("all_gather", 2, 1.0), ("reduce_scatter", 2, 1.0), ("all_gather", 2, 4.0), ("reduce_scatter", 2, 4.0)]
     assert all(r["busbw_gbs"] == r["algbw_gbs"] / 2 > 0 for r in rows)
+
+
+def test_norm_backward_benchmark_reports_every_tile_and_the_baseline(tmp_path):
+    pytest.importorskip("triton")  # the Triton kernel runs under the interpreter on CPU
+    _run(["benchmarks/norm_backward.py", "--device", "cpu", "--quick", "--out", str(tmp_path)], 300)
+    report = json.loads((tmp_path / "norm_backward_cpu.json").read_text())
+    paths = [r["path"] for r in report["results"]]
+    assert paths[:2] == ["ours, tiles of 1 row(s)", "ours, tiles of 4 row(s)"] and paths[2].startswith("Inductor")
+    assert all(r["seconds"] > 0 for r in report["results"]) and report["bytes"] == 40 * 96 * 16

@@ -101,6 +101,9 @@ def test_certainty_forcing_loss_masks_answers_only_and_checks_its_inputs(tmp_pat
     with pytest.raises(ValueError, match="multiple of block_size"):
         certainty_forcing_loss(model, sequences, PROMPT - 1, get_schedule("linear"), 3, BLOCK, t, draw)
     bidirectional = DiffusionTransformer(tiny_config(vocab_size=VOCAB, mask_token_id=3))
+    with pytest.raises(ValueError, match="multiple of block_size"):  # before any training step
+        CertaintyForcingTrainer(model, train_config(1, tmp_path, 1e-3), cfg, [sequences], device="cpu",
+                                prompt_length=PROMPT + 1)
     with pytest.raises(ValueError, match="block-causal"):
         CertaintyForcingTrainer(bidirectional, train_config(1, tmp_path, 1e-3), bidirectional.config,
                                 [sequences], device="cpu", prompt_length=PROMPT)

@@ -1,5 +1,5 @@
-"""The generation-speed benchmark runs end to end on CPU (tiny shapes; the H100 figures are in
-benchmarks/RESULTS.md)."""
+"""The generation-speed benchmark runs end to end on CPU (tiny shapes, and the TPF model's
+certainty-forcing fine-tune; the GPU figures are in benchmarks/RESULTS.md)."""
 
 import json
 import subprocess
@@ -11,11 +11,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generation_speed_quick_run_writes_every_row(tmp_path):
     run = subprocess.run([sys.executable, "benchmarks/generation_speed.py", "--quick", "--device", "cpu", "--out",
-                          str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
+                          str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--distill-seconds", "5",
+                          "--distill-prompts", "16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "out" / "generation_speed_tiny_cpu.json").read_text())
     assert report["trained"]["model_parameters"] > 0 and report["trained"]["tpf_threshold_0.7"] >= 1.0
+    # then the model fine-tuned on its own answers (certainty forcing), with its answers' quality
+    distilled = report["trained"]["certainty_forcing"]
+    assert distilled["steps"] > 0 and distilled["tpf_threshold_0.7"] >= 1.0 and distilled["val_elbo_nats"] > 0
+    assert 0 <= distilled["teacher_match_0.7"] <= 1 and 0 <= distilled["reference_match_0.7"] <= 1
     rows = {(r["batch"], r["path"].split(" ")[0]) for r in report["rows"]}
     assert rows == {(1, "fixed-shape"), (1, "eager"), (4, "fixed-shape"), (4, "eager")}
     for row in report["rows"]:
