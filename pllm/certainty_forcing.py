@@ -73,14 +73,17 @@ def certainty_forcing_loss(model: torch.nn.Module, sequences: torch.Tensor, prom
     x_t = torch.where(is_masked, mask_token_id, sequences)
     logits = model(x_t, t, logits_mask=index, clean_input_ids=sequences).float()  # (N, V)
     targets = sequences.flatten()[index]
-    cross_entropy = F.cross_entropy(logits, targets)
+    num_masked = max(int(index.numel()), 1)  # sums over no masked position are 0, not NaN
+    cross_entropy_sum = F.cross_entropy(logits, targets, reduction="sum")
+    cross_entropy = cross_entropy_sum / num_masked
     right = (logits.argmax(-1) == targets).float()
     log_p = F.log_softmax(logits / temperature, dim=-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
     certainty = (entropy * right).sum() / right.sum().clamp(min=1)
     loss = cross_entropy + entropy_weight * certainty
-    return CertaintyForcingLoss(loss, cross_entropy.detach() * index.numel(), int(answer.sum()), int(index.numel()),
-                                cross_entropy.detach(), certainty.detach(), right.mean().detach())
+    # nelbo_sum (what the trainer logs as the loss's sum) is the cross-entropy's here
+    return CertaintyForcingLoss(loss, cross_entropy_sum.detach(), int(answer.sum()), int(index.numel()),
+                                cross_entropy.detach(), certainty.detach(), (right.sum() / num_masked).detach())
 
 
 class CertaintyForcingTrainer(DistributedTrainer):

@@ -98,6 +98,9 @@ def test_certainty_forcing_loss_masks_answers_only_and_checks_its_inputs(tmp_pat
     no_entropy = certainty_forcing_loss(model, sequences, PROMPT, get_schedule("linear"), 3, BLOCK, t, draw,
                                         entropy_weight=0.0)
     assert torch.allclose(no_entropy.loss, out.cross_entropy)
+    none_masked = certainty_forcing_loss(model, sequences, PROMPT, get_schedule("linear"), 3, BLOCK, t,
+                                         torch.ones(2, PROMPT + GEN))  # every draw above the mask probability
+    assert none_masked.num_masked == 0 and float(none_masked.loss) == 0.0
     with pytest.raises(ValueError, match="multiple of block_size"):
         certainty_forcing_loss(model, sequences, PROMPT - 1, get_schedule("linear"), 3, BLOCK, t, draw)
     bidirectional = DiffusionTransformer(tiny_config(vocab_size=VOCAB, mask_token_id=3))
