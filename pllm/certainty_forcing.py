@@ -3,18 +3,18 @@
 Threshold decoding commits every masked position whose confidence passes the threshold, so its
 tokens per forward pass (TPF) are only as high as the model is sure. A model trained on the plain
 masked-diffusion objective becomes sure of a block's positions one after another. Here the model is
-fine-tuned on its own answers (what it writes one token per step, its "trajectory"): the
+fine-tuned on its own answers (what it writes one token per forward pass, its "trajectory"): the
 cross-entropy keeps it on that trajectory, and an entropy penalty on the masked positions it
 already predicts right pushes it to be sure of them early, several at a time.
 
-    answers = self_generated_sequences(model, prompts, gen_length=256)
-    trainer = CertaintyForcingTrainer(model, train_cfg, model.config, loader_over(answers),
-                                      prompt_length=prompts.shape[1])
-    trainer.train()
+    data = self_generated_answers(model, prompts, length=384)   # prompts: 1-D token tensors
+    loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
+    CertaintyForcingTrainer(model, train_cfg, model.config, loader).train()
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,56 +22,68 @@ import torch.nn.functional as F
 
 from .config import GenerationConfig
 from .decoding import DecodeRules, decode_with_rules
-from .diffusion import DiffusionLoss, masked_positions, to_device, unpack_batch
+from .diffusion import DiffusionLoss, masked_positions, to_device
 from .trainer import DistributedTrainer
 
 
-def self_generated_sequences(model: torch.nn.Module, prompts: torch.Tensor, gen_length: int,
-                             batch_size: int = 64) -> torch.Tensor:
-    """(N, P + gen_length): each prompt of `prompts` (N, P) followed by the model's greedy answer,
-    decoded one token per forward pass (LLaDA's low-confidence remasking with as many steps as
-    tokens): the trajectory the distilled model keeps."""
-    cfg = GenerationConfig(max_new_tokens=gen_length, num_refinement_steps=gen_length, temperature=0.0,
-                           strategy="static", use_adaptive_steps=False)
-    rules = DecodeRules.from_config(cfg)
+def one_token_per_forward(gen_length: int, block_size: int) -> GenerationConfig:
+    """Greedy decoding that commits exactly one token per forward pass (LLaDA's low-confidence
+    remasking): every block gets at least as many steps as it has positions."""
+    return GenerationConfig(max_new_tokens=gen_length, num_refinement_steps=gen_length * max(block_size, 1),
+                            temperature=0.0, strategy="static", use_adaptive_steps=False)
+
+
+def self_generated_answers(model: torch.nn.Module, prompts: Sequence[torch.Tensor], length: int,
+                           batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
+    """The fine-tune's data: each prompt (1-D, shorter than `length`) followed by the model's answer
+    decoded one token per forward pass, up to `length` tokens in all, as {"input_ids" (length,),
+    "prompt_length" ()}. Prompts may differ in length; the rows then have answers of different lengths."""
+    if any(len(p) >= length for p in prompts):
+        raise ValueError(f"every prompt must be shorter than length={length}")
+    block = model.config.block_size or 1
     was_training = model.training
     model.eval()
-    answers = []
+    data = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            answers += [a.cpu() for a in decode_with_rules(model, chunk, [rules] * len(chunk)).tokens]
+            chunk = [p.cpu() for p in prompts[start:start + batch_size]]
+            rules = [DecodeRules.from_config(one_token_per_forward(length - len(p), block)) for p in chunk]
+            for prompt, answer in zip(chunk, decode_with_rules(model, chunk, rules).tokens):
+                data.append({"input_ids": torch.cat([prompt, answer.cpu()]), "prompt_length": torch.tensor(len(prompt))})
     model.train(was_training)
-    return torch.cat([prompts.cpu(), torch.stack(answers)], dim=1)
+    return data
 
 
 @dataclass
 class CertaintyForcingLoss(DiffusionLoss):
+    num_answer_tokens: int = 0  # answer positions (the only ones that can be masked)
     cross_entropy: torch.Tensor = None  # mean over masked answer positions (detached)
     entropy: torch.Tensor = None  # mean over the masked positions predicted right (detached)
     accuracy: torch.Tensor = None  # share of masked positions predicted right (detached)
 
 
-def certainty_forcing_loss(model: torch.nn.Module, sequences: torch.Tensor, prompt_length: int, schedule,
-                           mask_token_id: int, block_size: int, t: torch.Tensor, mask_draw: torch.Tensor,
+def certainty_forcing_loss(model: torch.nn.Module, sequences: torch.Tensor, prompt_lengths: torch.Tensor | int,
+                           schedule, mask_token_id: int, block_size: int, t: torch.Tensor, mask_draw: torch.Tensor,
                            entropy_weight: float = 2.0, temperature: float = 0.5) -> CertaintyForcingLoss:
     """Mean cross-entropy over the masked answer positions of `sequences` (B, L) plus entropy_weight
     times the mean entropy of softmax(logits / temperature) over those of them the model already
-    predicts right. Answer blocks are masked as in block-diffusion training (t (B, num_blocks) and
-    mask_draw (B, L), drawn on the host); the prompt's `prompt_length` tokens are never masked."""
+    predicts right. Blocks are masked as in block-diffusion training (t (B, num_blocks) and
+    mask_draw (B, L), drawn on the host; blocks at absolute positions, as decoding places them);
+    a row's first prompt_lengths[b] tokens, its prompt, are never masked."""
     B, L = sequences.shape
-    device = sequences.device
-    if prompt_length % block_size:
-        raise ValueError(f"prompt_length {prompt_length} must be a multiple of block_size {block_size}: "
-                         "answers then start on a block boundary, as when decoding")
-    noise = mask_draw.device
-    answer = torch.arange(L, device=noise)[None, :].expand(B, L) >= prompt_length
-    t_pos = t.view(B, -1).repeat_interleave(block_size, dim=1)[:, :L]
-    is_masked = masked_positions(t_pos.to(noise), schedule, answer, draw=mask_draw)
+    num_blocks = -(-L // block_size)
+    if t.shape != (B, num_blocks) or mask_draw.shape != (B, L):
+        raise ValueError(f"t must be (B, num_blocks) = {(B, num_blocks)} and mask_draw (B, L) = {(B, L)}; "
+                         f"got {tuple(t.shape)} and {tuple(mask_draw.shape)}")
+    device, noise = sequences.device, mask_draw.device
+    prompt_lengths = torch.as_tensor(prompt_lengths, device=noise).expand(B)
+    answer = torch.arange(L, device=noise)[None, :] >= prompt_lengths[:, None]
+    t_pos = t.to(noise).repeat_interleave(block_size, dim=1)[:, :L]
+    is_masked = masked_positions(t_pos, schedule, answer, draw=mask_draw)
     index = is_masked.flatten().nonzero().squeeze(1)
     is_masked, index, t = (to_device(x, device) for x in (is_masked, index, t))
     x_t = torch.where(is_masked, mask_token_id, sequences)
-    logits = model(x_t, t, logits_mask=index, clean_input_ids=sequences).float()  # (N, V)
+    logits = model(x_t, t, logits_mask=index, clean_input_ids=sequences)  # (N, V), float32
     targets = sequences.flatten()[index]
     num_masked = max(int(index.numel()), 1)  # sums over no masked position are 0, not NaN
     cross_entropy_sum = F.cross_entropy(logits, targets, reduction="sum")
@@ -81,28 +93,33 @@ def certainty_forcing_loss(model: torch.nn.Module, sequences: torch.Tensor, prom
     entropy = -(log_p.exp() * log_p).sum(-1)
     certainty = (entropy * right).sum() / right.sum().clamp(min=1)
     loss = cross_entropy + entropy_weight * certainty
-    # nelbo_sum (what the trainer logs as the loss's sum) is the cross-entropy's here
-    return CertaintyForcingLoss(loss, cross_entropy_sum.detach(), int(answer.sum()), int(index.numel()),
+    # nelbo_sum (what the trainer logs as the loss's sum) is the cross-entropy's here; num_tokens
+    # counts every token the forward pass read, as tokens/s and MFU do in pre-training
+    return CertaintyForcingLoss(loss, cross_entropy_sum.detach(), B * L, int(index.numel()), int(answer.sum()),
                                 cross_entropy.detach(), certainty.detach(), (right.sum() / num_masked).detach())
 
 
 class CertaintyForcingTrainer(DistributedTrainer):
     """`DistributedTrainer` (strategies, checkpoints, logging, time budget) with the certainty-forcing
-    objective over batches of prompt + self-generated answer (all prompts `prompt_length` long)."""
+    objective, over batches {"input_ids" (B, L), "prompt_length" (B,)} (`self_generated_answers`)."""
 
-    def __init__(self, *args, prompt_length: int, entropy_weight: float = 2.0, temperature: float = 0.5,
+    def __init__(self, model: torch.nn.Module, *args, entropy_weight: float = 2.0, temperature: float = 0.5,
                  **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.block_size is None:
+        config = kwargs.get("model_config") or (args[1] if len(args) > 1 and args[1] is not None else model.config)
+        if config.attention_mode != "block_causal":  # checked before the strategy wraps the model
             raise ValueError("certainty forcing is for block-causal models (attention_mode: block_causal)")
-        if prompt_length % self.block_size:
-            raise ValueError(f"prompt_length {prompt_length} must be a multiple of block_size {self.block_size}")
-        self.prompt_length, self.entropy_weight, self.temperature = prompt_length, entropy_weight, temperature
+        super().__init__(model, *args, **kwargs)
+        self.entropy_weight, self.temperature = entropy_weight, temperature
 
     def training_step(self, batch, micro: int = 0) -> CertaintyForcingLoss:
-        sequences, _ = unpack_batch(batch, self.device)
+        if not isinstance(batch, dict) or "prompt_length" not in batch:
+            raise ValueError('certainty forcing needs batches {"input_ids", "prompt_length"} '
+                             "(see self_generated_answers)")
+        if batch.get("attention_mask") is not None:
+            raise ValueError("certainty forcing takes unpadded rows (no attention_mask)")
+        sequences = to_device(batch["input_ids"], self.device)
         t, draw = self._noise(sequences, micro)
         with self.autocast():
-            return certainty_forcing_loss(self.model, sequences, self.prompt_length, self.schedule,
+            return certainty_forcing_loss(self.model, sequences, batch["prompt_length"], self.schedule,
                                           self.model_config.mask_token_id, self.block_size, t, draw,
                                           self.entropy_weight, self.temperature)
