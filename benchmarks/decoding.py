@@ -43,8 +43,8 @@ SIZES = {  # model shape, training rows, prompts and answer length
     "small": dict(model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
                              num_key_value_heads=4, intermediate_size=1536), seq_len=512, batch=64, lr=1.5e-3,
                   prompts=128, gen=64, infill=128),
-    # For tokens-per-forward on a GPU: larger, compiled (Inductor's default mode: max-autotune's GEMM
-    # search would take minutes of a short run), trained for a fixed number of steps.
+    # For tokens-per-forward on a GPU (generation_speed.py --tpf-size medium): larger, compiled
+    # (Inductor's default mode: max-autotune's GEMM search would take minutes of a short run).
     "medium": dict(model=dict(vocab_size=8192, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                               num_key_value_heads=4, intermediate_size=2048), seq_len=512, batch=64, lr=1e-3,
                    prompts=128, gen=64, infill=128, compile="default"),

@@ -182,10 +182,13 @@ def trained_tpf(args, device: str) -> dict:
         t0 = time.perf_counter()
 
     from pllm.strategies import base as strategies_base
-    strategies_base.COORDINATE_DESCENT_TUNING = False  # its kernel search would eat a short run's minutes
-    model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
-                               names=("block32",), on_save=measure if args.tpf_every else None,
-                               save_interval=args.tpf_every, steps=args.tpf_steps, validate=True)["block32"]
+    tuning, strategies_base.COORDINATE_DESCENT_TUNING = strategies_base.COORDINATE_DESCENT_TUNING, False
+    try:  # coordinate descent's kernel search would eat a short run's minutes
+        model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
+                                   names=("block32",), on_save=measure if args.tpf_every else None,
+                                   save_interval=args.tpf_every, steps=args.tpf_steps, validate=True)["block32"]
+    finally:
+        strategies_base.COORDINATE_DESCENT_TUNING = tuning
     out = {"size": size, "model_parameters": model.num_parameters(), "train_seconds": args.train_seconds,
            "training": getattr(model, "train_metrics", None), **tpf(model)}
     if curve:  # the wall-clock budget included the measurements: the net training time is less
@@ -201,43 +204,44 @@ def trained_tpf(args, device: str) -> dict:
 
 def tpf_one_per_step(model, prompts, gen: int) -> list:
     """The model's answers decoded one token per forward pass (the distillation's teacher)."""
+    from pllm.certainty_forcing import one_token_per_forward
     from pllm.decoding import DecodeRules, decode_with_rules
 
-    cfg = GenerationConfig(max_new_tokens=gen, num_refinement_steps=gen, temperature=0.0, strategy="static",
-                           use_adaptive_steps=False)
-    result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts], [DecodeRules.from_config(cfg)] * len(prompts))
+    rules = DecodeRules.from_config(one_token_per_forward(gen, model.config.block_size or 1))
+    result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts], [rules] * len(prompts))
     return [a.cpu() for a in result.tokens]
 
 
 def certainty_forcing(args, model, corpus, device: str, val) -> dict:
     """Fine-tune `model` in place on its own answers (pllm.certainty_forcing) to prompts cut from the
-    training tokens, each a whole number of blocks long; then its validation ELBO on `val`."""
+    training tokens (one block's worth of lengths, so answers start anywhere in a block, as the
+    held-out prompts' do); then its validation ELBO on `val`."""
     from pllm import TrainingConfig
-    from pllm.certainty_forcing import CertaintyForcingTrainer, self_generated_sequences
+    from pllm.certainty_forcing import CertaintyForcingTrainer, self_generated_answers
 
     block, start = model.config.block_size, time.perf_counter()
-    prompt_len = max(block, args.prompt_len // block * block)
+    longest = max(block, args.prompt_len)
     rng = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, len(corpus.train_tokens) - prompt_len, (args.distill_prompts,), generator=rng)
+    starts = torch.randint(0, len(corpus.train_tokens) - longest, (args.distill_prompts,), generator=rng)
+    cuts = torch.randint(0, block, (args.distill_prompts,), generator=rng)
     tokens = torch.from_numpy(corpus.train_tokens.astype("int64"))
-    prompts = torch.stack([tokens[i:i + prompt_len] for i in starts.tolist()])
-    sequences = self_generated_sequences(model, prompts, args.gen, batch_size=256 if device == "cuda" else 8)
+    prompts = [tokens[i + cut:i + longest] for i, cut in zip(starts.tolist(), cuts.tolist())]
+    data = self_generated_answers(model, prompts, longest + args.gen, batch_size=256 if device == "cuda" else 8)
     generate_seconds = time.perf_counter() - start
-    cfg = TrainingConfig(batch_size=min(32, len(sequences)), seq_len=sequences.shape[1], learning_rate=args.distill_lr,
+    cfg = TrainingConfig(batch_size=min(32, len(data)), seq_len=longest + args.gen, learning_rate=args.distill_lr,
                          num_train_steps=args.distill_steps, max_train_minutes=args.distill_seconds / 60,
                          warmup_steps=20, eval_interval=10**9, log_interval=50, use_fsdp=False,
                          use_torch_compile=False, gradient_checkpointing=False,
                          mixed_precision="bf16" if device == "cuda" else "no",
                          output_dir=str(Path(args.work_dir) / "certainty-forcing"))
-    loader = torch.utils.data.DataLoader(sequences, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     trainer = CertaintyForcingTrainer(model, cfg, model.config, loader, val, device=device, show_progress=False,
-                                      on_save=lambda trainer: None, prompt_length=prompt_len,
-                                      entropy_weight=args.distill_entropy_weight)
+                                      on_save=lambda trainer: None, entropy_weight=args.distill_entropy_weight)
     metrics = trainer.train()
     model.eval()
-    print(f"certainty forcing: {len(sequences)} answers in {generate_seconds:.0f}s, {trainer.step} steps, "
+    print(f"certainty forcing: {len(data)} answers in {generate_seconds:.0f}s, {trainer.step} steps, "
           f"loss {metrics.get('loss', float('nan')):.3f}", flush=True)
-    return {"prompts": len(sequences), "prompt_len": prompt_len, "generate_seconds": generate_seconds,
+    return {"prompts": len(data), "prompt_lengths": [longest - block + 1, longest], "generate_seconds": generate_seconds,
             "steps": trainer.step, "entropy_weight": args.distill_entropy_weight, "lr": args.distill_lr,
             "seconds": time.perf_counter() - start, "final_loss": metrics.get("loss"),
             "val_elbo_nats": metrics.get("val_elbo_nats")}
@@ -322,7 +326,8 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__, "shape": args.shape,
-              "prompt_len": args.prompt_len, "stagger": args.stagger, "gen_tokens": args.gen, "rows": []}
+              "prompt_len": args.prompt_len, "stagger": args.stagger, "gen_tokens": args.gen, "args": vars(args),
+              "command": " ".join(sys.argv), "rows": []}
     out = Path(args.out)
 
     bandwidth, peak = measured_bandwidth(device), measured_matmul_peak(device)
@@ -333,6 +338,8 @@ def main() -> None:
     report["trained"] = trained_tpf(args, device)
     trained = report["trained"].get("certainty_forcing", report["trained"])  # the fine-tuned model's, if any
     tpf = trained[f"tpf_threshold_{args.thresholds[0]}"]
+    report["projected_with"] = {"tpf": tpf, "threshold": args.thresholds[0],
+                                "model": "certainty forcing" if trained is not report["trained"] else "trained"}
     print(f"trained small model: {report['trained']}", flush=True)
     write(report, out, stem)
     if args.tpf_only:

@@ -102,7 +102,10 @@ def main() -> None:
     want = ours(1)()
     for tile in args.tiles:
         got = ours(tile)()
-        assert all(torch.allclose(g.float(), v.float(), rtol=1e-3, atol=1e-3) for g, v in zip(got, want))
+        # tiles change only the order of the weight gradient's sums: fp32 results agree closely, the
+        # bf16 copy of the input gradient to within a bf16 rounding
+        for g, v, tol in zip(got, want, (1e-4, 1e-2, 1e-4)):
+            assert torch.allclose(g.float(), v.float(), rtol=tol, atol=tol), f"tiles of {tile} disagree"
         report["results"].append({"path": f"ours, tiles of {tile} row(s)", "seconds": timed(ours(tile), device,
                                                                                             args.repeats)})
     inductor = timed(baseline, device, args.repeats) - timed(forward_only, device, args.repeats)

@@ -11,7 +11,8 @@ row, writing h and the normalised row (already in the autocast dtype, which the 
 96 us, the memory time. The backward writes x's gradient and, in y's dtype, y's (the same values),
 with the weight's gradient summed per program, then over programs. Run one row at a time it took
 178 us, short of its memory time (`train_profile_1b_h200_add_rms_norm.txt`); it now takes a tile of
-rows at a time. Net, in one run on an H200: 1.017x the step's tokens/s (1.011x one row at a time).
+rows at a time. Net, in one run on an H200: 1.017x the step's tokens/s (1.011x with one row at a
+time, in another run: within run-to-run noise of each other).
 `add_rms_norm_reference` is the PyTorch definition, tested against and used on CPU.
 """
 
@@ -136,10 +137,11 @@ if HAS_TRITON:
         partial = torch.empty(programs, D, dtype=torch.float32, device=h.device)  # every program writes its row
         if rows:
             block = triton.next_power_of_2(D)
+            # at most 8K elements a tile: wider rows take fewer at a time (registers)
+            tile = max(1, min(TILE_ROWS, triton.next_power_of_2(ROWS_PER_PROGRAM), 8192 // block))
             _add_rms_norm_backward_kernel[(programs,)](h, weight, dh, dn, dx, dy, partial, rows, D, eps,
                                                        BLOCK=block, ROWS=ROWS_PER_PROGRAM,
-                                                       TILE=min(TILE_ROWS, triton.next_power_of_2(ROWS_PER_PROGRAM)),
-                                                       num_warps=_warps(block * TILE_ROWS))
+                                                       TILE=tile, num_warps=_warps(block * tile))
         return dx, dy, partial.sum(0).to(weight.dtype)
 
     @_add_rms_norm_backward_op.register_fake

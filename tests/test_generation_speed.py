@@ -21,6 +21,8 @@ def test_generation_speed_quick_run_writes_every_row(tmp_path):
     distilled = report["trained"]["certainty_forcing"]
     assert distilled["steps"] > 0 and distilled["tpf_threshold_0.7"] >= 1.0 and distilled["val_elbo_nats"] > 0
     assert 0 <= distilled["teacher_match_0.7"] <= 1 and 0 <= distilled["reference_match_0.7"] <= 1
+    assert report["projected_with"] == {"tpf": distilled["tpf_threshold_0.7"], "threshold": 0.7,
+                                        "model": "certainty forcing"}
     rows = {(r["batch"], r["path"].split(" ")[0]) for r in report["rows"]}
     assert rows == {(1, "fixed-shape"), (1, "eager"), (4, "fixed-shape"), (4, "eager")}
     for row in report["rows"]:
