@@ -110,6 +110,15 @@ class CertaintyForcingTrainer(DistributedTrainer):
             raise ValueError("certainty forcing is for block-causal models (attention_mode: block_causal)")
         super().__init__(model, *args, **kwargs)
         self.entropy_weight, self.temperature = entropy_weight, temperature
+        self._last: CertaintyForcingLoss | None = None
+
+    def _emit(self, metrics: dict[str, float]) -> None:
+        """Training log lines also get the last micro-batch's terms (read here, at log steps only:
+        reading them waits for the device)."""
+        if "loss" in metrics and self._last is not None:
+            metrics = {**metrics, "cross_entropy": float(self._last.cross_entropy),
+                       "entropy_of_right": float(self._last.entropy), "accuracy": float(self._last.accuracy)}
+        super()._emit(metrics)
 
     def training_step(self, batch, micro: int = 0) -> CertaintyForcingLoss:
         if not isinstance(batch, dict) or "prompt_length" not in batch:
@@ -120,6 +129,7 @@ class CertaintyForcingTrainer(DistributedTrainer):
         sequences = to_device(batch["input_ids"], self.device)
         t, draw = self._noise(sequences, micro)
         with self.autocast():
-            return certainty_forcing_loss(self.model, sequences, batch["prompt_length"], self.schedule,
-                                          self.model_config.mask_token_id, self.block_size, t, draw,
-                                          self.entropy_weight, self.temperature)
+            self._last = certainty_forcing_loss(self.model, sequences, batch["prompt_length"], self.schedule,
+                                                self.model_config.mask_token_id, self.block_size, t, draw,
+                                                self.entropy_weight, self.temperature)
+        return self._last

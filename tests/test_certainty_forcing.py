@@ -80,6 +80,9 @@ def test_certainty_forcing_raises_tokens_per_forward_and_keeps_the_answers(tmp_p
     trainer = CertaintyForcingTrainer(model, train_config(300, tmp_path / "cf", 5e-4), cfg, loader, device="cpu",
                                       show_progress=False, on_save=lambda trainer: None)
     trainer.train()
+    logged = [h for h in trainer.history if "loss" in h]
+    assert logged and all(0 <= h["accuracy"] <= 1 and h["entropy_of_right"] >= 0 for h in logged)
+    assert logged[-1]["loss"] == pytest.approx(logged[-1]["cross_entropy"] + 2 * logged[-1]["entropy_of_right"], rel=1e-4)
 
     tpf_after, answers_after = tpf_and_answers(model, prompts, threshold=0.9)
     ideal = cycle_continuation(prompts[:, -1])
