@@ -115,8 +115,8 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
                                num_train_steps=steps, max_train_minutes=(ar_seconds if name == "ar" else seconds) / 60, warmup_steps=100,
                                weight_decay=0.01, eval_interval=10**9, log_interval=50, use_fsdp=False,
                                **({"save_interval": save_interval} if on_save else {}),
-                               use_torch_compile=bool(spec.get("compile")) and device == "cuda",
-                               torch_compile_mode=spec.get("compile") or "max-autotune",
+                               use_torch_compile="compile" in spec and device == "cuda",
+                               **({"torch_compile_mode": spec["compile"]} if "compile" in spec else {}),
                                use_cuda_graphs=False, gradient_checkpointing=False,
                                mixed_precision="bf16" if device == "cuda" else "no", output_dir=str(path))
         torch.manual_seed(0)

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def timed(fn, device: str, repeats: int, calls: int = 10) -> float:
     """Seconds per fn() call: the median over `repeats` timings of `calls` back-to-back calls, so the

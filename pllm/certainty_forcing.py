@@ -103,12 +103,11 @@ class CertaintyForcingTrainer(DistributedTrainer):
     """`DistributedTrainer` (strategies, checkpoints, logging, time budget) with the certainty-forcing
     objective, over batches {"input_ids" (B, L), "prompt_length" (B,)} (`self_generated_answers`)."""
 
-    def __init__(self, model: torch.nn.Module, *args, entropy_weight: float = 2.0, temperature: float = 0.5,
-                 **kwargs):
-        config = kwargs.get("model_config") or (args[1] if len(args) > 1 and args[1] is not None else model.config)
-        if config.attention_mode != "block_causal":  # checked before the strategy wraps the model
+    def __init__(self, model: torch.nn.Module, train_config, model_config=None, *args, entropy_weight: float = 2.0,
+                 temperature: float = 0.5, **kwargs):
+        if (model_config or model.config).attention_mode != "block_causal":  # before the strategy wraps the model
             raise ValueError("certainty forcing is for block-causal models (attention_mode: block_causal)")
-        super().__init__(model, *args, **kwargs)
+        super().__init__(model, train_config, model_config, *args, **kwargs)
         self.entropy_weight, self.temperature = entropy_weight, temperature
         self._last: CertaintyForcingLoss | None = None
 

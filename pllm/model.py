@@ -181,7 +181,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (x, this block's MLP output), the latter not yet added to x: the next block adds
-        it, fused with its first norm (`add_rms_norm`); after the last block the model adds it.
+        it, fused with its first norm (`add_rms_norm`); after the last block `_blocks` adds it.
         pending: the previous block's MLP output (None for the first block, or one already added)."""
         if pending is None:
             h = self.attn_norm(x)
@@ -323,9 +323,7 @@ class DiffusionTransformer(nn.Module):
             # In x's dtype already: FSDP2's mixed precision casts a block's inputs in forward but not in
             # the backward recomputation, and checkpointing needs both to see the same tensors.
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        x, pending = self._blocks(x, cos, sin, mask)
-        x = x[:, :L] if pending is None else x[:, :L] + pending[:, :L]  # with clean_input_ids: the noisy half
-        x = self.norm(x)
+        x = self.norm(self._blocks(x, cos, sin, mask)[:, :L])  # with clean_input_ids: the noisy half only
         if logits_mask is not None:
             if logits_mask.dtype == torch.bool:
                 x = x[logits_mask]  # (N, D)
@@ -343,8 +341,9 @@ class DiffusionTransformer(nn.Module):
             return logits, logits.softmax(-1).amax(-1)
         return logits
 
-    def _blocks(self, x, cos, sin, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """All blocks: (x, the last block's MLP output, not yet added to x; None if already added)."""
+    def _blocks(self, x, cos, sin, mask) -> torch.Tensor:
+        """All blocks; each hands its MLP output to the next, whose first norm adds it (the last
+        block's is added here)."""
         pending = None
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -354,7 +353,7 @@ class DiffusionTransformer(nn.Module):
                 x, pending = x + pending, None
             else:
                 x, pending = block(x, cos, sin, mask, pending)
-        return x, pending
+        return x if pending is None else x + pending
 
     def _noisy_and_clean_mask(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Block-diffusion training mask (B, 1, 2L, 2L) over [noisy | clean]: a noisy block sees
@@ -413,8 +412,7 @@ class DiffusionTransformer(nn.Module):
             masks=[self._segment_mask(a, b, n, device) for (a, b), n in zip(spans, visible)])
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         x = self.embed_tokens(torch.cat([seg.tokens[a:b].to(device) for (a, b), seg in zip(spans, segments)])[None])
-        x, pending = self._blocks(x, cos, sin, packed)
-        x = x + pending if pending is not None else x
+        x = self._blocks(x, cos, sin, packed)
         index = torch.cat([seg.logit_positions.to(device) - a + start
                            for seg, (a, _), start in zip(segments, spans, starts)])
         wanted = index.numel()
@@ -460,8 +458,7 @@ class DiffusionTransformer(nn.Module):
             for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
                 x, h = block.fused_step(x, h, cos, sin, step, next_norm)
         else:
-            x, pending = self._blocks(x, cos, sin, step)
-            x = x + pending if pending is not None else x
+            x = self._blocks(x, cos, sin, step)
         if num_logits == 0:
             return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
         h = h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:])
