@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .backend import HAS_TRITON, use_triton
 
 FILL_SMS = True  # smaller query tiles while the programs do not fill the GPU (False: always 64; A/B)
+SPLIT_KEYS = True  # split the keys across programs at small batch (False: never; A/B)
 
 
 def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -32,6 +33,9 @@ def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                          f"{tuple(value.shape)}, bias {tuple(bias.shape)} {bias.dtype} (needs key/value (B, KV, Lk, "
                          "hd) with KV | H and an additive (B, 1, Lq, Lk) bias)")
     if runs_kernel(query, key, value, bias):
+        splits = key_splits(query, key)
+        if splits > 1:
+            return _split_keys_triton(query, key, value, bias, splits)
         return _bias_attention_triton(query, key, value, bias)
     return bias_attention_reference(query, key, value, bias)
 
@@ -69,6 +73,30 @@ def query_tile(batch: int, heads: int, queries: int, sms: int | None) -> int:
     while FILL_SMS and sms and tile > 16 and batch * heads * -(-queries // tile) < sms:
         tile //= 2
     return tile
+
+
+KEY_TILE = 64  # keys per loop iteration in both kernels
+
+
+def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -> int:
+    """Key slices for the split-keys kernel (flash-decoding): 1 (the plain kernel) unless the plain
+    kernel's programs would leave SMs idle (small batch). Then each program takes one key/value
+    head's G query heads x a few queries over one slice of the keys, and enough slices give about
+    two programs per SM; a second kernel merges the slices' softmax statistics. At batch 1 the
+    plain kernel's programs each walk all keys in turn, so the step's attention time grew with the
+    key length; split, every program walks a tile or two."""
+    B, H, Lq, _ = query.shape
+    KV, Lk = key.shape[1], key.shape[2]
+    groups = H // KV
+    if sms is None:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
+    tiles = -(-Lk // KEY_TILE)
+    if not SPLIT_KEYS or groups & (groups - 1) or groups > 64 or tiles < 2:
+        return 1
+    if B * H * -(-Lq // query_tile(B, H, Lq, sms)) >= 2 * sms:
+        return 1
+    programs = B * KV * -(-Lq // max(1, 64 // groups))
+    return max(1, min(tiles, -(-2 * sms // programs)))
 
 
 def bias_attention_reference(query, key, value, bias) -> torch.Tensor:
@@ -119,6 +147,100 @@ if HAS_TRITON:
                  mask=m_ok[:, None])
 
 
+    @triton.jit
+    def _split_keys_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, max_ptr, sum_ptr, B, Lq, Lk, H, KV,
+                           keys_per_split, scale, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                           s_bb, s_bm, s_bn, GROUPS: tl.constexpr, QT: tl.constexpr, HD: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        """Program (key slice, (b, key/value head, query tile)): rows = the head's GROUPS query heads
+        x QT queries; writes the slice's unnormalised output, row max and row sum (float32)."""
+        split, pid = tl.program_id(0), tl.program_id(1)
+        q_tiles = tl.cdiv(Lq, QT)
+        bkv, qt = pid // q_tiles, pid % q_tiles
+        b, kv = (bkv // KV).to(tl.int64), bkv % KV
+        r = tl.arange(0, GROUPS * QT)
+        h = kv * GROUPS + r // QT
+        m = qt * QT + r % QT
+        m_ok = m < Lq
+        d = tl.arange(0, HD)
+        q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + m[:, None] * s_qm + d[None, :], mask=m_ok[:, None],
+                    other=0.0)
+        k_base = k_ptr + b * s_kb + kv * s_kh
+        v_base = v_ptr + b * s_vb + kv * s_vh
+        bias_base = bias_ptr + b * s_bb + m[:, None] * s_bm
+        row_max = tl.full([GROUPS * QT], float("-inf"), tl.float32)
+        row_sum = tl.zeros([GROUPS * QT], tl.float32)
+        acc = tl.zeros([GROUPS * QT, HD], tl.float32)
+        lo = split * keys_per_split
+        for start in range(lo, tl.minimum(lo + keys_per_split, Lk), BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < Lk
+            k = tl.load(k_base + n[None, :] * s_kn + d[:, None], mask=n_ok[None, :], other=0.0)  # (HD, BLOCK_N)
+            s = tl.dot(q, k) * scale
+            s += tl.load(bias_base + n[None, :] * s_bn, mask=m_ok[:, None] & n_ok[None, :],
+                         other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(row_max, tl.max(s, axis=1))
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
+            p = tl.exp(s - safe[:, None])
+            correction = tl.exp(row_max - safe)
+            row_sum = row_sum * correction + tl.sum(p, axis=1)
+            v = tl.load(v_base + n[:, None] * s_vn + d[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, HD)
+            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
+            row_max = new_max
+        row = ((split * B + b) * H + h) * Lq + m  # (split, B, H, Lq) rows
+        tl.store(o_ptr + row[:, None] * HD + d[None, :], acc, mask=m_ok[:, None])
+        tl.store(max_ptr + row, row_max, mask=m_ok)
+        tl.store(sum_ptr + row, row_sum, mask=m_ok)
+
+    @triton.jit
+    def _merge_kernel(o_part_ptr, max_ptr, sum_ptr, out_ptr, rows, splits, Lq, H, s_ob, s_om, s_oh,
+                      ROWS: tl.constexpr, HD: tl.constexpr):
+        """Rows (b, h, query) of the key slices' partial results -> the softmax over all keys."""
+        row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        ok = row < rows
+        d = tl.arange(0, HD)
+        best = tl.full([ROWS], float("-inf"), tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HD], tl.float32)
+        for s in range(splits):
+            at = s * rows + row
+            part_max = tl.load(max_ptr + at, mask=ok, other=float("-inf"))
+            new = tl.maximum(best, part_max)
+            safe = tl.where(new == float("-inf"), 0.0, new)
+            keep, take = tl.exp(best - safe), tl.exp(part_max - safe)
+            total = total * keep + tl.load(sum_ptr + at, mask=ok, other=0.0) * take
+            part = tl.load(o_part_ptr + at[:, None].to(tl.int64) * HD + d[None, :], mask=ok[:, None], other=0.0)
+            acc = acc * keep[:, None] + part * take[:, None]
+            best = new
+        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        b, h, m = row // (H * Lq), (row // Lq) % H, row % Lq
+        tl.store(out_ptr + b[:, None].to(tl.int64) * s_ob + m[:, None] * s_om + h[:, None] * s_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
+    B, H, Lq, hd = query.shape
+    KV, Lk = key.shape[1], key.shape[2]
+    groups = H // KV
+    qt = max(1, 64 // groups)
+    per_split = -(-(-(-Lk // KEY_TILE)) // splits) * KEY_TILE
+    splits = -(-Lk // per_split)
+    bias = bias.expand(B, 1, Lq, Lk)
+    o_part = torch.empty(splits, B, H, Lq, hd, dtype=torch.float32, device=query.device)
+    stats = torch.empty(2, splits, B, H, Lq, dtype=torch.float32, device=query.device)
+    _split_keys_kernel[(splits, B * KV * triton.cdiv(Lq, qt))](
+        query, key, value, bias, o_part, stats[0], stats[1], B, Lq, Lk, H, KV, per_split, hd ** -0.5,
+        query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
+        GROUPS=groups, QT=qt, HD=hd, BLOCK_N=KEY_TILE, num_warps=4, num_stages=2)
+    out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
+    rows, per_program = B * H * Lq, 32
+    _merge_kernel[(triton.cdiv(rows, per_program),)](
+        o_part, stats[0], stats[1], out, rows, splits, Lq, H, out.stride(0), out.stride(1), out.stride(2),
+        ROWS=per_program, HD=hd, num_warps=4)
+    return out.transpose(1, 2)
+
+
 def _bias_attention_triton(query, key, value, bias) -> torch.Tensor:
     B, H, Lq, hd = query.shape
     Lk = key.shape[2]
@@ -132,5 +254,5 @@ def _bias_attention_triton(query, key, value, bias) -> torch.Tensor:
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
         out.stride(0), out.stride(1), out.stride(2), GROUPS=H // key.shape[1], HD=hd, BLOCK_M=block_m,
-        BLOCK_N=64, num_warps=4, num_stages=2)
+        BLOCK_N=KEY_TILE, num_warps=4, num_stages=2)
     return out.transpose(1, 2)

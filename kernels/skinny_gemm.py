@@ -1,0 +1,148 @@
+"""Skinny GEMMs for the decoding step at small batch: `skinny_linear` (x @ W.T, optionally split
+over K into float32 partial sums) and `silu_mul_linear` (the SwiGLU gate | up matmul with
+silu(gate) * up in its epilogue).
+
+At batch 1 the step's matmuls have 64 rows (a window of two 32-token blocks): they are weight
+reads, and cuBLAS's tiles leave many of the H200's 132 SMs idle for the smaller projections (see
+benchmarks/RESULTS.md). Here every program owns a narrow band of output columns and, where that
+still leaves SMs idle, a slice of K, so every SM streams weights. A split's partial sums are
+float32 (S, M, N); the caller folds their sum into the next elementwise kernel (the residual add
++ RMSNorm), so no separate reduction kernel runs. The gated form reads the gate rows and the
+matching up rows of the fused weight in one program, so the (M, 2I) gate | up output and the SiLU
+kernel disappear. Tile shapes per weight shape come from `benchmarks/decode_kernels.py`, which
+times every candidate inside CUDA graphs, as the step runs (timing one launch at a time measures
+Triton's host-side launch instead). Elsewhere (CPU, no Triton) the references run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .backend import HAS_TRITON, use_triton
+
+MAX_ROWS = 64  # one row tile: the decoding step's window at batch 1
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
+                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T. split == 1: (..., N) in x's dtype. split > 1: float32 partial
+    sums (split, ..., N) over K slices, whose sum is the product. config: (block_n, block_k,
+    stages) for the kernel (default: `default_config`)."""
+    if split < 1:
+        raise ValueError(f"skinny_linear: split must be >= 1, got {split}")
+    rows = x.numel() // x.shape[-1]
+    if not runs_kernel(x, weight):
+        return skinny_linear_reference(x, weight, split)
+    x2 = x.reshape(rows, x.shape[-1])
+    out = _launch(x2, weight, split, gated=False, config=config)
+    return out.view(*((split,) if split > 1 else ()), *x.shape[:-1], out.shape[-1])
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for weight (2I, K) = rows gate | up; returns (..., I)."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"silu_mul_linear: weight rows {weight.shape[0]} are not gate | up halves")
+    if not runs_kernel(x, weight):
+        return silu_mul_linear_reference(x, weight)
+    x2 = x.reshape(-1, x.shape[-1])
+    return _launch(x2, weight, 1, gated=True, config=config).view(*x.shape[:-1], weight.shape[0] // 2)
+
+
+def runs_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The Triton kernel for half-precision CUDA tensors of at most MAX_ROWS rows (under the CPU
+    interpreter float16 only: it multiplies bfloat16 dots' raw bits), a contiguous weight and a K
+    of whole 64-element tiles."""
+    dtypes = (torch.float16,) if os.environ.get("TRITON_INTERPRET") == "1" else (torch.float16, torch.bfloat16)
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (use_triton(x, weight) and 0 < rows <= MAX_ROWS and x.dtype in dtypes and weight.dtype == x.dtype
+            and weight.dim() == 2 and weight.is_contiguous() and x.shape[-1] == weight.shape[1]
+            and weight.shape[1] % 64 == 0 and x.is_contiguous())
+
+
+def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor, split: int = 1) -> torch.Tensor:
+    """The definition; with split > 1, partial sums in float32 (the whole product in the first)."""
+    if split == 1:
+        return F.linear(x, weight)
+    product = F.linear(x.float(), weight.float())
+    return torch.stack([product] + [torch.zeros_like(product)] * (split - 1))
+
+
+def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, weight).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, int, int]:
+    """(block_n, block_k, stages) by weight shape, from the in-graph sweep on an H200
+    (`benchmarks/decode_kernels.py`); other shapes get the middle of that sweep."""
+    return CONFIGS.get((n, k, split, gated), (64, 128, 4))
+
+
+# (N, K, split, gated) -> (block_n, block_k, stages); filled from benchmarks/decode_kernels.py.
+CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {}
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, half,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GATED: tl.constexpr, PARTIAL: tl.constexpr):
+        """Program (n tile, k slice): out[:, n tile] (+)= x[:, k slice] @ W[n tile, k slice].T; with
+        GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written."""
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        m = tl.arange(0, BLOCK_M)
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kk = tl.arange(0, BLOCK_K)
+        n_ok = n < (half if GATED else N)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        x_ptrs = x_ptr + m[:, None] * K + (k_lo + kk)[None, :]
+        w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + (k_lo + kk)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GATED:
+            up_ptrs = w_ptrs + half * K
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for _ in range(k_lo, k_hi, BLOCK_K):  # K and k_per_split are whole tiles (checked on launch)
+            x = tl.load(x_ptrs, mask=m[:, None] < M, other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)
+            if GATED:
+                u = tl.load(up_ptrs, mask=n_ok[:, None], other=0.0)
+                acc_up = tl.dot(x, tl.trans(u), acc_up)
+                up_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        ok = (m[:, None] < M) & n_ok[None, :]
+        if GATED:
+            out = acc / (1.0 + tl.exp(-acc)) * acc_up
+            tl.store(out_ptr + m[:, None] * half + n[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+        elif PARTIAL:
+            tl.store(out_ptr + pid_k * M * N + m[:, None] * N + n[None, :], acc, mask=ok)
+        else:
+            tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, config) -> torch.Tensor:
+    (M, K), N = x.shape, weight.shape[0]
+    block_n, block_k, stages = config or default_config(N, K, split, gated)
+    block_k = min(block_k, K)
+    if K % block_k:
+        block_k = 64
+    tiles = K // block_k
+    k_per_split = -(-tiles // split) * block_k
+    width = N // 2 if gated else N
+    if split > 1:  # a split with no K of its own writes zeros
+        out = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty(M, width, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(width, block_n), split)
+    _skinny_kernel[grid](x, weight, out, M, N, K, k_per_split, N // 2, BLOCK_M=max(16, triton.next_power_of_2(M)),
+                         BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, PARTIAL=split > 1, num_warps=4,
+                         num_stages=stages)
+    return out
