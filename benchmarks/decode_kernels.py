@@ -19,6 +19,7 @@ launch at a time measures the host: a Triton launch from Python costs more than 
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import subprocess
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pllm.kernels import bias_attention as attention_module
+attention_module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports the function
 from pllm.kernels.skinny_gemm import silu_mul_linear, skinny_linear
 from pllm.model import _add_rms_norm, _silu_mul, fused
 

@@ -313,6 +313,8 @@ def main() -> None:
     p.add_argument("--distill-entropy-weight", type=float, default=2.0)
     p.add_argument("--hf-tokens", type=int, default=64, help="new tokens per HF generate call")
     p.add_argument("--skip-eager", action="store_true", help="skip the eager packed-path baseline")
+    p.add_argument("--baseline-kernels", action="store_true",
+                   help="the step without the skinny GEMMs and split-keys attention (cuBLAS, plain kernel; A/B)")
     p.add_argument("--tpf-only", action="store_true", help="only train the small model and measure its TPF")
     p.add_argument("--work-dir", default="runs/generation-bench")
     p.add_argument("--out", default="benchmarks/results")
@@ -322,7 +324,12 @@ def main() -> None:
         args.shape, args.gen, args.prompt_len, args.batches = "tiny", 32, 16, [1, 4]
         args.train_seconds, args.tpf_prompts, args.hf_tokens, args.thresholds = 20.0, 4, 8, [0.7]
     device = args.device
-    stem = f"generation_speed_{args.shape}_{device}"
+    stem = f"generation_speed_{args.shape}_{device}" + ("_baseline_kernels" if args.baseline_kernels else "")
+    if args.baseline_kernels:
+        from pllm.kernels import skinny_gemm
+
+        skinny_gemm.USE_SKINNY = False
+        importlib.import_module("pllm.kernels.bias_attention").SPLIT_KEYS = False
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__, "shape": args.shape,

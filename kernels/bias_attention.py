@@ -93,7 +93,10 @@ def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -
     tiles = -(-Lk // KEY_TILE)
     if not SPLIT_KEYS or groups & (groups - 1) or groups > 64 or tiles < 2:
         return 1
-    if B * H * -(-Lq // query_tile(B, H, Lq, sms)) >= 2 * sms:
+    # Measured in-graph on an H200 (benchmarks/decode_kernels.py, 64 queries, 32 / 4 heads): the
+    # split pays from 1,024 keys at batch 1 (12.6 against 16.6 us) and 512 at batch 2 (10.0 against
+    # 11.6), not at 256-512 keys at batch 1 (7.7 against 5.8 us at 256) or at batch 16.
+    if B * H * -(-Lq // query_tile(B, H, Lq, sms)) >= 2 * sms or B * Lk < 1024:
         return 1
     programs = B * KV * -(-Lq // max(1, 64 // groups))
     return max(1, min(tiles, -(-2 * sms // programs)))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .backend import HAS_TRITON, use_triton
 
 MAX_ROWS = 64  # one row tile: the decoding step's window at batch 1
+USE_SKINNY = True  # the decoding step takes these kernels where they were measured to pay (False: cuBLAS; A/B)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
@@ -49,6 +50,24 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, in
         return silu_mul_linear_reference(x, weight)
     x2 = x.reshape(-1, x.shape[-1])
     return _launch(x2, weight, 1, gated=True, config=config).view(*x.shape[:-1], weight.shape[0] // 2)
+
+
+def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The decoding step's x @ weight.T: the skinny kernel for the weight shapes where the in-graph
+    sweep measured it faster than cuBLAS (`CONFIGS`), else cuBLAS."""
+    config = CONFIGS.get((*weight.shape, 1, False))
+    if USE_SKINNY and config and runs_kernel(x, weight):
+        return skinny_linear(x, weight, 1, config)
+    return F.linear(x, weight)
+
+
+def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul) -> torch.Tensor:
+    """The decoding step's SwiGLU input: the gated kernel where it was measured faster, else cuBLAS
+    and `silu_mul` (a callable of gate and up)."""
+    config = CONFIGS.get((*weight.shape, 1, True))
+    if USE_SKINNY and config and runs_kernel(x, weight):
+        return silu_mul_linear(x, weight, config)
+    return silu_mul(*F.linear(x, weight).chunk(2, dim=-1))
 
 
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -81,8 +100,14 @@ def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, int, i
     return CONFIGS.get((n, k, split, gated), (64, 128, 4))
 
 
-# (N, K, split, gated) -> (block_n, block_k, stages); filled from benchmarks/decode_kernels.py.
-CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {}
+# (N, K, split, gated) -> (block_n, block_k, stages): the shapes where the kernel beat cuBLAS in
+# benchmarks/decode_kernels.py (H200, 64 rows, ~1.1B model; benchmarks/RESULTS.md): gate | up with
+# SiLU * up, 15.1 us against 18.4 for cuBLAS + the SiLU kernel; o_proj (with the add + RMSNorm
+# after it), 9.3 against 9.9. Elsewhere (qkv 7.2 against 6.8, down 14.9 against 15.2) cuBLAS stays.
+CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {
+    (11264, 2048, 1, True): (64, 128, 4),
+    (2048, 2048, 1, False): (16, 256, 4),
+}
 
 
 if HAS_TRITON:

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
+from .kernels.skinny_gemm import step_linear, step_silu_mul_linear
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -79,6 +80,7 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x)
         if isinstance(mask, StaticStep):
             y = self._static_step_attention(qkv, cos, sin, mask)
+            return step_linear(y.transpose(1, 2).reshape(B, L, D), self.o_proj.weight)
         else:
             # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
             # rotary and their backward then read and write in memory order (no transposing copies),
@@ -151,9 +153,6 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self._register_load_state_dict_pre_hook(_fuse_rows("gate_up_proj", ("gate_proj", "up_proj")))
 
-    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.gate_up_proj(x).chunk(2, dim=-1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))  # a Triton op with its own backward on GPU
 
@@ -196,8 +195,8 @@ class Block(nn.Module):
         in, and (output, next_norm(output)) go out, so every residual add runs fused with the norm
         that follows it (the next block's attention norm, or the final norm)."""
         x, h = fused(_add_rms_norm)(x, self.attn(h, cos, sin, step), self.mlp_norm.weight, self.mlp_norm.eps)
-        return fused(_add_rms_norm)(x, self.mlp.down_proj(fused(_silu_mul)(*self.mlp.gate_up(h))),
-                                    next_norm.weight, next_norm.eps)
+        act = step_silu_mul_linear(h, self.mlp.gate_up_proj.weight, fused(_silu_mul))
+        return fused(_add_rms_norm)(x, self.mlp.down_proj(act), next_norm.weight, next_norm.eps)
 
 
 class DiffusionTransformer(nn.Module):

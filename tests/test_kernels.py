@@ -444,6 +444,110 @@ def test_model_through_rotate_qkv_and_add_rms_norm_ops_equals_the_reference_path
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows, n, k, split", [(64, 96, 256, 1), (5, 80, 192, 2), (64, 64, 512, 4), (17, 48, 128, 3),
+                                                (64, 32, 128, 4)])
+def test_skinny_linear_and_its_gated_form_equal_the_definition(rows, n, k, split):
+    # Partial sums over K slices add up to the product (a split may get no K slice of its own:
+    # 128 = 2 tiles over 4 splits); the gated form is silu(x @ gate.T) * (x @ up.T).
+    from pllm.kernels.skinny_gemm import runs_kernel, silu_mul_linear, skinny_linear
+
+    torch.manual_seed(rows + split)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    x = torch.randn(2, rows // 2 or 1, k, device=DEVICE).to(dtype) if rows % 2 == 0 else torch.randn(rows, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    want = x.float() @ w.float().T
+    for config in [None, (16, 64, 2), (32, 128, 3)]:
+        out = skinny_linear(x, w, split, config)
+        assert out.shape == ((split,) if split > 1 else ()) + (*x.shape[:-1], n)
+        assert out.dtype == (torch.float32 if split > 1 else dtype)
+        got = out.float().sum(0) if split > 1 else out.float()
+        assert (got - want).norm() / want.norm() < tolerance(dtype, 2)
+        gate, up = want.chunk(2, -1)
+        gated = silu_mul_linear(x, w, config)
+        assert gated.shape == (*x.shape[:-1], n // 2) and gated.dtype == dtype
+        assert (gated.float() - F.silu(gate) * up).norm() / (F.silu(gate) * up).norm() < tolerance(dtype, 2)
+    assert runs_kernel(x, w) == (use_triton(x) and (DEVICE == "cuda" or dtype == torch.float16))
+    assert not runs_kernel(torch.randn(65, k, device=DEVICE).to(dtype), w)  # more rows than one tile: cuBLAS
+    with pytest.raises(ValueError, match="split"):
+        skinny_linear(x, w, 0)
+
+
+def test_the_step_takes_skinny_kernels_only_for_measured_shapes(monkeypatch):
+    from pllm.kernels import skinny_gemm
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    x = torch.randn(64, 128, device=DEVICE).to(dtype)
+    w = (torch.randn(96, 128, device=DEVICE) / 128**0.5).to(dtype)
+    calls = []
+    def launch(x, w, split, gated, config):  # records which kernel the step asked for
+        calls.append(gated)
+        return F.linear(x, w)[:, :w.shape[0] // 2] if gated else F.linear(x, w)
+
+    monkeypatch.setattr(skinny_gemm, "_launch", launch)
+    skinny_gemm.step_linear(x, w)
+    skinny_gemm.step_silu_mul_linear(x, w, lambda g, u: F.silu(g) * u)
+    assert calls == []  # an unmeasured shape stays on cuBLAS
+    monkeypatch.setitem(skinny_gemm.CONFIGS, (96, 128, 1, False), (16, 64, 2))
+    monkeypatch.setitem(skinny_gemm.CONFIGS, (96, 128, 1, True), (16, 64, 2))
+    skinny_gemm.step_linear(x, w)
+    skinny_gemm.step_silu_mul_linear(x, w, lambda g, u: F.silu(g) * u)
+    assert calls == ([False, True] if skinny_gemm.runs_kernel(x, w) else [])
+    monkeypatch.setattr(skinny_gemm, "USE_SKINNY", False)
+    skinny_gemm.step_linear(x, w)
+    assert len(calls) == (2 if skinny_gemm.runs_kernel(x, w) else 0)
+
+
+@pytest.mark.parametrize("queries", [64, 5])
+def test_bias_attention_split_over_keys_equals_the_definition(queries):
+    # Long enough for the split-keys path (flash-decoding: key slices merged by their softmax
+    # statistics), with key slices that see no key for some queries.
+    module = importlib.import_module("pllm.kernels.bias_attention")
+    torch.manual_seed(10)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    B, H, KV, hd, Lk = 2, 8, 2, 32, 600
+    q = torch.randn(B, H, queries, hd, device=DEVICE).to(dtype)
+    cache = torch.randn(B, 2, KV, 640, hd, device=DEVICE).to(dtype)
+    k, v = cache[:, 0, :, :Lk], cache[:, 1, :, :Lk]
+    mask = torch.rand(B, 1, queries, Lk, device=DEVICE) < 0.3
+    mask[..., 400:] = False  # the last slices see nothing
+    mask[..., 7] = True
+    bias = torch.zeros(mask.shape, device=DEVICE).masked_fill_(~mask, float("-inf")).to(dtype)
+    assert module.key_splits(q, k, sms=132) > 1
+    assert module.key_splits(q[:, :, :, :], k[:, :, :256], sms=132) == 1  # short: the plain kernel
+    want = _attention_by_definition(q.float(), k.float(), v.float(), mask)
+    got = bias_attention(q, k, v, bias)
+    assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 4)
+    if use_triton(q):
+        assert got.transpose(1, 2).is_contiguous()
+        plain = module._bias_attention_triton(q, k, v, bias)
+        assert (plain.float() - want).norm() / want.norm() < tolerance(dtype, 4)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the 1.1B shapes' kernels run on a GPU")
+def test_decoding_step_with_skinny_kernels_equals_cublas():
+    # The shapes the table sends to the skinny kernels, through the model's fixed-shape step.
+    from pllm import DiffusionTransformer, ModelConfig
+    from pllm.kernels import skinny_gemm
+
+    torch.manual_seed(11)
+    cfg = ModelConfig(vocab_size=4096, hidden_size=2048, num_hidden_layers=2, num_attention_heads=32,
+                      num_key_value_heads=4, intermediate_size=5632, max_position_embeddings=512,
+                      attention_mode="block_causal", block_size=32)
+    model = DiffusionTransformer(cfg).to("cuda", torch.bfloat16).eval()
+    tokens = torch.randint(4, 4096, (1, 64), device="cuda")
+    positions = torch.arange(64, 128, device="cuda")[None]
+    limits = torch.tensor([128], device="cuda")
+    logits = []
+    for use in (True, False):
+        skinny_gemm.USE_SKINNY = use
+        try:
+            cache = model.new_static_cache(1)
+            logits.append(model.forward_static(tokens, positions, limits, cache, slice(0, 1), 32, fused_ops=True))
+        finally:
+            skinny_gemm.USE_SKINNY = True
+    assert (logits[0] - logits[1]).norm() / logits[1].norm() < 2e-2
+
+
 def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
     module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports a function of that name
     tile = module.query_tile
@@ -468,7 +572,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or skinny or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout
