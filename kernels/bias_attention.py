@@ -8,8 +8,9 @@ the `transpose(1, 2).reshape(B, Lq, H * hd)` that feeds the output projection is
 cuDNN that reshape was a copy kernel per layer. On an H200, in the 1.1B model's step
 (benchmarks/RESULTS.md), the kernel takes 57 us per layer at batch 16 over 512 keys (cuDNN: 68),
 and the graph replays 8% faster at batch 1 (256 keys) and batch 16. `fused_attention` runs it where
-it was measured to pay. `bias_attention_reference` (SDPA) is what it is tested against and what
-runs elsewhere.
+it was measured to pay. At small batch and long keys (`key_splits`) the keys are split across programs
+and a second kernel merges the slices (flash-decoding). `bias_attention_reference` (SDPA) is what
+it is tested against and what runs elsewhere.
 """
 
 from __future__ import annotations

@@ -3,15 +3,14 @@ over K into float32 partial sums) and `silu_mul_linear` (the SwiGLU gate | up ma
 silu(gate) * up in its epilogue).
 
 At batch 1 the step's matmuls have 64 rows (a window of two 32-token blocks): they are weight
-reads, and cuBLAS's tiles leave many of the H200's 132 SMs idle for the smaller projections (see
-benchmarks/RESULTS.md). Here every program owns a narrow band of output columns and, where that
-still leaves SMs idle, a slice of K, so every SM streams weights. A split's partial sums are
-float32 (S, M, N); the caller folds their sum into the next elementwise kernel (the residual add
-+ RMSNorm), so no separate reduction kernel runs. The gated form reads the gate rows and the
-matching up rows of the fused weight in one program, so the (M, 2I) gate | up output and the SiLU
-kernel disappear. Tile shapes per weight shape come from `benchmarks/decode_kernels.py`, which
-times every candidate inside CUDA graphs, as the step runs (timing one launch at a time measures
-Triton's host-side launch instead). Elsewhere (CPU, no Triton) the references run.
+reads of 8-46 MB. Every program owns a narrow band of output columns and, optionally, a slice of
+K, written as float32 partial sums (S, M, N) for the caller to fold into its next elementwise
+kernel. The gated form reads the gate rows and the matching up rows of the fused weight in one
+program, so the (M, 2I) gate | up output and the SiLU kernel disappear. Measured inside CUDA
+graphs (`benchmarks/decode_kernels.py`; timing one launch at a time measures Triton's host-side
+launch instead), on an H200 the gated form is 1.21x cuBLAS + the SiLU kernel and o_proj 1.07x; the
+other projections gain nothing (each call's ramp and tail, not its tiles, dominate), so the step
+uses these kernels only for the shapes in `CONFIGS`. Elsewhere (CPU, no Triton) the references run.
 """
 
 from __future__ import annotations
