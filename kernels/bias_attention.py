@@ -114,6 +114,25 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _key_tile(q, k_base, v_base, bias_base, start, Lk, m_ok, d, row_max, row_sum, acc, s_kn, s_vn, s_bn, scale,
+                  BLOCK_N: tl.constexpr):
+        """One tile of BLOCK_N keys from `start` into the online softmax (row max, row sum, output)."""
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < Lk
+        k = tl.load(k_base + n[None, :] * s_kn + d[:, None], mask=n_ok[None, :], other=0.0)  # (HD, BLOCK_N)
+        s = tl.dot(q, k) * scale
+        s += tl.load(bias_base + n[None, :] * s_bn, mask=m_ok[:, None] & n_ok[None, :],
+                     other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(row_max, tl.max(s, axis=1))
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
+        p = tl.exp(s - safe[:, None])
+        correction = tl.exp(row_max - safe)
+        row_sum = row_sum * correction + tl.sum(p, axis=1)
+        v = tl.load(v_base + n[:, None] * s_vn + d[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, HD)
+        acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
+        return new_max, row_sum, acc
+
+    @triton.jit
     def _bias_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, Lq, Lk, H, scale,
                                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bm, s_bn,
                                s_ob, s_om, s_oh, GROUPS: tl.constexpr, HD: tl.constexpr,
@@ -132,24 +151,11 @@ if HAS_TRITON:
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HD], tl.float32)
         for start in range(0, Lk, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < Lk
-            k = tl.load(k_base + n[None, :] * s_kn + d[:, None], mask=n_ok[None, :], other=0.0)  # (HD, BLOCK_N)
-            s = tl.dot(q, k) * scale
-            s += tl.load(bias_base + n[None, :] * s_bn, mask=m_ok[:, None] & n_ok[None, :],
-                         other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(row_max, tl.max(s, axis=1))
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
-            p = tl.exp(s - safe[:, None])
-            correction = tl.exp(row_max - safe)
-            row_sum = row_sum * correction + tl.sum(p, axis=1)
-            v = tl.load(v_base + n[:, None] * s_vn + d[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, HD)
-            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
-            row_max = new_max
+            row_max, row_sum, acc = _key_tile(q, k_base, v_base, bias_base, start, Lk, m_ok, d, row_max, row_sum, acc,
+                                              s_kn, s_vn, s_bn, scale, BLOCK_N)
         out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(o_ptr + b * s_ob + m[:, None] * s_om + h * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
-
 
     @triton.jit
     def _split_keys_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, max_ptr, sum_ptr, B, Lq, Lk, H, KV,
@@ -177,20 +183,8 @@ if HAS_TRITON:
         acc = tl.zeros([GROUPS * QT, HD], tl.float32)
         lo = split * keys_per_split
         for start in range(lo, tl.minimum(lo + keys_per_split, Lk), BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < Lk
-            k = tl.load(k_base + n[None, :] * s_kn + d[:, None], mask=n_ok[None, :], other=0.0)  # (HD, BLOCK_N)
-            s = tl.dot(q, k) * scale
-            s += tl.load(bias_base + n[None, :] * s_bn, mask=m_ok[:, None] & n_ok[None, :],
-                         other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(row_max, tl.max(s, axis=1))
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that have seen no key yet
-            p = tl.exp(s - safe[:, None])
-            correction = tl.exp(row_max - safe)
-            row_sum = row_sum * correction + tl.sum(p, axis=1)
-            v = tl.load(v_base + n[:, None] * s_vn + d[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, HD)
-            acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
-            row_max = new_max
+            row_max, row_sum, acc = _key_tile(q, k_base, v_base, bias_base, start, Lk, m_ok, d, row_max, row_sum, acc,
+                                              s_kn, s_vn, s_bn, scale, BLOCK_N)
         row = ((split * B + b) * H + h) * Lq + m  # (split, B, H, Lq) rows
         tl.store(o_ptr + row[:, None] * HD + d[None, :], acc, mask=m_ok[:, None])
         tl.store(max_ptr + row, row_max, mask=m_ok)
