@@ -3,6 +3,7 @@ kernel's PyTorch reference implementation runs, and tests compare the two on the
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,3 +24,20 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return all(t.is_cuda for t in tensors)
+
+
+USE_PDL = True  # programmatic dependent launch for the decoding step's kernels (False: the A/B baseline)
+
+
+def pdl(tensor: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch: on Hopper and later a kernel's programs may start
+    while the previous kernel drains (prefetching weights, say) and wait in `gdc_wait` before they
+    read anything an earlier kernel wrote. Not under the interpreter, which has no such launch."""
+    if not USE_PDL or not tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _capability(tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()) >= 9
+
+
+@functools.cache
+def _capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]

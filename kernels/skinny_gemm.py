@@ -20,10 +20,13 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, use_triton
+from .backend import HAS_TRITON, pdl, use_triton
 
 MAX_ROWS = 64  # one row tile: the decoding step's window at batch 1
 USE_SKINNY = True  # the decoding step takes these kernels where they were measured to pay (False: cuBLAS; A/B)
+# At most MAX_ROWS rows the step's layer is four of these kernels with the norms and residual adds
+# folded in (`fuses_step`); False: the unfused step (cuBLAS or skinny GEMMs + add&norm kernels; A/B).
+FUSED_STEP = True
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
@@ -51,6 +54,32 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, in
     return _launch(x2, weight, 1, gated=True, config=config).view(*x.shape[:-1], weight.shape[0] // 2)
 
 
+def normed_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                  gated: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """rms_norm(x) * norm_weight @ weight.T in one kernel (the norm folded into the matmul's K loop
+    and epilogue); gated: silu(gate) * up of that product, for weight rows gate | up."""
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"normed_linear: weight rows {weight.shape[0]} are not gate | up halves")
+    if norm_weight.shape != x.shape[-1:]:
+        raise ValueError(f"normed_linear: norm weight {tuple(norm_weight.shape)} does not fit x {tuple(x.shape)}")
+    if not (runs_kernel(x, weight) and norm_weight.is_contiguous()):
+        return normed_linear_reference(x, norm_weight, eps, weight, gated)
+    out = _launch(x.reshape(-1, x.shape[-1]), weight, 1, gated, config, norm=(norm_weight, eps))
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def residual_linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
+                    config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """residual + x @ weight.T in one kernel (the add in the matmul's epilogue)."""
+    if residual.shape != (*x.shape[:-1], weight.shape[0]):
+        raise ValueError(f"residual_linear: residual {tuple(residual.shape)} does not fit x {tuple(x.shape)} "
+                         f"@ weight {tuple(weight.shape)}.T")
+    if not (runs_kernel(x, weight) and residual.is_contiguous() and residual.dtype == x.dtype):
+        return residual_linear_reference(x, weight, residual)
+    out = _launch(x.reshape(-1, x.shape[-1]), weight, 1, False, config, residual=residual)
+    return out.view(residual.shape)
+
+
 def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The decoding step's x @ weight.T: the skinny kernel for the weight shapes where the in-graph
     sweep measured it faster than cuBLAS (`CONFIGS`), else cuBLAS."""
@@ -67,6 +96,16 @@ def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul) -> tor
     if USE_SKINNY and config and runs_kernel(x, weight):
         return silu_mul_linear(x, weight, config)
     return silu_mul(*F.linear(x, weight).chunk(2, dim=-1))
+
+
+def fuses_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the decoding step runs its layers as fused skinny kernels (`normed_linear`,
+    `residual_linear`) for activations x against weights like `weight`."""
+    return USE_SKINNY and FUSED_STEP and runs_kernel(x, weight)
+
+
+def fused_config(weight: torch.Tensor, gated: bool = False) -> tuple[int, int, int] | None:
+    return FUSED_CONFIGS.get((*weight.shape, gated))
 
 
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -93,6 +132,18 @@ def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return F.silu(gate) * up
 
 
+def normed_linear_reference(x, norm_weight, eps: float, weight, gated: bool = False) -> torch.Tensor:
+    y = F.linear(F.rms_norm(x, (x.shape[-1],), norm_weight, eps), weight)
+    if not gated:
+        return y
+    gate, up = y.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def residual_linear_reference(x, weight, residual) -> torch.Tensor:
+    return residual + F.linear(x, weight)
+
+
 def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, int, int]:
     """(block_n, block_k, stages) by weight shape, from the in-graph sweep on an H200
     (`benchmarks/decode_kernels.py`); other shapes get the middle of that sweep."""
@@ -108,17 +159,47 @@ CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {
     (2048, 2048, 1, False): (16, 256, 4),
 }
 
+# (N, K, gated) -> (block_n, block_k, stages) for the fused step's kernels at the ~1.1B shape (64
+# rows; lm_head 32), from `benchmarks/decode_kernels.py --fused` on an H200.
+FUSED_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {
+    (2560, 2048, False): (16, 256, 4),  # qkv_proj, attention norm folded in
+    (2048, 2048, False): (16, 256, 4),  # o_proj + residual
+    (11264, 2048, True): (64, 128, 4),  # gate | up, MLP norm folded in, SiLU * up
+    (2048, 5632, False): (16, 256, 4),  # down_proj + residual
+    (32768, 2048, False): (128, 128, 3),  # lm_head, final norm folded in
+}
+
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, half,
+    def _prefetch_l2(ptrs):
+        """Start reading the 128-byte lines at ptrs into L2 (the result is a dummy)."""
+        return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs],
+                                         dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _prefetch_rows(w_ptr, n, N, K, k_lo, k_hi, LINES: tl.constexpr):
+        """L2 prefetch of weight rows n (clamped into the weight), columns [k_lo, k_hi), a line each
+        64 elements (128 bytes of bf16)."""
+        line = tl.arange(0, LINES)
+        col = tl.minimum(k_lo + line * 64, k_hi - 1)
+        row = tl.minimum(n, N - 1).to(tl.int64)
+        _prefetch_l2(w_ptr + row[:, None] * K + col[None, :])
+
+    @triton.jit
+    def _skinny_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, M, N, K, k_per_split, half, eps,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GATED: tl.constexpr, PARTIAL: tl.constexpr):
+                       GATED: tl.constexpr, PARTIAL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                       PDL: tl.constexpr, LINES: tl.constexpr):
         """Program (n tile, k slice): out[:, n tile] (+)= x[:, k slice] @ W[n tile, k slice].T; with
-        GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written."""
+        GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written. NORM: x is
+        first RMS-normalised and scaled by g (whole rows: no K split): x * g goes into the dot and
+        its rows' sums of squares alongside it, and the rows are scaled by rsqrt(mean + eps) at the
+        end. RESIDUAL: res + the product is written. PDL: the program's weights are prefetched into
+        L2 before it waits for the previous kernel (weights are no kernel's output)."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -126,14 +207,28 @@ if HAS_TRITON:
         n_ok = n < (half if GATED else N)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
+        if PDL:
+            _prefetch_rows(w_ptr, n, N, K, k_lo, k_hi, LINES)
+            if GATED:
+                _prefetch_rows(w_ptr, n + half, N, K, k_lo, k_hi, LINES)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         x_ptrs = x_ptr + m[:, None] * K + (k_lo + kk)[None, :]
         w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + (k_lo + kk)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if GATED:
             up_ptrs = w_ptrs + half * K
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if NORM:
+            squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            g_ptrs = g_ptr + k_lo + kk
         for _ in range(k_lo, k_hi, BLOCK_K):  # K and k_per_split are whole tiles (checked on launch)
             x = tl.load(x_ptrs, mask=m[:, None] < M, other=0.0)
+            if NORM:
+                xf = x.to(tl.float32)
+                squares += tl.sum(xf * xf, axis=1)
+                x = (xf * tl.load(g_ptrs).to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
+                g_ptrs += BLOCK_K
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
             if GATED:
@@ -142,6 +237,11 @@ if HAS_TRITON:
                 up_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if NORM:
+            scale = tl.rsqrt(squares / K + eps)[:, None]
+            acc *= scale
+            if GATED:
+                acc_up *= scale
         ok = (m[:, None] < M) & n_ok[None, :]
         if GATED:
             out = acc / (1.0 + tl.exp(-acc)) * acc_up
@@ -149,10 +249,13 @@ if HAS_TRITON:
         elif PARTIAL:
             tl.store(out_ptr + pid_k * M * N + m[:, None] * N + n[None, :], acc, mask=ok)
         else:
+            if RESIDUAL:
+                acc += tl.load(res_ptr + m[:, None] * N + n[None, :], mask=ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, config) -> torch.Tensor:
+def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, config,
+            norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     (M, K), N = x.shape, weight.shape[0]
     block_n, block_k, stages = config or default_config(N, K, split, gated)
     block_k = min(block_k, K)
@@ -165,8 +268,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, conf
         out = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(M, width, device=x.device, dtype=x.dtype)
+    g, eps = norm if norm is not None else (x, 0.0)  # any pointer: never read without NORM
+    launch_pdl = pdl(x)
     grid = (triton.cdiv(width, block_n), split)
-    _skinny_kernel[grid](x, weight, out, M, N, K, k_per_split, N // 2, BLOCK_M=max(16, triton.next_power_of_2(M)),
-                         BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, PARTIAL=split > 1, num_warps=4,
-                         num_stages=stages)
+    _skinny_kernel[grid](x, weight, out, g, residual if residual is not None else x, M, N, K, k_per_split, N // 2,
+                         float(eps), BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
+                         GATED=gated, PARTIAL=split > 1, NORM=norm is not None, RESIDUAL=residual is not None,
+                         PDL=launch_pdl, LINES=triton.next_power_of_2(-(-k_per_split // 64)), num_warps=4,
+                         num_stages=stages, launch_pdl=launch_pdl)
     return out
