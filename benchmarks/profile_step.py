@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 from pllm.engine.batched_commit import commit_batch
-from pllm.kernels import attention
+from pllm.kernels import attention, backend, skinny_gemm
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -92,7 +92,17 @@ def main() -> None:
                    help="the step's masked attention on cuDNN instead of our Triton kernel (A/B)")
     p.add_argument("--query-tile-64", action="store_true",
                    help="our step attention kernel with 64-query tiles always, not smaller ones that fill the SMs (A/B)")
+    p.add_argument("--baseline-kernels", action="store_true",
+                   help="cuBLAS GEMMs, Inductor's add + RMSNorm, no split-keys attention, no PDL (A/B)")
+    p.add_argument("--unfused-step", action="store_true",
+                   help="the step's layer unfused: skinny GEMMs only where they paid alone, add + RMSNorm kernels (A/B)")
+    p.add_argument("--no-pdl", action="store_true", help="no programmatic dependent launch between kernels (A/B)")
     args = p.parse_args()
+    skinny_gemm.USE_SKINNY = not args.baseline_kernels
+    skinny_gemm.FUSED_STEP = not (args.baseline_kernels or args.unfused_step)
+    backend.USE_PDL = not (args.no_pdl or args.baseline_kernels)
+    if args.baseline_kernels:
+        importlib.import_module("pllm.kernels.bias_attention").SPLIT_KEYS = False
     if args.cudnn_step_attention:
         attention.USE_BIAS_ATTENTION_KERNEL = False
     if args.query_tile_64:
@@ -146,6 +156,13 @@ def main() -> None:
             for _ in range(5):
                 static._step(B, S)
             torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=120))
+        graph = static.graphs[B, S][0]
+        with profile(activities=activities) as prof:  # the kernels as the graph runs them
+            for _ in range(5):
+                graph.replay()
+            torch.cuda.synchronize()
+        print(f"graph replay, key length {S}, 5 replays:")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=120))
 
 

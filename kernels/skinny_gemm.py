@@ -56,28 +56,50 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, in
 
 def normed_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                   gated: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """rms_norm(x) * norm_weight @ weight.T in one kernel (the norm folded into the matmul's K loop
-    and epilogue); gated: silu(gate) * up of that product, for weight rows gate | up."""
-    if gated and weight.shape[0] % 2:
-        raise ValueError(f"normed_linear: weight rows {weight.shape[0]} are not gate | up halves")
+    """rms_norm(x) * norm_weight @ weight.T; gated: silu(gate) * up of that product, for weight
+    rows gate | up. The norm's scale is applied to the product's rows (`scaled_linear`)."""
     if norm_weight.shape != x.shape[-1:]:
         raise ValueError(f"normed_linear: norm weight {tuple(norm_weight.shape)} does not fit x {tuple(x.shape)}")
-    if not (runs_kernel(x, weight) and norm_weight.is_contiguous()):
-        return normed_linear_reference(x, norm_weight, eps, weight, gated)
-    out = _launch(x.reshape(-1, x.shape[-1]), weight, 1, gated, config, norm=(norm_weight, eps))
-    return out.view(*x.shape[:-1], out.shape[-1])
+    return scaled_linear(*norm_inputs(x, norm_weight), eps, weight, gated, config)
+
+
+def norm_inputs(x: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x * norm_weight in x's dtype, the rows' sums of squares as (1, rows) float32): what
+    `scaled_linear` takes. In the step, `residual_linear(..., next_norm=)` writes both instead."""
+    xf = x.float()
+    return (xf * norm_weight.float()).to(x.dtype), xf.square().sum(-1).reshape(1, -1)
+
+
+def scaled_linear(xg: torch.Tensor, squares: torch.Tensor, eps: float, weight: torch.Tensor, gated: bool = False,
+                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """An RMSNorm folded into a matmul: (xg @ weight.T) * rsqrt(mean square + eps) per row, for xg
+    = x * norm weight and squares (parts, rows), partial sums of x's squared rows (summed here, so
+    the kernel that writes x can leave one per program). gated: silu(gate) * up of it."""
+    rows = xg.numel() // xg.shape[-1]
+    if gated and weight.shape[0] % 2:
+        raise ValueError(f"scaled_linear: weight rows {weight.shape[0]} are not gate | up halves")
+    if squares.dim() != 2 or squares.shape[1] != rows:
+        raise ValueError(f"scaled_linear: squares {tuple(squares.shape)} are not (parts, {rows})")
+    if not (runs_kernel(xg, weight) and squares.is_contiguous() and squares.dtype == torch.float32):
+        return scaled_linear_reference(xg, squares, eps, weight, gated)
+    out = _launch(xg.reshape(rows, xg.shape[-1]), weight, 1, gated, config, row_scale=(squares, eps))
+    return out.view(*xg.shape[:-1], out.shape[-1])
 
 
 def residual_linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                    config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """residual + x @ weight.T in one kernel (the add in the matmul's epilogue)."""
+                    config: tuple[int, int, int] | None = None, next_norm: torch.Tensor | None = None):
+    """h = residual + x @ weight.T in one kernel (the add in the matmul's epilogue). With next_norm
+    (the weight of the RMSNorm after it), (h, h * next_norm, squares): `scaled_linear`'s inputs."""
     if residual.shape != (*x.shape[:-1], weight.shape[0]):
         raise ValueError(f"residual_linear: residual {tuple(residual.shape)} does not fit x {tuple(x.shape)} "
                          f"@ weight {tuple(weight.shape)}.T")
     if not (runs_kernel(x, weight) and residual.is_contiguous() and residual.dtype == x.dtype):
-        return residual_linear_reference(x, weight, residual)
-    out = _launch(x.reshape(-1, x.shape[-1]), weight, 1, False, config, residual=residual)
-    return out.view(residual.shape)
+        return residual_linear_reference(x, weight, residual, next_norm)
+    out = _launch(x.reshape(-1, x.shape[-1]), weight, 1, False, config, residual=residual, next_norm=next_norm)
+    if next_norm is None:
+        return out.view(residual.shape)
+    h, hg, squares = out
+    return h.view(residual.shape), hg.view(residual.shape), squares
 
 
 def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -132,16 +154,18 @@ def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return F.silu(gate) * up
 
 
-def normed_linear_reference(x, norm_weight, eps: float, weight, gated: bool = False) -> torch.Tensor:
-    y = F.linear(F.rms_norm(x, (x.shape[-1],), norm_weight, eps), weight)
+def scaled_linear_reference(xg, squares, eps: float, weight, gated: bool = False) -> torch.Tensor:
+    scale = torch.rsqrt(squares.sum(0) / xg.shape[-1] + eps).view(*xg.shape[:-1], 1)
+    y = (F.linear(xg.float(), weight.float()) * scale).to(xg.dtype)
     if not gated:
         return y
     gate, up = y.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def residual_linear_reference(x, weight, residual) -> torch.Tensor:
-    return residual + F.linear(x, weight)
+def residual_linear_reference(x, weight, residual, next_norm=None):
+    h = residual + F.linear(x, weight)
+    return h if next_norm is None else (h, *norm_inputs(h, next_norm))
 
 
 def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, int, int]:
@@ -190,16 +214,18 @@ if HAS_TRITON:
         _prefetch_l2(w_ptr + row[:, None] * K + col[None, :])
 
     @triton.jit
-    def _skinny_kernel(x_ptr, w_ptr, out_ptr, g_ptr, res_ptr, M, N, K, k_per_split, half, eps,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GATED: tl.constexpr, PARTIAL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-                       PDL: tl.constexpr, LINES: tl.constexpr):
+    def _skinny_kernel(x_ptr, w_ptr, out_ptr, sq_ptr, res_ptr, g_ptr, xg_ptr, sq_out_ptr, M, N, K, k_per_split,
+                       half, eps, parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       GATED: tl.constexpr, PARTIAL: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_P: tl.constexpr,
+                       RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr, PDL: tl.constexpr, LINES: tl.constexpr):
         """Program (n tile, k slice): out[:, n tile] (+)= x[:, k slice] @ W[n tile, k slice].T; with
-        GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written. NORM: x is
-        first RMS-normalised and scaled by g (whole rows: no K split): x * g goes into the dot and
-        its rows' sums of squares alongside it, and the rows are scaled by rsqrt(mean + eps) at the
-        end. RESIDUAL: res + the product is written. PDL: the program's weights are prefetched into
-        L2 before it waits for the previous kernel (weights are no kernel's output)."""
+        GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written.
+        ROW_SCALE (an RMSNorm folded in): x is already x * g, and rows are scaled by
+        rsqrt(mean of squares + eps), the squares summed over `parts` partial sums (parts, M) that
+        the kernel writing x left. RESIDUAL: h = res + the product is written; with NEXT_NORM also
+        h * g (the next norm's input) and this n tile's sums of squares of h's rows. PDL: the
+        program's weights are prefetched into L2 before it waits for the previous kernel (weights
+        are no kernel's output)."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -219,16 +245,8 @@ if HAS_TRITON:
         if GATED:
             up_ptrs = w_ptrs + half * K
             acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if NORM:
-            squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            g_ptrs = g_ptr + k_lo + kk
         for _ in range(k_lo, k_hi, BLOCK_K):  # K and k_per_split are whole tiles (checked on launch)
             x = tl.load(x_ptrs, mask=m[:, None] < M, other=0.0)
-            if NORM:
-                xf = x.to(tl.float32)
-                squares += tl.sum(xf * xf, axis=1)
-                x = (xf * tl.load(g_ptrs).to(tl.float32)[None, :]).to(x_ptr.dtype.element_ty)
-                g_ptrs += BLOCK_K
             w = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)
             if GATED:
@@ -237,8 +255,11 @@ if HAS_TRITON:
                 up_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if NORM:
-            scale = tl.rsqrt(squares / K + eps)[:, None]
+        if ROW_SCALE:
+            p = tl.arange(0, BLOCK_P)
+            squares = tl.load(sq_ptr + p[:, None] * M + m[None, :], mask=(p[:, None] < parts) & (m[None, :] < M),
+                              other=0.0)
+            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)[:, None]
             acc *= scale
             if GATED:
                 acc_up *= scale
@@ -251,11 +272,18 @@ if HAS_TRITON:
         else:
             if RESIDUAL:
                 acc += tl.load(res_ptr + m[:, None] * N + n[None, :], mask=ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
+            h = acc.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + m[:, None] * N + n[None, :], h, mask=ok)
+            if NEXT_NORM:  # the residual stream as stored is what the next norm reads
+                hf = tl.where(ok, h.to(tl.float32), 0.0)
+                g = tl.load(g_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(xg_ptr + m[:, None] * N + n[None, :], (hf * g[None, :]).to(xg_ptr.dtype.element_ty), mask=ok)
+                tl.store(sq_out_ptr + pid_n * M + m, tl.sum(hf * hf, axis=1), mask=m < M)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, config,
-            norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+            row_scale: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
+            next_norm: torch.Tensor | None = None):
     (M, K), N = x.shape, weight.shape[0]
     block_n, block_k, stages = config or default_config(N, K, split, gated)
     block_k = min(block_k, K)
@@ -268,12 +296,19 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, conf
         out = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(M, width, device=x.device, dtype=x.dtype)
-    g, eps = norm if norm is not None else (x, 0.0)  # any pointer: never read without NORM
-    launch_pdl = pdl(x)
+    squares, eps = row_scale if row_scale is not None else (x, 0.0)  # any pointer: never read without ROW_SCALE
     grid = (triton.cdiv(width, block_n), split)
-    _skinny_kernel[grid](x, weight, out, g, residual if residual is not None else x, M, N, K, k_per_split, N // 2,
-                         float(eps), BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-                         GATED=gated, PARTIAL=split > 1, NORM=norm is not None, RESIDUAL=residual is not None,
-                         PDL=launch_pdl, LINES=triton.next_power_of_2(-(-k_per_split // 64)), num_warps=4,
-                         num_stages=stages, launch_pdl=launch_pdl)
-    return out
+    if next_norm is not None:
+        xg = torch.empty_like(out)
+        squares_out = torch.empty(grid[0], M, device=x.device, dtype=torch.float32)
+    launch_pdl = pdl(x)
+    parts = squares.shape[0] if row_scale is not None else 1
+    _skinny_kernel[grid](x, weight, out, squares, residual if residual is not None else x,
+                         next_norm if next_norm is not None else x, xg if next_norm is not None else x,
+                         squares_out if next_norm is not None else x, M, N, K, k_per_split, N // 2, float(eps), parts,
+                         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
+                         PARTIAL=split > 1, ROW_SCALE=row_scale is not None, BLOCK_P=triton.next_power_of_2(parts),
+                         RESIDUAL=residual is not None, NEXT_NORM=next_norm is not None, PDL=launch_pdl,
+                         LINES=triton.next_power_of_2(-(-k_per_split // 64)), num_warps=4, num_stages=stages,
+                         launch_pdl=launch_pdl)
+    return (out, xg, squares_out) if next_norm is not None else out

@@ -24,8 +24,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
-from .kernels.skinny_gemm import (fused_config, fuses_step, normed_linear, residual_linear, step_linear,
-                                  step_silu_mul_linear)
+from .kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
+                                  step_linear, step_silu_mul_linear)
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -199,18 +199,23 @@ class Block(nn.Module):
         act = step_silu_mul_linear(h, self.mlp.gate_up_proj.weight, fused(_silu_mul))
         return fused(_add_rms_norm)(x, self.mlp.down_proj(act), next_norm.weight, next_norm.eps)
 
-    def skinny_step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StaticStep) -> torch.Tensor:
-        """`forward` for the decoding step at small batch (`fuses_step`) in four GEMM kernels, with
-        each norm folded into the matmul after it and each residual add into the one before it."""
+    def skinny_step(self, x: torch.Tensor, xg: torch.Tensor, squares: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, step: StaticStep, next_norm: nn.RMSNorm):
+        """`forward` for the decoding step at small batch (`fuses_step`) in four GEMM kernels. Each
+        residual add runs in the epilogue of the matmul before it, which also writes the next norm's
+        input (x * its weight) and the rows' partial sums of squares; the matmul after the norm
+        scales its rows by them (`scaled_linear`). x, xg = x * attn_norm.weight, squares come in;
+        the same for next_norm go out."""
         attn, mlp = self.attn, self.mlp
         qkv_w, o_w, gate_up_w, down_w = (attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight,
                                          mlp.down_proj.weight)
-        qkv = normed_linear(x, self.attn_norm.weight, self.attn_norm.eps, qkv_w, config=fused_config(qkv_w))
+        qkv = scaled_linear(xg, squares, self.attn_norm.eps, qkv_w, config=fused_config(qkv_w))
         y = attn._static_step_attention(qkv, cos, sin, step)  # (B, H, L, hd) view of (B, L, H, hd) memory
-        x = residual_linear(y.transpose(1, 2).reshape(*x.shape[:2], -1), o_w, x, config=fused_config(o_w))
-        act = normed_linear(x, self.mlp_norm.weight, self.mlp_norm.eps, gate_up_w, gated=True,
+        x, xg, squares = residual_linear(y.transpose(1, 2).reshape(*x.shape[:2], -1), o_w, x,
+                                         config=fused_config(o_w), next_norm=self.mlp_norm.weight)
+        act = scaled_linear(xg, squares, self.mlp_norm.eps, gate_up_w, gated=True,
                             config=fused_config(gate_up_w, gated=True))
-        return residual_linear(act, down_w, x, config=fused_config(down_w))
+        return residual_linear(act, down_w, x, config=fused_config(down_w), next_norm=next_norm.weight)
 
 
 class DiffusionTransformer(nn.Module):
@@ -467,8 +472,9 @@ class DiffusionTransformer(nn.Module):
         cos, sin = self.rope_cos[rope_at], self.rope_sin[rope_at]  # (B, W, hd)
         skinny = fused_ops and fuses_step(x, self.layers[0].attn.qkv_proj.weight)
         if skinny:
-            for block in self.layers:
-                x = block.skinny_step(x, cos, sin, step)
+            xg, squares = norm_inputs(x, self.layers[0].attn_norm.weight)
+            for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
+                x, xg, squares = block.skinny_step(x, xg, squares, cos, sin, step, next_norm)
         elif fused_ops:
             first = self.layers[0].attn_norm
             h = fused(_rms_norm)(x, first.weight, first.eps)
@@ -478,9 +484,10 @@ class DiffusionTransformer(nn.Module):
             x = self._blocks(x, cos, sin, step)
         if num_logits == 0:
             return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
-        if skinny:
+        if skinny:  # the final norm folded into lm_head, on the last num_logits rows
             w = self.lm_head.weight
-            return normed_linear(x[:, -num_logits:].contiguous(), self.norm.weight, self.norm.eps, w,
+            last = squares.view(-1, B, W)[:, :, -num_logits:].reshape(-1, B * num_logits)
+            return scaled_linear(xg[:, -num_logits:].contiguous(), last, self.norm.eps, w,
                                  config=fused_config(w)).float()
         h = h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:])
         return self.lm_head(h).float()

@@ -524,6 +524,13 @@ def test_skinny_normed_and_residual_linear_equal_the_definition(rows, n, k, gate
             got = residual_linear(x, w, residual, config=config)
             assert got.shape == residual.shape and got.dtype == dtype
             assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 2)
+        # With the next norm's weight it also writes h * weight and per-program sums of squares of h.
+        gn = (1 + 0.3 * torch.randn(n, device=DEVICE)).to(dtype)
+        h, hg, squares = residual_linear(x, w, residual, config=(16, 64, 2), next_norm=gn)
+        assert (h.float() - want).norm() / want.norm() < tolerance(dtype, 2)
+        assert (hg.float() - h.float() * gn.float()).abs().max() <= 2 * tolerance(dtype) * hg.float().abs().max()
+        assert squares.dtype == torch.float32 and squares.shape[1] == rows
+        torch.testing.assert_close(squares.sum(0), h.float().square().sum(-1), rtol=1e-4, atol=1e-3)
         with pytest.raises(ValueError, match="residual"):
             residual_linear(x, w, residual[:, :-1])
     assert runs_kernel(x, w) == (use_triton(x) and (DEVICE == "cuda" or dtype == torch.float16))
