@@ -156,7 +156,7 @@ def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 def scaled_linear_reference(xg, squares, eps: float, weight, gated: bool = False) -> torch.Tensor:
     scale = torch.rsqrt(squares.sum(0) / xg.shape[-1] + eps).view(*xg.shape[:-1], 1)
-    y = (F.linear(xg.float(), weight.float()) * scale).to(xg.dtype)
+    y = (F.linear(xg, weight).float() * scale).to(xg.dtype)
     if not gated:
         return y
     gate, up = y.chunk(2, dim=-1)

@@ -486,7 +486,7 @@ class DiffusionTransformer(nn.Module):
             return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
         if skinny:  # the final norm folded into lm_head, on the last num_logits rows
             w = self.lm_head.weight
-            last = squares.view(-1, B, W)[:, :, -num_logits:].reshape(-1, B * num_logits)
+            last = squares.view(-1, B, W)[:, :, -num_logits:].reshape(-1, B * num_logits).contiguous()
             return scaled_linear(xg[:, -num_logits:].contiguous(), last, self.norm.eps, w,
                                  config=fused_config(w)).float()
         h = h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:])
