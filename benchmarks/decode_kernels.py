@@ -135,6 +135,7 @@ def fused_rows(args) -> list[dict]:
     and down_proj) over tile shapes, with programmatic dependent launch, against cuBLAS plus the
     Inductor kernel that the fusion removes; then the best tile without PDL."""
     dtype, rows = torch.bfloat16, []
+    backend.USE_PDL = True  # the sweep's kernels with PDL (off by default)
     residual_gemms = {"o_proj", "down_proj"}
     configs = list(itertools.product(args.block_n, args.block_k, args.stages))
     for name, N, K, M in GEMMS:

@@ -93,14 +93,14 @@ def main() -> None:
     p.add_argument("--query-tile-64", action="store_true",
                    help="our step attention kernel with 64-query tiles always, not smaller ones that fill the SMs (A/B)")
     p.add_argument("--baseline-kernels", action="store_true",
-                   help="cuBLAS GEMMs, Inductor's add + RMSNorm, no split-keys attention, no PDL (A/B)")
-    p.add_argument("--unfused-step", action="store_true",
-                   help="the step's layer unfused: skinny GEMMs only where they paid alone, add + RMSNorm kernels (A/B)")
-    p.add_argument("--no-pdl", action="store_true", help="no programmatic dependent launch between kernels (A/B)")
+                   help="cuBLAS GEMMs, Inductor's add + RMSNorm, no split-keys attention (A/B)")
+    p.add_argument("--fused-step", action="store_true",
+                   help="the batch-1 step's layer as four skinny kernels with norms and residual adds folded in (A/B)")
+    p.add_argument("--pdl", action="store_true", help="programmatic dependent launch between the step's kernels (A/B)")
     args = p.parse_args()
     skinny_gemm.USE_SKINNY = not args.baseline_kernels
-    skinny_gemm.FUSED_STEP = not (args.baseline_kernels or args.unfused_step)
-    backend.USE_PDL = not (args.no_pdl or args.baseline_kernels)
+    skinny_gemm.FUSED_STEP = args.fused_step and not args.baseline_kernels
+    backend.USE_PDL = args.pdl and not args.baseline_kernels
     if args.baseline_kernels:
         importlib.import_module("pllm.kernels.bias_attention").SPLIT_KEYS = False
     if args.cudnn_step_attention:

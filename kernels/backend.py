@@ -26,7 +26,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
-USE_PDL = True  # programmatic dependent launch for the decoding step's kernels (False: the A/B baseline)
+# Programmatic dependent launch for the decoding step's Triton kernels. Off by default: on an H200
+# it made the batch-1 step's graph slower (1.43 against 1.29 ms unfused; RESULTS.md).
+USE_PDL = False
 
 
 def pdl(tensor: torch.Tensor) -> bool:

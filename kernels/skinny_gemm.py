@@ -11,6 +11,10 @@ graphs (`benchmarks/decode_kernels.py`; timing one launch at a time measures Tri
 launch instead), on an H200 the gated form is 1.21x cuBLAS + the SiLU kernel and o_proj 1.07x; the
 other projections gain nothing (each call's ramp and tail, not its tiles, dominate), so the step
 uses these kernels only for the shapes in `CONFIGS`. Elsewhere (CPU, no Triton) the references run.
+
+`scaled_linear` and `residual_linear` are the fused step's forms (opt-in, `FUSED_STEP`): an RMSNorm
+folded into the matmul after it (rows scaled in the epilogue, from partial sums of squares) and the
+residual add in the epilogue of the matmul before it, which also writes the next norm's inputs.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from .backend import HAS_TRITON, pdl, use_triton
 
 MAX_ROWS = 64  # one row tile: the decoding step's window at batch 1
 USE_SKINNY = True  # the decoding step takes these kernels where they were measured to pay (False: cuBLAS; A/B)
-# At most MAX_ROWS rows the step's layer is four of these kernels with the norms and residual adds
-# folded in (`fuses_step`); False: the unfused step (cuBLAS or skinny GEMMs + add&norm kernels; A/B).
-FUSED_STEP = True
+# True: at most MAX_ROWS rows, the step's layer is four of these kernels with the norms and residual
+# adds folded in (`fuses_step`). Off by default: on an H200 that step's graph took 1.375 ms against
+# 1.289 for the unfused one (skinny GEMMs where they paid alone + add&norm kernels; RESULTS.md).
+FUSED_STEP = False
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
