@@ -72,14 +72,20 @@ def graph_time(make_call, copies: int, calls: int, replays: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def weight_copies(args, N: int, K: int, dtype) -> tuple[int, int, int, list[torch.Tensor]]:
+    """(bytes of one weight, copies, calls per graph, the copies): enough copies of an (N, K) weight
+    that calls cycling through them read HBM, not L2."""
+    wbytes = N * K * 2
+    copies = max(2, -(-args.weight_mb * 2**20 // wbytes))
+    return wbytes, copies, max(copies, 24), [torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5
+                                             for _ in range(copies)]
+
+
 def gemm_rows(args) -> list[dict]:
     dtype, rows = torch.bfloat16, []
     configs = list(itertools.product(args.block_n, args.block_k, args.stages))
     for name, N, K, M in GEMMS:
-        wbytes = N * K * 2
-        copies = max(2, -(-args.weight_mb * 2**20 // wbytes))
-        calls = max(copies, 24)
-        weights = [torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
+        wbytes, copies, calls, weights = weight_copies(args, N, K, dtype)
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         resid = torch.randn(M, N, device="cuda", dtype=dtype)
         norm_w = torch.ones(N, device="cuda", dtype=dtype)
@@ -139,10 +145,7 @@ def fused_rows(args) -> list[dict]:
     residual_gemms = {"o_proj", "down_proj"}
     configs = list(itertools.product(args.block_n, args.block_k, args.stages))
     for name, N, K, M in GEMMS:
-        wbytes = N * K * 2
-        copies = max(2, -(-args.weight_mb * 2**20 // wbytes))
-        calls = max(copies, 24)
-        weights = [torch.randn(N, K, device="cuda", dtype=dtype) / K**0.5 for _ in range(copies)]
+        wbytes, copies, calls, weights = weight_copies(args, N, K, dtype)
         x = 3 * torch.randn(M, K, device="cuda", dtype=dtype)
         g = 1 + 0.1 * torch.randn(K, device="cuda", dtype=dtype)
         resid = torch.randn(M, N, device="cuda", dtype=dtype)

@@ -43,3 +43,13 @@ def pdl(tensor: torch.Tensor) -> bool:
 @functools.cache
 def _capability(index: int) -> int:
     return torch.cuda.get_device_capability(index)[0]
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def await_previous_kernel():
+        """A PDL-launched kernel's first step before it reads an earlier kernel's output: wait for
+        that kernel, then let the next kernel's programs launch."""
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 from .backend import HAS_TRITON, pdl, use_triton
 
+if HAS_TRITON:
+    from .backend import await_previous_kernel
+
 FILL_SMS = True  # smaller query tiles while the programs do not fill the GPU (False: always 64; A/B)
 SPLIT_KEYS = True  # split the keys across programs at small batch (False: never; A/B)
 
@@ -138,8 +141,7 @@ if HAS_TRITON:
                                s_ob, s_om, s_oh, GROUPS: tl.constexpr, HD: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # launched as a dependent: inputs are the previous kernel's outputs
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            await_previous_kernel()
         pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit offsets: large caches
         b, h = bh // H, bh % H
         kv = h // GROUPS
@@ -168,8 +170,7 @@ if HAS_TRITON:
         """Program (key slice, (b, key/value head, query tile)): rows = the head's GROUPS query heads
         x QT queries; writes the slice's unnormalised output, row max and row sum (float32)."""
         if PDL:  # launched as a dependent: inputs are the previous kernel's outputs
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            await_previous_kernel()
         split, pid = tl.program_id(0), tl.program_id(1)
         q_tiles = tl.cdiv(Lq, QT)
         bkv, qt = pid // q_tiles, pid % q_tiles
@@ -201,8 +202,7 @@ if HAS_TRITON:
                       ROWS: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
         """Rows (b, h, query) of the key slices' partial results -> the softmax over all keys."""
         if PDL:  # launched as a dependent: inputs are the previous kernel's outputs
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            await_previous_kernel()
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         ok = row < rows
         d = tl.arange(0, HD)

@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 from .backend import HAS_TRITON, pdl, use_triton
 
+if HAS_TRITON:
+    from .backend import await_previous_kernel
+
 MAX_ROWS = 64  # one row tile: the decoding step's window at batch 1
 USE_SKINNY = True  # the decoding step takes these kernels where they were measured to pay (False: cuBLAS; A/B)
 # True: at most MAX_ROWS rows, the step's layer is four of these kernels with the norms and residual
@@ -126,7 +129,7 @@ def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul) -> tor
 
 
 def fuses_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the decoding step runs its layers as fused skinny kernels (`normed_linear`,
+    """Whether the decoding step runs its layers as fused skinny kernels (`scaled_linear`,
     `residual_linear`) for activations x against weights like `weight`."""
     return USE_SKINNY and FUSED_STEP and runs_kernel(x, weight)
 
@@ -242,8 +245,7 @@ if HAS_TRITON:
             _prefetch_rows(w_ptr, n, N, K, k_lo, k_hi, LINES)
             if GATED:
                 _prefetch_rows(w_ptr, n + half, N, K, k_lo, k_hi, LINES)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            await_previous_kernel()
         x_ptrs = x_ptr + m[:, None] * K + (k_lo + kk)[None, :]
         w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + (k_lo + kk)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -301,16 +303,17 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, conf
         out = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
     else:
         out = torch.empty(M, width, device=x.device, dtype=x.dtype)
-    squares, eps = row_scale if row_scale is not None else (x, 0.0)  # any pointer: never read without ROW_SCALE
     grid = (triton.cdiv(width, block_n), split)
+    # x stands in for the pointers a variant never reads or writes
+    squares, eps = row_scale if row_scale is not None else (x, 0.0)
+    parts = squares.shape[0] if row_scale is not None else 1
+    g, xg, squares_out = x, x, x
     if next_norm is not None:
-        xg = torch.empty_like(out)
+        g, xg = next_norm, torch.empty_like(out)
         squares_out = torch.empty(grid[0], M, device=x.device, dtype=torch.float32)
     launch_pdl = pdl(x)
-    parts = squares.shape[0] if row_scale is not None else 1
-    _skinny_kernel[grid](x, weight, out, squares, residual if residual is not None else x,
-                         next_norm if next_norm is not None else x, xg if next_norm is not None else x,
-                         squares_out if next_norm is not None else x, M, N, K, k_per_split, N // 2, float(eps), parts,
+    _skinny_kernel[grid](x, weight, out, squares, residual if residual is not None else x, g, xg, squares_out,
+                         M, N, K, k_per_split, N // 2, float(eps), parts,
                          BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
                          PARTIAL=split > 1, ROW_SCALE=row_scale is not None, BLOCK_P=triton.next_power_of_2(parts),
                          RESIDUAL=residual is not None, NEXT_NORM=next_norm is not None, PDL=launch_pdl,
