@@ -236,6 +236,39 @@ def attention_rows(args) -> list[dict]:
     return rows
 
 
+def attention_sweep_rows(args) -> list[dict]:
+    """The plain attention kernel's tiles at batch 1: queries per program x keys per iteration,
+    stages, warps, in-graph over 22 layers' caches, against the default (PLAIN_CONFIG)."""
+    dtype, rows = torch.bfloat16, []
+    H, KV, hd, W, bs = 32, 4, 64, 64, 32
+    for S in args.key_lengths:
+        layers = 22
+        caches = [torch.randn(1, 2, KV, S, hd, device="cuda", dtype=dtype) for _ in range(layers)]
+        q = torch.randn(1, H, W, hd, device="cuda", dtype=dtype)
+        qpos, kpos = S - W + torch.arange(W, device="cuda"), torch.arange(S, device="cuda")
+        visible = kpos[None, :] // bs <= qpos[:, None] // bs
+        bias = torch.zeros(1, 1, W, S, device="cuda", dtype=dtype).masked_fill_(~visible, float("-inf"))
+        want = F.scaled_dot_product_attention(q.float(), caches[0][:, 0].float(), caches[0][:, 1].float(),
+                                              attn_mask=visible, enable_gqa=True)
+        configs = [(None, None)] + [(m, (n, st, w)) for m, n, st, w in
+                                    itertools.product((16, 32), (64, 128, 256), (2, 3), (4, 8)) if n <= S]
+        for block_m, cfg in configs:
+            def make(i, block_m=block_m, cfg=cfg):
+                return lambda: attention_module._bias_attention_triton(q, caches[i][:, 0], caches[i][:, 1], bias,
+                                                                       cfg, block_m)
+            try:
+                got = make(0)().float()
+                err = ((got - want).norm() / want.norm()).item()
+                t = graph_time(make, layers, layers)
+            except Exception as e:
+                print(f"attention sweep S={S} {block_m} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            rows.append({"batch": 1, "keys": S, "path": "default" if cfg is None else "plain kernel",
+                         "block_m": block_m, "config": cfg, "us": t * 1e6, "rel_err": err})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def tables(report: dict) -> str:
     lines = ["| GEMM | rows | path | tile n x k, stages | split | us | weight TB/s | vs cuBLAS |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["gemm"] for r in report["gemms"]):
@@ -247,9 +280,18 @@ def tables(report: dict) -> str:
         for r in best:
             lines.append(f"| {name} | {r['rows']} | {r['path']} | {r['block_n']} x {r['block_k']}, {r['stages']} | {r['split']} | "
                          f"{r['us']:.1f} | {r['tb_s']:.2f} | {r['vs_cublas']:.2f} |")
-    lines += ["", "| batch | keys | path | us per layer | rel. error |", "|---:|---:|---|---:|---:|"]
-    for r in report["attention"]:
-        lines.append(f"| {r['batch']} | {r['keys']} | {r['path']} | {r['us']:.1f} | {r['rel_err']:.1e} |")
+    lines += ["", "| batch | keys | path | queries x keys per iteration, stages, warps | us per layer | rel. error |",
+              "|---:|---:|---|---|---:|---:|"]
+    attention = report["attention"]
+    if any("config" in r for r in attention):  # a sweep: the default and the five fastest per key length
+        attention = [r for S in dict.fromkeys(r["keys"] for r in attention)
+                     for r in [next(r for r in attention if r["keys"] == S and r["path"] == "default")]
+                     + sorted((r for r in attention if r["keys"] == S and r["path"] != "default"),
+                              key=lambda r: r["us"])[:5]]
+    for r in attention:
+        tile = (f"{r['block_m']} x {r['config'][0]}, {r['config'][1]}, {r['config'][2]}" if r.get("config")
+                else "")
+        lines.append(f"| {r['batch']} | {r['keys']} | {r['path']} | {tile} | {r['us']:.1f} | {r['rel_err']:.1e} |")
     return "\n".join(lines)
 
 
@@ -264,6 +306,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16])
     p.add_argument("--key-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--skip-gemms", action="store_true")
+    p.add_argument("--attention-sweep", action="store_true",
+                   help="only the plain attention kernel's tiles at batch 1 (over --key-lengths)")
     p.add_argument("--fused", action="store_true",
                    help="only the fused step's GEMMs (norm / residual folded in, PDL) against cuBLAS + Inductor")
     p.add_argument("--out", default="benchmarks/results")
@@ -273,14 +317,17 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "commit": commit,
               "torch": torch.__version__, "args": vars(args)}
-    if args.fused:
+    if args.attention_sweep:
+        report["attention"], report["gemms"] = attention_sweep_rows(args), []
+    elif args.fused:
         report["attention"], report["gemms"] = [], fused_rows(args)
     else:
         report["attention"] = attention_rows(args)
         report["gemms"] = [] if args.skip_gemms else gemm_rows(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "decode_kernels_fused_cuda" if args.fused else "decode_kernels_cuda"
+    stem = ("decode_kernels_attention_sweep_cuda" if args.attention_sweep else
+            "decode_kernels_fused_cuda" if args.fused else "decode_kernels_cuda")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     text = tables(report)
     (out / f"{stem}.md").write_text(text + "\n")

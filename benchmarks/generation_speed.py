@@ -138,6 +138,7 @@ def trained_tpf(args, device: str) -> dict:
     from pllm.data import cache_dir, make_dataloader, prepare_corpus
     from pllm.decoding import DecodeRules, decode_with_rules
 
+    t_start = time.perf_counter()
     bench = _load_decoding_benchmark()
     size = "tiny" if args.quick else args.tpf_size
     corpus = prepare_corpus(DataConfig(), bench.SIZES[size]["model"]["vocab_size"], cache_dir())
@@ -191,6 +192,7 @@ def trained_tpf(args, device: str) -> dict:
         strategies_base.COORDINATE_DESCENT_TUNING = tuning
     out = {"size": size, "model_parameters": model.num_parameters(), "train_seconds": args.train_seconds,
            "training": getattr(model, "train_metrics", None), **tpf(model)}
+    print(f"trained model ({time.perf_counter() - t_start:.0f}s): {out}", flush=True)  # before a fine-tune
     if curve:  # the wall-clock budget included the measurements: the net training time is less
         out["net_train_seconds"] = curve[-1]["train_seconds"] + time.perf_counter() - t0
         out["curve"] = curve
@@ -199,6 +201,7 @@ def trained_tpf(args, device: str) -> dict:
         spec = bench.SIZES[size]  # validation as after pre-training (train_models), so the ELBOs compare
         val = make_dataloader(corpus.val_tokens, spec["seq_len"], spec["batch"], shuffle=False)
         out["certainty_forcing"] = {**certainty_forcing(args, model, corpus, device, val), **tpf(model, teacher)}
+        print(f"certainty forcing ({time.perf_counter() - t_start:.0f}s): {out['certainty_forcing']}", flush=True)
     return out
 
 

@@ -97,7 +97,19 @@ def main() -> None:
     p.add_argument("--fused-step", action="store_true",
                    help="the batch-1 step's layer as four skinny kernels with norms and residual adds folded in (A/B)")
     p.add_argument("--pdl", action="store_true", help="programmatic dependent launch between the step's kernels (A/B)")
+    p.add_argument("--prefetch", choices=["all", "none", "o_proj"], default="all",
+                   help="with --pdl: which skinny GEMMs prefetch their weights into L2 before their wait")
+    p.add_argument("--attention-config", type=int, nargs=3, metavar=("KEYS", "STAGES", "WARPS"),
+                   help="the plain step attention kernel's keys per iteration, stages and warps")
+    p.add_argument("--attention-block-m", type=int, help="the plain step attention kernel's queries per program")
+    p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
+    skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
+        args.prefetch]
+    if args.attention_config:
+        importlib.import_module("pllm.kernels.bias_attention").PLAIN_CONFIG = tuple(args.attention_config)
+    if args.attention_block_m:
+        importlib.import_module("pllm.kernels.bias_attention").PLAIN_BLOCK_M = args.attention_block_m
     skinny_gemm.USE_SKINNY = not args.baseline_kernels
     skinny_gemm.FUSED_STEP = args.fused_step and not args.baseline_kernels
     backend.USE_PDL = args.pdl and not args.baseline_kernels
@@ -129,6 +141,9 @@ def main() -> None:
     for S in lengths:
         if (B, S) in static.graphs:
             print(f"graph replay alone, key length {S}: {timed(static.graphs[B, S][0].replay, 50, device):.3f} ms")
+    if args.quick:
+        print(f"whole engine step, pipelined, batched commits: {timed(engine.step, 50, device):.3f} ms")
+        return
     if device == "cuda":
         launch_costs(static, B, lengths)
     S = lengths[0]

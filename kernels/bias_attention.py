@@ -79,7 +79,11 @@ def query_tile(batch: int, heads: int, queries: int, sms: int | None) -> int:
     return tile
 
 
-KEY_TILE = 64  # keys per loop iteration in both kernels
+KEY_TILE = 64  # keys per loop iteration of the split-keys kernel
+# The plain kernel's (keys per loop iteration, pipeline stages, warps), and its queries per
+# program (None: `query_tile`).
+PLAIN_CONFIG = (KEY_TILE, 2, 4)
+PLAIN_BLOCK_M: int | None = None
 
 
 def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -> int:
@@ -250,19 +254,23 @@ def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _bias_attention_triton(query, key, value, bias) -> torch.Tensor:
+def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int] | None = None,
+                           block_m: int | None = None) -> torch.Tensor:
+    """config: (keys per iteration, stages, warps), default PLAIN_CONFIG; block_m: queries per
+    program, default `query_tile`."""
     B, H, Lq, hd = query.shape
     Lk = key.shape[2]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     bias = bias.expand(B, 1, Lq, Lk)
     launch_pdl = pdl(query)
-    block_m = query_tile(B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count
-                         if query.is_cuda else None)
+    block_n, stages, warps = config or PLAIN_CONFIG
+    block_m = block_m or PLAIN_BLOCK_M or query_tile(B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count
+                                    if query.is_cuda else None)
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](
         query, key, value, bias, out, Lq, Lk, H, hd ** -0.5,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
         out.stride(0), out.stride(1), out.stride(2), GROUPS=H // key.shape[1], HD=hd, BLOCK_M=block_m,
-        BLOCK_N=KEY_TILE, PDL=launch_pdl, num_warps=4, num_stages=2, launch_pdl=launch_pdl)
+        BLOCK_N=block_n, PDL=launch_pdl, num_warps=warps, num_stages=stages, launch_pdl=launch_pdl)
     return out.transpose(1, 2)

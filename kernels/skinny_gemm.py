@@ -35,6 +35,10 @@ USE_SKINNY = True  # the decoding step takes these kernels where they were measu
 # adds folded in (`fuses_step`). Off by default: on an H200 that step's graph took 1.375 ms against
 # 1.289 for the unfused one (skinny GEMMs where they paid alone + add&norm kernels; RESULTS.md).
 FUSED_STEP = False
+# Under PDL (backend.USE_PDL), the weight shapes (N, K) whose programs prefetch their weights into L2
+# before they wait for the previous kernel; None: every shape. A prefetch pays only while the kernel
+# before it leaves HBM idle (o_proj after attention) and costs where that kernel is a weight read.
+PREFETCH_SHAPES: set[tuple[int, int]] | None = None
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
@@ -225,15 +229,16 @@ if HAS_TRITON:
     def _skinny_kernel(x_ptr, w_ptr, out_ptr, sq_ptr, res_ptr, g_ptr, xg_ptr, sq_out_ptr, M, N, K, k_per_split,
                        half, eps, parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        GATED: tl.constexpr, PARTIAL: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_P: tl.constexpr,
-                       RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr, PDL: tl.constexpr, LINES: tl.constexpr):
+                       RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                       LINES: tl.constexpr):
         """Program (n tile, k slice): out[:, n tile] (+)= x[:, k slice] @ W[n tile, k slice].T; with
         GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written.
         ROW_SCALE (an RMSNorm folded in): x is already x * g, and rows are scaled by
         rsqrt(mean of squares + eps), the squares summed over `parts` partial sums (parts, M) that
         the kernel writing x left. RESIDUAL: h = res + the product is written; with NEXT_NORM also
-        h * g (the next norm's input) and this n tile's sums of squares of h's rows. PDL: the
-        program's weights are prefetched into L2 before it waits for the previous kernel (weights
-        are no kernel's output)."""
+        h * g (the next norm's input) and this n tile's sums of squares of h's rows. PDL: wait for
+        the previous kernel before reading x; with PREFETCH the program's weights are prefetched
+        into L2 before that wait (weights are no kernel's output)."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -242,9 +247,10 @@ if HAS_TRITON:
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         if PDL:
-            _prefetch_rows(w_ptr, n, N, K, k_lo, k_hi, LINES)
-            if GATED:
-                _prefetch_rows(w_ptr, n + half, N, K, k_lo, k_hi, LINES)
+            if PREFETCH:
+                _prefetch_rows(w_ptr, n, N, K, k_lo, k_hi, LINES)
+                if GATED:
+                    _prefetch_rows(w_ptr, n + half, N, K, k_lo, k_hi, LINES)
             await_previous_kernel()
         x_ptrs = x_ptr + m[:, None] * K + (k_lo + kk)[None, :]
         w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + (k_lo + kk)[None, :]
@@ -317,6 +323,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, conf
                          BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
                          PARTIAL=split > 1, ROW_SCALE=row_scale is not None, BLOCK_P=triton.next_power_of_2(parts),
                          RESIDUAL=residual is not None, NEXT_NORM=next_norm is not None, PDL=launch_pdl,
+                         PREFETCH=launch_pdl and (PREFETCH_SHAPES is None or (N, K) in PREFETCH_SHAPES),
                          LINES=triton.next_power_of_2(-(-k_per_split // 64)), num_warps=4, num_stages=stages,
                          launch_pdl=launch_pdl)
     return (out, xg, squares_out) if next_norm is not None else out
