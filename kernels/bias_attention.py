@@ -81,9 +81,17 @@ def query_tile(batch: int, heads: int, queries: int, sms: int | None) -> int:
 
 KEY_TILE = 64  # keys per loop iteration of the split-keys kernel
 # The plain kernel's (keys per loop iteration, pipeline stages, warps), and its queries per
-# program (None: `query_tile`).
+# program (None: `query_tile`). With 16-query programs (small batch) it walks the keys in tiles of
+# 256: in-graph on an H200 at batch 1, 4.5 / 6.4 / 10.2 us per layer over 256 / 512 / 1,024 keys
+# against 5.7 / 9.3 / 16.9 in tiles of 64 (`decode_kernels.py --attention-sweep`). Larger query
+# tiles keep 64 keys: 64 x 256 tiles at 3 stages need more shared memory than an SM has.
 PLAIN_CONFIG = (KEY_TILE, 2, 4)
+SMALL_TILE_CONFIG = (256, 3, 4)
 PLAIN_BLOCK_M: int | None = None
+
+
+def plain_config(block_m: int) -> tuple[int, int, int]:
+    return SMALL_TILE_CONFIG if block_m <= 16 else PLAIN_CONFIG
 
 
 def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -> int:
@@ -101,10 +109,10 @@ def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -
     tiles = -(-Lk // KEY_TILE)
     if not SPLIT_KEYS or groups & (groups - 1) or groups > 64 or tiles < 2:
         return 1
-    # Measured in-graph on an H200 (benchmarks/decode_kernels.py, 64 queries, 32 / 4 heads): the
-    # split pays from 1,024 keys at batch 1 (12.6 against 16.6 us) and 512 at batch 2 (10.0 against
-    # 11.6), not at 256-512 keys at batch 1 (7.7 against 5.8 us at 256) or at batch 16.
-    if B * H * -(-Lq // query_tile(B, H, Lq, sms)) >= 2 * sms or B * Lk < 1024:
+    # Measured in-graph on an H200 (benchmarks/decode_kernels.py, 64 queries, 32 / 4 heads): at
+    # batch 1 the split pays from 2,048 keys (16.5 against 18.9 us; at 1,024, 12.7 against 10.5 for
+    # the plain kernel's 256-key tiles), at batch 2 from 512 (10.1 against 11.8), not at batch 16.
+    if B * H * -(-Lq // query_tile(B, H, Lq, sms)) >= 2 * sms or B * Lk < (2048 if B == 1 else 1024):
         return 1
     programs = B * KV * -(-Lq // max(1, 64 // groups))
     return max(1, min(tiles, -(-2 * sms // programs)))
@@ -256,16 +264,16 @@ def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
 
 def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int] | None = None,
                            block_m: int | None = None) -> torch.Tensor:
-    """config: (keys per iteration, stages, warps), default PLAIN_CONFIG; block_m: queries per
+    """config: (keys per iteration, stages, warps), default `plain_config`; block_m: queries per
     program, default `query_tile`."""
     B, H, Lq, hd = query.shape
     Lk = key.shape[2]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     bias = bias.expand(B, 1, Lq, Lk)
     launch_pdl = pdl(query)
-    block_n, stages, warps = config or PLAIN_CONFIG
-    block_m = block_m or PLAIN_BLOCK_M or query_tile(B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count
-                                    if query.is_cuda else None)
+    block_m = block_m or PLAIN_BLOCK_M or query_tile(
+        B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else None)
+    block_n, stages, warps = config or plain_config(block_m)
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](
         query, key, value, bias, out, Lq, Lk, H, hd ** -0.5,
