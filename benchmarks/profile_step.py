@@ -102,6 +102,8 @@ def main() -> None:
     p.add_argument("--attention-config", type=int, nargs=3, metavar=("KEYS", "STAGES", "WARPS"),
                    help="the plain step attention kernel's keys per iteration, stages and warps")
     p.add_argument("--attention-block-m", type=int, help="the plain step attention kernel's queries per program")
+    p.add_argument("--block-size", type=int, default=32,
+                   help="the model's block size (the step's window is two blocks: its rows at batch 1)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
     skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
@@ -124,7 +126,7 @@ def main() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = args.device
     torch.manual_seed(0)
-    cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=32)
+    cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=args.block_size)
     model = DiffusionTransformer(cfg).to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
     engine = Engine(model, EngineConfig(max_num_seqs=args.batch, max_batched_tokens=1 << 20), static_step=True)
     gen = GenerationConfig(max_new_tokens=512, num_refinement_steps=512, temperature=0.0, strategy="threshold",
