@@ -238,7 +238,7 @@ def attention_rows(args) -> list[dict]:
 
 def attention_sweep_rows(args) -> list[dict]:
     """The plain attention kernel's tiles at batch 1: queries per program x keys per iteration,
-    stages, warps, in-graph over 22 layers' caches, against the default (PLAIN_CONFIG)."""
+    stages, warps, in-graph over 22 layers' caches, against the default (`plain_config`)."""
     dtype, rows = torch.bfloat16, []
     H, KV, hd, W, bs = 32, 4, 64, 64, 32
     for S in args.key_lengths:

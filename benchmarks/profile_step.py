@@ -108,8 +108,9 @@ def main() -> None:
     args = p.parse_args()
     skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
         args.prefetch]
-    if args.attention_config:
-        importlib.import_module("pllm.kernels.bias_attention").PLAIN_CONFIG = tuple(args.attention_config)
+    if args.attention_config:  # for every query tile
+        bias_attention = importlib.import_module("pllm.kernels.bias_attention")
+        bias_attention.PLAIN_CONFIG = bias_attention.SMALL_TILE_CONFIG = tuple(args.attention_config)
     if args.attention_block_m:
         importlib.import_module("pllm.kernels.bias_attention").PLAIN_BLOCK_M = args.attention_block_m
     skinny_gemm.USE_SKINNY = not args.baseline_kernels

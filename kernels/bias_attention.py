@@ -2,9 +2,10 @@
 bias (the step's block-causal mask), for grouped-query heads.
 
 A plain flash-attention forward: one program per (query tile of up to 64, query head), an online
-softmax over tiles of keys (256 for the small query tiles of small batches, else 64). It reads keys and values in place from the cache slice (any strides), maps
-query head h to key/value head h // (H / KV), and writes its output in (B, Lq, H, hd) memory, so
-the `transpose(1, 2).reshape(B, Lq, H * hd)` that feeds the output projection is a view. With
+softmax over tiles of keys (256 for the small query tiles of small batches, else 64). It reads keys
+and values in place from the cache slice (any strides), maps query head h to key/value head
+h // (H / KV), and writes its output in (B, Lq, H, hd) memory, so the
+`transpose(1, 2).reshape(B, Lq, H * hd)` that feeds the output projection is a view. With
 cuDNN that reshape was a copy kernel per layer. On an H200, in the 1.1B model's step
 (benchmarks/RESULTS.md), the kernel takes 57 us per layer at batch 16 over 512 keys (cuDNN: 68),
 and the graph replays 8% faster at batch 1 (256 keys) and batch 16. `fused_attention` runs it where
