@@ -196,19 +196,39 @@ def fused_rows(args) -> list[dict]:
     return rows
 
 
+LAYERS = 22  # the attention rows cycle over this many layers' caches, as the step does
+
+
+def attention_case(B: int, S: int) -> tuple:
+    """The step's attention inputs at batch B over S cached keys (64 queries, 32 / 4 heads of 64,
+    the block-causal bias), one cache per layer, and the float32 SDPA result on the first."""
+    dtype, (H, KV, hd, W, bs) = torch.bfloat16, (32, 4, 64, 64, 32)
+    caches = [torch.randn(B, 2, KV, S, hd, device="cuda", dtype=dtype) for _ in range(LAYERS)]
+    q = torch.randn(B, H, W, hd, device="cuda", dtype=dtype)
+    qpos, kpos = S - W + torch.arange(W, device="cuda"), torch.arange(S, device="cuda")
+    visible = kpos[None, :] // bs <= qpos[:, None] // bs
+    bias = torch.zeros(B, 1, W, S, device="cuda", dtype=dtype).masked_fill_(~visible, float("-inf"))
+    want = F.scaled_dot_product_attention(q.float(), caches[0][:, 0].float(), caches[0][:, 1].float(),
+                                          attn_mask=visible, enable_gqa=True)
+    return caches, q, bias, want
+
+
+def time_attention(make, want: torch.Tensor, label: str) -> dict | None:
+    """us per call in-graph and relative error of make(i)'s call; None (and a line) if it fails."""
+    try:
+        got = make(0)().float()
+        err = ((got - want).norm() / want.norm()).item()
+        t = graph_time(make, LAYERS, LAYERS)
+    except Exception as e:
+        print(f"attention {label}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return None
+    return {"us": t * 1e6, "rel_err": err}
+
+
 def attention_rows(args) -> list[dict]:
-    dtype, rows = torch.bfloat16, []
-    H, KV, hd, W, bs = 32, 4, 64, 64, 32
+    rows = []
     for B, S in itertools.product(args.batches, args.key_lengths):
-        layers = 22
-        caches = [torch.randn(B, 2, KV, S, hd, device="cuda", dtype=dtype) for _ in range(layers)]
-        q = torch.randn(B, H, W, hd, device="cuda", dtype=dtype)
-        qpos = (S - W + torch.arange(W, device="cuda"))
-        kpos = torch.arange(S, device="cuda")
-        visible = (kpos[None, :] // bs <= qpos[:, None] // bs)
-        bias = torch.zeros(B, 1, W, S, device="cuda", dtype=dtype).masked_fill_(~visible, float("-inf"))
-        want = F.scaled_dot_product_attention(q.float(), caches[0][:, 0].float(), caches[0][:, 1].float(),
-                                              attn_mask=visible, enable_gqa=True)
+        caches, q, bias, want = attention_case(B, S)
         for path in ("plain kernel", "split keys", "cuDNN"):
             def make(i, path=path):
                 k, v = caches[i][:, 0], caches[i][:, 1]
@@ -223,14 +243,10 @@ def attention_rows(args) -> list[dict]:
                     return lambda: attention_module._bias_attention_triton(q, k, v, bias)
                 splits = max(2, attention_module.key_splits(q, k))
                 return lambda: attention_module._split_keys_triton(q, k, v, bias, splits)
-            try:
-                got = make(0)().float()
-                err = ((got - want).norm() / want.norm()).item()
-                t = graph_time(make, layers, layers)
-            except Exception as e:
-                print(f"attention {path} B={B} S={S}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            timing = time_attention(make, want, f"{path} B={B} S={S}")
+            if timing is None:
                 continue
-            rows.append({"batch": B, "keys": S, "path": path, "us": t * 1e6, "rel_err": err,
+            rows.append({"batch": B, "keys": S, "path": path, **timing,
                          "splits": attention_module.key_splits(q, caches[0][:, 0])})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -239,32 +255,20 @@ def attention_rows(args) -> list[dict]:
 def attention_sweep_rows(args) -> list[dict]:
     """The plain attention kernel's tiles at batch 1: queries per program x keys per iteration,
     stages, warps, in-graph over 22 layers' caches, against the default (`plain_config`)."""
-    dtype, rows = torch.bfloat16, []
-    H, KV, hd, W, bs = 32, 4, 64, 64, 32
+    rows = []
     for S in args.key_lengths:
-        layers = 22
-        caches = [torch.randn(1, 2, KV, S, hd, device="cuda", dtype=dtype) for _ in range(layers)]
-        q = torch.randn(1, H, W, hd, device="cuda", dtype=dtype)
-        qpos, kpos = S - W + torch.arange(W, device="cuda"), torch.arange(S, device="cuda")
-        visible = kpos[None, :] // bs <= qpos[:, None] // bs
-        bias = torch.zeros(1, 1, W, S, device="cuda", dtype=dtype).masked_fill_(~visible, float("-inf"))
-        want = F.scaled_dot_product_attention(q.float(), caches[0][:, 0].float(), caches[0][:, 1].float(),
-                                              attn_mask=visible, enable_gqa=True)
+        caches, q, bias, want = attention_case(1, S)
         configs = [(None, None)] + [(m, (n, st, w)) for m, n, st, w in
                                     itertools.product((16, 32), (64, 128, 256), (2, 3), (4, 8)) if n <= S]
         for block_m, cfg in configs:
             def make(i, block_m=block_m, cfg=cfg):
                 return lambda: attention_module._bias_attention_triton(q, caches[i][:, 0], caches[i][:, 1], bias,
                                                                        cfg, block_m)
-            try:
-                got = make(0)().float()
-                err = ((got - want).norm() / want.norm()).item()
-                t = graph_time(make, layers, layers)
-            except Exception as e:
-                print(f"attention sweep S={S} {block_m} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            timing = time_attention(make, want, f"sweep S={S} {block_m} {cfg}")
+            if timing is None:
                 continue
             rows.append({"batch": 1, "keys": S, "path": "default" if cfg is None else "plain kernel",
-                         "block_m": block_m, "config": cfg, "us": t * 1e6, "rel_err": err})
+                         "block_m": block_m, "config": cfg, **timing})
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
