@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 from pllm.engine.batched_commit import commit_batch
-from pllm.kernels import attention, backend, skinny_gemm
+from pllm.kernels import attention, backend, skinny_gemm, step_windows
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -104,6 +104,10 @@ def main() -> None:
     p.add_argument("--attention-block-m", type=int, help="the plain step attention kernel's queries per program")
     p.add_argument("--block-size", type=int, default=32,
                    help="the model's block size (the step's window is two blocks: its rows at batch 1)")
+    p.add_argument("--window-reference", action="store_true",
+                   help="steps launched ahead pick their windows with PyTorch ops, not the next_windows kernel (A/B)")
+    p.add_argument("--commit-reference", action="store_true",
+                   help="a request's greedy commit as parallel_decode + compare, where and copy (A/B)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
     skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
@@ -114,6 +118,10 @@ def main() -> None:
     if args.attention_block_m:
         importlib.import_module("pllm.kernels.bias_attention").PLAIN_BLOCK_M = args.attention_block_m
     skinny_gemm.USE_SKINNY = not args.baseline_kernels
+    step_windows.USE_KERNEL = not (args.window_reference or args.baseline_kernels)
+    # (the package exports a function of that name)
+    commit_kernel = not (args.commit_reference or args.baseline_kernels)
+    importlib.import_module("pllm.kernels.parallel_decode").USE_IN_PLACE_KERNEL = commit_kernel
     skinny_gemm.FUSED_STEP = args.fused_step and not args.baseline_kernels
     backend.USE_PDL = args.pdl and not args.baseline_kernels
     if args.baseline_kernels:

@@ -21,6 +21,7 @@ import torch
 from .backend import HAS_TRITON, use_triton
 
 MAX_BLOCK = 256  # positions per sequence the selection kernel ranks in one program
+USE_IN_PLACE_KERNEL = True  # False: `commit_in_place` as parallel_decode + compare, where, copy (A/B)
 
 
 class ParallelDecodeOutput(NamedTuple):
@@ -47,17 +48,39 @@ def parallel_decode(
     if masked is None:
         masked = torch.ones(B, L, dtype=torch.bool, device=logits.device)
     masked = masked.reshape(B, L)
-    if isinstance(num_parallel, torch.Tensor):
-        min_count = num_parallel.to(logits.device, torch.int32).expand(B).contiguous()
-    else:  # a fill on the device: no host-to-device copy (which would wait for the GPU) per step
-        min_count = torch.full((B,), num_parallel, dtype=torch.int32, device=logits.device)
     if len(banned_ids) > 2:
         raise ValueError(f"parallel_decode bans at most two token ids, got {banned_ids}")
+    if isinstance(num_parallel, torch.Tensor):
+        min_count = num_parallel.to(logits.device, torch.int32).expand(B).contiguous()
+    elif use_triton(logits) and L <= MAX_BLOCK:
+        min_count = int(num_parallel)  # a kernel argument: no device tensor to fill per step
+    else:  # a fill on the device: no host-to-device copy (which would wait for the GPU) per step
+        min_count = torch.full((B,), num_parallel, dtype=torch.int32, device=logits.device)
     if use_triton(logits) and L <= MAX_BLOCK:
         out = _parallel_decode_triton(logits, masked, min_count, threshold, banned_ids)
     else:
         out = parallel_decode_reference(logits, masked, min_count, threshold, banned_ids)
     return ParallelDecodeOutput(*(t[0] for t in out)) if squeeze else out
+
+
+def commit_in_place(logits: torch.Tensor, block: torch.Tensor, min_count: int, threshold: float | None,
+                    mask_id: int, banned_ids: tuple[int, ...] = ()) -> ParallelDecodeOutput:
+    """One greedy step of a block, committed into it: logits (L, V) of the block's positions, block
+    (L,) int64 tokens, masked where they equal mask_id. The chosen positions get their tokens in
+    place (`parallel_decode`'s rule). On the GPU that is two kernel launches for the whole step,
+    where `parallel_decode` followed by the compare, where and copy around it is several more."""
+    if block.dim() != 1 or logits.shape[:-1] != block.shape:
+        raise ValueError(f"commit_in_place: logits {tuple(logits.shape)} do not fit block {tuple(block.shape)}")
+    if len(banned_ids) > 2:
+        raise ValueError(f"parallel_decode bans at most two token ids, got {banned_ids}")
+    L = block.numel()
+    if USE_IN_PLACE_KERNEL and use_triton(logits, block) and L <= MAX_BLOCK and block.is_contiguous():
+        out = _parallel_decode_triton(logits[None], None, min_count, threshold, banned_ids, (block, mask_id))
+        return ParallelDecodeOutput(*(t[0] for t in out))
+    masked = block == mask_id
+    out = parallel_decode(logits, min_count, threshold, masked, banned_ids)
+    block.copy_(torch.where(out.commit, out.tokens, block))
+    return out
 
 
 def parallel_decode_reference(logits: torch.Tensor, masked: torch.Tensor, min_count: torch.Tensor,
@@ -110,25 +133,37 @@ if HAS_TRITON:
         tl.store(conf_ptr + b * L + pos, 1.0 / total)
 
     @triton.jit
-    def _select_kernel(conf_ptr, masked_ptr, min_count_ptr, commit_ptr, L, threshold, BLOCK_L: tl.constexpr):
-        """One program per sequence: the positions to commit, from the confidences."""
+    def _select_kernel(conf_ptr, masked_ptr, min_count_ptr, min_count, commit_ptr, tokens_ptr, block_ptr, mask_id, L,
+                       threshold, BLOCK_L: tl.constexpr, PER_ROW_COUNT: tl.constexpr, IN_PLACE: tl.constexpr):
+        """One program per sequence: the positions to commit, from the confidences. IN_PLACE: the
+        masked positions are the block's mask tokens, and committed ones get their tokens there."""
         b = tl.program_id(0)
         rows = tl.arange(0, BLOCK_L)
         row_ok = rows < L
         conf = tl.load(conf_ptr + b * L + rows, mask=row_ok, other=0.0)
-        masked = (tl.load(masked_ptr + b * L + rows, mask=row_ok, other=0) != 0) & row_ok
+        if IN_PLACE:
+            current = tl.load(block_ptr + b * L + rows, mask=row_ok, other=0)
+            masked = (current == mask_id) & row_ok
+        else:
+            masked = (tl.load(masked_ptr + b * L + rows, mask=row_ok, other=0) != 0) & row_ok
         # Rank among masked positions: more confident first, ties to the lower index.
         ahead = masked[None, :] & ((conf[None, :] > conf[:, None])
                                    | ((conf[None, :] == conf[:, None]) & (rows[None, :] < rows[:, None])))
         rank = tl.sum(ahead.to(tl.int32), axis=1)
         num_masked = tl.sum(masked.to(tl.int32), axis=0)
         above = tl.sum((masked & (conf > threshold)).to(tl.int32), axis=0)
-        count = tl.minimum(tl.maximum(tl.load(min_count_ptr + b), above), num_masked)
+        least = tl.load(min_count_ptr + b) if PER_ROW_COUNT else min_count
+        count = tl.minimum(tl.maximum(least, above), num_masked)
         commit = masked & (rank < count)
         tl.store(commit_ptr + b * L + rows, commit.to(tl.int8), mask=row_ok)
+        if IN_PLACE:
+            tokens = tl.load(tokens_ptr + b * L + rows, mask=row_ok, other=0)
+            tl.store(block_ptr + b * L + rows, tokens, mask=row_ok & commit)
 
 
-def _parallel_decode_triton(logits, masked, min_count, threshold, banned_ids) -> ParallelDecodeOutput:
+def _parallel_decode_triton(logits, masked, min_count, threshold, banned_ids, in_place=None) -> ParallelDecodeOutput:
+    """min_count: an int or a (B,) int32 tensor. in_place: (block tokens (B, L), mask id), whose
+    mask tokens are the masked positions and which gets the committed tokens (masked unused)."""
     B, L, V = logits.shape
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -139,7 +174,13 @@ def _parallel_decode_triton(logits, masked, min_count, threshold, banned_ids) ->
     _token_confidence_kernel[(B, L)](logits, tokens, confidence, L, V, logits.stride(0), logits.stride(1),
                                      banned[0], banned[1], BLOCK_V=min(4096, triton.next_power_of_2(V)),
                                      num_warps=8)
-    _select_kernel[(B,)](confidence, masked.to(torch.int8).contiguous(), min_count, commit, L,
-                         2.0 if threshold is None else float(threshold),
-                         BLOCK_L=max(16, triton.next_power_of_2(L)), num_warps=4)
-    return ParallelDecodeOutput(tokens, confidence, commit.bool())
+    per_row = isinstance(min_count, torch.Tensor)
+    block, mask_id = in_place if in_place is not None else (tokens, -1)
+    if in_place is None:  # a bool tensor's bytes are int8s: a view, not a conversion kernel
+        masked = masked.contiguous()
+        masked = masked.view(torch.int8) if masked.dtype == torch.bool else masked.to(torch.int8)
+    _select_kernel[(B,)](confidence, masked if in_place is None else commit, min_count if per_row else commit,
+                         0 if per_row else int(min_count), commit, tokens, block, mask_id, L,
+                         2.0 if threshold is None else float(threshold), BLOCK_L=max(16, triton.next_power_of_2(L)),
+                         PER_ROW_COUNT=per_row, IN_PLACE=in_place is not None, num_warps=4)
+    return ParallelDecodeOutput(tokens, confidence, commit.view(torch.bool))

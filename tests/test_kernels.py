@@ -51,6 +51,30 @@ def test_parallel_decode_matches_softmax_argmax_and_commit_rule(seed):
     assert not (out.commit & ~masked).any()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_parallel_decode_commit_in_place_equals_decode_then_commit(seed):
+    """`commit_in_place` (the engine's greedy step: masks read from the block, tokens written into
+    it) commits exactly what `parallel_decode` on the block's mask positions picks, and leaves
+    every other position as it was."""
+    from pllm.kernels.parallel_decode import commit_in_place
+
+    g = torch.Generator().manual_seed(seed)
+    L, V, mask, min_count = [(32, 4096, 7, 1), (20, 300, 3, 2), (32, 777, 3, 0), (9, 64, 5, 4)][seed]
+    logits = (torch.randn(L, V, generator=g) * (1 + seed)).to(DEVICE)
+    block = torch.randint(10, V, (L,), generator=g)
+    block[torch.rand(L, generator=g) < 0.6] = mask
+    block = block.to(DEVICE)
+    threshold = [0.9, None, 0.05, 0.5][seed]
+    before = block.clone()
+    out = commit_in_place(logits, block, min_count, threshold, mask, banned_ids=(mask, 0))
+    want = parallel_decode(logits, min_count, threshold, before == mask, banned_ids=(mask, 0))
+    assert torch.equal(out.tokens, want.tokens) and torch.equal(out.commit, want.commit)
+    assert bool(out.commit.any()) == bool((before == mask).any()) and not (out.commit & (before != mask)).any()
+    assert torch.equal(block, torch.where(want.commit, want.tokens, before))
+    with pytest.raises(ValueError, match="do not fit"):
+        commit_in_place(logits[:-1], block, min_count, threshold, mask)
+
+
 def test_parallel_decode_seed_api_and_ties_go_to_the_lower_index():
     logits = torch.zeros(1, 8, 16, device=DEVICE)
     logits[0, :, 5] = 4.0  # every position equally confident in token 5
@@ -652,6 +676,43 @@ def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
         module.FILL_SMS = True
 
 
+def test_next_windows_pick_each_rows_next_step_window():
+    """Per row: the current block's window while it has masks, the next block's once it has none
+    (not after the last block); tokens outside the sequence are padding; rows past n are padding."""
+    from pllm.kernels.step_windows import next_windows
+
+    bs, W, B, mask, pad = 4, 8, 8, 3, 0
+    torch.manual_seed(0)
+    # (length, current block start, end, next block's end or -1, masks left in the current block)
+    rows = [(20, 8, 12, 16, 2), (20, 8, 12, 16, 0), (20, 16, 20, -1, 0), (14, 5, 8, 12, 0), (9, 1, 4, 8, 1),
+            (6, 2, 4, -1, 0)]
+    seqs = []
+    for size, start, end, after, masks in rows:
+        seq = torch.randint(4, 50, (size,))
+        seq[end:] = mask  # later blocks are all masked
+        seq[end - masks:end] = mask
+        seqs.append(seq)
+    flat = torch.cat(seqs).to(DEVICE)
+    sizes = [len(s) for s in seqs]
+    starts = [sum(sizes[:i]) for i in range(len(seqs))]
+    table = torch.tensor([starts, sizes, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]],
+                         device=DEVICE)
+    tokens = torch.full((B, W), -7, dtype=torch.long, device=DEVICE)
+    positions, limits = torch.full_like(tokens, -7), torch.full((B,), -7, dtype=torch.long, device=DEVICE)
+    next_windows(flat, table, tokens, positions, limits, bs, mask, pad)
+    for i, ((size, start, end, after, masks), seq) in enumerate(zip(rows, seqs)):
+        move = masks == 0 and after >= 0
+        lo = ((end if move else start) // bs - 1) * bs
+        want = [int(seq[p]) if 0 <= p < size else pad for p in range(lo, lo + W)]
+        assert tokens[i].tolist() == want, i
+        assert positions[i].tolist() == list(range(lo, lo + W)), i
+        assert limits[i].item() == (after if move else end), i
+    assert (tokens[len(rows):] == pad).all() and (limits[len(rows):] == 0).all()
+    assert (positions[len(rows):] == torch.arange(-bs, bs, device=DEVICE)).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        next_windows(flat, table, tokens[:, :6], positions, limits, bs, mask, pad)
+
+
 def test_kernels_take_the_triton_path_where_they_should():
     on = use_triton(torch.empty(1, device=DEVICE))
     assert on == (DEVICE == "cuda" or INTERPRETED)
@@ -662,7 +723,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or skinny or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or skinny or next_windows or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout

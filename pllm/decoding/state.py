@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationConfig, ModelConfig
-from ..kernels import parallel_decode
+from ..kernels.parallel_decode import commit_in_place
 from ..kv_cache import KVCache, Segment
 from .commit import commit_mask, factor_commit_mask, transfer_schedule
 from .credit import CreditTrace
@@ -345,13 +345,15 @@ class DecodeState:
         """One denoising step of the current block with the logits of its current state."""
         r, cfg = self.rules, self.cfg
         block = self.tokens[self.start:self.end]
-        still_masked = block == cfg.mask_token_id
         min_count = self.min_commits()
         if self.greedy_kernel_rules():
-            # Greedy confidence decoding: logits -> token, confidence and commit in one kernel.
-            out = parallel_decode(logits, min_count, r.confidence_threshold, still_masked,
+            # Greedy confidence decoding: logits -> token, confidence and the commit into the block
+            # in one call (two kernels on a GPU).
+            out = commit_in_place(logits, block, min_count, r.confidence_threshold, cfg.mask_token_id,
                                   banned_ids=(cfg.mask_token_id, cfg.pad_token_id))
-            return self._commit(block, out.tokens, out.confidence, out.commit)
+            self._record_step(out.tokens, out.confidence, *host_copy(block))
+            return out.commit
+        still_masked = block == cfg.mask_token_id
         logits = logits.clone()
         # The answer may never contain mask or padding tokens (an undertrained model can rank them
         # first, and committing a mask would stall the loop).
@@ -399,7 +401,7 @@ class DecodeState:
         self._record_step(proposal, confidence, host, ready)
 
     def greedy_kernel_rules(self) -> bool:
-        """Whether a step's commit is one `parallel_decode` call (greedy confidence decoding)."""
+        """Whether a step's commit is one `commit_in_place` call (greedy confidence decoding)."""
         r = self.rules
         return r.temperature == 0 and r.repetition_penalty == 1.0 and self.credit is None and r.min_per_step != "factor"
 

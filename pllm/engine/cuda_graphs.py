@@ -23,6 +23,7 @@ import itertools
 import torch
 
 from ..decoding import DecodeState
+from ..kernels.step_windows import next_windows
 from ..model import DiffusionTransformer
 
 
@@ -119,29 +120,16 @@ class StaticStepRunner:
         n, bs, W = len(states), self.block, self.window
         B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)
-        device, pad, mask_id = self.positions.device, self.model.config.pad_token_id, self.model.config.mask_token_id
-        # A fixed number of batched ops whatever the batch size: every row's tokens in one tensor,
-        # and per row (one host-to-device copy) where they start in it, their count, the current
-        # block, and the next block's end (-1 after the last block).
+        pad, mask_id = self.model.config.pad_token_id, self.model.config.mask_token_id
+        # A fixed number of device operations whatever the batch size: per row (one host-to-device
+        # copy) where its tokens start in one tensor of every row's tokens, their count, the current
+        # block and the next block's end (-1 after the last block); then one kernel writes the windows.
         sizes = [s.tokens.numel() for s in states]
         after = [s.blocks[s.block + 1][1] if s.block + 1 < len(s.blocks) else -1 for s in states]
         table = self.to_device([list(itertools.accumulate([0] + sizes[:-1])), sizes,
                                 [s.start for s in states], [s.end for s in states], after])
-        offset, size, start, end, after_end = table[:, :, None]  # each (n, 1)
-        flat = torch.cat([s.tokens for s in states])
-        last = flat.numel() - 1
-        block_pos = start + torch.arange(bs, device=device)  # the current block (its first may be short)
-        block_tokens = flat[(offset + block_pos).clamp(max=last)]
-        move = ((block_tokens != mask_id) | (block_pos >= end)).all(-1, keepdim=True) & (after_end >= 0)
-        lo = (torch.where(move, end, start) // bs - 1) * bs  # the window: blocks k-1 and k
-        positions = lo + torch.arange(W, device=device)  # (n, W)
-        inside = (positions >= 0) & (positions < size)
-        self.tokens[:n] = torch.where(inside, flat[(offset + positions).clamp(0, last)], pad)
-        self.tokens[n:B] = pad
-        self.positions[:n] = positions
-        self.positions[n:B] = torch.arange(-bs, bs, device=device)
-        self.limits[:n] = torch.where(move, after_end, end)[:, 0]
-        self.limits[n:B] = 0
+        flat = states[0].tokens if n == 1 else torch.cat([s.tokens for s in states])
+        next_windows(flat, table, self.tokens[:B], self.positions[:B], self.limits[:B], bs, mask_id, pad)
         self._layout = None  # the next plain `run` rewrites positions, limits and padding
         furthest = max(((s.end if a >= 0 else s.start) // bs - 1) * bs for s, a in zip(states, after))
         need = furthest + W + self.cache.offset
