@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 from pllm.engine.batched_commit import commit_batch
-from pllm.kernels import attention, backend, skinny_gemm, step_windows
+from pllm.kernels import attention, backend, skinny_gemm, step_bias, step_windows
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -108,6 +108,8 @@ def main() -> None:
                    help="steps launched ahead pick their windows with PyTorch ops, not the next_windows kernel (A/B)")
     p.add_argument("--commit-reference", action="store_true",
                    help="a request's greedy commit as parallel_decode + compare, where and copy (A/B)")
+    p.add_argument("--bias-reference", action="store_true",
+                   help="the step's attention bias from PyTorch ops, not the step_bias kernel (A/B)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
     skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
@@ -119,6 +121,7 @@ def main() -> None:
         importlib.import_module("pllm.kernels.bias_attention").PLAIN_BLOCK_M = args.attention_block_m
     skinny_gemm.USE_SKINNY = not args.baseline_kernels
     step_windows.USE_KERNEL = not (args.window_reference or args.baseline_kernels)
+    step_bias.USE_KERNEL = not (args.bias_reference or args.baseline_kernels)
     # (the package exports a function of that name)
     commit_kernel = not (args.commit_reference or args.baseline_kernels)
     importlib.import_module("pllm.kernels.parallel_decode").USE_IN_PLACE_KERNEL = commit_kernel

@@ -34,21 +34,33 @@ def one_token_per_forward(gen_length: int, block_size: int) -> GenerationConfig:
 
 
 def self_generated_answers(model: torch.nn.Module, prompts: Sequence[torch.Tensor], length: int,
-                           batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
+                           batch_size: int = 64, fixed_shape_steps: bool | None = None) -> list[dict[str, torch.Tensor]]:
     """The fine-tune's data: each prompt (1-D, shorter than `length`) followed by the model's answer
     decoded one token per forward pass, up to `length` tokens in all, as {"input_ids" (length,),
-    "prompt_length" ()}. Prompts may differ in length; the rows then have answers of different lengths."""
+    "prompt_length" ()}. Prompts may differ in length; the rows then have answers of different lengths.
+    fixed_shape_steps: decode block-causal models through the engine's fixed-shape steps (default: on
+    a GPU, where they are CUDA graphs)."""
     if any(len(p) >= length for p in prompts):
         raise ValueError(f"every prompt must be shorter than length={length}")
     block = model.config.block_size or 1
     was_training = model.training
     model.eval()
     data = []
+    # The fixed-shape step is one graph replay for the whole batch, where the packed pass runs
+    # attention sequence by sequence: on a GPU the host's launches, not the device, set that pace.
+    if fixed_shape_steps is None:
+        fixed_shape_steps = next(model.parameters()).is_cuda
+    static = None
+    if fixed_shape_steps and model.config.attention_mode == "block_causal" and prompts:
+        from .engine.cuda_graphs import StaticStepRunner
+
+        static = StaticStepRunner(model, min(batch_size, len(prompts)), capture=model.device.type == "cuda",
+                                  compile_ops=False)
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = [p.cpu() for p in prompts[start:start + batch_size]]
             rules = [DecodeRules.from_config(one_token_per_forward(length - len(p), block)) for p in chunk]
-            for prompt, answer in zip(chunk, decode_with_rules(model, chunk, rules).tokens):
+            for prompt, answer in zip(chunk, decode_with_rules(model, chunk, rules, static=static).tokens):
                 data.append({"input_ids": torch.cat([prompt, answer.cpu()]), "prompt_length": torch.tensor(len(prompt))})
     model.train(was_training)
     return data

@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
 from .kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
                                   step_linear, step_silu_mul_linear)
+from .kernels.step_bias import step_bias
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 
@@ -447,26 +448,22 @@ class DiffusionTransformer(nn.Module):
     @torch.no_grad()
     def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
                        cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None,
-                       fused_ops: bool = False, fixed_shape: bool = True) -> torch.Tensor:
+                       fused_ops: bool = False, fixed_shape: bool = True, float_logits: bool = True) -> torch.Tensor:
         """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a
         window of consecutive positions per row; positions below 0 are padding), limits (B,) the
         first position no query may see. Keys/values of the window are written into the slots, and
         each query reads its slot's keys at positions < limit in blocks up to its own, among the
         first `key_length` cache entries (default: all; must cover every window). Returns the
-        float32 logits of the last `num_logits` window positions, (B, num_logits, V). fused_ops: run
+        logits of the last `num_logits` window positions, (B, num_logits, V), in float32 (float_logits=
+        False: the weights' dtype, for consumers that upcast as they read them). fused_ops: run
         the elementwise chains through torch.compile'd kernels (GPU; `fused`). fixed_shape=False
         for one-off shapes (a prompt's prefill): no attention kernel that plans per shape."""
         bs = self.config.block_size
         B, W = positions.shape
         S = key_length or cache.length
-        key_pos = torch.arange(S, device=tokens.device) - cache.offset  # (S,)
-        visible = ((key_pos[None, None, :] >= 0) & (key_pos[None, None, :] < limits[:, None, None])
-                   & (key_pos.div(bs, rounding_mode="floor")[None, None, :]
-                      <= positions.div(bs, rounding_mode="floor")[:, :, None]))
-        visible |= key_pos[None, None, :] == positions[:, :, None]  # every query sees itself
-        # An additive bias built once for all layers (a bool mask is converted in every call).
         x = self.embed_tokens(tokens)
-        bias = torch.zeros(B, 1, W, S, dtype=x.dtype, device=x.device).masked_fill_(~visible[:, None], float("-inf"))
+        # An additive bias built once for all layers (a bool mask is converted in every call).
+        bias = step_bias(positions, limits, S, cache.offset, bs, x.dtype)
         step = StaticStep(cache, rows, positions + cache.offset, bias, S, fixed_shape)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at], self.rope_sin[rope_at]  # (B, W, hd)
@@ -487,10 +484,10 @@ class DiffusionTransformer(nn.Module):
         if skinny:  # the final norm folded into lm_head, on the last num_logits rows
             w = self.lm_head.weight
             last = squares.view(-1, B, W)[:, :, -num_logits:].reshape(-1, B * num_logits).contiguous()
-            return scaled_linear(xg[:, -num_logits:].contiguous(), last, self.norm.eps, w,
-                                 config=fused_config(w)).float()
-        h = h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:])
-        return self.lm_head(h).float()
+            logits = scaled_linear(xg[:, -num_logits:].contiguous(), last, self.norm.eps, w, config=fused_config(w))
+        else:
+            logits = self.lm_head(h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:]))
+        return logits.float() if float_logits else logits
 
     def _segment_mask(self, start: int, end: int, visible: int, device) -> torch.Tensor | None:
         """Queries at positions [start, end) over keys at positions [0, visible)."""

@@ -71,11 +71,15 @@ def test_certainty_forcing_raises_tokens_per_forward_and_keeps_the_answers(tmp_p
     # Prompts of 9-16 tokens (answers then start anywhere in a block), each answered up to 32 tokens
     own = torch.from_numpy(noisy_cycle(256 * PROMPT, seed=3)).view(256, PROMPT)
     own = [row[: 9 + i % 8] for i, row in enumerate(own)]
-    data = self_generated_answers(model, own, PROMPT + GEN)
+    data = self_generated_answers(model, own, PROMPT + GEN, fixed_shape_steps=True)
     assert [int(d["prompt_length"]) for d in data] == [len(p) for p in own]
     assert all(d["input_ids"].shape == (PROMPT + GEN,) and torch.equal(d["input_ids"][:len(p)], p)
                for d, p in zip(data, own))
     assert not any((d["input_ids"] == cfg.mask_token_id).any() for d in data)
+    # Through the engine's fixed-shape steps (as on a GPU): the answers of the packed decoding loop.
+    packed = decode_with_rules(model, own, [DecodeRules.from_config(one_token_per_forward(PROMPT + GEN - len(p), BLOCK))
+                                            for p in own]).tokens
+    assert all(torch.equal(d["input_ids"][len(p):], a) for d, p, a in zip(data, own, packed))
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
     trainer = CertaintyForcingTrainer(model, train_config(300, tmp_path / "cf", 5e-4), cfg, loader, device="cpu",
                                       show_progress=False, on_save=lambda trainer: None)

@@ -713,6 +713,29 @@ def test_next_windows_pick_each_rows_next_step_window():
         next_windows(flat, table, tokens[:, :6], positions, limits, bs, mask, pad)
 
 
+def test_step_bias_is_the_block_causal_rule_over_the_cache():
+    """Query (b, w) at position p reads cache entry s (key position s - offset) iff the key lies
+    below the row's limit, in a block up to p's, or is p itself (padding rows sit at negative
+    positions and see only their own scratch entry)."""
+    from pllm.kernels.step_bias import step_bias
+
+    bs, offset, S = 4, 4, 300  # more keys than one program's tile
+    positions = torch.tensor([[4, 5, 6, 7, 8, 9, 10, 11], [-4, -3, -2, -1, 0, 1, 2, 3],
+                              [-4, -3, -2, -1, 0, 1, 2, 3], [200, 201, 202, 203, 204, 205, 206, 207]])
+    limits = torch.tensor([10, 3, 0, 207])
+    bias = step_bias(positions.to(DEVICE), limits.to(DEVICE), S, offset, bs, torch.bfloat16).cpu()
+    assert bias.shape == (4, 1, 8, S) and bias.dtype == torch.bfloat16
+    for b in range(4):
+        for w in range(8):
+            p = int(positions[b, w])
+            want = [(0 <= s - offset < int(limits[b]) and p >= 0 and (s - offset) // bs <= p // bs) or s - offset == p
+                    for s in range(S)]
+            assert ((bias[b, 0, w] == 0) == torch.tensor(want)).all(), (b, w)
+            assert ((bias[b, 0, w] == 0) | (bias[b, 0, w] == float("-inf"))).all()
+    with pytest.raises(ValueError, match="do not fit"):
+        step_bias(positions.to(DEVICE), limits[:2].to(DEVICE), S, offset, bs, torch.bfloat16)
+
+
 def test_kernels_take_the_triton_path_where_they_should():
     on = use_triton(torch.empty(1, device=DEVICE))
     assert on == (DEVICE == "cuda" or INTERPRETED)
@@ -723,7 +746,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or skinny or next_windows or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or skinny or next_windows or step_bias or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout

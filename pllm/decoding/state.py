@@ -354,7 +354,7 @@ class DecodeState:
             self._record_step(out.tokens, out.confidence, *host_copy(block))
             return out.commit
         still_masked = block == cfg.mask_token_id
-        logits = logits.clone()
+        logits = logits.to(torch.float32, copy=True)  # (a fixed-shape step's logits are in the weights' dtype)
         # The answer may never contain mask or padding tokens (an undertrained model can rank them
         # first, and committing a mask would stall the loop).
         logits[:, [cfg.mask_token_id, cfg.pad_token_id]] = float("-inf")

@@ -80,8 +80,11 @@ class StaticStepRunner:
         return state.block_causal and state.cache_mode == "block" and not state.rules.draft_length
 
     def _step(self, B: int, S: int) -> torch.Tensor:
+        # Captured steps keep the logits in the weights' dtype: the commit kernels read them into
+        # float32 (no cast kernel in the graph).
         return self.model.forward_static(self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
-                                         slice(0, B), self.block, key_length=S, fused_ops=self.compile_ops)
+                                         slice(0, B), self.block, key_length=S, fused_ops=self.compile_ops,
+                                         float_logits=not self.capture)
 
     def _capture_all(self) -> None:
         """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""
