@@ -1,5 +1,6 @@
-"""The speculative-decoding, multi-GPU and norm-backward benchmarks run end to end on CPU (tiny
-shapes, gloo, CPU replicas, Triton's interpreter); their GPU figures are in benchmarks/RESULTS.md."""
+"""The speculative-decoding, multi-GPU, norm-backward and answer-generation benchmarks run end to end
+on CPU (tiny shapes, gloo, CPU replicas, Triton's interpreter); their GPU figures are in
+benchmarks/RESULTS.md."""
 
 import json
 import subprocess
@@ -77,3 +78,11 @@ def test_norm_backward_benchmark_reports_every_tile_and_the_baseline(tmp_path):
     paths = [r["path"] for r in report["results"]]
     assert paths[:2] == ["ours, tiles of 1 row(s)", "ours, tiles of 4 row(s)"] and paths[2].startswith("Inductor")
     assert all(r["seconds"] > 0 for r in report["results"]) and report["bytes"] == 40 * 96 * 16
+
+
+def test_answer_generation_benchmark_times_both_decoding_paths(tmp_path):
+    _run(["benchmarks/answer_generation.py", "--device", "cpu", "--quick", "--out", str(tmp_path)], 300)
+    report = json.loads((tmp_path / "answer_generation_cpu.json").read_text())
+    assert [r["path"] for r in report["rows"]] == ["fixed-shape steps", "packed loop"]
+    assert all(r["prompts"] == 4 and r["seconds"] > 0 for r in report["rows"])
+    assert report["fixed_over_packed_answers_per_s"] > 0
