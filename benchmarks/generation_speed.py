@@ -150,12 +150,12 @@ def trained_tpf(args, device: str) -> dict:
 
     def tpf(model, teacher: list | None = None) -> dict:
         """TPF and answer quality per threshold; teacher: answers to compare with, position by position."""
-        out = {}
+        out, static = {}, fixed_shape_steps(model, len(prompts))
         for threshold in args.thresholds:
             cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
                                    strategy="threshold", confidence_threshold=threshold, use_adaptive_steps=False)
             result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts],
-                                       [DecodeRules.from_config(cfg)] * len(prompts))
+                                       [DecodeRules.from_config(cfg)] * len(prompts), static=static)
             out[f"tpf_threshold_{threshold}"] = args.gen / statistics.fmean(result.nfe_per_sequence)
             # Quality: the share of the reference's tokens matched position by position, and how much
             # of the answers lies after an EOS (tokens there are easy and would inflate the TPF).
@@ -205,13 +205,25 @@ def trained_tpf(args, device: str) -> dict:
     return out
 
 
+def fixed_shape_steps(model, max_num_seqs: int):
+    """On a GPU, the engine's fixed-shape steps (CUDA graphs) for TPF decoding, as the engine
+    decodes: the packed loop runs attention sequence by sequence, and its launches set its pace
+    (`benchmarks/answer_generation.py`). None (the packed loop) elsewhere."""
+    from pllm.engine.cuda_graphs import StaticStepRunner
+
+    if model.device.type != "cuda":
+        return None
+    return StaticStepRunner(model, max_num_seqs, capture=True, compile_ops=False)
+
+
 def tpf_one_per_step(model, prompts, gen: int) -> list:
     """The model's answers decoded one token per forward pass (the distillation's teacher)."""
     from pllm.certainty_forcing import one_token_per_forward
     from pllm.decoding import DecodeRules, decode_with_rules
 
     rules = DecodeRules.from_config(one_token_per_forward(gen, model.config.block_size or 1))
-    result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts], [rules] * len(prompts))
+    result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts], [rules] * len(prompts),
+                               static=fixed_shape_steps(model, len(prompts)))
     return [a.cpu() for a in result.tokens]
 
 

@@ -34,7 +34,8 @@ def one_token_per_forward(gen_length: int, block_size: int) -> GenerationConfig:
 
 
 def self_generated_answers(model: torch.nn.Module, prompts: Sequence[torch.Tensor], length: int,
-                           batch_size: int = 64, fixed_shape_steps: bool | None = None) -> list[dict[str, torch.Tensor]]:
+                           batch_size: int = 64,
+                           fixed_shape_steps: bool | None = None) -> list[dict[str, torch.Tensor]]:
     """The fine-tune's data: each prompt (1-D, shorter than `length`) followed by the model's answer
     decoded one token per forward pass, up to `length` tokens in all, as {"input_ids" (length,),
     "prompt_length" ()}. Prompts may differ in length; the rows then have answers of different lengths.

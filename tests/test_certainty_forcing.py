@@ -77,8 +77,8 @@ def test_certainty_forcing_raises_tokens_per_forward_and_keeps_the_answers(tmp_p
                for d, p in zip(data, own))
     assert not any((d["input_ids"] == cfg.mask_token_id).any() for d in data)
     # Through the engine's fixed-shape steps (as on a GPU): the answers of the packed decoding loop.
-    packed = decode_with_rules(model, own, [DecodeRules.from_config(one_token_per_forward(PROMPT + GEN - len(p), BLOCK))
-                                            for p in own]).tokens
+    packed_rules = [DecodeRules.from_config(one_token_per_forward(PROMPT + GEN - len(p), BLOCK)) for p in own]
+    packed = decode_with_rules(model, own, packed_rules).tokens
     assert all(torch.equal(d["input_ids"][len(p):], a) for d, p, a in zip(data, own, packed))
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
     trainer = CertaintyForcingTrainer(model, train_config(300, tmp_path / "cf", 5e-4), cfg, loader, device="cpu",
