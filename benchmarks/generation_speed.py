@@ -233,6 +233,7 @@ def certainty_forcing(args, model, corpus, device: str, val) -> dict:
     held-out prompts' do); then its validation ELBO on `val`."""
     from pllm import TrainingConfig
     from pllm.certainty_forcing import CertaintyForcingTrainer, self_generated_answers
+    from pllm.data import make_dataloader
 
     block, start = model.config.block_size, time.perf_counter()
     longest = max(block, args.prompt_len)
@@ -250,14 +251,19 @@ def certainty_forcing(args, model, corpus, device: str, val) -> dict:
                          mixed_precision="bf16" if device == "cuda" else "no",
                          output_dir=str(Path(args.work_dir) / "certainty-forcing"))
     loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+    replay = None
+    if args.distill_replay_weight:  # corpus rows of pre-training's length, as many per step as answers
+        replay = make_dataloader(corpus.train_tokens, val.dataset.seq_len, cfg.batch_size, shuffle=True)
     trainer = CertaintyForcingTrainer(model, cfg, model.config, loader, val, device=device, show_progress=False,
-                                      on_save=lambda trainer: None, entropy_weight=args.distill_entropy_weight)
+                                      on_save=lambda trainer: None, entropy_weight=args.distill_entropy_weight,
+                                      pretrain_dataloader=replay, pretrain_weight=args.distill_replay_weight)
     metrics = trainer.train()
     model.eval()
     print(f"certainty forcing: {len(data)} answers in {generate_seconds:.0f}s, {trainer.step} steps, "
           f"loss {metrics.get('loss', float('nan')):.3f}", flush=True)
     return {"prompts": len(data), "prompt_lengths": [longest - block + 1, longest], "generate_seconds": generate_seconds,
             "steps": trainer.step, "entropy_weight": args.distill_entropy_weight, "lr": args.distill_lr,
+            "replay_weight": args.distill_replay_weight,
             "seconds": time.perf_counter() - start, "final_loss": metrics.get("loss"),
             "val_elbo_nats": metrics.get("val_elbo_nats")}
 
@@ -326,6 +332,8 @@ def main() -> None:
     p.add_argument("--distill-steps", type=int, default=500, help="the fine-tune's LR schedule length")
     p.add_argument("--distill-lr", type=float, default=2e-4)
     p.add_argument("--distill-entropy-weight", type=float, default=2.0)
+    p.add_argument("--distill-replay-weight", type=float, default=0.0,
+                   help="also train on corpus rows with the pre-training loss, at this weight (replay)")
     p.add_argument("--hf-tokens", type=int, default=64, help="new tokens per HF generate call")
     p.add_argument("--skip-eager", action="store_true", help="skip the eager packed-path baseline")
     p.add_argument("--baseline-kernels", action="store_true",

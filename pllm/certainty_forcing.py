@@ -7,6 +7,10 @@ fine-tuned on its own answers (what it writes one token per forward pass, its "t
 cross-entropy keeps it on that trajectory, and an entropy penalty on the masked positions it
 already predicts right pushes it to be sure of them early, several at a time.
 
+A small model's own answers are often poor (repeated lines), and training on them alone pulls its
+validation ELBO up. `pretrain_dataloader` with `pretrain_weight` > 0 adds the pre-training objective
+on corpus rows to each step (replay), which holds the model near the data while it grows certain.
+
     data = self_generated_answers(model, prompts, length=384)   # prompts: 1-D token tensors
     loader = torch.utils.data.DataLoader(data, batch_size=32, shuffle=True, drop_last=True)
     CertaintyForcingTrainer(model, train_cfg, model.config, loader).train()
@@ -14,6 +18,7 @@ already predicts right pushes it to be sure of them early, several at a time.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import GenerationConfig
 from .decoding import DecodeRules, decode_with_rules
-from .diffusion import DiffusionLoss, masked_positions, to_device
+from .diffusion import DiffusionLoss, diffusion_loss, masked_positions, to_device, unpack_batch
 from .trainer import DistributedTrainer
 
 
@@ -73,6 +78,7 @@ class CertaintyForcingLoss(DiffusionLoss):
     cross_entropy: torch.Tensor = None  # mean over masked answer positions (detached)
     entropy: torch.Tensor = None  # mean over the masked positions predicted right (detached)
     accuracy: torch.Tensor = None  # share of masked positions predicted right (detached)
+    pretrain_nelbo: torch.Tensor | None = None  # the replayed corpus rows' NELBO per token (detached)
 
 
 def certainty_forcing_loss(model: torch.nn.Module, sequences: torch.Tensor, prompt_lengths: torch.Tensor | int,
@@ -117,11 +123,16 @@ class CertaintyForcingTrainer(DistributedTrainer):
     objective, over batches {"input_ids" (B, L), "prompt_length" (B,)} (`self_generated_answers`)."""
 
     def __init__(self, model: torch.nn.Module, train_config, model_config=None, *args, entropy_weight: float = 2.0,
-                 temperature: float = 0.5, **kwargs):
+                 temperature: float = 0.5, pretrain_dataloader=None, pretrain_weight: float = 0.0, **kwargs):
         if (model_config or model.config).attention_mode != "block_causal":  # before the strategy wraps the model
             raise ValueError("certainty forcing is for block-causal models (attention_mode: block_causal)")
+        if pretrain_weight < 0 or (pretrain_weight > 0) != (pretrain_dataloader is not None):
+            raise ValueError("pretrain_weight > 0 needs a pretrain_dataloader, and a pretrain_dataloader needs "
+                             f"pretrain_weight > 0 (got {pretrain_weight})")
         super().__init__(model, train_config, model_config, *args, **kwargs)
         self.entropy_weight, self.temperature = entropy_weight, temperature
+        self.pretrain_weight = pretrain_weight
+        self._pretrain = _endless(pretrain_dataloader) if pretrain_dataloader is not None else None
         self._last: CertaintyForcingLoss | None = None
 
     def _emit(self, metrics: dict[str, float]) -> None:
@@ -130,6 +141,8 @@ class CertaintyForcingTrainer(DistributedTrainer):
         if "loss" in metrics and self._last is not None:
             metrics = {**metrics, "cross_entropy": float(self._last.cross_entropy),
                        "entropy_of_right": float(self._last.entropy), "accuracy": float(self._last.accuracy)}
+            if self._last.pretrain_nelbo is not None:
+                metrics["pretrain_nelbo"] = float(self._last.pretrain_nelbo)
         super()._emit(metrics)
 
     def training_step(self, batch, micro: int = 0) -> CertaintyForcingLoss:
@@ -144,4 +157,21 @@ class CertaintyForcingTrainer(DistributedTrainer):
             self._last = certainty_forcing_loss(self.model, sequences, batch["prompt_length"], self.schedule,
                                                 self.model_config.mask_token_id, self.block_size, t, draw,
                                                 self.entropy_weight, self.temperature)
+        if self._pretrain is not None:
+            input_ids, attention_mask = unpack_batch(next(self._pretrain), self.device)
+            # Its own noise stream: micro-batch numbers past any the answers use
+            t, draw = self._noise(input_ids, micro + self.cfg.gradient_accumulation_steps)
+            with self.autocast():
+                replay = diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,
+                                        attention_mask, t=t, mask_draw=draw, block_size=self.block_size)
+            self._last.loss = self._last.loss + self.pretrain_weight * replay.loss
+            self._last.pretrain_nelbo = replay.nelbo_sum / max(replay.num_tokens, 1)
         return self._last
+
+
+def _endless(loader):
+    """The replay rows, epoch after epoch (a fresh shuffle each pass)."""
+    for epoch in itertools.count():
+        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
