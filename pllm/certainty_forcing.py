@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from .config import GenerationConfig
 from .decoding import DecodeRules, decode_with_rules
-from .diffusion import DiffusionLoss, diffusion_loss, masked_positions, to_device, unpack_batch
-from .trainer import DistributedTrainer
+from .diffusion import DiffusionLoss, masked_positions, to_device
+from .trainer import DistributedTrainer, set_epoch
 
 
 def one_token_per_forward(gen_length: int, block_size: int) -> GenerationConfig:
@@ -158,12 +158,8 @@ class CertaintyForcingTrainer(DistributedTrainer):
                                                 self.model_config.mask_token_id, self.block_size, t, draw,
                                                 self.entropy_weight, self.temperature)
         if self._pretrain is not None:
-            input_ids, attention_mask = unpack_batch(next(self._pretrain), self.device)
-            # Its own noise stream: micro-batch numbers past any the answers use
-            t, draw = self._noise(input_ids, micro + self.cfg.gradient_accumulation_steps)
-            with self.autocast():
-                replay = diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,
-                                        attention_mask, t=t, mask_draw=draw, block_size=self.block_size)
+            # Pre-training's own step, with its own noise: micro-batch numbers past any the answers use
+            replay = super().training_step(next(self._pretrain), micro + self.cfg.gradient_accumulation_steps)
             self._last.loss = self._last.loss + self.pretrain_weight * replay.loss
             self._last.pretrain_nelbo = replay.nelbo_sum / max(replay.num_tokens, 1)
         return self._last
@@ -172,6 +168,5 @@ class CertaintyForcingTrainer(DistributedTrainer):
 def _endless(loader):
     """The replay rows, epoch after epoch (a fresh shuffle each pass)."""
     for epoch in itertools.count():
-        if hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        set_epoch(loader, epoch)
         yield from loader

@@ -34,6 +34,13 @@ MetricsCallback = Callable[[dict[str, float], int], None]
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
+def set_epoch(loader, epoch: int) -> None:
+    """Tell a loader (or its sampler, e.g. a DistributedSampler) which epoch starts: its shuffle."""
+    for obj in (loader, getattr(loader, "sampler", None)):
+        if hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+
+
 class DistributedTrainer:
     def __init__(
         self,
@@ -112,9 +119,7 @@ class DistributedTrainer:
         """Endless micro-batches, epoch after epoch, starting at the saved data position."""
         for epoch in itertools.count(self.epoch):
             self.epoch = epoch
-            for obj in (self.train_dataloader, getattr(self.train_dataloader, "sampler", None)):
-                if hasattr(obj, "set_epoch"):
-                    obj.set_epoch(epoch)
+            set_epoch(self.train_dataloader, epoch)
             skip, yielded = self.batches_in_epoch, False
             for i, batch in enumerate(self.train_dataloader):
                 yielded = True
