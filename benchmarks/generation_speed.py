@@ -8,12 +8,15 @@ In one run, on one GPU:
      weights of every matmul plus the visible KV cache and FLOPs those of the 2-block window;
   3. tokens per forward (TPF) of threshold decoding, measured on a small block-diffusion model
      trained here by our trainer (random weights are never confident, so they decode 1 token/step);
-  4. end-to-end tokens/s: measured on the 1.1B model with threshold decoding (random weights: TPF 1)
-     and projected with the trained model's TPF (step cost does not depend on the weights);
+  4. end-to-end tokens/s: measured on the 1.1B model with threshold decoding (random weights: TPF 1);
+     projected with the trained model's TPF (step cost does not depend on the weights); and measured
+     at that TPF, with static decoding committing ceil(block / TPF) steps' worth per block (a fixed
+     count per step, so no more tokens per forward than the trained model commits);
   5. HF transformers `generate` (greedy, KV cache, eager) on a Llama of the same shape, batch 1 and 16.
 
   python benchmarks/generation_speed.py --device cuda                 # the H100 run
   python benchmarks/generation_speed.py --quick                       # CPU smoke run (tiny shapes)
+  python benchmarks/generation_speed.py --tpf-from RUN.json           # TPF of an earlier --tpf-only run
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -294,13 +298,13 @@ def hf_generate(shape: dict, batch: int, prompt_len: int, new_tokens: int, devic
 # -- report ------------------------------------------------------------------------------------
 def table(report: dict) -> str:
     lines = ["| batch | path | step ms (median) | floor ms | step / floor | TPF | measured tok/s | "
-             "projected tok/s (trained TPF) | HF generate tok/s | projected / HF |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "projected tok/s (trained TPF) | HF generate tok/s | measured / HF | projected / HF |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["rows"]:
         lines.append(f"| {row['batch']} | {row['path']} | {row['step_ms_median']:.2f} | {row.get('floor_ms', float('nan')):.2f} | "
                      f"{row.get('step_over_floor', float('nan')):.2f} | {row['tpf']:.2f} | {row['tokens_per_s']:.0f} | "
                      f"{row.get('projected_tokens_per_s', float('nan')):.0f} | {row.get('hf_tokens_per_s', float('nan')):.1f} | "
-                     f"{row.get('projected_over_hf', float('nan')):.1f} |")
+                     f"{row.get('measured_over_hf', float('nan')):.1f} | {row.get('projected_over_hf', float('nan')):.1f} |")
     return "\n".join(lines)
 
 
@@ -342,6 +346,8 @@ def main() -> None:
                    help="the batch-1 step's layer as four skinny kernels with norms and residual adds folded in (A/B)")
     p.add_argument("--pdl", action="store_true", help="programmatic dependent launch between the step's kernels (A/B)")
     p.add_argument("--tpf-only", action="store_true", help="only train the small model and measure its TPF")
+    p.add_argument("--tpf-from", default=None,
+                   help="take the trained model's TPF from an earlier run's JSON (its --tpf-only run) instead of training")
     p.add_argument("--work-dir", default="runs/generation-bench")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shape, short answers")
@@ -371,7 +377,12 @@ def main() -> None:
     print(f"bandwidth {report['bandwidth_gb_s']} GB/s, bf16 matmul peak {report['matmul_peak_tflops']} TFLOP/s",
           flush=True)
 
-    report["trained"] = trained_tpf(args, device)
+    if args.tpf_from:
+        earlier = json.loads(Path(args.tpf_from).read_text())
+        report["trained"] = {**earlier["trained"], "from": {"file": Path(args.tpf_from).name, "command": earlier["command"],
+                                                            "date": earlier["date"], "device": earlier["device"]}}
+    else:
+        report["trained"] = trained_tpf(args, device)
     trained = report["trained"].get("certainty_forcing", report["trained"])  # the fine-tuned model's, if any
     tpf = trained[f"tpf_threshold_{args.thresholds[0]}"]
     report["projected_with"] = {"tpf": tpf, "threshold": args.thresholds[0],
@@ -388,17 +399,24 @@ def main() -> None:
     report["parameters"] = model.num_parameters()
     gen_cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
                                strategy="threshold", confidence_threshold=args.thresholds[0], use_adaptive_steps=False)
+    # The trained model's commit rate on these weights: a fixed count per step, at most its TPF.
+    steps_per_block = math.ceil(cfg.block_size / tpf)
+    at_tpf_cfg = GenerationConfig(max_new_tokens=args.gen, temperature=0.0, strategy="static", use_adaptive_steps=False,
+                                  num_refinement_steps=steps_per_block * math.ceil(args.gen / cfg.block_size))
     for batch in args.batches:
         # --stagger: prompts of different lengths, so rows finish their blocks at different steps
         prompts = [torch.randint(4, cfg.vocab_size, (args.prompt_len + args.stagger * i,)) for i in range(batch)]
         hf = hf_generate(SHAPES[args.shape], batch, args.prompt_len, args.hf_tokens, device)
         graphs = " + CUDA graphs" if device == "cuda" else ""
-        for path, static, pipeline in [(f"fixed-shape steps{graphs}, pipelined", True, True),
-                                       (f"fixed-shape steps{graphs}", True, False),
-                                       ("eager packed (baseline)", False, False)]:
+        ahead = device == "cuda"  # pipelining is for CUDA graphs (on CPU it would only add dropped steps)
+        for path, static, pipeline, run_cfg in [
+                (f"fixed-shape steps{graphs}{', pipelined' if ahead else ''}, at the trained TPF", True, ahead, at_tpf_cfg),
+                (f"fixed-shape steps{graphs}, pipelined", True, True, gen_cfg),
+                (f"fixed-shape steps{graphs}", True, False, gen_cfg),
+                ("eager packed (baseline)", False, False, gen_cfg)]:
             if (not static and args.skip_eager) or (pipeline and device != "cuda"):
-                continue  # pipelining is for CUDA graphs (on CPU it would only add dropped steps)
-            row = {"batch": batch, "path": path, **time_engine(model, prompts, gen_cfg, static, device, pipeline)}
+                continue
+            row = {"batch": batch, "path": path, **time_engine(model, prompts, run_cfg, static, device, pipeline)}
             if bandwidth:
                 context = args.prompt_len + args.gen // 2  # the average visible context over the answer
                 row.update(step_floor(cfg, batch, context, bandwidth, peak))
