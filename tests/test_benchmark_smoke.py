@@ -86,3 +86,20 @@ def test_answer_generation_benchmark_times_both_decoding_paths(tmp_path):
     assert [r["path"] for r in report["rows"]] == ["fixed-shape steps", "packed loop"]
     assert all(r["prompts"] == 4 and r["seconds"] > 0 for r in report["rows"])
     assert report["fixed_over_packed_answers_per_s"] > 0
+
+
+def test_sharding_traffic_benchmark_counts_what_each_strategy_moves(tmp_path):
+    """Two gloo ranks, FSDP2 and ZeRO-3 (settings scaled as for the 1B config): each gathers every
+    parameter at least once a step, at most twice, reduce-scatters the gradients exactly once, and
+    ZeRO-3's prefetch trace survives gradient checkpointing."""
+    _run(["benchmarks/sharding_traffic.py", "--world", "2", "--skip-single", "--seq-len", "64", "--warmup", "2",
+          "--steps", "1", "--out", str(tmp_path)], 600)
+    rows = {r["strategy"]: r for r in json.loads((tmp_path / "sharding_traffic_cpu.json").read_text())["rows"]}
+    assert set(rows) == {"fsdp2", "zero3"}
+    for row in rows.values():
+        gathered = row["per_step"]["all_gather"]["bytes"] / row["param_bytes"]
+        reduced = row["per_step"]["reduce_scatter"]["bytes"] / row["param_bytes"]
+        assert 1.0 <= gathered <= 2.0 and reduced == pytest.approx(1.0, abs=0.01), row
+    # FSDP2 re-gathers every block for backward but the last one, which it keeps (apply_fsdp).
+    assert rows["fsdp2"]["per_step"]["all_gather"]["bytes"] > rows["zero3"]["per_step"]["all_gather"]["bytes"]
+    assert rows["zero3"]["trace_state"] == "complete" and rows["zero3"]["trace_invalidations_measured"] == 0
