@@ -116,7 +116,7 @@ def rank_main(rank: int, world: int, port: int, args, strategy: str, result_path
     overrides = dict(STRATEGIES[strategy], batch_size=args.batch, seq_len=args.seq_len, num_train_steps=args.warmup,
                      gradient_checkpointing=not args.no_checkpointing, log_interval=10**6, save_interval=10**6,
                      warmup_steps=1, mixed_precision="bf16" if cuda else "no",
-                     output_dir=tempfile.mkdtemp(prefix="sharding-traffic-"))
+                     output_dir=os.path.join(os.path.dirname(result_path), f"run_{strategy}_{rank}"))
     torch.manual_seed(0)
     model = DiffusionTransformer(ModelConfig(**MODEL, dtype="bfloat16" if cuda else "float32"))
     n_params = sum(p.numel() for p in model.parameters())
@@ -211,7 +211,8 @@ def main(argv=None) -> None:
                         help="scale ZeRO-3's element-count defaults as if the model had PARAMS parameters "
                              "(default: the 1B config's; 0 keeps DeepSpeed's defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="STRATEGY:KEY=JSON",
-                        help="a TrainingConfig override for one strategy, e.g. zero3:deepspeed_config='{...}'")
+                        help="a TrainingConfig override for one strategy, e.g. zero3:deepspeed_config='{...}' "
+                             "(which replaces the --zero3-like settings)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     if args.device == "cuda" and torch.cuda.device_count() < args.world:
