@@ -9,7 +9,7 @@ kernel. The gated form reads the gate rows and the matching up rows of the fused
 program, so the (M, 2I) gate | up output and the SiLU kernel disappear. Measured inside CUDA
 graphs (`benchmarks/decode_kernels.py`; timing one launch at a time measures Triton's host-side
 launch instead), on an H200 the gated form is 1.21x cuBLAS + the SiLU kernel and o_proj 1.07x; the
-other projections gain nothing (each call's ramp and tail, not its tiles, dominate), so the step
+other projections gain little (each call's ramp and tail, not its tiles, dominate), so the step
 uses these kernels only for the shapes in `CONFIGS`. Elsewhere (CPU, no Triton) the references run.
 
 `scaled_linear` and `residual_linear` are the fused step's forms (opt-in, `FUSED_STEP`): an RMSNorm
@@ -187,12 +187,15 @@ def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, int, i
 
 
 # (N, K, split, gated) -> (block_n, block_k, stages): the shapes where the kernel beat cuBLAS in
-# benchmarks/decode_kernels.py (H200, 64 rows, ~1.1B model; benchmarks/RESULTS.md): gate | up with
-# SiLU * up, 15.1 us against 18.4 for cuBLAS + the SiLU kernel; o_proj (with the add + RMSNorm
-# after it), 9.3 against 9.9. Elsewhere (qkv 7.2 against 6.8, down 14.9 against 15.2) cuBLAS stays.
+# benchmarks/decode_kernels.py (64 rows, ~1.1B model; benchmarks/RESULTS.md), H200 / H100 us:
+# gate | up with SiLU * up, 15.1 / 19.7 against 18.4 / 22.7 for cuBLAS + the SiLU kernel; o_proj
+# (with the add + RMSNorm after it), 9.3 / 9.9 against 9.9 / 10.2; down_proj (the same), 14.9 /
+# 16.2 against 15.2 / 17.1 (cuBLAS's split-K reduce kernel goes too). qkv stays on cuBLAS (7.2
+# against 6.8 on the H200 without a K split, whose partial sums the rotary kernel would have to add).
 CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {
     (11264, 2048, 1, True): (64, 128, 4),
     (2048, 2048, 1, False): (16, 256, 4),
+    (2048, 5632, 1, False): (16, 256, 4),
 }
 
 # (N, K, gated) -> (block_n, block_k, stages) for the fused step's kernels at the ~1.1B shape (64

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
+from .kernels.l2_prefetch import prefetch_during
 from .kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
                                   step_linear, step_silu_mul_linear)
 from .kernels.step_bias import step_bias
@@ -81,7 +82,8 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv_proj(x)
         if isinstance(mask, StaticStep):
-            y = self._static_step_attention(qkv, cos, sin, mask)
+            with prefetch_during(self.o_proj.weight):  # o_proj's weights into L2 while attention runs
+                y = self._static_step_attention(qkv, cos, sin, mask)
             return step_linear(y.transpose(1, 2).reshape(B, L, D), self.o_proj.weight)
         else:
             # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
@@ -198,7 +200,7 @@ class Block(nn.Module):
         that follows it (the next block's attention norm, or the final norm)."""
         x, h = fused(_add_rms_norm)(x, self.attn(h, cos, sin, step), self.mlp_norm.weight, self.mlp_norm.eps)
         act = step_silu_mul_linear(h, self.mlp.gate_up_proj.weight, fused(_silu_mul))
-        return fused(_add_rms_norm)(x, self.mlp.down_proj(act), next_norm.weight, next_norm.eps)
+        return fused(_add_rms_norm)(x, step_linear(act, self.mlp.down_proj.weight), next_norm.weight, next_norm.eps)
 
     def skinny_step(self, x: torch.Tensor, xg: torch.Tensor, squares: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, step: StaticStep, next_norm: nn.RMSNorm):

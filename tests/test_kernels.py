@@ -762,3 +762,62 @@ def test_seed_readme_kernel_snippet_runs():
     assert torch.allclose(flash_attention(query, key, value), output, atol=1e-5)
     tokens = parallel_decode(torch.randn(2, 32, 100, device=DEVICE), num_parallel=64).tokens
     assert tokens.shape == (2, 32)
+
+
+def test_l2_prefetch_forks_only_while_a_cuda_graph_is_captured():
+    from pllm.kernels import l2_prefetch
+
+    weight = torch.randn(64, 64, device=DEVICE)
+    ran = []
+    with l2_prefetch.prefetch_during(weight):  # eager (or CPU): the body alone, on the current stream
+        ran.append(True)
+    assert ran == [True] and not l2_prefetch.prefetches(weight)
+    if DEVICE == "cuda":
+        graph, out = torch.cuda.CUDAGraph(), torch.empty_like(weight)
+        with torch.cuda.graph(graph):
+            assert l2_prefetch.prefetches(weight) and not l2_prefetch.prefetches(weight.t())
+            with l2_prefetch.prefetch_during(weight):
+                out.copy_(weight * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, weight * 2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the prefetch is a GPU side branch")
+def test_captured_step_with_l2_prefetch_runs_it_and_gives_the_same_logits():
+    from torch.profiler import ProfilerActivity, profile
+
+    from pllm import DiffusionTransformer, ModelConfig
+    from pllm.kernels import l2_prefetch
+
+    torch.manual_seed(12)
+    cfg = ModelConfig(vocab_size=4096, hidden_size=512, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=2, intermediate_size=1408, max_position_embeddings=512,
+                      attention_mode="block_causal", block_size=32)
+    model = DiffusionTransformer(cfg).to("cuda", torch.bfloat16).eval()
+    tokens = torch.randint(4, 4096, (1, 64), device="cuda")
+    positions = torch.arange(64, 128, device="cuda")[None]
+    limits = torch.tensor([128], device="cuda")
+    logits, kernels = [], []
+    for use in (True, False):
+        l2_prefetch.USE_PREFETCH = use
+        try:
+            cache = model.new_static_cache(1)
+            step = lambda: model.forward_static(tokens, positions, limits, cache, slice(0, 1), 32, fused_ops=True)  # noqa: E731
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()  # compile outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = step()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                graph.replay()
+                torch.cuda.synchronize()
+            logits.append(out.clone())
+            kernels.append(sum("_prefetch_kernel" in e.key for e in prof.key_averages()))
+        finally:
+            l2_prefetch.USE_PREFETCH = True
+    assert kernels[0] >= 1 and kernels[1] == 0  # one branch per layer in the first graph, none in the second
+    assert torch.equal(logits[0], logits[1])  # a prefetch writes nothing
