@@ -361,9 +361,8 @@ def main() -> None:
     device = args.device
     stem = (f"generation_speed_{args.shape}_{device}" + ("_baseline_kernels" if args.baseline_kernels else "")
             + ("_fused_step" if args.fused_step else "") + ("_pdl" if args.pdl else ""))
-    from pllm.kernels import backend, l2_prefetch, skinny_gemm
+    from pllm.kernels import backend, skinny_gemm
 
-    l2_prefetch.USE_PREFETCH = not args.baseline_kernels
     skinny_gemm.FUSED_STEP = args.fused_step and not args.baseline_kernels
     backend.USE_PDL = args.pdl and not args.baseline_kernels
     if args.baseline_kernels:

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 from pllm.engine.batched_commit import commit_batch
-from pllm.kernels import attention, backend, l2_prefetch, skinny_gemm, step_bias, step_windows
+from pllm.kernels import attention, backend, skinny_gemm, step_bias, step_windows
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -110,8 +110,6 @@ def main() -> None:
                    help="a request's greedy commit as parallel_decode + compare, where and copy (A/B)")
     p.add_argument("--bias-reference", action="store_true",
                    help="the step's attention bias from PyTorch ops, not the step_bias kernel (A/B)")
-    p.add_argument("--no-l2-prefetch", action="store_true",
-                   help="no side branch that prefetches o_proj's weights into L2 during attention (A/B)")
     p.add_argument("--cublas-down", action="store_true", help="down_proj on cuBLAS, not the skinny kernel (A/B)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
@@ -123,7 +121,6 @@ def main() -> None:
     if args.attention_block_m:
         importlib.import_module("pllm.kernels.bias_attention").PLAIN_BLOCK_M = args.attention_block_m
     skinny_gemm.USE_SKINNY = not args.baseline_kernels
-    l2_prefetch.USE_PREFETCH = not (args.no_l2_prefetch or args.baseline_kernels)
     if args.cublas_down:
         shape = SHAPES[args.shape]
         skinny_gemm.CONFIGS.pop((shape["hidden_size"], shape["intermediate_size"], 1, False), None)

@@ -24,7 +24,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
-from .kernels.l2_prefetch import prefetch_during
 from .kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
                                   step_linear, step_silu_mul_linear)
 from .kernels.step_bias import step_bias
@@ -82,8 +81,7 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv_proj(x)
         if isinstance(mask, StaticStep):
-            with prefetch_during(self.o_proj.weight):  # o_proj's weights into L2 while attention runs
-                y = self._static_step_attention(qkv, cos, sin, mask)
+            y = self._static_step_attention(qkv, cos, sin, mask)
             return step_linear(y.transpose(1, 2).reshape(B, L, D), self.o_proj.weight)
         else:
             # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
