@@ -762,4 +762,3 @@ def test_seed_readme_kernel_snippet_runs():
     assert torch.allclose(flash_attention(query, key, value), output, atol=1e-5)
     tokens = parallel_decode(torch.randn(2, 32, 100, device=DEVICE), num_parallel=64).tokens
     assert tokens.shape == (2, 32)
-
