@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 attention_module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports the function
 from pllm.kernels import backend
+from pllm.kernels.rms_norm import add_partials_rms_norm
 from pllm.kernels.skinny_gemm import normed_linear, residual_linear, silu_mul_linear, skinny_linear
 from pllm.model import _add_rms_norm, _rms_norm, _silu_mul, fused
 
@@ -40,10 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GEMMS = [("qkv_proj", 2560, 2048, 64), ("o_proj", 2048, 2048, 64), ("gate_up_proj", 11264, 2048, 64),
          ("down_proj", 2048, 5632, 64), ("lm_head", 32768, 2048, 32)]
 NORMED = {"o_proj", "down_proj"}  # their output goes into add + RMSNorm
-
-
-def _add_partials_rms_norm(x, parts, weight, eps):
-    return _add_rms_norm(x, parts.sum(0).to(x.dtype), weight, eps)
 
 
 def graph_time(make_call, copies: int, calls: int, replays: int = 5) -> float:
@@ -85,6 +82,8 @@ def gemm_rows(args) -> list[dict]:
     dtype, rows = torch.bfloat16, []
     configs = list(itertools.product(args.block_n, args.block_k, args.stages))
     for name, N, K, M in GEMMS:
+        if args.gemms and name not in args.gemms:
+            continue
         wbytes, copies, calls, weights = weight_copies(args, N, K, dtype)
         x = torch.randn(M, K, device="cuda", dtype=dtype)
         resid = torch.randn(M, N, device="cuda", dtype=dtype)
@@ -119,8 +118,8 @@ def gemm_rows(args) -> list[dict]:
                     def make(i, w=weights, cfg=cfg, split=split):
                         if name in NORMED:
                             if split > 1:
-                                return lambda: fused(_add_partials_rms_norm)(resid, skinny_linear(x, w[i], split, cfg),
-                                                                             norm_w, 1e-6)
+                                return lambda: add_partials_rms_norm(resid, skinny_linear(x, w[i], split, cfg),
+                                                                     norm_w, 1e-6)
                             return lambda: fused(_add_rms_norm)(resid, skinny_linear(x, w[i], 1, cfg), norm_w, 1e-6)
                         return lambda: skinny_linear(x, w[i], split, cfg)
                 err = ((got - want).norm() / want.norm()).item()
@@ -310,6 +309,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16])
     p.add_argument("--key-lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
     p.add_argument("--skip-gemms", action="store_true")
+    p.add_argument("--skip-attention", action="store_true")
+    p.add_argument("--gemms", nargs="+", choices=[g[0] for g in GEMMS], help="only these GEMMs")
     p.add_argument("--attention-sweep", action="store_true",
                    help="only the plain attention kernel's tiles at batch 1 (over --key-lengths)")
     p.add_argument("--fused", action="store_true",
@@ -326,7 +327,7 @@ def main() -> None:
     elif args.fused:
         report["attention"], report["gemms"] = [], fused_rows(args)
     else:
-        report["attention"] = attention_rows(args)
+        report["attention"] = [] if args.skip_attention else attention_rows(args)
         report["gemms"] = [] if args.skip_gemms else gemm_rows(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

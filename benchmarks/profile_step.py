@@ -111,6 +111,12 @@ def main() -> None:
     p.add_argument("--bias-reference", action="store_true",
                    help="the step's attention bias from PyTorch ops, not the step_bias kernel (A/B)")
     p.add_argument("--cublas-down", action="store_true", help="down_proj on cuBLAS, not the skinny kernel (A/B)")
+    p.add_argument("--split-config", nargs=5, action="append", default=[],
+                   metavar=("GEMM", "BLOCK_N", "BLOCK_K", "STAGES", "SPLIT"),
+                   help="o_proj or down_proj through the K-split skinny kernel + add_partials_rms_norm with this tile "
+                        "(repeatable; overrides skinny_gemm.SPLIT_CONFIGS)")
+    p.add_argument("--no-split", action="store_true",
+                   help="o_proj and down_proj unsplit, their add + norm compiled by Inductor (A/B)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
     skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
@@ -121,6 +127,14 @@ def main() -> None:
     if args.attention_block_m:
         importlib.import_module("pllm.kernels.bias_attention").PLAIN_BLOCK_M = args.attention_block_m
     skinny_gemm.USE_SKINNY = not args.baseline_kernels
+    shape = SHAPES[args.shape]
+    weight_shapes = {"o_proj": (shape["hidden_size"],) * 2,
+                     "down_proj": (shape["hidden_size"], shape["intermediate_size"])}
+    if args.no_split:
+        skinny_gemm.SPLIT_CONFIGS.clear()
+    for name, *tile in args.split_config:
+        skinny_gemm.SPLIT_CONFIGS[weight_shapes[name]] = tuple(int(t) for t in tile)
+    print(f"K-split configs: {skinny_gemm.SPLIT_CONFIGS}")
     if args.cublas_down:
         shape = SHAPES[args.shape]
         skinny_gemm.CONFIGS.pop((shape["hidden_size"], shape["intermediate_size"], 1, False), None)

@@ -1,6 +1,7 @@
 """`add_rms_norm`: the residual add and the RMSNorm after it, h = x + y and rms_norm(h) * weight,
 with Triton forward and backward kernels on the GPU (training runs it for every norm of the blocks
-but the first block's first one).
+but the first block's first one). `add_partials_rms_norm` is its inference form for a y that comes
+as a K-split matmul's float32 partial sums (the decoding step's o_proj and down_proj).
 
 Under torch.compile (bf16 autocast over an fp32 residual stream), Inductor wrote the forward as a
 looped reduction at 132-204 us per call on an H200 at the 1B shape, against about 95 us of memory
@@ -58,17 +59,45 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
     return add_rms_norm_reference(x, y, weight, eps)
 
 
+def add_partials_rms_norm(x: torch.Tensor, parts: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rms_norm` of x and y given as float32 partial sums parts (S, *x.shape) (a K-split
+    matmul's output: summed here, so no reduce kernel runs between them). h is rounded to x's dtype
+    once, after the sum; normed is in x's dtype. Inference only (no autograd)."""
+    if parts.dim() != x.dim() + 1 or parts.shape[1:] != x.shape or weight.shape != x.shape[-1:]:
+        raise ValueError(f"add_partials_rms_norm: x {tuple(x.shape)}, parts {tuple(parts.shape)} and weight "
+                         f"{tuple(weight.shape)} do not fit")
+    if not (use_triton(x, parts, weight) and parts.dtype == torch.float32 and x.is_contiguous()
+            and parts.is_contiguous() and weight.is_contiguous()):
+        return add_partials_rms_norm_reference(x, parts, weight, eps)
+    h, normed = torch.empty_like(x), torch.empty_like(x)
+    D = x.shape[-1]
+    if h.numel():
+        block = triton.next_power_of_2(D)
+        _add_rms_norm_forward_kernel[(h.numel() // D,)](x, parts, weight, h, normed, D, x.numel(), eps, BLOCK=block,
+                                                       PARTS=parts.shape[0], num_warps=_warps(block))
+    return h, normed
+
+
+def add_partials_rms_norm_reference(x, parts, weight, eps: float):
+    h = (x.float() + parts.sum(0)).to(x.dtype)
+    return h, F.rms_norm(h.float(), (h.shape[-1],), weight.float(), eps).to(x.dtype)
+
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _add_rms_norm_forward_kernel(x_ptr, y_ptr, w_ptr, h_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+    def _add_rms_norm_forward_kernel(x_ptr, y_ptr, w_ptr, h_ptr, out_ptr, D, part_stride, eps, BLOCK: tl.constexpr,
+                                     PARTS: tl.constexpr):
+        """h = x + y, or x + the sum of PARTS float32 partial sums of y, part_stride apart."""
         row = tl.program_id(0).to(tl.int64) * D
         cols = tl.arange(0, BLOCK)
         inside = cols < D
         h = tl.load(x_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
-        h += tl.load(y_ptr + row + cols, mask=inside, other=0.0).to(tl.float32)
+        for part in tl.static_range(PARTS):
+            h += tl.load(y_ptr + part * part_stride + row + cols, mask=inside, other=0.0).to(tl.float32)
         h = h.to(h_ptr.dtype.element_ty)  # the residual stream as stored (and as the norm reads it)
         tl.store(h_ptr + row + cols, h, mask=inside)
         h = h.to(tl.float32)
@@ -113,8 +142,8 @@ if HAS_TRITON:
         D = x.shape[-1]
         if h.numel():
             block = triton.next_power_of_2(D)
-            _add_rms_norm_forward_kernel[(h.numel() // D,)](x, y, weight, h, normed, D, eps, BLOCK=block,
-                                                           num_warps=_warps(block))
+            _add_rms_norm_forward_kernel[(h.numel() // D,)](x, y, weight, h, normed, D, 0, eps, BLOCK=block,
+                                                           PARTS=1, num_warps=_warps(block))
         return h, normed
 
     @_add_rms_norm_op.register_fake

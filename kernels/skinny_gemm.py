@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .backend import HAS_TRITON, pdl, use_triton
+from .rms_norm import add_partials_rms_norm
 
 if HAS_TRITON:
     from .backend import await_previous_kernel
@@ -123,6 +124,20 @@ def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+def step_linear_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                         eps: float, add_norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding step's h = residual + x @ weight.T and rms_norm(h) * norm_weight (o_proj and
+    down_proj with the add + norm after them). For the weight shapes in `SPLIT_CONFIGS`: the
+    skinny kernel split over K, its float32 partial sums folded into the add + norm kernel
+    (`add_partials_rms_norm`); else `step_linear` and add_norm (a callable of residual, y,
+    norm_weight, eps)."""
+    config = SPLIT_CONFIGS.get(tuple(weight.shape))
+    if USE_SKINNY and config and runs_kernel(x, weight) and residual.is_contiguous():
+        *tile, split = config
+        return add_partials_rms_norm(residual, skinny_linear(x, weight, split, tuple(tile)), norm_weight, eps)
+    return add_norm(residual, step_linear(x, weight), norm_weight, eps)
+
+
 def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul) -> torch.Tensor:
     """The decoding step's SwiGLU input: the gated kernel where it was measured faster, else cuBLAS
     and `silu_mul` (a callable of gate and up)."""
@@ -197,6 +212,11 @@ CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {
     (2048, 2048, 1, False): (16, 256, 4),
     (2048, 5632, 1, False): (16, 256, 4),
 }
+
+# (N, K) -> (block_n, block_k, stages, split) for `step_linear_add_norm`: wide tiles split over K,
+# so each program reads the activations' K slice once per block_n weight rows instead of once per
+# 16 (at split 1 the programs read 4x more activation bytes, from L2, than weight bytes).
+SPLIT_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 
 # (N, K, gated) -> (block_n, block_k, stages) for the fused step's kernels at the ~1.1B shape (64
 # rows; lm_head 32), from `benchmarks/decode_kernels.py --fused` on an H200.

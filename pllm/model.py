@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
 from .kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
-                                  step_linear, step_silu_mul_linear)
+                                  step_linear, step_linear_add_norm, step_silu_mul_linear)
 from .kernels.step_bias import step_bias
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
@@ -79,11 +79,10 @@ class Attention(nn.Module):
         """mask: a bool (B, 1, L, L) tensor, None (attend to all), `PackedSegments` (B == 1), or a
         `StaticStep` (the fixed-shape decoding step; cos/sin then (B, L, hd), else (B, 1, L, hd))."""
         B, L, D = x.shape
-        qkv = self.qkv_proj(x)
         if isinstance(mask, StaticStep):
-            y = self._static_step_attention(qkv, cos, sin, mask)
-            return step_linear(y.transpose(1, 2).reshape(B, L, D), self.o_proj.weight)
+            return step_linear(self.step_heads(x, cos, sin, mask), self.o_proj.weight)
         else:
+            qkv = self.qkv_proj(x)
             # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
             # rotary and their backward then read and write in memory order (no transposing copies),
             # and attention's output (and its gradients) come back in that layout too.
@@ -98,6 +97,12 @@ class Attention(nn.Module):
                 y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash,
                                     fixed_shape=self.training and mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
+
+    def step_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StaticStep) -> torch.Tensor:
+        """The decoding step's attention up to o_proj: (B, L, heads * head_dim)."""
+        B, L, _ = x.shape
+        y = self._static_step_attention(self.qkv_proj(x), cos, sin, step)
+        return y.transpose(1, 2).reshape(B, L, -1)
 
     def _static_step_attention(self, qkv, cos, sin, step: StaticStep) -> torch.Tensor:
         """QK-norm and rotary, the window's keys and values into each row's slot (one kernel on the
@@ -196,9 +201,11 @@ class Block(nn.Module):
         """`forward` for the decoding step with compiled elementwise kernels: h = attn_norm(x) comes
         in, and (output, next_norm(output)) go out, so every residual add runs fused with the norm
         that follows it (the next block's attention norm, or the final norm)."""
-        x, h = fused(_add_rms_norm)(x, self.attn(h, cos, sin, step), self.mlp_norm.weight, self.mlp_norm.eps)
+        add_norm = fused(_add_rms_norm)
+        x, h = step_linear_add_norm(self.attn.step_heads(h, cos, sin, step), self.attn.o_proj.weight, x,
+                                    self.mlp_norm.weight, self.mlp_norm.eps, add_norm)
         act = step_silu_mul_linear(h, self.mlp.gate_up_proj.weight, fused(_silu_mul))
-        return fused(_add_rms_norm)(x, step_linear(act, self.mlp.down_proj.weight), next_norm.weight, next_norm.eps)
+        return step_linear_add_norm(act, self.mlp.down_proj.weight, x, next_norm.weight, next_norm.eps, add_norm)
 
     def skinny_step(self, x: torch.Tensor, xg: torch.Tensor, squares: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor, step: StaticStep, next_norm: nn.RMSNorm):

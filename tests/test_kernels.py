@@ -438,6 +438,79 @@ def test_add_rms_norm_forward_and_backward_equal_the_definition(dtypes, monkeypa
         add_rms_norm(x, y[:, 1:], weight, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_add_rms_norm_of_partial_sums_equals_the_definition(dtype):
+    # y as a K-split matmul's float32 partial sums (3 of them), summed inside the add + norm kernel.
+    # 37 rows of width 96 leave masked columns in the 128-wide tile.
+    from pllm.kernels.rms_norm import add_partials_rms_norm
+
+    torch.manual_seed(13)
+    x = torch.randn(37, 96, device=DEVICE).to(dtype)
+    parts = 2 * torch.randn(3, 37, 96, device=DEVICE)
+    weight = (1 + torch.randn(96, device=DEVICE)).to(dtype)
+    h, normed = add_partials_rms_norm(x, parts, weight, 1e-5)
+    hd = x.double() + parts.double().sum(0)
+    nd = hd * torch.rsqrt(hd.square().mean(-1, keepdim=True) + 1e-5) * weight.double()
+    assert h.dtype == normed.dtype == dtype and h.shape == normed.shape == x.shape
+    assert (h.double() - hd).norm() / hd.norm() < tolerance(dtype, 2)
+    assert (normed.double() - nd).norm() / nd.norm() < tolerance(dtype, 2)
+    one = add_partials_rms_norm(x, parts[:1], weight, 1e-5)[0]  # one part: plain x + y
+    assert (one.double() - (x.double() + parts[0].double())).norm() / hd.norm() < tolerance(dtype, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        add_partials_rms_norm(x, parts[:, :, 1:], weight, 1e-5)
+
+
+def test_skinny_split_decoding_step_equals_the_model_definition(monkeypatch):
+    # The fixed-shape step with o_proj and down_proj split over K (one of o_proj's two splits gets
+    # no K of its own) and their partial sums added in the add + norm kernel, against the eager
+    # blocks. The elementwise chains the step compiles run eagerly here (the kernels are under test).
+    from pllm import DiffusionTransformer, ModelConfig, model as model_module
+    from pllm.kernels import rms_norm, skinny_gemm
+
+    torch.manual_seed(14)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+                      attention_mode="block_causal", block_size=32)
+    model = DiffusionTransformer(cfg).to(DEVICE, dtype).eval()
+    with torch.no_grad():  # norms away from 1, so a norm that is left out shows
+        for module in model.modules():
+            if isinstance(module, torch.nn.RMSNorm):
+                module.weight.uniform_(0.5, 1.5)
+    tokens = torch.randint(4, 256, (1, 64), device=DEVICE)
+    positions = torch.arange(64, 128, device=DEVICE)[None]
+    limits = torch.tensor([128], device=DEVICE)
+    monkeypatch.setattr(model_module, "fused", lambda fn: fn)
+    monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 64), (16, 64, 2, 2))  # o_proj
+    monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 128), (32, 64, 2, 2))  # down_proj
+    monkeypatch.setitem(skinny_gemm.CONFIGS, (256, 64, 1, True), (16, 64, 2))  # gate | up
+    split_calls = []
+
+    def counted(*args):
+        split_calls.append(args[1].shape)
+        return rms_norm.add_partials_rms_norm(*args)
+
+    def no_fallback(*args):
+        raise AssertionError("the split step fell back to a PyTorch reference")
+
+    monkeypatch.setattr(skinny_gemm, "add_partials_rms_norm", counted)
+    runs = skinny_gemm.runs_kernel(model.embed_tokens(tokens), model.layers[0].attn.o_proj.weight)
+    logits, caches = [], []
+    for fused_ops in (True, False):
+        cache = model.new_static_cache(1)
+        with monkeypatch.context() as patch:
+            if fused_ops and runs:
+                patch.setattr(rms_norm, "add_partials_rms_norm_reference", no_fallback)
+            logits.append(model.forward_static(tokens, positions, limits, cache, slice(0, 1), 32,
+                                               fused_ops=fused_ops))
+        caches.append(cache.keys_values.float())
+    # where the kernels run, both projections of both layers took the split path
+    assert split_calls == ([(2, 1, 64, 64)] * 4 if runs else [])
+    assert logits[0].shape == logits[1].shape == (1, 32, 256)
+    assert (logits[0] - logits[1]).norm() / logits[1].norm() < tolerance(dtype, 4)
+    assert (caches[0] - caches[1]).norm() / caches[1].norm() < tolerance(dtype, 4)
+
+
 @pytest.mark.skipif(not use_triton(torch.empty(1, device=DEVICE)), reason="the ops run here only under the "
                     "interpreter (test_triton_kernels_under_the_interpreter) or on a GPU")
 @pytest.mark.parametrize("checkpointing", [False, True])
