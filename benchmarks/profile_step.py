@@ -81,6 +81,43 @@ def commit_costs(engine, static, device: str, n: int = 50) -> None:
         print(f"commits of one step, {name}: {timed(fn, n, device):.3f} ms")
 
 
+def device_timeline(engine, steps: int = 20) -> None:
+    """The GPU's timeline over pipelined engine steps (profiler trace): busy share, and the idle
+    gaps between device operations with the operations on either side, largest first. The
+    profiler slows the host, so gaps that the host causes come out larger than without it."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    ops = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda t: t[0])
+    if not ops:
+        print("device timeline: no device events recorded")
+        return
+    gaps, end, last = [], ops[0][1], ops[0][2]
+    busy = ops[0][1] - ops[0][0]
+    for start, stop, name in ops[1:]:
+        if start > end:
+            gaps.append((start - end, last, name))
+        busy += max(0.0, stop - max(start, end))
+        if stop > end:
+            end, last = stop, name
+    span = end - ops[0][0]
+    print(f"device timeline over {steps} steps: {span / steps:.1f} us a step, busy {busy / span:.1%}, "
+          f"idle {sum(g[0] for g in gaps) / steps:.1f} us a step in {len(gaps)} gaps")
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    for gap, before, after in gaps:
+        by_pair.setdefault((before[:60], after[:60]), []).append(gap)
+    for (before, after), values in sorted(by_pair.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        print(f"  idle {sum(values) / steps:6.1f} us a step ({len(values)} gaps) between {before} -> {after}")
+    outside = {}
+    for start, stop, name in ops:
+        outside.setdefault(name[:80], []).append(stop - start)
+    print("  device operations by total time a step:")
+    for name, values in sorted(outside.items(), key=lambda kv: -sum(kv[1]))[:40]:
+        print(f"    {sum(values) / steps:7.1f} us  x{len(values) / steps:.1f}  {name}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -117,6 +154,8 @@ def main() -> None:
                         "(repeatable; overrides skinny_gemm.SPLIT_CONFIGS)")
     p.add_argument("--no-split", action="store_true",
                    help="o_proj and down_proj unsplit, their add + norm compiled by Inductor (A/B)")
+    p.add_argument("--timeline", action="store_true",
+                   help="with --quick: also the GPU's idle gaps over pipelined steps (profiler trace)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
     skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
@@ -175,6 +214,8 @@ def main() -> None:
             print(f"graph replay alone, key length {S}: {timed(static.graphs[B, S][0].replay, 50, device):.3f} ms")
     if args.quick:
         print(f"whole engine step, pipelined, batched commits: {timed(engine.step, 50, device):.3f} ms")
+        if args.timeline and device == "cuda":
+            device_timeline(engine)
         return
     if device == "cuda":
         launch_costs(static, B, lengths)
