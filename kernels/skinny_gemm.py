@@ -216,7 +216,13 @@ CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {
 # (N, K) -> (block_n, block_k, stages, split) for `step_linear_add_norm`: wide tiles split over K,
 # so each program reads the activations' K slice once per block_n weight rows instead of once per
 # 16 (at split 1 the programs read 4x more activation bytes, from L2, than weight bytes).
-SPLIT_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+# In-graph sweep with the add + norm (`benchmarks/decode_kernels.py`, results/decode_kernels_split_h200):
+# on an H200, o_proj 7.4 us against 9.3 unsplit and 9.9 for cuBLAS, down_proj 11.3 against 14.9
+# and 15.1; the batch-1 step's graph 1.153 ms against 1.216 (RESULTS.md).
+SPLIT_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (2048, 2048): (32, 128, 4, 2),  # o_proj
+    (2048, 5632): (64, 128, 4, 4),  # down_proj
+}
 
 # (N, K, gated) -> (block_n, block_k, stages) for the fused step's kernels at the ~1.1B shape (64
 # rows; lm_head 32), from `benchmarks/decode_kernels.py --fused` on an H200.
