@@ -154,8 +154,8 @@ def main() -> None:
                         "(repeatable; overrides skinny_gemm.SPLIT_CONFIGS)")
     p.add_argument("--no-split", action="store_true",
                    help="o_proj and down_proj unsplit, their add + norm compiled by Inductor (A/B)")
-    p.add_argument("--host-copy-inline", action="store_true",
-                   help="commits' host copies on the step's own stream, not a side stream (A/B)")
+    p.add_argument("--host-copy-stream", action="store_true",
+                   help="commits' host copies on a side stream, not the step's own (A/B)")
     p.add_argument("--timeline", action="store_true",
                    help="with --quick: also the GPU's idle gaps over pipelined steps (profiler trace)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
@@ -176,7 +176,7 @@ def main() -> None:
     for name, *tile in args.split_config:
         skinny_gemm.SPLIT_CONFIGS[weight_shapes[name]] = tuple(int(t) for t in tile)
     print(f"K-split configs: {skinny_gemm.SPLIT_CONFIGS}")
-    importlib.import_module("pllm.decoding.state").HOST_COPY_STREAM = not args.host_copy_inline
+    importlib.import_module("pllm.decoding.state").HOST_COPY_STREAM = args.host_copy_stream
     if args.cublas_down:
         shape = SHAPES[args.shape]
         skinny_gemm.CONFIGS.pop((shape["hidden_size"], shape["intermediate_size"], 1, False), None)

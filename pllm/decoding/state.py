@@ -113,10 +113,10 @@ def block_bounds(prompt_len: int, total: int, block_size: int, aligned: bool) ->
     return bounds or [(prompt_len, prompt_len)]
 
 
-# Host copies on a stream of their own: the step's stream goes on to the next step's work (window
+# Opt-in: host copies on a stream of their own: the step's stream goes on to the next step's work (window
 # table, graph launch) without waiting behind the copy's latency. The host reads the copy only
 # after its event, and queues the next write to the same tokens only after that read.
-HOST_COPY_STREAM = True
+HOST_COPY_STREAM = False  # not yet measured on a GPU: off until an A/B shows it pays
 _copy_streams: dict[int, torch.cuda.Stream] = {}
 
 
