@@ -178,8 +178,7 @@ def main() -> None:
     print(f"K-split configs: {skinny_gemm.SPLIT_CONFIGS}")
     importlib.import_module("pllm.decoding.state").HOST_COPY_STREAM = args.host_copy_stream
     if args.cublas_down:
-        shape = SHAPES[args.shape]
-        skinny_gemm.CONFIGS.pop((shape["hidden_size"], shape["intermediate_size"], 1, False), None)
+        skinny_gemm.CONFIGS.pop((*weight_shapes["down_proj"], 1, False), None)
     step_windows.USE_KERNEL = not (args.window_reference or args.baseline_kernels)
     step_bias.USE_KERNEL = not (args.bias_reference or args.baseline_kernels)
     # (the package exports a function of that name)

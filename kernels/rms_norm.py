@@ -71,11 +71,7 @@ def add_partials_rms_norm(x: torch.Tensor, parts: torch.Tensor, weight: torch.Te
             and parts.is_contiguous() and weight.is_contiguous()):
         return add_partials_rms_norm_reference(x, parts, weight, eps)
     h, normed = torch.empty_like(x), torch.empty_like(x)
-    D = x.shape[-1]
-    if h.numel():
-        block = triton.next_power_of_2(D)
-        _add_rms_norm_forward_kernel[(h.numel() // D,)](x, parts, weight, h, normed, D, x.numel(), eps, BLOCK=block,
-                                                       PARTS=parts.shape[0], num_warps=_warps(block))
+    _forward(x, parts, weight, h, normed, eps, parts=parts.shape[0], part_stride=x.numel())
     return h, normed
 
 
@@ -133,17 +129,21 @@ if HAS_TRITON:
     def _warps(elements: int) -> int:
         return min(max(elements // 256, 1), 8)
 
+    def _forward(x, y, weight, h, normed, eps: float, parts: int = 1, part_stride: int = 0) -> None:
+        """The forward kernel over x's rows into h and normed (y: parts partial sums, part_stride apart)."""
+        D = x.shape[-1]
+        if h.numel():
+            block = triton.next_power_of_2(D)
+            _add_rms_norm_forward_kernel[(h.numel() // D,)](x, y, weight, h, normed, D, part_stride, eps, BLOCK=block,
+                                                           PARTS=parts, num_warps=_warps(block))
+
     @torch.library.custom_op("pllm::add_rms_norm", mutates_args=())
     def _add_rms_norm_op(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
                          normed_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         x, y, weight = x.contiguous(), y.contiguous(), weight.contiguous()
         h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype), device=x.device)
         normed = torch.empty(x.shape, dtype=normed_dtype, device=x.device)
-        D = x.shape[-1]
-        if h.numel():
-            block = triton.next_power_of_2(D)
-            _add_rms_norm_forward_kernel[(h.numel() // D,)](x, y, weight, h, normed, D, 0, eps, BLOCK=block,
-                                                           PARTS=1, num_warps=_warps(block))
+        _forward(x, y, weight, h, normed, eps)
         return h, normed
 
     @_add_rms_norm_op.register_fake

@@ -464,22 +464,11 @@ def test_skinny_split_decoding_step_equals_the_model_definition(monkeypatch):
     # The fixed-shape step with o_proj and down_proj split over K (one of o_proj's two splits gets
     # no K of its own) and their partial sums added in the add + norm kernel, against the eager
     # blocks. The elementwise chains the step compiles run eagerly here (the kernels are under test).
-    from pllm import DiffusionTransformer, ModelConfig, model as model_module
+    from pllm import model as model_module
     from pllm.kernels import rms_norm, skinny_gemm
 
-    torch.manual_seed(14)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-    cfg = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
-                      attention_mode="block_causal", block_size=32)
-    model = DiffusionTransformer(cfg).to(DEVICE, dtype).eval()
-    with torch.no_grad():  # norms away from 1, so a norm that is left out shows
-        for module in model.modules():
-            if isinstance(module, torch.nn.RMSNorm):
-                module.weight.uniform_(0.5, 1.5)
-    tokens = torch.randint(4, 256, (1, 64), device=DEVICE)
-    positions = torch.arange(64, 128, device=DEVICE)[None]
-    limits = torch.tensor([128], device=DEVICE)
+    model, tokens, positions, limits = tiny_step_model(14, dtype)
     monkeypatch.setattr(model_module, "fused", lambda fn: fn)
     monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 64), (16, 64, 2, 2))  # o_proj
     monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 128), (32, 64, 2, 2))  # down_proj
@@ -635,25 +624,33 @@ def test_skinny_normed_and_residual_linear_equal_the_definition(rows, n, k, gate
         normed_linear(x, g[:-1], 1e-5, w)
 
 
-def test_skinny_fused_decoding_step_equals_the_model_definition(monkeypatch):
-    # The fixed-shape step with its layers as four fused skinny kernels (norms folded into the
-    # matmul after them, residual adds into the one before) against the plain eager blocks.
+def tiny_step_model(seed: int, dtype: torch.dtype):
+    """A 2-layer block-causal model with norm weights away from 1 (so a norm that is left out
+    shows), and a batch-1 step's window: (model, tokens, positions, limits)."""
     from pllm import DiffusionTransformer, ModelConfig
-    from pllm.kernels import skinny_gemm
 
-    torch.manual_seed(12)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
                       attention_mode="block_causal", block_size=32)
     model = DiffusionTransformer(cfg).to(DEVICE, dtype).eval()
-    with torch.no_grad():  # norms away from 1, so a norm that is left out shows
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.RMSNorm):
                 module.weight.uniform_(0.5, 1.5)
     tokens = torch.randint(4, 256, (1, 64), device=DEVICE)
     positions = torch.arange(64, 128, device=DEVICE)[None]
     limits = torch.tensor([128], device=DEVICE)
+    return model, tokens, positions, limits
+
+
+def test_skinny_fused_decoding_step_equals_the_model_definition(monkeypatch):
+    # The fixed-shape step with its layers as four fused skinny kernels (norms folded into the
+    # matmul after them, residual adds into the one before) against the plain eager blocks.
+    from pllm.kernels import skinny_gemm
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    model, tokens, positions, limits = tiny_step_model(12, dtype)
     x = model.embed_tokens(tokens)
     # Tiles narrower than the outputs: the residual matmuls leave several partial sums of squares.
     monkeypatch.setitem(skinny_gemm.FUSED_CONFIGS, (64, 64, False), (16, 64, 2))  # o_proj
