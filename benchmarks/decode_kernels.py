@@ -80,7 +80,7 @@ def weight_copies(args, N: int, K: int, dtype) -> tuple[int, int, int, list[torc
 
 def gemm_rows(args) -> list[dict]:
     dtype, rows = torch.bfloat16, []
-    configs = list(itertools.product(args.block_n, args.block_k, args.stages))
+    configs = list(itertools.product(args.block_n, args.block_k, args.stages, args.warps))
     for name, N, K, M in GEMMS:
         if args.gemms and name not in args.gemms:
             continue
@@ -102,8 +102,8 @@ def gemm_rows(args) -> list[dict]:
                      else " + add&norm" if name in NORMED else ""), "us": base * 1e6, "tb_s": wbytes / base / 1e12})
         print(json.dumps(rows[-1]), flush=True)
         splits = [1] if name in ("gate_up_proj", "lm_head") else args.splits
-        for (bn, bk, st), split in itertools.product(configs, splits):
-            cfg = (bn, bk, st)
+        for (bn, bk, st, wp), split in itertools.product(configs, splits):
+            cfg = (bn, bk, st, wp)
             try:
                 if name == "gate_up_proj":
                     gate, up = ref.chunk(2, -1)
@@ -128,7 +128,8 @@ def gemm_rows(args) -> list[dict]:
                 print(f"{name} {cfg} split {split}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
             rows.append({"gemm": name, "N": N, "K": K, "rows": M, "path": "skinny", "block_n": bn, "block_k": bk,
-                         "stages": st, "split": split, "us": t * 1e6, "tb_s": wbytes / t / 1e12, "rel_err": err,
+                         "stages": st, "warps": wp, "split": split, "us": t * 1e6, "tb_s": wbytes / t / 1e12,
+                         "rel_err": err,
                          "vs_cublas": base / t})
             print(json.dumps(rows[-1]), flush=True)
         del weights
@@ -273,7 +274,7 @@ def attention_sweep_rows(args) -> list[dict]:
 
 
 def tables(report: dict) -> str:
-    lines = ["| GEMM | rows | path | tile n x k, stages | split | us | weight TB/s | vs cuBLAS |", "|---|---:|---|---|---:|---:|---:|---:|"]
+    lines = ["| GEMM | rows | path | tile n x k, stages, warps | split | us | weight TB/s | vs cuBLAS |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for name in dict.fromkeys(r["gemm"] for r in report["gemms"]):
         mine = [r for r in report["gemms"] if r["gemm"] == name]
         base = next(r for r in mine if r["path"].startswith("cuBLAS"))
@@ -281,7 +282,7 @@ def tables(report: dict) -> str:
         best += [r for r in mine if r["path"] == "fused, no PDL"]
         lines.append(f"| {name} | {base['rows']} | {base['path']} | | | {base['us']:.1f} | {base['tb_s']:.2f} | 1.00 |")
         for r in best:
-            lines.append(f"| {name} | {r['rows']} | {r['path']} | {r['block_n']} x {r['block_k']}, {r['stages']} | {r['split']} | "
+            lines.append(f"| {name} | {r['rows']} | {r['path']} | {r['block_n']} x {r['block_k']}, {r['stages']}, {r.get('warps', 4)} | {r['split']} | "
                          f"{r['us']:.1f} | {r['tb_s']:.2f} | {r['vs_cublas']:.2f} |")
     lines += ["", "| batch | keys | path | queries x keys per iteration, stages, warps | us per layer | rel. error |",
               "|---:|---:|---|---|---:|---:|"]
@@ -304,6 +305,7 @@ def main() -> None:
     p.add_argument("--block-n", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--block-k", type=int, nargs="+", default=[128, 256])
     p.add_argument("--stages", type=int, nargs="+", default=[3, 4, 6])
+    p.add_argument("--warps", type=int, nargs="+", default=[4], help="the skinny kernel's warps per program")
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--weight-mb", type=int, default=256, help="weight copies per GEMM, so calls read HBM")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16])

@@ -148,10 +148,12 @@ def main() -> None:
     p.add_argument("--bias-reference", action="store_true",
                    help="the step's attention bias from PyTorch ops, not the step_bias kernel (A/B)")
     p.add_argument("--cublas-down", action="store_true", help="down_proj on cuBLAS, not the skinny kernel (A/B)")
-    p.add_argument("--split-config", nargs=5, action="append", default=[],
-                   metavar=("GEMM", "BLOCK_N", "BLOCK_K", "STAGES", "SPLIT"),
+    p.add_argument("--split-config", nargs="+", action="append", default=[],
+                   metavar="GEMM BLOCK_N BLOCK_K STAGES SPLIT [WARPS]",
                    help="o_proj or down_proj through the K-split skinny kernel + add_partials_rms_norm with this tile "
                         "(repeatable; overrides skinny_gemm.SPLIT_CONFIGS)")
+    p.add_argument("--gate-up-config", type=int, nargs="+", metavar="BLOCK_N BLOCK_K STAGES [WARPS]",
+                   help="gate_up's tile (overrides skinny_gemm.CONFIGS)")
     p.add_argument("--no-split", action="store_true",
                    help="o_proj and down_proj unsplit, their add + norm compiled by Inductor (A/B)")
     p.add_argument("--host-copy-stream", action="store_true",
@@ -174,8 +176,15 @@ def main() -> None:
     if args.no_split:
         skinny_gemm.SPLIT_CONFIGS.clear()
     for name, *tile in args.split_config:
+        if name not in weight_shapes or len(tile) not in (4, 5):
+            p.error(f"--split-config {name} {' '.join(tile)}: want o_proj|down_proj BLOCK_N BLOCK_K STAGES SPLIT [WARPS]")
         skinny_gemm.SPLIT_CONFIGS[weight_shapes[name]] = tuple(int(t) for t in tile)
-    print(f"K-split configs: {skinny_gemm.SPLIT_CONFIGS}")
+    if args.gate_up_config:
+        if len(args.gate_up_config) not in (3, 4):
+            p.error("--gate-up-config: want BLOCK_N BLOCK_K STAGES [WARPS]")
+        gate_up = (2 * shape["intermediate_size"], shape["hidden_size"], 1, True)
+        skinny_gemm.CONFIGS[gate_up] = tuple(args.gate_up_config)
+    print(f"K-split configs: {skinny_gemm.SPLIT_CONFIGS}; tiles: {skinny_gemm.CONFIGS}")
     importlib.import_module("pllm.decoding.state").HOST_COPY_STREAM = args.host_copy_stream
     if args.cublas_down:
         skinny_gemm.CONFIGS.pop((*weight_shapes["down_proj"], 1, False), None)

@@ -43,10 +43,10 @@ PREFETCH_SHAPES: set[tuple[int, int]] | None = None
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
-                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  config: tuple[int, ...] | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T. split == 1: (..., N) in x's dtype. split > 1: float32 partial
     sums (split, ..., N) over K slices, whose sum is the product. config: (block_n, block_k,
-    stages) for the kernel (default: `default_config`)."""
+    stages[, warps]) for the kernel (default: `default_config`; 4 warps)."""
     if split < 1:
         raise ValueError(f"skinny_linear: split must be >= 1, got {split}")
     rows = x.numel() // x.shape[-1]
@@ -57,7 +57,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
     return out.view(*((split,) if split > 1 else ()), *x.shape[:-1], out.shape[-1])
 
 
-def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for weight (2I, K) = rows gate | up; returns (..., I)."""
     if weight.shape[0] % 2:
         raise ValueError(f"silu_mul_linear: weight rows {weight.shape[0]} are not gate | up halves")
@@ -68,7 +68,7 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, in
 
 
 def normed_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                  gated: bool = False, config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  gated: bool = False, config: tuple[int, ...] | None = None) -> torch.Tensor:
     """rms_norm(x) * norm_weight @ weight.T; gated: silu(gate) * up of that product, for weight
     rows gate | up. The norm's scale is applied to the product's rows (`scaled_linear`)."""
     if norm_weight.shape != x.shape[-1:]:
@@ -84,7 +84,7 @@ def norm_inputs(x: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tenso
 
 
 def scaled_linear(xg: torch.Tensor, squares: torch.Tensor, eps: float, weight: torch.Tensor, gated: bool = False,
-                  config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                  config: tuple[int, ...] | None = None) -> torch.Tensor:
     """An RMSNorm folded into a matmul: (xg @ weight.T) * rsqrt(mean square + eps) per row, for xg
     = x * norm weight and squares (parts, rows), partial sums of x's squared rows (summed here, so
     the kernel that writes x can leave one per program). gated: silu(gate) * up of it."""
@@ -100,7 +100,7 @@ def scaled_linear(xg: torch.Tensor, squares: torch.Tensor, eps: float, weight: t
 
 
 def residual_linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                    config: tuple[int, int, int] | None = None, next_norm: torch.Tensor | None = None):
+                    config: tuple[int, ...] | None = None, next_norm: torch.Tensor | None = None):
     """h = residual + x @ weight.T in one kernel (the add in the matmul's epilogue). With next_norm
     (the weight of the RMSNorm after it), (h, h * next_norm, squares): `scaled_linear`'s inputs."""
     if residual.shape != (*x.shape[:-1], weight.shape[0]):
@@ -133,8 +133,9 @@ def step_linear_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.
     norm_weight, eps)."""
     config = SPLIT_CONFIGS.get(tuple(weight.shape))
     if USE_SKINNY and config and runs_kernel(x, weight) and residual.is_contiguous():
-        *tile, split = config
-        return add_partials_rms_norm(residual, skinny_linear(x, weight, split, tuple(tile)), norm_weight, eps)
+        block_n, block_k, stages, split, *warps = config
+        tile = (block_n, block_k, stages, *warps)
+        return add_partials_rms_norm(residual, skinny_linear(x, weight, split, tile), norm_weight, eps)
     return add_norm(residual, step_linear(x, weight), norm_weight, eps)
 
 
@@ -153,7 +154,7 @@ def fuses_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return USE_SKINNY and FUSED_STEP and runs_kernel(x, weight)
 
 
-def fused_config(weight: torch.Tensor, gated: bool = False) -> tuple[int, int, int] | None:
+def fused_config(weight: torch.Tensor, gated: bool = False) -> tuple[int, ...] | None:
     return FUSED_CONFIGS.get((*weight.shape, gated))
 
 
@@ -195,38 +196,41 @@ def residual_linear_reference(x, weight, residual, next_norm=None):
     return h if next_norm is None else (h, *norm_inputs(h, next_norm))
 
 
-def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, int, int]:
-    """(block_n, block_k, stages) by weight shape, from the in-graph sweep on an H200
+def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, ...]:
+    """(block_n, block_k, stages[, warps]) by weight shape, from the in-graph sweep on an H200
     (`benchmarks/decode_kernels.py`); other shapes get the middle of that sweep."""
     return CONFIGS.get((n, k, split, gated), (64, 128, 4))
 
 
-# (N, K, split, gated) -> (block_n, block_k, stages): the shapes where the kernel beat cuBLAS in
+# (N, K, split, gated) -> (block_n, block_k, stages[, warps]; 4 when left out): the shapes where the kernel beat cuBLAS in
 # benchmarks/decode_kernels.py (64 rows, ~1.1B model; benchmarks/RESULTS.md), H200 / H100 us:
-# gate | up with SiLU * up, 15.1 / 19.7 against 18.4 / 22.7 for cuBLAS + the SiLU kernel; o_proj
+# gate | up with SiLU * up, 15.1 / 19.5 against 18.4 / 21.7 for cuBLAS + the SiLU kernel (3 stages:
+# the H100's pick, 4 within 0.1 us; 8 warps never won); o_proj
 # (with the add + RMSNorm after it), 9.3 / 9.9 against 9.9 / 10.2; down_proj (the same), 14.9 /
 # 16.2 against 15.2 / 17.1 (cuBLAS's split-K reduce kernel goes too). qkv stays on cuBLAS (7.2
 # against 6.8 on the H200 without a K split, whose partial sums the rotary kernel would have to add).
-CONFIGS: dict[tuple[int, int, int, bool], tuple[int, int, int]] = {
-    (11264, 2048, 1, True): (64, 128, 4),
+CONFIGS: dict[tuple[int, int, int, bool], tuple[int, ...]] = {
+    (11264, 2048, 1, True): (64, 128, 3),
     (2048, 2048, 1, False): (16, 256, 4),
     (2048, 5632, 1, False): (16, 256, 4),
 }
 
-# (N, K) -> (block_n, block_k, stages, split) for `step_linear_add_norm`: wide tiles split over K,
+# (N, K) -> (block_n, block_k, stages, split[, warps]) for `step_linear_add_norm`: wide tiles split over K,
 # so each program reads the activations' K slice once per block_n weight rows instead of once per
 # 16 (at split 1 the programs read 4x more activation bytes, from L2, than weight bytes).
 # In-graph sweep with the add + norm (`benchmarks/decode_kernels.py`, results/decode_kernels_split_h200):
 # on an H200, o_proj 7.4 us against 9.3 unsplit and 9.9 for cuBLAS, down_proj 11.3 against 14.9
-# and 15.1; the batch-1 step's graph 1.153 ms against 1.216 (RESULTS.md).
-SPLIT_CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
+# and 15.1; the batch-1 step's graph 1.153 ms against 1.216. On the H100 (the tiles here are its
+# picks; the H200's down_proj tile, 64 x 128 split 4, is 0.1 us slower there and 0.15 faster on the
+# H200): o_proj 8.0 against 10.1, down_proj 13.2 against 16.9 (RESULTS.md).
+SPLIT_CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {
     (2048, 2048): (32, 128, 4, 2),  # o_proj
-    (2048, 5632): (64, 128, 4, 4),  # down_proj
+    (2048, 5632): (32, 256, 4, 2),  # down_proj
 }
 
 # (N, K, gated) -> (block_n, block_k, stages) for the fused step's kernels at the ~1.1B shape (64
 # rows; lm_head 32), from `benchmarks/decode_kernels.py --fused` on an H200.
-FUSED_CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {
+FUSED_CONFIGS: dict[tuple[int, int, bool], tuple[int, ...]] = {
     (2560, 2048, False): (16, 256, 4),  # qkv_proj, attention norm folded in
     (2048, 2048, False): (16, 256, 4),  # o_proj + residual
     (11264, 2048, True): (64, 128, 4),  # gate | up, MLP norm folded in, SiLU * up
@@ -327,7 +331,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, conf
             row_scale: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
             next_norm: torch.Tensor | None = None):
     (M, K), N = x.shape, weight.shape[0]
-    block_n, block_k, stages = config or default_config(N, K, split, gated)
+    block_n, block_k, stages, *warps = config or default_config(N, K, split, gated)
     block_k = min(block_k, K)
     if K % block_k:
         block_k = 64
@@ -353,6 +357,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, conf
                          PARTIAL=split > 1, ROW_SCALE=row_scale is not None, BLOCK_P=triton.next_power_of_2(parts),
                          RESIDUAL=residual is not None, NEXT_NORM=next_norm is not None, PDL=launch_pdl,
                          PREFETCH=launch_pdl and (PREFETCH_SHAPES is None or (N, K) in PREFETCH_SHAPES),
-                         LINES=triton.next_power_of_2(-(-k_per_split // 64)), num_warps=4, num_stages=stages,
+                         LINES=triton.next_power_of_2(-(-k_per_split // 64)), num_warps=warps[0] if warps else 4,
+                         num_stages=stages,
                          launch_pdl=launch_pdl)
     return (out, xg, squares_out) if next_norm is not None else out

@@ -471,7 +471,7 @@ def test_skinny_split_decoding_step_equals_the_model_definition(monkeypatch):
     model, tokens, positions, limits = tiny_step_model(14, dtype)
     monkeypatch.setattr(model_module, "fused", lambda fn: fn)
     monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 64), (16, 64, 2, 2))  # o_proj
-    monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 128), (32, 64, 2, 2))  # down_proj
+    monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 128), (32, 64, 2, 2, 8))  # down_proj, 8 warps
     monkeypatch.setitem(skinny_gemm.CONFIGS, (256, 64, 1, True), (16, 64, 2))  # gate | up
     split_calls = []
 
@@ -542,7 +542,7 @@ def test_skinny_linear_and_its_gated_form_equal_the_definition(rows, n, k, split
     x = torch.randn(2, rows // 2 or 1, k, device=DEVICE).to(dtype) if rows % 2 == 0 else torch.randn(rows, k, device=DEVICE).to(dtype)
     w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
     want = x.float() @ w.float().T
-    for config in [None, (16, 64, 2), (32, 128, 3)]:
+    for config in [None, (16, 64, 2), (32, 128, 3), (32, 64, 3, 8)]:  # the last with 8 warps
         out = skinny_linear(x, w, split, config)
         assert out.shape == ((split,) if split > 1 else ()) + (*x.shape[:-1], n)
         assert out.dtype == (torch.float32 if split > 1 else dtype)
