@@ -116,7 +116,7 @@ def block_bounds(prompt_len: int, total: int, block_size: int, aligned: bool) ->
 # Opt-in: host copies on a stream of their own: the step's stream goes on to the next step's work (window
 # table, graph launch) without waiting behind the copy's latency. The host reads the copy only
 # after its event, and queues the next write to the same tokens only after that read.
-HOST_COPY_STREAM = False  # not yet measured on a GPU: off until an A/B shows it pays
+HOST_COPY_STREAM = False  # H100 A/B: 1.377 against 1.376 ms a step (benchmarks/RESULTS.md): no gain
 _copy_streams: dict[int, torch.cuda.Stream] = {}
 
 
