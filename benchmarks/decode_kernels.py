@@ -305,7 +305,7 @@ def main() -> None:
     p.add_argument("--block-n", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--block-k", type=int, nargs="+", default=[128, 256])
     p.add_argument("--stages", type=int, nargs="+", default=[3, 4, 6])
-    p.add_argument("--warps", type=int, nargs="+", default=[4], help="the skinny kernel's warps per program")
+    p.add_argument("--warps", type=int, nargs="+", default=[4], help="the skinny kernel's warps per program (the GEMM sweep; --fused keeps 4)")
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--weight-mb", type=int, default=256, help="weight copies per GEMM, so calls read HBM")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16])

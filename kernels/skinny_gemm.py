@@ -197,8 +197,8 @@ def residual_linear_reference(x, weight, residual, next_norm=None):
 
 
 def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, ...]:
-    """(block_n, block_k, stages[, warps]) by weight shape, from the in-graph sweep on an H200
-    (`benchmarks/decode_kernels.py`); other shapes get the middle of that sweep."""
+    """(block_n, block_k, stages[, warps]) by weight shape, from the in-graph sweeps on an H200 and
+    an H100 (`benchmarks/decode_kernels.py`); other shapes get the middle of those sweeps."""
     return CONFIGS.get((n, k, split, gated), (64, 128, 4))
 
 
