@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"1b": "configs/gpu-1b.yaml", "125m": "configs/gpu-125m.yaml", "tiny": "configs/tiny.yaml"}
+CONFIGS = {"1b": "pllm/configs/gpu-1b.yaml", "125m": "pllm/configs/gpu-125m.yaml", "tiny": "pllm/configs/tiny.yaml"}
 STRATEGIES = {  # name -> --set overrides
     "fsdp2": ["training.use_fsdp=true", "training.use_deepspeed=false"],
     "zero3": ["training.use_fsdp=false", "training.use_deepspeed=true", "training.zero_stage=3"],

@@ -25,7 +25,7 @@ import yaml
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 
-SIZES = {"tiny": "configs/tiny.yaml", "125m": "configs/gpu-125m.yaml"}
+SIZES = {"tiny": "pllm/configs/tiny.yaml", "125m": "pllm/configs/gpu-125m.yaml"}
 ROOT = Path(__file__).resolve().parents[1]
 
 

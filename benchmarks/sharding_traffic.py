@@ -39,7 +39,7 @@ STRATEGIES = {
     "fsdp2": dict(use_fsdp=True, use_deepspeed=False, fsdp_sharding_strategy="full"),
     "zero3": dict(use_fsdp=False, use_deepspeed=True, zero_stage=3),
 }
-# configs/gpu-1b.yaml's layout (grouped-query attention, SwiGLU at 2.75x, tied LM head) at a size one
+# pllm/configs/gpu-1b.yaml's layout (grouped-query attention, SwiGLU at 2.75x, tied LM head) at a size one
 # CPU core trains in about a second a step. `--zero3-like` scales ZeRO-3's element-count settings so
 # that this model is sharded, kept and prefetched as the 1B one is with DeepSpeed's defaults.
 MODEL = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -48,7 +48,7 @@ MODEL = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=4, num_attentio
 ZERO3_NUMEL_DEFAULTS = {"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
                         "stage3_max_live_parameters": 1e9, "stage3_max_reuse_distance": 1e9,
                         "reduce_bucket_size": 5e8, "allgather_bucket_size": 5e8, "sub_group_size": 1e9}
-GPU_1B_PARAMS = 1.04e9  # configs/gpu-1b.yaml
+GPU_1B_PARAMS = 1.04e9  # pllm/configs/gpu-1b.yaml
 DTYPE_BYTES = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long int": 8, "int": 4,
                "unsigned char": 1, "signed char": 1, "bool": 1, "c10::Float8_e4m3fn": 1}
 # c10d op -> (kind, index of the argument whose size is the traffic: the full, unsharded side)

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab; default micro-batch, sequence length
     "125m": (768, 12, 12, 12, 2048, 32768, 16, 2048),
     "350m": (1024, 24, 16, 16, 2816, 32768, 8, 2048),
-    "1b": (2048, 22, 32, 4, 5632, 32768, 8, 2048),  # = configs/gpu-1b.yaml
+    "1b": (2048, 22, 32, 4, 5632, 32768, 8, 2048),  # = pllm/configs/gpu-1b.yaml
     "tiny": (64, 2, 4, 2, 128, 512, 4, 64),  # CPU smoke run
 }
 # --ab: our step again with one part switched off, in the same run: (what runs instead, switch)

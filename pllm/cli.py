@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"{field}={getattr(args, flag)}")
     job = load_job_config(args.config, overrides)  # a bad config fails here, before Ray starts
     if not args.local:
-        from .pipelines.train_job import print_summary, run_training_job
+        from pllm.pipelines.train_job import print_summary, run_training_job
 
         result = run_training_job(job, show_progress=not args.no_progress)
         print_summary(job, result)
@@ -66,8 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _serve_demo(job: JobConfig, result, keep_serving: bool) -> None:
     """The demo's last stage: serve the registered model over HTTP and send it one request."""
-    from .actors.launch import complete, serve_until_interrupted, start_server
-    from .actors.serve_app import ServeArgs
+    from pllm.actors.launch import complete, serve_until_interrupted, start_server
+    from pllm.actors.serve_app import ServeArgs
 
     args = ServeArgs(model=result.registry_uri, mlflow_uri=result.tracking_uri, max_replicas=1)
     url = start_server(args)
@@ -86,8 +86,8 @@ def _serve_demo(job: JobConfig, result, keep_serving: bool) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .actors.launch import serve_until_interrupted, start_server
-    from .actors.serve_app import ServeArgs
+    from pllm.actors.launch import serve_until_interrupted, start_server
+    from pllm.actors.serve_app import ServeArgs
 
     engine = {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens}
     serve_args = ServeArgs(model=args.model, draft_model=args.draft_model, model_name=args.name,
@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=_cmd_generate)
+
+    from pllm.cluster.cli import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 

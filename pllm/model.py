@@ -23,10 +23,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
-from .kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
+from pllm.kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
+from pllm.kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
                                   step_linear, step_linear_add_norm, step_silu_mul_linear)
-from .kernels.step_bias import step_bias
+from pllm.kernels.step_bias import step_bias
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
 

@@ -8,7 +8,7 @@ mkdir -p "$out"
 python -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 # Kernels and CUDA-graph steps against their references, on the GPU path.
 python -m pytest -q tests/test_kernels.py tests/test_cuda_graphs.py -p no:cacheprovider
-common=(--config configs/gpu-125m.yaml --mlflow-uri "sqlite:///$(realpath "$out")/mlflow.db" --no-progress
+common=(--config pllm/configs/gpu-125m.yaml --mlflow-uri "sqlite:///$(realpath "$out")/mlflow.db" --no-progress
         --set cluster.num_workers=1 --set cluster.cpus_per_worker=4 --set data.max_files=400
         --set training.num_train_steps=60 --set training.warmup_steps=10 --set training.log_interval=10
         --set training.eval_interval=60 --set training.eval_batches=2 --set training.save_interval=30

@@ -1,17 +1,9 @@
 import os
-import sys
-from pathlib import Path
 
-# `python -m pytest` puts the checkout root on sys.path, where our top-level `kernels/` folder (installed as
-# `pllm.kernels`) would shadow the PyPI package of that name that transformers imports. Tests use the installed
-# package, as a user does.
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from pllm import ModelConfig  # noqa: E402
+from pllm import ModelConfig
 
 
 @pytest.fixture(autouse=True, scope="session")

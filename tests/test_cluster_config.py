@@ -1,4 +1,4 @@
-"""The shipped configs are valid: every job config under configs/, and ray_cluster.yaml against the
+"""The shipped configs are valid: every job config under pllm/configs/, and ray_cluster.yaml against the
 Ray cluster launcher's own schema."""
 
 from pathlib import Path
@@ -11,7 +11,7 @@ from pllm.config import JobConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "pllm" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_job_configs_validate(path):
     job = JobConfig.from_yaml(path)
     if path.name.startswith("gpu"):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationConfig, ModelConfig
-from ..kernels.parallel_decode import commit_in_place
+from pllm.kernels.parallel_decode import commit_in_place
 from ..kv_cache import KVCache, Segment
 from .commit import commit_mask, factor_commit_mask, transfer_schedule
 from .credit import CreditTrace

@@ -16,8 +16,8 @@ import torch
 
 from ..decoding import DecodeState
 from ..decoding.state import host_copy
-from ..kernels import parallel_decode
-from ..kernels.parallel_decode import MAX_BLOCK
+from pllm.kernels import parallel_decode
+from pllm.kernels.parallel_decode import MAX_BLOCK
 
 
 # Below this many requests, committing one by one takes fewer operations (the batched call has a

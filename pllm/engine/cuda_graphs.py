@@ -23,7 +23,7 @@ import itertools
 import torch
 
 from ..decoding import DecodeState
-from ..kernels.step_windows import next_windows
+from pllm.kernels.step_windows import next_windows
 from ..model import DiffusionTransformer
 
 

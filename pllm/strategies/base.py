@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import TrainingConfig
-from ..kernels import prepare_attention
+from pllm.kernels import prepare_attention
 from ..optim import build_optimizer, build_scheduler, lr_lambda, scheduler_state
 
 # Inductor's coordinate-descent tuning searches block sizes and warps for each of its own kernels at

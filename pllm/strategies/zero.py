@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import prepare_attention
+from pllm.kernels import prepare_attention
 from ..optim import build_scheduler, param_groups
 from .base import Strategy, compile_options
 

@@ -1,5 +1,5 @@
-"""Attention dispatch and Triton kernels, each with a PyTorch reference implementation (installed as
-`pllm.kernels`; the reference runs where Triton or a GPU is absent)."""
+"""Attention dispatch and Triton kernels, each with a PyTorch reference implementation that runs where
+Triton or a GPU is absent and that the tests compare against."""
 
 from .attention import block_causal_mask, flash_attention, fused_attention, prepare_attention
 from .backend import HAS_TRITON, use_triton

@@ -1,1 +1,0 @@
-"""Ray Data and Ray Train jobs (installed as `pllm.pipelines`)."""
