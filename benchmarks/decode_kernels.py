@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 
 attention_module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports the function
-from pllm.kernels import backend
 from pllm.kernels.rms_norm import add_partials_rms_norm
-from pllm.kernels.skinny_gemm import normed_linear, residual_linear, silu_mul_linear, skinny_linear
+from pllm.kernels.skinny_gemm import silu_mul_linear, skinny_linear
 from pllm.model import _add_rms_norm, _rms_norm, _silu_mul, fused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,66 +135,6 @@ def gemm_rows(args) -> list[dict]:
     return rows
 
 
-def fused_rows(args) -> list[dict]:
-    """The fused step's GEMMs (norm folded into qkv, gate_up and lm_head; residual add into o_proj
-    and down_proj) over tile shapes, with programmatic dependent launch, against cuBLAS plus the
-    Inductor kernel that the fusion removes; then the best tile without PDL."""
-    dtype, rows = torch.bfloat16, []
-    backend.USE_PDL = True  # the sweep's kernels with PDL (off by default)
-    residual_gemms = {"o_proj", "down_proj"}
-    configs = list(itertools.product(args.block_n, args.block_k, args.stages))
-    for name, N, K, M in GEMMS:
-        wbytes, copies, calls, weights = weight_copies(args, N, K, dtype)
-        x = 3 * torch.randn(M, K, device="cuda", dtype=dtype)
-        g = 1 + 0.1 * torch.randn(K, device="cuda", dtype=dtype)
-        resid = torch.randn(M, N, device="cuda", dtype=dtype)
-        gated = name == "gate_up_proj"
-
-        def unfused(i, w=weights):
-            if name in residual_gemms:
-                return lambda: resid + F.linear(x, w[i])
-            if gated:
-                return lambda: fused(_silu_mul)(*F.linear(fused(_rms_norm)(x, g, 1e-5), w[i]).chunk(2, -1))
-            return lambda: F.linear(fused(_rms_norm)(x, g, 1e-5), w[i])
-
-        want = unfused(0)().float()
-        base = graph_time(unfused, copies, calls)
-        rows.append({"gemm": name, "N": N, "K": K, "rows": M, "path": "cuBLAS + " + ("add" if name in residual_gemms
-                     else "norm, SiLU*up" if gated else "norm"), "us": base * 1e6, "tb_s": wbytes / base / 1e12})
-        print(json.dumps(rows[-1]), flush=True)
-
-        def kernel(i, w=weights, cfg=None):
-            if name in residual_gemms:
-                return lambda: residual_linear(x, w[i], resid, config=cfg)
-            return lambda: normed_linear(x, g, 1e-5, w[i], gated=gated, config=cfg)
-
-        timed = []
-        for cfg in configs:
-            try:
-                err = ((kernel(0, cfg=cfg)().float() - want).norm() / want.norm()).item()
-                t = graph_time(functools.partial(kernel, cfg=cfg), copies, calls)
-            except Exception as e:  # a tile that does not fit shared memory, say
-                print(f"{name} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                continue
-            timed.append((t, cfg))
-            rows.append({"gemm": name, "N": N, "K": K, "rows": M, "path": "fused, PDL", "block_n": cfg[0],
-                         "block_k": cfg[1], "stages": cfg[2], "split": 1, "us": t * 1e6, "tb_s": wbytes / t / 1e12,
-                         "rel_err": err, "vs_cublas": base / t})
-            print(json.dumps(rows[-1]), flush=True)
-        best = min(timed)[1]
-        backend.USE_PDL = False
-        try:
-            t = graph_time(functools.partial(kernel, cfg=best), copies, calls)
-        finally:
-            backend.USE_PDL = True
-        rows.append({"gemm": name, "N": N, "K": K, "rows": M, "path": "fused, no PDL", "block_n": best[0],
-                     "block_k": best[1], "stages": best[2], "split": 1, "us": t * 1e6, "tb_s": wbytes / t / 1e12,
-                     "vs_cublas": base / t})
-        print(json.dumps(rows[-1]), flush=True)
-        del weights
-    return rows
-
-
 LAYERS = 22  # the attention rows cycle over this many layers' caches, as the step does
 
 
@@ -278,8 +217,7 @@ def tables(report: dict) -> str:
     for name in dict.fromkeys(r["gemm"] for r in report["gemms"]):
         mine = [r for r in report["gemms"] if r["gemm"] == name]
         base = next(r for r in mine if r["path"].startswith("cuBLAS"))
-        best = sorted((r for r in mine if r["path"] in ("skinny", "fused, PDL")), key=lambda r: r["us"])[:3]
-        best += [r for r in mine if r["path"] == "fused, no PDL"]
+        best = sorted((r for r in mine if r["path"] == "skinny"), key=lambda r: r["us"])[:3]
         lines.append(f"| {name} | {base['rows']} | {base['path']} | | | {base['us']:.1f} | {base['tb_s']:.2f} | 1.00 |")
         for r in best:
             lines.append(f"| {name} | {r['rows']} | {r['path']} | {r['block_n']} x {r['block_k']}, {r['stages']}, {r.get('warps', 4)} | {r['split']} | "
@@ -305,7 +243,7 @@ def main() -> None:
     p.add_argument("--block-n", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--block-k", type=int, nargs="+", default=[128, 256])
     p.add_argument("--stages", type=int, nargs="+", default=[3, 4, 6])
-    p.add_argument("--warps", type=int, nargs="+", default=[4], help="the skinny kernel's warps per program (the GEMM sweep; --fused keeps 4)")
+    p.add_argument("--warps", type=int, nargs="+", default=[4], help="the skinny kernel's warps per program")
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--weight-mb", type=int, default=256, help="weight copies per GEMM, so calls read HBM")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 16])
@@ -315,8 +253,6 @@ def main() -> None:
     p.add_argument("--gemms", nargs="+", choices=[g[0] for g in GEMMS], help="only these GEMMs")
     p.add_argument("--attention-sweep", action="store_true",
                    help="only the plain attention kernel's tiles at batch 1 (over --key-lengths)")
-    p.add_argument("--fused", action="store_true",
-                   help="only the fused step's GEMMs (norm / residual folded in, PDL) against cuBLAS + Inductor")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
     if args.device != "cuda":
@@ -326,15 +262,12 @@ def main() -> None:
               "torch": torch.__version__, "args": vars(args)}
     if args.attention_sweep:
         report["attention"], report["gemms"] = attention_sweep_rows(args), []
-    elif args.fused:
-        report["attention"], report["gemms"] = [], fused_rows(args)
     else:
         report["attention"] = [] if args.skip_attention else attention_rows(args)
         report["gemms"] = [] if args.skip_gemms else gemm_rows(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("decode_kernels_attention_sweep_cuda" if args.attention_sweep else
-            "decode_kernels_fused_cuda" if args.fused else "decode_kernels_cuda")
+    stem = "decode_kernels_attention_sweep_cuda" if args.attention_sweep else "decode_kernels_cuda"
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
     text = tables(report)
     (out / f"{stem}.md").write_text(text + "\n")

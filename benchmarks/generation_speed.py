@@ -345,9 +345,6 @@ def main() -> None:
     p.add_argument("--skip-eager", action="store_true", help="skip the eager packed-path baseline")
     p.add_argument("--baseline-kernels", action="store_true",
                    help="the step without the skinny GEMMs and split-keys attention (cuBLAS, plain kernel; A/B)")
-    p.add_argument("--fused-step", action="store_true",
-                   help="the batch-1 step's layer as four skinny kernels with norms and residual adds folded in (A/B)")
-    p.add_argument("--pdl", action="store_true", help="programmatic dependent launch between the step's kernels (A/B)")
     p.add_argument("--tpf-only", action="store_true", help="only train the small model and measure its TPF")
     p.add_argument("--tpf-from", default=None,
                    help="take the trained model's TPF from an earlier run's JSON (its --tpf-only run) instead of training")
@@ -359,12 +356,9 @@ def main() -> None:
         args.shape, args.gen, args.prompt_len, args.batches = "tiny", 32, 16, [1, 4]
         args.train_seconds, args.tpf_prompts, args.hf_tokens, args.thresholds = 20.0, 4, 8, [0.7]
     device = args.device
-    stem = (f"generation_speed_{args.shape}_{device}" + ("_baseline_kernels" if args.baseline_kernels else "")
-            + ("_fused_step" if args.fused_step else "") + ("_pdl" if args.pdl else ""))
-    from pllm.kernels import backend, skinny_gemm
+    stem = f"generation_speed_{args.shape}_{device}" + ("_baseline_kernels" if args.baseline_kernels else "")
+    from pllm.kernels import skinny_gemm
 
-    skinny_gemm.FUSED_STEP = args.fused_step and not args.baseline_kernels
-    backend.USE_PDL = args.pdl and not args.baseline_kernels
     if args.baseline_kernels:
         skinny_gemm.USE_SKINNY = False
         importlib.import_module("pllm.kernels.bias_attention").SPLIT_KEYS = False

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 import time
 
 import torch
@@ -16,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 from pllm.engine.batched_commit import commit_batch
-from pllm.kernels import attention, backend, skinny_gemm, step_bias, step_windows
+from pllm.kernels import attention, skinny_gemm, step_bias, step_windows
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -131,11 +130,6 @@ def main() -> None:
                    help="our step attention kernel with 64-query tiles always, not smaller ones that fill the SMs (A/B)")
     p.add_argument("--baseline-kernels", action="store_true",
                    help="cuBLAS GEMMs, Inductor's add + RMSNorm, no split-keys attention (A/B)")
-    p.add_argument("--fused-step", action="store_true",
-                   help="the batch-1 step's layer as four skinny kernels with norms and residual adds folded in (A/B)")
-    p.add_argument("--pdl", action="store_true", help="programmatic dependent launch between the step's kernels (A/B)")
-    p.add_argument("--prefetch", choices=["all", "none", "o_proj"], default="all",
-                   help="with --pdl: which skinny GEMMs prefetch their weights into L2 before their wait")
     p.add_argument("--attention-config", type=int, nargs=3, metavar=("KEYS", "STAGES", "WARPS"),
                    help="the plain step attention kernel's keys per iteration, stages and warps")
     p.add_argument("--attention-block-m", type=int, help="the plain step attention kernel's queries per program")
@@ -156,14 +150,10 @@ def main() -> None:
                    help="gate_up's tile (overrides skinny_gemm.CONFIGS)")
     p.add_argument("--no-split", action="store_true",
                    help="o_proj and down_proj unsplit, their add + norm compiled by Inductor (A/B)")
-    p.add_argument("--host-copy-stream", action="store_true",
-                   help="commits' host copies on a side stream, not the step's own (A/B)")
     p.add_argument("--timeline", action="store_true",
                    help="with --quick: also the GPU's idle gaps over pipelined steps (profiler trace)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
-    skinny_gemm.PREFETCH_SHAPES = {"all": None, "none": set(), "o_proj": {(SHAPES[args.shape]["hidden_size"],) * 2}}[
-        args.prefetch]
     if args.attention_config:  # for every query tile
         bias_attention = importlib.import_module("pllm.kernels.bias_attention")
         bias_attention.PLAIN_CONFIG = bias_attention.SMALL_TILE_CONFIG = tuple(args.attention_config)
@@ -185,7 +175,6 @@ def main() -> None:
         gate_up = (2 * shape["intermediate_size"], shape["hidden_size"], 1, True)
         skinny_gemm.CONFIGS[gate_up] = tuple(args.gate_up_config)
     print(f"K-split configs: {skinny_gemm.SPLIT_CONFIGS}; tiles: {skinny_gemm.CONFIGS}")
-    importlib.import_module("pllm.decoding.state").HOST_COPY_STREAM = args.host_copy_stream
     if args.cublas_down:
         skinny_gemm.CONFIGS.pop((*weight_shapes["down_proj"], 1, False), None)
     step_windows.USE_KERNEL = not (args.window_reference or args.baseline_kernels)
@@ -193,8 +182,6 @@ def main() -> None:
     # (the package exports a function of that name)
     commit_kernel = not (args.commit_reference or args.baseline_kernels)
     importlib.import_module("pllm.kernels.parallel_decode").USE_IN_PLACE_KERNEL = commit_kernel
-    skinny_gemm.FUSED_STEP = args.fused_step and not args.baseline_kernels
-    backend.USE_PDL = args.pdl and not args.baseline_kernels
     if args.baseline_kernels:
         importlib.import_module("pllm.kernels.bias_attention").SPLIT_KEYS = False
     if args.cudnn_step_attention:
@@ -233,14 +220,14 @@ def main() -> None:
     S = lengths[0]
     print(f"forward_static eager, key length {S}: {timed(lambda: static._step(B, S), 20, device):.3f} ms")
     pipelined = engine.pipeline
-    for pipeline, batched in itertools.product((True, False) if pipelined else (False,), (True, False)):
-        engine.pipeline, engine.batch_commits = pipeline, batched
+    for pipeline in (True, False) if pipelined else (False,):
+        engine.pipeline = pipeline
         before = (static.num_ahead, static.num_ahead_used)
         ms = timed(engine.step, 50, device)
         ahead = f", {static.num_ahead_used - before[1]}/{static.num_ahead - before[0]} steps launched ahead used"
-        print(f"whole engine step{', pipelined' if pipeline else ''}, "
-              f"{'batched commits' if batched else 'commits one by one'}: {ms:.3f} ms{ahead if pipeline else ''}")
-    engine.pipeline, engine.batch_commits = pipelined, True  # the defaults again, for the profiles
+        print(f"whole engine step{', pipelined' if pipeline else ''}, batched commits: {ms:.3f} ms"
+              f"{ahead if pipeline else ''}")
+    engine.pipeline = pipelined  # the default again, for the profiles
     commit_costs(engine, static, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:

@@ -281,6 +281,9 @@ class EngineConfig(_ConfigMixin):
     # ...and each step launched before the host reads the last one's commits, so the GPU computes
     # while the host does the bookkeeping (a step launched ahead is dropped when the batch changes).
     pipeline_steps: bool = True
+    # Greedy requests of one fixed-shape step commit in one call from this many on; fewer commit one
+    # by one, which takes fewer operations (break-even at two on CPU, benchmarks/profile_step.py).
+    min_batched_commits: PositiveInt = 3
 
 
 @dataclass(config=_STRICT)

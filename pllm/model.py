@@ -24,8 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from pllm.kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
-from pllm.kernels.skinny_gemm import (fused_config, fuses_step, norm_inputs, residual_linear, scaled_linear,
-                                  step_linear, step_linear_add_norm, step_silu_mul_linear)
+from pllm.kernels.skinny_gemm import step_linear, step_linear_add_norm, step_silu_mul_linear
 from pllm.kernels.step_bias import step_bias
 from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
 
@@ -206,24 +205,6 @@ class Block(nn.Module):
                                     self.mlp_norm.weight, self.mlp_norm.eps, add_norm)
         act = step_silu_mul_linear(h, self.mlp.gate_up_proj.weight, fused(_silu_mul))
         return step_linear_add_norm(act, self.mlp.down_proj.weight, x, next_norm.weight, next_norm.eps, add_norm)
-
-    def skinny_step(self, x: torch.Tensor, xg: torch.Tensor, squares: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, step: StaticStep, next_norm: nn.RMSNorm):
-        """`forward` for the decoding step at small batch (`fuses_step`) in four GEMM kernels. Each
-        residual add runs in the epilogue of the matmul before it, which also writes the next norm's
-        input (x * its weight) and the rows' partial sums of squares; the matmul after the norm
-        scales its rows by them (`scaled_linear`). x, xg = x * attn_norm.weight, squares come in;
-        the same for next_norm go out."""
-        attn, mlp = self.attn, self.mlp
-        qkv_w, o_w, gate_up_w, down_w = (attn.qkv_proj.weight, attn.o_proj.weight, mlp.gate_up_proj.weight,
-                                         mlp.down_proj.weight)
-        qkv = scaled_linear(xg, squares, self.attn_norm.eps, qkv_w, config=fused_config(qkv_w))
-        y = attn._static_step_attention(qkv, cos, sin, step)  # (B, H, L, hd) view of (B, L, H, hd) memory
-        x, xg, squares = residual_linear(y.transpose(1, 2).reshape(*x.shape[:2], -1), o_w, x,
-                                         config=fused_config(o_w), next_norm=self.mlp_norm.weight)
-        act = scaled_linear(xg, squares, self.mlp_norm.eps, gate_up_w, gated=True,
-                            config=fused_config(gate_up_w, gated=True))
-        return residual_linear(act, down_w, x, config=fused_config(down_w), next_norm=next_norm.weight)
 
 
 class DiffusionTransformer(nn.Module):
@@ -474,12 +455,7 @@ class DiffusionTransformer(nn.Module):
         step = StaticStep(cache, rows, positions + cache.offset, bias, S, fixed_shape)
         rope_at = positions.clamp(min=0)
         cos, sin = self.rope_cos[rope_at], self.rope_sin[rope_at]  # (B, W, hd)
-        skinny = fused_ops and fuses_step(x, self.layers[0].attn.qkv_proj.weight)
-        if skinny:
-            xg, squares = norm_inputs(x, self.layers[0].attn_norm.weight)
-            for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
-                x, xg, squares = block.skinny_step(x, xg, squares, cos, sin, step, next_norm)
-        elif fused_ops:
+        if fused_ops:
             first = self.layers[0].attn_norm
             h = fused(_rms_norm)(x, first.weight, first.eps)
             for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
@@ -488,12 +464,7 @@ class DiffusionTransformer(nn.Module):
             x = self._blocks(x, cos, sin, step)
         if num_logits == 0:
             return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
-        if skinny:  # the final norm folded into lm_head, on the last num_logits rows
-            w = self.lm_head.weight
-            last = squares.view(-1, B, W)[:, :, -num_logits:].reshape(-1, B * num_logits).contiguous()
-            logits = scaled_linear(xg[:, -num_logits:].contiguous(), last, self.norm.eps, w, config=fused_config(w))
-        else:
-            logits = self.lm_head(h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:]))
+        logits = self.lm_head(h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:]))
         return logits.float() if float_logits else logits
 
     def _segment_mask(self, start: int, end: int, visible: int, device) -> torch.Tensor | None:

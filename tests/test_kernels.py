@@ -583,47 +583,6 @@ def test_the_step_takes_skinny_kernels_only_for_measured_shapes(monkeypatch):
     assert len(calls) == (2 if skinny_gemm.runs_kernel(x, w) else 0)
 
 
-@pytest.mark.parametrize("rows, n, k, gated", [(64, 96, 256, False), (5, 80, 192, True), (33, 48, 128, False),
-                                                (64, 128, 512, True)])
-def test_skinny_normed_and_residual_linear_equal_the_definition(rows, n, k, gated):
-    # rms_norm(x) * g @ W.T with the norm folded into the matmul (gated: silu(gate) * up of it), and
-    # residual + x @ W.T with the add in its epilogue, against the definitions in float32.
-    from pllm.kernels.skinny_gemm import normed_linear, residual_linear, runs_kernel
-
-    torch.manual_seed(rows + n)
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-    x = (3 * torch.randn(rows, k, device=DEVICE)).to(dtype)  # far from unit RMS: the norm must act
-    g = (1 + 0.3 * torch.randn(k, device=DEVICE)).to(dtype)
-    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
-    want = F.rms_norm(x.float(), (k,), g.float(), 1e-5) @ w.float().T
-    if gated:
-        gate, up = want.chunk(2, -1)
-        want = F.silu(gate) * up
-    for config in [None, (16, 64, 2), (32, 128, 3)]:
-        got = normed_linear(x, g, 1e-5, w, gated=gated, config=config)
-        assert got.shape == (rows, n // 2 if gated else n) and got.dtype == dtype
-        assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 2)
-    if not gated:
-        residual = torch.randn(rows, n, device=DEVICE).to(dtype)
-        want = residual.float() + x.float() @ w.float().T
-        for config in [None, (16, 64, 2)]:
-            got = residual_linear(x, w, residual, config=config)
-            assert got.shape == residual.shape and got.dtype == dtype
-            assert (got.float() - want).norm() / want.norm() < tolerance(dtype, 2)
-        # With the next norm's weight it also writes h * weight and per-program sums of squares of h.
-        gn = (1 + 0.3 * torch.randn(n, device=DEVICE)).to(dtype)
-        h, hg, squares = residual_linear(x, w, residual, config=(16, 64, 2), next_norm=gn)
-        assert (h.float() - want).norm() / want.norm() < tolerance(dtype, 2)
-        assert (hg.float() - h.float() * gn.float()).abs().max() <= 2 * tolerance(dtype) * hg.float().abs().max()
-        assert squares.dtype == torch.float32 and squares.shape[1] == rows
-        torch.testing.assert_close(squares.sum(0), h.float().square().sum(-1), rtol=1e-4, atol=1e-3)
-        with pytest.raises(ValueError, match="residual"):
-            residual_linear(x, w, residual[:, :-1])
-    assert runs_kernel(x, w) == (use_triton(x) and (DEVICE == "cuda" or dtype == torch.float16))
-    with pytest.raises(ValueError, match="norm weight"):
-        normed_linear(x, g[:-1], 1e-5, w)
-
-
 def tiny_step_model(seed: int, dtype: torch.dtype):
     """A 2-layer block-causal model with norm weights away from 1 (so a norm that is left out
     shows), and a batch-1 step's window: (model, tokens, positions, limits)."""
@@ -642,42 +601,6 @@ def tiny_step_model(seed: int, dtype: torch.dtype):
     positions = torch.arange(64, 128, device=DEVICE)[None]
     limits = torch.tensor([128], device=DEVICE)
     return model, tokens, positions, limits
-
-
-def test_skinny_fused_decoding_step_equals_the_model_definition(monkeypatch):
-    # The fixed-shape step with its layers as four fused skinny kernels (norms folded into the
-    # matmul after them, residual adds into the one before) against the plain eager blocks.
-    from pllm.kernels import skinny_gemm
-
-    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-    model, tokens, positions, limits = tiny_step_model(12, dtype)
-    x = model.embed_tokens(tokens)
-    # Tiles narrower than the outputs: the residual matmuls leave several partial sums of squares.
-    monkeypatch.setitem(skinny_gemm.FUSED_CONFIGS, (64, 64, False), (16, 64, 2))  # o_proj
-    monkeypatch.setitem(skinny_gemm.FUSED_CONFIGS, (64, 128, False), (32, 64, 2))  # down_proj
-    monkeypatch.setattr(skinny_gemm, "FUSED_STEP", True)  # opt-in (slower on an H200 so far)
-    fused = skinny_gemm.fuses_step(x, model.layers[0].attn.qkv_proj.weight)
-    assert fused == skinny_gemm.runs_kernel(x, model.layers[0].attn.qkv_proj.weight)
-    logits, caches = [], []
-
-    def no_fallback(*args):
-        raise AssertionError("the fused step fell back to a PyTorch reference")
-
-    for fused_ops in (True, False):  # the fused step only where the kernels run; the eager blocks
-        cache = model.new_static_cache(1)
-        if fused_ops and not fused:
-            continue
-        with monkeypatch.context() as patch:
-            if fused_ops:  # every matmul of the fused step on the kernel, lm_head's included
-                patch.setattr(skinny_gemm, "scaled_linear_reference", no_fallback)
-                patch.setattr(skinny_gemm, "residual_linear_reference", no_fallback)
-            logits.append(model.forward_static(tokens, positions, limits, cache, slice(0, 1), 32,
-                                               fused_ops=fused_ops))
-        caches.append(cache.keys_values.float())
-    if fused:
-        assert logits[0].shape == logits[1].shape == (1, 32, 256)
-        assert (logits[0] - logits[1]).norm() / logits[1].norm() < tolerance(dtype, 4)
-        assert (caches[0] - caches[1]).norm() / caches[1].norm() < tolerance(dtype, 4)
 
 
 @pytest.mark.parametrize("queries", [64, 5])
@@ -721,15 +644,14 @@ def test_decoding_step_with_skinny_kernels_equals_cublas():
     positions = torch.arange(64, 128, device="cuda")[None]
     limits = torch.tensor([128], device="cuda")
     logits = []
-    for use, fused_step in ((True, True), (True, False), (False, False)):  # fused, skinny GEMMs, cuBLAS
-        skinny_gemm.USE_SKINNY, skinny_gemm.FUSED_STEP = use, fused_step
+    for use in (True, False):  # skinny GEMMs, cuBLAS
+        skinny_gemm.USE_SKINNY = use
         try:
             cache = model.new_static_cache(1)
             logits.append(model.forward_static(tokens, positions, limits, cache, slice(0, 1), 32, fused_ops=True))
         finally:
-            skinny_gemm.USE_SKINNY, skinny_gemm.FUSED_STEP = True, False
-    for other in logits[:2]:
-        assert (other - logits[2]).norm() / logits[2].norm() < 2e-2
+            skinny_gemm.USE_SKINNY = True
+    assert (logits[0] - logits[1]).norm() / logits[1].norm() < 2e-2
 
 
 def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():

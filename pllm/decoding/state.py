@@ -113,29 +113,13 @@ def block_bounds(prompt_len: int, total: int, block_size: int, aligned: bool) ->
     return bounds or [(prompt_len, prompt_len)]
 
 
-# Opt-in: host copies on a stream of their own: the step's stream goes on to the next step's work (window
-# table, graph launch) without waiting behind the copy's latency. The host reads the copy only
-# after its event, and queues the next write to the same tokens only after that read.
-HOST_COPY_STREAM = False  # H100 A/B: 1.377 against 1.376 ms a step (benchmarks/RESULTS.md): no gain
-_copy_streams: dict[int, torch.cuda.Stream] = {}
-
-
 def host_copy(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """A host copy of device tokens, queued without waiting: read it after the event has passed."""
     if not tokens.is_cuda:
         return tokens.clone(), None
     ready = torch.cuda.Event()
-    if not HOST_COPY_STREAM:
-        host = tokens.to("cpu", non_blocking=True)
-        ready.record()
-        return host, ready
-    main = torch.cuda.current_stream(tokens.device)
-    side = _copy_streams.setdefault(tokens.device.index, torch.cuda.Stream(tokens.device))
-    side.wait_stream(main)  # after the kernels that wrote the tokens
-    with torch.cuda.stream(side):
-        host = tokens.to("cpu", non_blocking=True)
-        ready.record(side)
-    tokens.record_stream(side)  # the caching allocator keeps the tokens' memory until the copy is done
+    host = tokens.to("cpu", non_blocking=True)
+    ready.record()
     return host, ready
 
 

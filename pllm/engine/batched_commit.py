@@ -20,15 +20,11 @@ from pllm.kernels import parallel_decode
 from pllm.kernels.parallel_decode import MAX_BLOCK
 
 
-# Below this many requests, committing one by one takes fewer operations (the batched call has a
-# fixed cost of about ten): measured on CPU with `benchmarks/profile_step.py`, break-even at two.
-MIN_BATCH = 3
-
-
-def batchable(states: list[DecodeState]) -> bool:
-    """Whether these states' next step is worth one call: enough of them, one segment each (no
-    drafts), greedy kernel rules and one threshold."""
-    return (len(states) >= MIN_BATCH and all(s.greedy_kernel_rules() and not s.rules.draft_length for s in states)
+def batchable(states: list[DecodeState], min_batch: int = 3) -> bool:
+    """Whether these states' next step is worth one call: at least min_batch of them (the batched
+    call has a fixed cost of about ten operations), one segment each (no drafts), greedy kernel
+    rules and one threshold."""
+    return (len(states) >= min_batch and all(s.greedy_kernel_rules() and not s.rules.draft_length for s in states)
             and len({s.rules.confidence_threshold for s in states}) == 1
             # One kernel path for both: a request's own call on a block of at most MAX_BLOCK positions
             # takes the Triton kernel, so the batched call must too (the reference rounds differently).

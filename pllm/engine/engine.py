@@ -63,9 +63,6 @@ class Engine:
         # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
         static = self.runner.static
         self.pipeline = bool(self.config.pipeline_steps and static is not None and static.capture)
-        # Greedy requests of one fixed-shape step commit together (`batched_commit`); False: one by
-        # one (the simpler path, kept for comparison).
-        self.batch_commits = True
         self.model_config = model.config
         if draft_model is not None:
             check_draft_model(model.config, draft_model.config)
@@ -125,7 +122,7 @@ class Engine:
         static = self.runner.static
         fixed = static is not None and all(map(static.eligible, states))  # one fixed-shape step for all
         ahead = self.pipeline and fixed
-        if fixed and self.batch_commits and batchable(states):
+        if fixed and batchable(states, self.config.min_batched_commits):
             commit_batch(states, static.last_logits[:len(states)], static.to_device, defer=ahead)
         else:
             for state, block_logits in zip(states, logits):

@@ -21,10 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, pdl, use_triton
-
-if HAS_TRITON:
-    from .backend import await_previous_kernel
+from .backend import HAS_TRITON, use_triton
 
 FILL_SMS = True  # smaller query tiles while the programs do not fill the GPU (False: always 64; A/B)
 SPLIT_KEYS = True  # split the keys across programs at small batch (False: never; A/B)
@@ -152,9 +149,7 @@ if HAS_TRITON:
     def _bias_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, Lq, Lk, H, scale,
                                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bm, s_bn,
                                s_ob, s_om, s_oh, GROUPS: tl.constexpr, HD: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # launched as a dependent: inputs are the previous kernel's outputs
-            await_previous_kernel()
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit offsets: large caches
         b, h = bh // H, bh % H
         kv = h // GROUPS
@@ -179,11 +174,9 @@ if HAS_TRITON:
     def _split_keys_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, max_ptr, sum_ptr, B, Lq, Lk, H, KV,
                            keys_per_split, scale, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                            s_bb, s_bm, s_bn, GROUPS: tl.constexpr, QT: tl.constexpr, HD: tl.constexpr,
-                           BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+                           BLOCK_N: tl.constexpr):
         """Program (key slice, (b, key/value head, query tile)): rows = the head's GROUPS query heads
         x QT queries; writes the slice's unnormalised output, row max and row sum (float32)."""
-        if PDL:  # launched as a dependent: inputs are the previous kernel's outputs
-            await_previous_kernel()
         split, pid = tl.program_id(0), tl.program_id(1)
         q_tiles = tl.cdiv(Lq, QT)
         bkv, qt = pid // q_tiles, pid % q_tiles
@@ -212,10 +205,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _merge_kernel(o_part_ptr, max_ptr, sum_ptr, out_ptr, rows, splits, Lq, H, s_ob, s_om, s_oh,
-                      ROWS: tl.constexpr, HD: tl.constexpr, PDL: tl.constexpr):
+                      ROWS: tl.constexpr, HD: tl.constexpr):
         """Rows (b, h, query) of the key slices' partial results -> the softmax over all keys."""
-        if PDL:  # launched as a dependent: inputs are the previous kernel's outputs
-            await_previous_kernel()
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         ok = row < rows
         d = tl.arange(0, HD)
@@ -246,20 +237,18 @@ def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
     per_split = -(-(-(-Lk // KEY_TILE)) // splits) * KEY_TILE
     splits = -(-Lk // per_split)
     bias = bias.expand(B, 1, Lq, Lk)
-    launch_pdl = pdl(query)
     o_part = torch.empty(splits, B, H, Lq, hd, dtype=torch.float32, device=query.device)
     stats = torch.empty(2, splits, B, H, Lq, dtype=torch.float32, device=query.device)
     _split_keys_kernel[(splits, B * KV * triton.cdiv(Lq, qt))](
         query, key, value, bias, o_part, stats[0], stats[1], B, Lq, Lk, H, KV, per_split, hd ** -0.5,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
-        GROUPS=groups, QT=qt, HD=hd, BLOCK_N=KEY_TILE, PDL=launch_pdl, num_warps=4, num_stages=2,
-        launch_pdl=launch_pdl)
+        GROUPS=groups, QT=qt, HD=hd, BLOCK_N=KEY_TILE, num_warps=4, num_stages=2)
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     rows, per_program = B * H * Lq, 32
     _merge_kernel[(triton.cdiv(rows, per_program),)](
         o_part, stats[0], stats[1], out, rows, splits, Lq, H, out.stride(0), out.stride(1), out.stride(2),
-        ROWS=per_program, HD=hd, PDL=launch_pdl, num_warps=4, launch_pdl=launch_pdl)
+        ROWS=per_program, HD=hd, num_warps=4)
     return out.transpose(1, 2)
 
 
@@ -271,7 +260,6 @@ def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int]
     Lk = key.shape[2]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     bias = bias.expand(B, 1, Lq, Lk)
-    launch_pdl = pdl(query)
     block_m = block_m or PLAIN_BLOCK_M or query_tile(
         B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else None)
     block_n, stages, warps = config or plain_config(block_m)
@@ -281,5 +269,5 @@ def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int]
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
         out.stride(0), out.stride(1), out.stride(2), GROUPS=H // key.shape[1], HD=hd, BLOCK_M=block_m,
-        BLOCK_N=block_n, PDL=launch_pdl, num_warps=warps, num_stages=stages, launch_pdl=launch_pdl)
+        BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return out.transpose(1, 2)

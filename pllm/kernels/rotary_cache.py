@@ -15,10 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, pdl, use_triton
-
-if HAS_TRITON:
-    from .backend import await_previous_kernel
+from .backend import HAS_TRITON, use_triton
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -105,11 +102,8 @@ if HAS_TRITON:
     def _rotate_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, q_ptr, cache_ptr, index_ptr, W, eps,
                                   s_qkv_b, s_qkv_w, s_cs_b, s_cs_w, s_c_b, s_c_kv, s_c_h, s_c_s, s_i_b, s_i_w,
                                   H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                                  BLOCK_KV: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr,
-                                  PDL: tl.constexpr):
+                                  BLOCK_KV: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr):
         """One program per token: all its query, key and value heads."""
-        if PDL:  # launched as a dependent: inputs are the previous kernel's outputs
-            await_previous_kernel()
         token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a large cache passes 2**31 elements
         b, w = token // W, token % W
         row = qkv_ptr + b * s_qkv_b + w * s_qkv_w
@@ -145,12 +139,11 @@ def _rotate_into_cache_triton(qkv, heads, kv_heads, q_weight, k_weight, eps, cos
     q = torch.empty(B, heads, W, head_dim, dtype=qkv.dtype, device=qkv.device)
     q_weight_arg = q_weight if q_weight is not None else q  # any pointer: never read without the norm
     k_weight_arg = k_weight if k_weight is not None else q
-    launch_pdl = pdl(qkv)
     _rotate_into_cache_kernel[(B * W,)](
         qkv, cos, sin, q_weight_arg, k_weight_arg, q, cache, index, W, float(eps),
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1), cache.stride(0), cache.stride(1),
         cache.stride(2), cache.stride(3), index.stride(0), index.stride(1),
         H=heads, KV=kv_heads, HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_KV=triton.next_power_of_2(kv_heads), Q_NORM=q_weight is not None, K_NORM=k_weight is not None,
-        PDL=launch_pdl, num_warps=4, launch_pdl=launch_pdl)
+        num_warps=4)
     return q

@@ -11,10 +11,6 @@ graphs (`benchmarks/decode_kernels.py`; timing one launch at a time measures Tri
 launch instead), on an H200 the gated form is 1.21x cuBLAS + the SiLU kernel and o_proj 1.07x; the
 other projections gain little (each call's ramp and tail, not its tiles, dominate), so the step
 uses these kernels only for the shapes in `CONFIGS`. Elsewhere (CPU, no Triton) the references run.
-
-`scaled_linear` and `residual_linear` are the fused step's forms (opt-in, `FUSED_STEP`): an RMSNorm
-folded into the matmul after it (rows scaled in the epilogue, from partial sums of squares) and the
-residual add in the epilogue of the matmul before it, which also writes the next norm's inputs.
 """
 
 from __future__ import annotations
@@ -24,22 +20,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, pdl, use_triton
+from .backend import HAS_TRITON, use_triton
 from .rms_norm import add_partials_rms_norm
-
-if HAS_TRITON:
-    from .backend import await_previous_kernel
 
 MAX_ROWS = 64  # one row tile: the decoding step's window at batch 1
 USE_SKINNY = True  # the decoding step takes these kernels where they were measured to pay (False: cuBLAS; A/B)
-# True: at most MAX_ROWS rows, the step's layer is four of these kernels with the norms and residual
-# adds folded in (`fuses_step`). Off by default: on an H200 that step's graph took 1.375 ms against
-# 1.289 for the unfused one (skinny GEMMs where they paid alone + add&norm kernels; RESULTS.md).
-FUSED_STEP = False
-# Under PDL (backend.USE_PDL), the weight shapes (N, K) whose programs prefetch their weights into L2
-# before they wait for the previous kernel; None: every shape. A prefetch pays only while the kernel
-# before it leaves HBM idle (o_proj after attention) and costs where that kernel is a weight read.
-PREFETCH_SHAPES: set[tuple[int, int]] | None = None
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
@@ -65,54 +50,6 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ..
         return silu_mul_linear_reference(x, weight)
     x2 = x.reshape(-1, x.shape[-1])
     return _launch(x2, weight, 1, gated=True, config=config).view(*x.shape[:-1], weight.shape[0] // 2)
-
-
-def normed_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                  gated: bool = False, config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """rms_norm(x) * norm_weight @ weight.T; gated: silu(gate) * up of that product, for weight
-    rows gate | up. The norm's scale is applied to the product's rows (`scaled_linear`)."""
-    if norm_weight.shape != x.shape[-1:]:
-        raise ValueError(f"normed_linear: norm weight {tuple(norm_weight.shape)} does not fit x {tuple(x.shape)}")
-    return scaled_linear(*norm_inputs(x, norm_weight), eps, weight, gated, config)
-
-
-def norm_inputs(x: torch.Tensor, norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x * norm_weight in x's dtype, the rows' sums of squares as (1, rows) float32): what
-    `scaled_linear` takes. In the step, `residual_linear(..., next_norm=)` writes both instead."""
-    xf = x.float()
-    return (xf * norm_weight.float()).to(x.dtype), xf.square().sum(-1).reshape(1, -1)
-
-
-def scaled_linear(xg: torch.Tensor, squares: torch.Tensor, eps: float, weight: torch.Tensor, gated: bool = False,
-                  config: tuple[int, ...] | None = None) -> torch.Tensor:
-    """An RMSNorm folded into a matmul: (xg @ weight.T) * rsqrt(mean square + eps) per row, for xg
-    = x * norm weight and squares (parts, rows), partial sums of x's squared rows (summed here, so
-    the kernel that writes x can leave one per program). gated: silu(gate) * up of it."""
-    rows = xg.numel() // xg.shape[-1]
-    if gated and weight.shape[0] % 2:
-        raise ValueError(f"scaled_linear: weight rows {weight.shape[0]} are not gate | up halves")
-    if squares.dim() != 2 or squares.shape[1] != rows:
-        raise ValueError(f"scaled_linear: squares {tuple(squares.shape)} are not (parts, {rows})")
-    if not (runs_kernel(xg, weight) and squares.is_contiguous() and squares.dtype == torch.float32):
-        return scaled_linear_reference(xg, squares, eps, weight, gated)
-    out = _launch(xg.reshape(rows, xg.shape[-1]), weight, 1, gated, config, row_scale=(squares, eps))
-    return out.view(*xg.shape[:-1], out.shape[-1])
-
-
-def residual_linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor,
-                    config: tuple[int, ...] | None = None, next_norm: torch.Tensor | None = None):
-    """h = residual + x @ weight.T in one kernel (the add in the matmul's epilogue). With next_norm
-    (the weight of the RMSNorm after it), (h, h * next_norm, squares): `scaled_linear`'s inputs."""
-    if residual.shape != (*x.shape[:-1], weight.shape[0]):
-        raise ValueError(f"residual_linear: residual {tuple(residual.shape)} does not fit x {tuple(x.shape)} "
-                         f"@ weight {tuple(weight.shape)}.T")
-    if not (runs_kernel(x, weight) and residual.is_contiguous() and residual.dtype == x.dtype):
-        return residual_linear_reference(x, weight, residual, next_norm)
-    out = _launch(x.reshape(-1, x.shape[-1]), weight, 1, False, config, residual=residual, next_norm=next_norm)
-    if next_norm is None:
-        return out.view(residual.shape)
-    h, hg, squares = out
-    return h.view(residual.shape), hg.view(residual.shape), squares
 
 
 def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -148,16 +85,6 @@ def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul) -> tor
     return silu_mul(*F.linear(x, weight).chunk(2, dim=-1))
 
 
-def fuses_step(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the decoding step runs its layers as fused skinny kernels (`scaled_linear`,
-    `residual_linear`) for activations x against weights like `weight`."""
-    return USE_SKINNY and FUSED_STEP and runs_kernel(x, weight)
-
-
-def fused_config(weight: torch.Tensor, gated: bool = False) -> tuple[int, ...] | None:
-    return FUSED_CONFIGS.get((*weight.shape, gated))
-
-
 def runs_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The Triton kernel for half-precision CUDA tensors of at most MAX_ROWS rows (under the CPU
     interpreter float16 only: it multiplies bfloat16 dots' raw bits), a contiguous weight and a K
@@ -180,20 +107,6 @@ def skinny_linear_reference(x: torch.Tensor, weight: torch.Tensor, split: int = 
 def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     gate, up = F.linear(x, weight).chunk(2, dim=-1)
     return F.silu(gate) * up
-
-
-def scaled_linear_reference(xg, squares, eps: float, weight, gated: bool = False) -> torch.Tensor:
-    scale = torch.rsqrt(squares.sum(0) / xg.shape[-1] + eps).view(*xg.shape[:-1], 1)
-    y = (F.linear(xg, weight).float() * scale).to(xg.dtype)
-    if not gated:
-        return y
-    gate, up = y.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def residual_linear_reference(x, weight, residual, next_norm=None):
-    h = residual + F.linear(x, weight)
-    return h if next_norm is None else (h, *norm_inputs(h, next_norm))
 
 
 def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, ...]:
@@ -228,50 +141,16 @@ SPLIT_CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {
     (2048, 5632): (32, 256, 4, 2),  # down_proj
 }
 
-# (N, K, gated) -> (block_n, block_k, stages) for the fused step's kernels at the ~1.1B shape (64
-# rows; lm_head 32), from `benchmarks/decode_kernels.py --fused` on an H200.
-FUSED_CONFIGS: dict[tuple[int, int, bool], tuple[int, ...]] = {
-    (2560, 2048, False): (16, 256, 4),  # qkv_proj, attention norm folded in
-    (2048, 2048, False): (16, 256, 4),  # o_proj + residual
-    (11264, 2048, True): (64, 128, 4),  # gate | up, MLP norm folded in, SiLU * up
-    (2048, 5632, False): (16, 256, 4),  # down_proj + residual
-    (32768, 2048, False): (128, 128, 3),  # lm_head, final norm folded in
-}
-
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _prefetch_l2(ptrs):
-        """Start reading the 128-byte lines at ptrs into L2 (the result is a dummy)."""
-        return tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\n mov.u32 $0, 0;", "=r,l", [ptrs],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_rows(w_ptr, n, N, K, k_lo, k_hi, LINES: tl.constexpr):
-        """L2 prefetch of weight rows n (clamped into the weight), columns [k_lo, k_hi), a line each
-        64 elements (128 bytes of bf16)."""
-        line = tl.arange(0, LINES)
-        col = tl.minimum(k_lo + line * 64, k_hi - 1)
-        row = tl.minimum(n, N - 1).to(tl.int64)
-        _prefetch_l2(w_ptr + row[:, None] * K + col[None, :])
-
-    @triton.jit
-    def _skinny_kernel(x_ptr, w_ptr, out_ptr, sq_ptr, res_ptr, g_ptr, xg_ptr, sq_out_ptr, M, N, K, k_per_split,
-                       half, eps, parts, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GATED: tl.constexpr, PARTIAL: tl.constexpr, ROW_SCALE: tl.constexpr, BLOCK_P: tl.constexpr,
-                       RESIDUAL: tl.constexpr, NEXT_NORM: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                       LINES: tl.constexpr):
+    def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_split, half, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr, PARTIAL: tl.constexpr):
         """Program (n tile, k slice): out[:, n tile] (+)= x[:, k slice] @ W[n tile, k slice].T; with
-        GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written.
-        ROW_SCALE (an RMSNorm folded in): x is already x * g, and rows are scaled by
-        rsqrt(mean of squares + eps), the squares summed over `parts` partial sums (parts, M) that
-        the kernel writing x left. RESIDUAL: h = res + the product is written; with NEXT_NORM also
-        h * g (the next norm's input) and this n tile's sums of squares of h's rows. PDL: wait for
-        the previous kernel before reading x; with PREFETCH the program's weights are prefetched
-        into L2 before that wait (weights are no kernel's output)."""
+        GATED, W's rows n (gate) and half + n (up) both, and silu(gate) * up is written."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         m = tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -279,12 +158,6 @@ if HAS_TRITON:
         n_ok = n < (half if GATED else N)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
-        if PDL:
-            if PREFETCH:
-                _prefetch_rows(w_ptr, n, N, K, k_lo, k_hi, LINES)
-                if GATED:
-                    _prefetch_rows(w_ptr, n + half, N, K, k_lo, k_hi, LINES)
-            await_previous_kernel()
         x_ptrs = x_ptr + m[:, None] * K + (k_lo + kk)[None, :]
         w_ptrs = w_ptr + n[:, None].to(tl.int64) * K + (k_lo + kk)[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -301,14 +174,6 @@ if HAS_TRITON:
                 up_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        if ROW_SCALE:
-            p = tl.arange(0, BLOCK_P)
-            squares = tl.load(sq_ptr + p[:, None] * M + m[None, :], mask=(p[:, None] < parts) & (m[None, :] < M),
-                              other=0.0)
-            scale = tl.rsqrt(tl.sum(squares, axis=0) / K + eps)[:, None]
-            acc *= scale
-            if GATED:
-                acc_up *= scale
         ok = (m[:, None] < M) & n_ok[None, :]
         if GATED:
             out = acc / (1.0 + tl.exp(-acc)) * acc_up
@@ -316,20 +181,10 @@ if HAS_TRITON:
         elif PARTIAL:
             tl.store(out_ptr + pid_k * M * N + m[:, None] * N + n[None, :], acc, mask=ok)
         else:
-            if RESIDUAL:
-                acc += tl.load(res_ptr + m[:, None] * N + n[None, :], mask=ok, other=0.0).to(tl.float32)
-            h = acc.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + m[:, None] * N + n[None, :], h, mask=ok)
-            if NEXT_NORM:  # the residual stream as stored is what the next norm reads
-                hf = tl.where(ok, h.to(tl.float32), 0.0)
-                g = tl.load(g_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-                tl.store(xg_ptr + m[:, None] * N + n[None, :], (hf * g[None, :]).to(xg_ptr.dtype.element_ty), mask=ok)
-                tl.store(sq_out_ptr + pid_n * M + m, tl.sum(hf * hf, axis=1), mask=m < M)
+            tl.store(out_ptr + m[:, None] * N + n[None, :], acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, config,
-            row_scale: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None,
-            next_norm: torch.Tensor | None = None):
+def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, config) -> torch.Tensor:
     (M, K), N = x.shape, weight.shape[0]
     block_n, block_k, stages, *warps = config or default_config(N, K, split, gated)
     block_k = min(block_k, K)
@@ -343,21 +198,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, split: int, gated: bool, conf
     else:
         out = torch.empty(M, width, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(width, block_n), split)
-    # x stands in for the pointers a variant never reads or writes
-    squares, eps = row_scale if row_scale is not None else (x, 0.0)
-    parts = squares.shape[0] if row_scale is not None else 1
-    g, xg, squares_out = x, x, x
-    if next_norm is not None:
-        g, xg = next_norm, torch.empty_like(out)
-        squares_out = torch.empty(grid[0], M, device=x.device, dtype=torch.float32)
-    launch_pdl = pdl(x)
-    _skinny_kernel[grid](x, weight, out, squares, residual if residual is not None else x, g, xg, squares_out,
-                         M, N, K, k_per_split, N // 2, float(eps), parts,
-                         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated,
-                         PARTIAL=split > 1, ROW_SCALE=row_scale is not None, BLOCK_P=triton.next_power_of_2(parts),
-                         RESIDUAL=residual is not None, NEXT_NORM=next_norm is not None, PDL=launch_pdl,
-                         PREFETCH=launch_pdl and (PREFETCH_SHAPES is None or (N, K) in PREFETCH_SHAPES),
-                         LINES=triton.next_power_of_2(-(-k_per_split // 64)), num_warps=warps[0] if warps else 4,
-                         num_stages=stages,
-                         launch_pdl=launch_pdl)
-    return (out, xg, squares_out) if next_norm is not None else out
+    _skinny_kernel[grid](x, weight, out, M, N, K, k_per_split, N // 2, BLOCK_M=max(16, triton.next_power_of_2(M)),
+                         BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, PARTIAL=split > 1,
+                         num_warps=warps[0] if warps else 4, num_stages=stages)
+    return out
