@@ -106,6 +106,15 @@ def test_relative_links_resolve(doc):
     assert not broken, f"{doc.name} links to missing files: {broken}"
 
 
+def test_results_commands_use_flags_their_scripts_define():
+    """A headline figure's command must still run: each `--flag` appears in the script it calls."""
+    commands = re.findall(r"`python (benchmarks/\S+\.py)([^`]*)`", RESULTS.read_text())
+    assert commands
+    unknown = [(script, flag) for script, rest in commands for flag in re.findall(r"(?<!\S)(--[a-z0-9-]+)", rest)
+               if f'"{flag}"' not in (ROOT / script).read_text()]
+    assert not unknown, f"RESULTS.md commands use flags their scripts do not define: {unknown}"
+
+
 def _expand_braces(pattern: str) -> list[str]:
     m = re.search(r"\{([^{}]*)\}", pattern)
     if not m:
