@@ -141,7 +141,7 @@ def trained_tpf(args, device: str) -> dict:
     """Tokens per forward of threshold decoding on a small block-diffusion model trained here, with
     the answers' agreement with the held-out code (so a higher TPF cannot hide worse answers)."""
     from pllm.config import DataConfig
-    from pllm.corpus import corpus_files, read_documents, split_files
+    from pllm.corpus_files import corpus_files, read_documents, split_files
     from pllm.data import cache_dir, make_dataloader, prepare_corpus
     from pllm.decoding import DecodeRules, decode_with_rules
 

@@ -31,7 +31,7 @@ import torch
 
 from pllm import DiffusionTransformer, GenerationConfig, ModelConfig, TrainingConfig
 from pllm.config import DataConfig
-from pllm.corpus import corpus_files, read_documents, split_files
+from pllm.corpus_files import corpus_files, read_documents, split_files
 from pllm.data import cache_dir, make_dataloader, prepare_corpus
 from pllm.decoding import DecodeRules, Drafter, decode_with_rules
 from pllm.engine.cuda_graphs import StaticStepRunner

@@ -3,68 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from importlib import resources
 
-import yaml
-
-from .config import GenerationConfig, JobConfig
-
-
-def load_job_config(path: str | None, overrides: list[str]) -> JobConfig:
-    """Read a YAML job config (default: the built-in tiny demo) and apply `section.field=value`
-    overrides, values parsed as YAML (so numbers, booleans and lists work)."""
-    if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    else:
-        data = yaml.safe_load(resources.files("pllm.configs").joinpath("tiny.yaml").read_text())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects section.field=value, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return JobConfig.from_dict(data)
+from pllm.config import GenerationConfig, JobConfig
+from pllm.pipelines.job_cli import add_train_arguments, run_from_args, runnable, setup_logging
+from pllm.pipelines.job_stages import JobResult
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    overrides = list(args.set)
-    for flag, field in [("output", "training.output_dir"), ("mlflow_uri", "tracking.mlflow_uri"),
-                        ("num_workers", "cluster.num_workers")]:
-        if getattr(args, flag):
-            overrides.append(f"{field}={getattr(args, flag)}")
-    job = load_job_config(args.config, overrides)  # a bad config fails here, before Ray starts
-    if not args.local:
-        from pllm.pipelines.train_job import print_summary, run_training_job
-
-        result = run_training_job(job, show_progress=not args.no_progress)
-        print_summary(job, result)
-        if args.command == "demo" and result.registry_uri:
-            _serve_demo(job, result, keep_serving=args.keep_serving)
-        return 0
-    from .local_job import run_local_job
-
-    result = run_local_job(job, show_progress=not args.no_progress)
-    m = result.metrics
-    print(f"\nTrained {m['num_parameters'] / 1e6:.2f}M parameters for {m['steps']} steps "
-          f"({m['tokens_seen'] / 1e6:.2f}M tokens).")
-    print(f"Validation ELBO: {m['val_elbo_nats']:.3f} nats/token ({m['val_elbo_bits']:.3f} bits, "
-          f"perplexity <= {m['val_ppl_bound']:.1f})")
-    print(f"Unigram entropy of the corpus: {m['unigram_nats']:.3f} nats/token ({m['unigram_bits']:.3f} bits)")
-    print(f"Model saved to {result.model_dir}")
-    print(f"\nPrompt ({job.generation.strategy} decoding, {m['generation_nfe']} forward passes):")
-    print("-" * 60)
-    print(job.prompt + result.generation)
-    print("-" * 60)
+    job, result = run_from_args(args)
+    if args.command == "demo" and result.registry_uri:
+        _serve_demo(job, result, keep_serving=args.keep_serving)
     return 0
 
 
-def _serve_demo(job: JobConfig, result, keep_serving: bool) -> None:
+def _serve_demo(job: JobConfig, result: JobResult, keep_serving: bool) -> None:
     """The demo's last stage: serve the registered model over HTTP and send it one request."""
     from pllm.actors.launch import complete, serve_until_interrupted, start_server
     from pllm.actors.serve_app import ServeArgs
@@ -82,7 +35,8 @@ def _serve_demo(job: JobConfig, result, keep_serving: bool) -> None:
               f"-d '{{\"prompt\": \"import os\\n\", \"max_tokens\": 32}}'")
         serve_until_interrupted()
     else:
-        print(f"Serve it again: pllm serve --model {result.registry_uri} --mlflow-uri {result.tracking_uri}")
+        print(f"Serve it again: {runnable('pllm')} serve --model {result.registry_uri} "
+              f"--mlflow-uri {result.tracking_uri}")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -101,8 +55,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, load_tokenizer
-    from .generator import ParallelGenerator
+    from pllm.checkpoint import load_model, load_tokenizer
+    from pllm.generator import ParallelGenerator
 
     model = load_model(args.model, device=args.device)
     tok = load_tokenizer(args.model)
@@ -125,14 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("train", "train from a YAML job config on Ray (in-process local Ray unless "
                                       "RAY_ADDRESS names a cluster)")]:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=None, help="YAML job config (default: built-in tiny CPU demo)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override a config field, e.g. --set training.num_train_steps=100")
-        p.add_argument("--output", default=None, help="output folder (training.output_dir)")
-        p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (tracking.mlflow_uri)")
-        p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (cluster.num_workers)")
-        p.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_train_arguments(p)
         p.add_argument("--keep-serving", action="store_true", help="demo: keep the HTTP endpoint up until Ctrl-C")
         p.set_defaults(func=_cmd_train)
 
@@ -173,8 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     return args.func(args)
 
 

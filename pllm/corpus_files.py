@@ -1,9 +1,13 @@
 """Corpus files: the built-in corpus (the running interpreter's standard library sources) and user
-files (text, jsonl with a text field, parquet with a text column), with a deterministic split by file.
+files (text, jsonl with a text field, parquet with a text column; local paths, folders, globs or
+remote URIs such as s3://... through pyarrow filesystems), the files that cannot hold text dropped,
+and a deterministic train/validation split by file. Nothing here reads documents in bulk: that is
+`pllm.data` (in one process) or `pllm.pipelines.token_dataset` (Ray Data).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import json
@@ -11,8 +15,11 @@ import logging
 import os
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TypeVar
+
+from .config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +27,7 @@ TEXT_SUFFIXES = {".txt", ".py", ".md", ".rst", ".c", ".h", ".json", ".toml", ".y
 DATA_SUFFIXES = {".jsonl", ".parquet"}
 F = TypeVar("F", str, Path)  # a local path or a URI string
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
+SNIFF_BYTES = 4096
 
 
 def builtin_corpus_files() -> list[Path]:
@@ -80,6 +88,85 @@ def split_files(files: list[F], validation_fraction: float) -> tuple[list[F], li
             raise ValueError("need at least two corpus files for a train/validation split")
         train, val = files[:-n_val], files[-n_val:]
     return train, val
+
+
+# -- the corpus plan: which files train, which validate ---------------------------------------------------------------
+@dataclass
+class CorpusPlan:
+    train_files: list[str]
+    val_files: list[str]
+    skipped: dict[str, int]  # reason -> count
+
+    @property
+    def key(self) -> str:
+        """Identifies the file set (for the tokenizer cache)."""
+        return hashlib.sha1(json.dumps([self.train_files, self.val_files]).encode()).hexdigest()[:16]
+
+
+def _is_uri(spec: str) -> bool:
+    return "://" in spec
+
+
+def _remote_files(uri: str) -> list[str]:
+    """Files under a remote URI: one file, a folder (recursively) or a folder/*.ext pattern."""
+    import pyarrow.fs as pafs
+
+    pattern = None
+    if any(c in uri.rsplit("/", 1)[-1] for c in "*?["):
+        uri, pattern = uri.rsplit("/", 1)
+    fs, root = pafs.FileSystem.from_uri(uri)
+    info = fs.get_file_info(root)
+    scheme = uri.split("://", 1)[0]
+    if info.type == pafs.FileType.File:
+        return [uri]
+    if info.type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"corpus path {uri!r} matches no file or folder")
+    found = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    names = [f"{scheme}://{f.path}" for f in found
+             if (fnmatch.fnmatch(f.base_name, pattern) if pattern else PurePosixPath(f.path).suffix in
+                 TEXT_SUFFIXES | DATA_SUFFIXES)]
+    if not names:
+        raise FileNotFoundError(f"corpus path {uri!r} contains no text, jsonl or parquet files")
+    return sorted(names)
+
+
+def _sniff(path: Path) -> str | None:
+    """Why a local file cannot be a document (empty, binary, unreadable), or None if it looks fine."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty"
+        if path.suffix == ".parquet":
+            return None
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+        return "binary" if b"\x00" in head else None
+    except OSError:
+        return "unreadable"
+
+
+def plan_corpus(data: DataConfig) -> CorpusPlan:
+    """Resolve paths to files, drop the ones that cannot hold text, split train/validation by file."""
+    local_specs = [p for p in data.paths if not _is_uri(p)]
+    remote = [f for p in data.paths if _is_uri(p) for f in _remote_files(p)]
+    local = corpus_files(local_specs, data.max_files) if local_specs or not remote else []
+    skipped: dict[str, int] = {}
+    kept: list[str] = []
+    for f in local:
+        reason = _sniff(f)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            log.debug("skipping %s corpus file %s", reason, f)
+        else:
+            kept.append(str(f.resolve()))
+    files = sorted(kept + remote)[: data.max_files] if data.max_files else sorted(kept + remote)
+    if skipped:
+        log.warning("corpus: skipped %d of %d files (%s)", sum(skipped.values()), len(local),
+                    ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+    if len(files) < 2:
+        raise ValueError(f"need at least two readable corpus files for a train/validation split, got {len(files)}")
+    train, val = split_files(files, data.validation_fraction)
+    log.info("corpus: %d train files, %d validation files", len(train), len(val))
+    return CorpusPlan(train, val, skipped)
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:

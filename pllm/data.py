@@ -1,6 +1,6 @@
-"""In-process data path: train the tokenizer, tokenize the corpus once (cached), pack fixed-length
-rows with EOS separators, and serve them through a DataLoader. (The Ray Data pipeline in
-`pllm.pipelines` streams the same rows across a cluster.)"""
+"""In-process data path: tokenize corpus files once (cached), pack fixed-length rows with EOS
+separators, and serve them through a DataLoader. (`pllm.pipelines.token_dataset` streams the same
+rows across a Ray cluster.)"""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig
-from .corpus import corpus_files, read_documents, split_files
+from .corpus_files import corpus_files, read_documents, split_files
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,21 @@ def _tokenize(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     pieces = [np.asarray(ids, dtype=dtype) for ids in tokenizer.iter_token_ids(docs)]
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def tokenize_files(files: list[str], tokenizer: Tokenizer, text_field: str, cache_dir: str | Path) -> np.ndarray:
+    """The documents of local `files` as one EOS-joined token stream, cached under cache_dir keyed by
+    the files (names and sizes), the text field and the tokenizer."""
+    paths = [Path(f) for f in files]
+    key_src = json.dumps([[str(f), f.stat().st_size] for f in paths] + [text_field, tokenizer.to_json()])
+    cache = Path(cache_dir) / f"tokens-{hashlib.sha1(key_src.encode()).hexdigest()[:16]}.npy"
+    if cache.exists():
+        log.info("using cached tokens %s", cache)
+        return np.load(cache)
+    tokens = _tokenize(tokenizer, _documents(paths, text_field))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, tokens)
+    return tokens
 
 
 def prepare_corpus(data: DataConfig, vocab_size: int, cache_dir: str | Path) -> CorpusData:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -74,7 +74,11 @@ class DistributedTrainer:
             model.gradient_checkpointing_enable()
         self.strategy = build_strategy(self.cfg, self.device)
         self.strategy.setup(model)
-        self.show_progress = show_progress and self.strategy.is_main
+        # A bar redraws in place: on a terminal that is one line, in a log file one line per redraw.
+        # Elsewhere the main rank logs a line per log_interval (and per evaluation) instead.
+        progress = show_progress and self.strategy.is_main
+        self.show_progress = progress and sys.stderr.isatty()
+        self.log_progress = progress and not self.show_progress
         self._peak = peak_flops(self.device)
         log.info("training strategy: %s on %d process(es)", self.strategy.name, self.strategy.world_size)
 
@@ -136,6 +140,9 @@ class DistributedTrainer:
         self.history.append(metrics)
         for cb in self.callbacks:
             cb(metrics, self.step)
+        if self.log_progress or (self.show_progress and "val_elbo_nats" in metrics):
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
+            log.info("step %d/%d: %s", self.step, self.cfg.num_train_steps, shown)
 
     def _memory_gib(self) -> dict[str, float]:
         """Per-GPU memory, the largest over ranks: the peak so far (activations included) and what is held
@@ -144,8 +151,8 @@ class DistributedTrainer:
                                                torch.cuda.memory_allocated(self.device) / 2**30], op="max")
         return {"peak_memory_gib": peak, "state_memory_gib": held}
 
-    def _out_of_time(self, deadline: float) -> bool:
-        if deadline == math.inf:
+    def _out_of_time(self, deadline: float | None) -> bool:
+        if deadline is None:
             return False
         # Every rank must stop at the same step (sharded collectives), so the slowest clock decides.
         return self.strategy.all_reduce([float(time.monotonic() > deadline)], op="max")[0] > 0
@@ -155,7 +162,9 @@ class DistributedTrainer:
         cfg, strategy = self.cfg, self.strategy
         self.model.train()
         batches = self._batches()
-        deadline = time.monotonic() + cfg.max_train_minutes * 60 if cfg.max_train_minutes else math.inf
+        # The time budget counts training only: its clock starts once the first optimizer step is done,
+        # after the data pipeline's start-up, the first batch's wait and any compilation.
+        deadline: float | None = None
         bar = tqdm(total=cfg.num_train_steps, initial=self.step, desc="train", disable=not self.show_progress,
                    dynamic_ncols=True)
         window_tokens, window_start = 0, time.perf_counter()
@@ -175,6 +184,8 @@ class DistributedTrainer:
             window_tokens += step_tokens
             self.step += 1
             bar.update(1)
+            if deadline is None and cfg.max_train_minutes:
+                deadline = time.monotonic() + cfg.max_train_minutes * 60
 
             if self.step % cfg.log_interval == 0 or self.step == cfg.num_train_steps:
                 elapsed = time.perf_counter() - window_start

@@ -10,7 +10,8 @@ import pytest
 import ray
 
 from pllm.config import DataConfig
-from pllm.pipelines.corpus import ShardBatches, documents, plan_corpus, token_rows
+from pllm.corpus_files import plan_corpus
+from pllm.pipelines.token_dataset import ShardBatches, documents, token_rows
 from pllm.tokenizer import Tokenizer
 
 DOCS = [f"def f{i}(x):\n    return x * {i}\n" * (i % 5 + 1) for i in range(40)]

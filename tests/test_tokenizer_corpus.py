@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pllm.corpus import builtin_corpus_files, corpus_files, read_documents, split_files
+from pllm.corpus_files import builtin_corpus_files, corpus_files, read_documents, split_files
 from pllm.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 

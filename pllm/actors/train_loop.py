@@ -21,7 +21,7 @@ import torch
 from pllm.checkpoint import save_pretrained
 from pllm.config import JobConfig
 from pllm.model import DiffusionTransformer
-from pllm.pipelines.corpus import ShardBatches
+from pllm.pipelines.token_dataset import ShardBatches
 from pllm.registry import MetricsLogger
 from pllm.tokenizer import Tokenizer
 from pllm.trainer import DistributedTrainer

@@ -1,70 +1,86 @@
-"""The main job in one process: corpus -> tokenizer -> model -> train -> save -> generate.
+"""The training job in this process (`pllm train --local`): no Ray, no MLflow, no cluster.
 
-This is the embedded-defaults path (no cluster needed); `pllm.pipelines.train_job` runs the same
-steps on a Ray cluster."""
+The same stages as the Ray job (`pllm.pipelines.train_job`) where they are the same (corpus plan,
+tokenizer, baseline, outputs and plot, generated sample); the data is tokenized in this process
+(cached) and served by a DataLoader, and `DistributedTrainer` trains on this machine's device."""
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
-from .config import JobConfig
-from .data import cache_dir, make_dataloader, nats_to_bits, prepare_corpus, unigram_entropy
-from .generator import ParallelGenerator
-from .model import DiffusionTransformer
-from .plots import plot_loss_curve
-from .trainer import DistributedTrainer
+from pllm.checkpoint import save_pretrained
+from pllm.config import JobConfig
+from pllm.corpus_files import CorpusPlan, plan_corpus, read_documents
+from pllm.data import cache_dir, make_dataloader, tokenize_files
+from pllm.model import DiffusionTransformer
+from pllm.pipelines.job_stages import JobResult, fit_tokenizer, generate_sample, unigram_baseline, write_outputs
+from pllm.tokenizer import Tokenizer
+from pllm.trainer import DistributedTrainer
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class JobResult:
-    model_dir: Path
-    metrics: dict[str, float]
-    generation: str
+class LocalData:
+    train_tokens: np.ndarray  # 1-D, documents joined with EOS
+    val_tokens: np.ndarray
+    train: DataLoader
+    val: DataLoader
 
 
-def run_local_job(job: JobConfig, show_progress: bool = True) -> JobResult:
-    out = Path(job.training.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "job_config.json").write_text(job.to_json())
-    torch.manual_seed(job.training.seed)
+def local_documents(files: list[str], text_field: str, budget_chars: int) -> Iterator[str]:
+    """Documents of local files in order, until `budget_chars` characters."""
+    used = 0
+    for f in files:
+        for text in read_documents(Path(f), text_field):
+            yield text
+            used += len(text)
+            if used >= budget_chars:
+                return
 
-    vocab = job.data.tokenizer_vocab_size or job.model.vocab_size
-    corpus = prepare_corpus(job.data, vocab, cache_dir())
-    tok = corpus.tokenizer
-    if tok.vocab_size > job.model.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {job.model.vocab_size}")
-    model_cfg = job.model.replace(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                                  eos_token_id=tok.eos_token_id, mask_token_id=tok.mask_token_id)
+
+def build_loaders(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> LocalData:
+    if any("://" in f for f in plan.train_files + plan.val_files):
+        raise ValueError("the in-process job reads local files only; remote corpus URIs need the Ray job")
     cfg = job.training
-    train_loader = make_dataloader(corpus.train_tokens, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    val_loader = make_dataloader(corpus.val_tokens, cfg.seq_len, cfg.batch_size, shuffle=False,
-                                 max_rows=cfg.eval_batches * cfg.batch_size)
+    train_tokens = tokenize_files(plan.train_files, tokenizer, job.data.text_field, cache_dir())
+    val_tokens = tokenize_files(plan.val_files, tokenizer, job.data.text_field, cache_dir())
+    log.info("corpus: %d train tokens, %d validation tokens", train_tokens.size, val_tokens.size)
+    train = make_dataloader(train_tokens, cfg.seq_len, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val = make_dataloader(val_tokens, cfg.seq_len, cfg.batch_size, shuffle=False,
+                          max_rows=cfg.eval_batches * cfg.batch_size)
+    return LocalData(train_tokens, val_tokens, train, val)
 
-    model = DiffusionTransformer(model_cfg)
+
+def train_in_process(job: JobConfig, data: LocalData, show_progress: bool) -> tuple[torch.nn.Module, dict, list]:
+    """(trained model, metrics, history) with the same metric names as the Ray job's summary."""
+    cfg = job.training
+    torch.manual_seed(cfg.seed)
+    model = DiffusionTransformer(job.model)
     log.info("model: %.2fM parameters, %.1f MFLOP/token (train)", model.num_parameters() / 1e6,
              model.flops_per_token(cfg.seq_len) / 1e6)
-
-    def log_metrics(metrics: dict, step: int) -> None:
-        log.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
-
-    trainer = DistributedTrainer(model, cfg, model_cfg, train_loader, val_loader, callbacks=[log_metrics],
-                                 show_progress=show_progress)
+    trainer = DistributedTrainer(model, cfg, job.model, data.train, data.val, show_progress=show_progress)
     metrics = trainer.train()
-    unigram = unigram_entropy(corpus.train_tokens, corpus.val_tokens, model_cfg.vocab_size)
-    metrics.update(unigram_nats=unigram, unigram_bits=nats_to_bits(unigram), steps=trainer.step,
-                   tokens_seen=trainer.tokens_seen, num_parameters=model.num_parameters())
+    metrics.update(step=trainer.step, tokens_seen=trainer.tokens_seen, num_parameters=model.num_parameters(),
+                   strategy=trainer.strategy.name, world_size=trainer.strategy.world_size)
+    return model, metrics, trainer.history
 
-    model_dir = model.save_pretrained(out / "model", tokenizer=tok)
-    plot_loss_curve(trainer.history, out / "loss_curve.png")
-    generator = ParallelGenerator(model, job.generation, tokenizer=tok)
-    text = generator.generate_text(job.prompt)
-    metrics["generation_nfe"] = generator.last_output.nfe
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return JobResult(model_dir, metrics, text)
+
+def run_in_process_job(job: JobConfig, show_progress: bool = True) -> JobResult:
+    out = Path(job.training.output_dir)
+    plan = plan_corpus(job.data)
+    tokenizer, job = fit_tokenizer(plan, job, local_documents)
+    data = build_loaders(plan, tokenizer, job)
+    model, metrics, history = train_in_process(job, data, show_progress)
+    metrics.update(unigram_baseline(data.train_tokens, data.val_tokens, job.model.vocab_size))
+    model_dir = save_pretrained(model, out / "model", tokenizer)
+    text, metrics["generation_nfe"] = generate_sample(model, tokenizer, job)
+    write_outputs(out, job, metrics, history)
+    return JobResult(Path(model_dir), metrics, text)

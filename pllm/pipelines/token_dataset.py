@@ -1,115 +1,37 @@
-"""Ray Data corpus pipeline: read -> decode -> tokenize (HF tokenizers, batched) -> pack into fixed
-rows of `seq_len` tokens with EOS between documents, streamed into Ray Train workers.
+"""The token dataset on Ray Data: corpus files -> decode -> tokenize (HF tokenizers, batched) -> pack
+into fixed rows of `seq_len` tokens with EOS between documents, streamed into Ray Train workers.
+(Which files, and the train/validation split, come from `pllm.corpus_files.plan_corpus`.)
 
 Nothing is materialised: each worker pulls its shard (`get_dataset_shard`) batch by batch through
 `iter_batches`. Order is deterministic for a seed: files are read in an order shuffled with
 the seed (with `preserve_order`), and each epoch shuffles rows in a local buffer seeded with
-(seed, epoch). Paths are local files, folders, globs, or remote URIs (s3://, gs://, ... through
-pyarrow filesystems); a path that matches nothing fails at once, before any Ray task starts.
+(seed, epoch).
+
+The driver reads a prefix of a dataset (validation rows, the baseline's sample, the tokenizer's
+sample) in rounds of whole datasets over growing groups of files, never with `limit` or by leaving
+an iterator early: either stops a streaming read with tasks in flight, Ray cancels them, and a task
+cancelled while it stores its output logs `TypeError: 'Handlers' object is not callable` (Ray's
+DeferSigint calls a restored SIG_DFL handler), an ERROR line for a run that went fine.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
 import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Iterator
 from functools import lru_cache
-from pathlib import Path, PurePosixPath
 
 import numpy as np
 import ray.data
 import torch
 
-from pllm.config import DataConfig
-from pllm.corpus import DATA_SUFFIXES, TEXT_SUFFIXES, corpus_files, split_files
 from pllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SNIFF_BYTES = 4096
-
-
-# -- planning (driver side, no Ray) ---------------------------------------------------------------
-@dataclass
-class CorpusPlan:
-    train_files: list[str]
-    val_files: list[str]
-    skipped: dict[str, int]  # reason -> count
-
-    @property
-    def key(self) -> str:
-        """Identifies the file set (for the tokenizer cache)."""
-        return hashlib.sha1(json.dumps([self.train_files, self.val_files]).encode()).hexdigest()[:16]
-
-
-def _is_uri(spec: str) -> bool:
-    return "://" in spec
-
-
-def _remote_files(uri: str) -> list[str]:
-    """Files under a remote URI: one file, a folder (recursively) or a folder/*.ext pattern."""
-    import pyarrow.fs as pafs
-
-    pattern = None
-    if any(c in uri.rsplit("/", 1)[-1] for c in "*?["):
-        uri, pattern = uri.rsplit("/", 1)
-    fs, root = pafs.FileSystem.from_uri(uri)
-    info = fs.get_file_info(root)
-    scheme = uri.split("://", 1)[0]
-    if info.type == pafs.FileType.File:
-        return [uri]
-    if info.type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"corpus path {uri!r} matches no file or folder")
-    found = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
-    names = [f"{scheme}://{f.path}" for f in found
-             if (fnmatch.fnmatch(f.base_name, pattern) if pattern else PurePosixPath(f.path).suffix in
-                 TEXT_SUFFIXES | DATA_SUFFIXES)]
-    if not names:
-        raise FileNotFoundError(f"corpus path {uri!r} contains no text, jsonl or parquet files")
-    return sorted(names)
-
-
-def _sniff(path: Path) -> str | None:
-    """Why a local file cannot be a document (empty, binary, unreadable), or None if it looks fine."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty"
-        if path.suffix == ".parquet":
-            return None
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-        return "binary" if b"\x00" in head else None
-    except OSError:
-        return "unreadable"
-
-
-def plan_corpus(data: DataConfig) -> CorpusPlan:
-    """Resolve paths to files, drop the ones that cannot hold text, split train/validation by file."""
-    local_specs = [p for p in data.paths if not _is_uri(p)]
-    remote = [f for p in data.paths if _is_uri(p) for f in _remote_files(p)]
-    local = corpus_files(local_specs, data.max_files) if local_specs or not remote else []
-    skipped: dict[str, int] = {}
-    kept: list[str] = []
-    for f in local:
-        reason = _sniff(f)
-        if reason:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            log.debug("skipping %s corpus file %s", reason, f)
-        else:
-            kept.append(str(f.resolve()))
-    files = sorted(kept + remote)[: data.max_files] if data.max_files else sorted(kept + remote)
-    if skipped:
-        log.warning("corpus: skipped %d of %d files (%s)", sum(skipped.values()), len(local),
-                    ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
-    if len(files) < 2:
-        raise ValueError(f"need at least two readable corpus files for a train/validation split, got {len(files)}")
-    train, val = split_files(files, data.validation_fraction)
-    log.info("corpus: %d train files, %d validation files", len(train), len(val))
-    return CorpusPlan(train, val, skipped)
+FILES_PER_BLOCK = 16  # files packed by one read task
 
 
 # -- Ray Data stages ------------------------------------------------------------------------------
@@ -187,7 +109,7 @@ def documents(files: list[str], text_field: str) -> ray.data.Dataset:
 
 
 def token_rows(files: list[str], tokenizer: Tokenizer, seq_len: int, text_field: str = "text",
-               seed: int | None = None, files_per_block: int = 16) -> ray.data.Dataset:
+               seed: int | None = None, files_per_block: int = FILES_PER_BLOCK) -> ray.data.Dataset:
     """Packed rows {"input_ids": int32[seq_len]}.
 
     With a seed the files are read in a shuffled order (a global block shuffle would be an
@@ -195,8 +117,7 @@ def token_rows(files: list[str], tokenizer: Tokenizer, seq_len: int, text_field:
     `files_per_block` consecutive files and packs them in one call, so the rows depend only on the
     file order, never on how the streaming executor happens to batch blocks."""
     if seed is not None:
-        files = sorted(files)
-        random.Random(seed).shuffle(files)
+        files = shuffled_files(files, seed)
     other, parquet = _split(files)
     kwargs = {"text_field": text_field, "tokenizer_json": tokenizer.to_json(), "seq_len": seq_len}
     parts = []
@@ -210,27 +131,47 @@ def token_rows(files: list[str], tokenizer: Tokenizer, seq_len: int, text_field:
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
-def fit_tokenizer(plan: CorpusPlan, data: DataConfig, vocab_size: int, cache_dir: str | Path) -> Tokenizer:
-    """Train the BPE tokenizer on (a sample of) the training documents, cached per file set."""
-    cache = Path(cache_dir) / f"tokenizer-{plan.key}-{vocab_size}" / "tokenizer.json"
-    if cache.exists():
-        log.info("using cached tokenizer %s", cache)
-        return Tokenizer.load(cache)
-    budget = int(data.tokenizer_sample_mb * 2**20)
+def shuffled_files(files: list[str], seed: int) -> list[str]:
+    """The order `token_rows(files, ..., seed=seed)` reads files in."""
+    files = sorted(files)
+    random.Random(seed).shuffle(files)
+    return files
 
-    def sample():
-        used = 0
-        for row in documents(plan.train_files, data.text_field).iter_rows():
-            yield row["text"]
-            used += len(row["text"])
-            if used >= budget:
+
+def file_rounds(files: list[str], first: int = 4 * FILES_PER_BLOCK) -> Iterator[list[str]]:
+    """Consecutive groups of files, doubling in size, each a multiple of FILES_PER_BLOCK long, so
+    read round by round, text files pack into the same rows as in one read of them all."""
+    start, size = 0, first
+    while start < len(files):
+        yield files[start : start + size]
+        start, size = start + size, 2 * size
+
+
+def first_rows(files: list[str], tokenizer: Tokenizer, seq_len: int, text_field: str, n: int) -> np.ndarray:
+    """The first `n` packed rows of `files` (in the given order), int32 (<= n, seq_len). Each round's
+    dataset is read to its end (see the module docstring for why not `limit`)."""
+    parts, have = [], 0
+    for group in file_rounds(files):
+        for batch in token_rows(group, tokenizer, seq_len, text_field).iter_batches(batch_size=1024,
+                                                                                   batch_format="numpy"):
+            parts.append(batch["input_ids"])
+            have += len(batch["input_ids"])
+        if have >= n:
+            break
+    rows = np.concatenate(parts) if parts else np.zeros((0, seq_len), dtype=np.int32)
+    return rows[:n]
+
+
+def document_sample(files: list[str], text_field: str, budget_chars: int) -> Iterator[str]:
+    """Documents of `files` in order until `budget_chars` characters, read round by round."""
+    used = 0
+    for group in file_rounds(files):
+        texts = [row["text"] for row in documents(group, text_field).iter_rows()]  # to the end: no cancelled tasks
+        for text in texts:
+            yield text
+            used += len(text)
+            if used >= budget_chars:
                 return
-
-    log.info("training a %d-token BPE tokenizer on up to %.0f MB of training documents", vocab_size,
-             data.tokenizer_sample_mb)
-    tokenizer = Tokenizer.train(sample(), vocab_size)
-    tokenizer.save(cache)
-    return tokenizer
 
 
 # -- worker side ----------------------------------------------------------------------------------

@@ -1,0 +1,119 @@
+"""The training job's command line, shared by `pllm train` / `pllm demo` and
+`python -m pllm.pipelines.train_job`: the flags, reading the job config, running the job (on Ray,
+or in this process with --local) and the summary printed after it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from pllm.config import JobConfig
+from pllm.pipelines.job_stages import JobResult
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="YAML job config: a path, or a built-in config by name "
+                             f"({', '.join(builtin_configs())}); default: tiny, the CPU demo")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set training.num_train_steps=100")
+    parser.add_argument("--output", default=None, help="output folder (training.output_dir)")
+    parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (tracking.mlflow_uri)")
+    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (cluster.num_workers)")
+    parser.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def builtin_configs() -> list[str]:
+    return sorted(f.name[: -len(".yaml")] for f in resources.files("pllm.configs").iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def read_config_text(config: str | None) -> str:
+    """The YAML of --config: a file, else a built-in config's name (`tiny`, `gpu-1b`)."""
+    name = config or "tiny"
+    if config and Path(config).expanduser().is_file():
+        return Path(config).expanduser().read_text()
+    builtin = resources.files("pllm.configs").joinpath(f"{name.removesuffix('.yaml')}.yaml")
+    if builtin.is_file() and "/" not in name:
+        return builtin.read_text()
+    raise SystemExit(f"config {config!r}: no such file, and not a built-in config "
+                     f"(built-in: {', '.join(builtin_configs())})")
+
+
+def load_job_config(config: str | None, overrides: list[str]) -> JobConfig:
+    """Read a YAML job config (a path or a built-in name; default: the built-in tiny demo) and apply
+    `section.field=value` overrides, values parsed as YAML (so numbers, booleans and lists work)."""
+    data = yaml.safe_load(read_config_text(config)) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects section.field=value, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return JobConfig.from_dict(data)
+
+
+def job_from_args(args: argparse.Namespace) -> JobConfig:
+    overrides = list(args.set)
+    for flag, field in [("output", "training.output_dir"), ("mlflow_uri", "tracking.mlflow_uri"),
+                        ("num_workers", "cluster.num_workers")]:
+        if getattr(args, flag):
+            overrides.append(f"{field}={getattr(args, flag)}")
+    return load_job_config(args.config, overrides)  # a bad config fails here, before Ray starts
+
+
+def run_from_args(args: argparse.Namespace) -> tuple[JobConfig, JobResult]:
+    """Run the job the flags describe and print its summary."""
+    job = job_from_args(args)
+    if args.local:
+        from pllm.pipelines.in_process_job import run_in_process_job
+
+        result = run_in_process_job(job, show_progress=not args.no_progress)
+    else:
+        from pllm.pipelines.train_job import run_training_job
+
+        result = run_training_job(job, show_progress=not args.no_progress)
+    print_summary(job, result)
+    return job, result
+
+
+def runnable(command: str) -> str:
+    """A console script as a path runnable without an activated environment: the one beside the
+    running interpreter when it is there, else the bare name."""
+    script = Path(sys.executable).parent / command
+    return str(script) if script.exists() else command
+
+
+def print_summary(job: JobConfig, result: JobResult) -> None:
+    m = result.metrics
+    print(f"\nTrained {m.get('num_parameters', 0) / 1e6:.2f}M parameters for {m['step']} steps "
+          f"({m['tokens_seen'] / 1e6:.2f}M tokens) with {m['strategy']} on {m['world_size']} worker(s).")
+    if "val_elbo_nats" in m:
+        print(f"Validation ELBO: {m['val_elbo_nats']:.3f} nats/token ({m['val_elbo_bits']:.3f} bits, "
+              f"perplexity <= {m['val_ppl_bound']:.1f})")
+    print(f"Unigram baseline: {m['unigram_nats']:.3f} nats/token ({m['unigram_bits']:.3f} bits)")
+    print(f"Model saved to {result.model_dir}")
+    if result.run_id:
+        print(f"MLflow run {result.run_id} at {result.tracking_uri}")
+    if result.registry_uri:
+        print(f"Registered model: {result.registry_uri}")
+    if result.tracking_uri and result.tracking_uri.startswith("sqlite:///"):
+        print(f"Browse it: {runnable('mlflow')} ui --backend-store-uri {result.tracking_uri}")
+    print(f"\nPrompt ({job.generation.strategy} decoding, {m['generation_nfe']} forward passes):")
+    print("-" * 60)
+    print(job.prompt + result.generation)
+    print("-" * 60)
