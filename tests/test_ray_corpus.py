@@ -11,7 +11,7 @@ import ray
 
 from pllm.config import DataConfig
 from pllm.corpus_files import plan_corpus
-from pllm.pipelines.token_dataset import ShardBatches, documents, token_rows
+from pllm.pipelines.token_dataset import ShardBatches, document_sample, documents, first_rows, token_rows
 from pllm.tokenizer import Tokenizer
 
 DOCS = [f"def f{i}(x):\n    return x * {i}\n" * (i % 5 + 1) for i in range(40)]
@@ -111,3 +111,18 @@ def test_epochs_reshuffle_locally_and_repeat_per_seed(local_ray, corpus_dir, tok
     # Same rows in another order, except the last partial batch, which is dropped (< batch_size rows).
     shared = sum((Counter(e0) & Counter(e1)).values())
     assert len(e0) == len(e1) and shared >= len(e0) - 4
+
+
+def test_a_prefix_is_read_in_whole_rounds_and_equals_the_start_of_one_read(local_ray, tmp_path, tokenizer):
+    """first_rows and document_sample read growing groups of files to their end (no `limit`, whose
+    cancelled read tasks log errors) and give what the start of one read of all the files gives."""
+    files = []
+    for i in range(144):  # rounds of 64 and 80 files, whole blocks of 16 files as in one read of all 144
+        files.append(str(tmp_path / f"f{i:03d}.py"))
+        (tmp_path / f"f{i:03d}.py").write_text(DOCS[i % len(DOCS)])
+    everything = np.stack([r["input_ids"] for r in token_rows(files, tokenizer, 16).iter_rows()])
+    for n in (5, len(everything) - 3, len(everything) + 10):
+        assert np.array_equal(first_rows(files, tokenizer, 16, "text", n), everything[:n])
+    texts = [DOCS[i % len(DOCS)] for i in range(144)]
+    budget = sum(len(t) for t in texts[:100])
+    assert list(document_sample(files, "text", budget)) == texts[:100]

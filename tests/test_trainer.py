@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -134,3 +136,41 @@ def test_clipping_inside_fused_adamw_equals_clip_then_step(max_norm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert norms[0][0] == pytest.approx(norms[0][1], rel=1e-5)
     assert (norms[0][0] > max_norm) == (max_norm < 1)  # the small bound does clip; 0 is no clipping
+
+
+def test_progress_is_log_lines_not_bar_redraws_when_output_is_not_a_terminal(capsys, caplog):
+    """Under pytest stderr is a pipe, as in a log file: no bar, one line per log_interval instead."""
+    trainer = DistributedTrainer(DiffusionTransformer(tiny_config()), small_training(num_train_steps=10),
+                                 train_dataloader=loader(), show_progress=True)
+    with caplog.at_level("INFO", logger="pllm.trainer"):
+        trainer.train()
+    err = capsys.readouterr().err
+    assert "\r" not in err and "train:" not in err  # tqdm's redraws and its "train:" label
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [line.split(":")[0] for line in lines] == ["step 5/10", "step 10/10"]
+    assert all("loss=" in line for line in lines)
+
+
+class SlowStart:
+    """A loader whose first batch takes a while, like a data pipeline or workers starting up."""
+
+    def __init__(self, batches, delay_s):
+        self.batches, self.delay_s, self.started = batches, delay_s, False
+
+    def __iter__(self):
+        if not self.started:
+            time.sleep(self.delay_s)
+            self.started = True
+        return iter(self.batches)
+
+
+def test_the_time_budget_counts_training_only():
+    """max_train_minutes starts after the first optimizer step: a start-up longer than the whole budget
+    still leaves the budget for training steps."""
+    budget_s = 1.0
+    trainer = DistributedTrainer(DiffusionTransformer(tiny_config()),
+                                 small_training(num_train_steps=100_000, max_train_minutes=budget_s / 60,
+                                                eval_interval=100_000),
+                                 train_dataloader=SlowStart(loader(), delay_s=2 * budget_s), show_progress=False)
+    trainer.train()
+    assert 5 < trainer.step < 100_000

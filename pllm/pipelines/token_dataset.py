@@ -139,8 +139,9 @@ def shuffled_files(files: list[str], seed: int) -> list[str]:
 
 
 def file_rounds(files: list[str], first: int = 4 * FILES_PER_BLOCK) -> Iterator[list[str]]:
-    """Consecutive groups of files, doubling in size, each a multiple of FILES_PER_BLOCK long, so
-    read round by round, text files pack into the same rows as in one read of them all."""
+    """Consecutive groups of files, doubling in size, each a multiple of FILES_PER_BLOCK long: read
+    round by round, files pack in the same blocks as in one read of them all whenever that read's
+    blocks hold FILES_PER_BLOCK files each (a file count that is a multiple of it)."""
     start, size = 0, first
     while start < len(files):
         yield files[start : start + size]
