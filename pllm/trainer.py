@@ -34,6 +34,12 @@ MetricsCallback = Callable[[dict[str, float], int], None]
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
+def log_progress_line(metrics: dict[str, float], step: int, total: int) -> None:
+    """Progress as one log line: what a log file gets instead of a progress bar."""
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
+    log.info("step %d/%d: %s", step, total, shown)
+
+
 def set_epoch(loader, epoch: int) -> None:
     """Tell a loader (or its sampler, e.g. a DistributedSampler) which epoch starts: its shuffle."""
     for obj in (loader, getattr(loader, "sampler", None)):
@@ -140,9 +146,8 @@ class DistributedTrainer:
         self.history.append(metrics)
         for cb in self.callbacks:
             cb(metrics, self.step)
-        if self.log_progress or (self.show_progress and "val_elbo_nats" in metrics):
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
-            log.info("step %d/%d: %s", self.step, self.cfg.num_train_steps, shown)
+        if self.log_progress:
+            log_progress_line(metrics, self.step, self.cfg.num_train_steps)
 
     def _memory_gib(self) -> dict[str, float]:
         """Per-GPU memory, the largest over ranks: the peak so far (activations included) and what is held

@@ -44,6 +44,51 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
         assert time.monotonic() - start < 60
 
 
+def test_config_is_a_path_or_a_builtin_name_and_a_missing_one_is_named(tmp_path):
+    from pllm.pipelines.job_cli import load_job_config
+
+    assert load_job_config("gpu-1b", []).model.hidden_size == load_job_config(
+        str(REPO / "pllm" / "configs" / "gpu-1b.yaml"), []).model.hidden_size
+    assert load_job_config(None, []).tracking.registered_model == "pllm-tiny"
+    proc = subprocess.run([*job_cmd(tmp_path), "--config", "no-such-config.yaml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "'no-such-config.yaml': no such file" in proc.stderr
+    assert "built-in: gpu-125m, gpu-1b, tiny" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_a_short_budget_trains_and_the_output_reads_clean(tmp_path):
+    """A 15-second budget trains for 15 seconds (not counting Ray, worker and data start-up); the
+    output, a pipe as in a log file, has no ERROR line and no progress-bar redraws, and its hints
+    run as written outside an activated environment."""
+    proc = run_job(tmp_path, "training.num_train_steps=100000", "training.max_train_minutes=0.25",
+                   "training.use_fsdp=false", "training.eval_interval=100000", "training.save_interval=null")
+    assert metrics(tmp_path)["step"] > 5
+    output = proc.stdout + proc.stderr
+    assert not [line for line in output.splitlines() if "ERROR" in line], output[-5000:]
+    assert "\r" not in output
+    browse = next(line for line in proc.stdout.splitlines() if line.startswith("Browse it: "))
+    mlflow_script = browse.split()[2]
+    assert Path(mlflow_script).is_file() and Path(mlflow_script).parent == Path(sys.executable).parent
+
+
+@pytest.mark.slow
+def test_in_process_job_writes_the_same_outputs(tmp_path):
+    out = tmp_path / "local"
+    proc = subprocess.run([sys.executable, "-m", "pllm.cli", "train", "--local", "--no-progress", "--output", str(out),
+                           *[a for o in ["data.max_files=80", "training.num_train_steps=20", "training.eval_interval=10",
+                                         "training.eval_batches=2", "training.log_interval=5"] for a in ("--set", o)]],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["step"], m["world_size"]) == (20, 1) and m["unigram_nats"] > 0 and m["generation_nfe"] > 0
+    assert (out / "model" / "model.safetensors").is_file() and (out / "loss_curve.png").is_file()
+    assert json.loads((out / "job_config.json").read_text())["training"]["num_train_steps"] == 20
+    assert "Unigram baseline" in proc.stdout and "MLflow run" not in proc.stdout
+    assert "step 5/20: loss=" in proc.stderr and "\r" not in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_fsdp2_job_logs_to_mlflow_and_registers_a_generating_model(tmp_path):
     run_job(tmp_path, "training.num_train_steps=40", "training.use_fsdp=true")

@@ -167,10 +167,10 @@ class SlowStart:
 def test_the_time_budget_counts_training_only():
     """max_train_minutes starts after the first optimizer step: a start-up longer than the whole budget
     still leaves the budget for training steps."""
-    budget_s = 1.0
+    budget_s = 3.0
     trainer = DistributedTrainer(DiffusionTransformer(tiny_config()),
                                  small_training(num_train_steps=100_000, max_train_minutes=budget_s / 60,
                                                 eval_interval=100_000),
-                                 train_dataloader=SlowStart(loader(), delay_s=2 * budget_s), show_progress=False)
+                                 train_dataloader=SlowStart(loader(), delay_s=budget_s + 1), show_progress=False)
     trainer.train()
     assert 5 < trainer.step < 100_000

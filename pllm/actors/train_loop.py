@@ -24,7 +24,7 @@ from pllm.model import DiffusionTransformer
 from pllm.pipelines.token_dataset import ShardBatches
 from pllm.registry import MetricsLogger
 from pllm.tokenizer import Tokenizer
-from pllm.trainer import DistributedTrainer
+from pllm.trainer import DistributedTrainer, log_progress_line
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +39,6 @@ def _report_checkpoint(trainer: DistributedTrainer) -> None:
         metrics = {"step": trainer.step, "tokens_seen": trainer.tokens_seen}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint-{trainer.step:07d}")
-
-
-def _progress(total: int):
-    """Rank 0's progress as log lines (Ray forwards worker logs to the driver line by line)."""
-
-    def log_line(metrics: dict[str, float], step: int) -> None:
-        shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
-        log.info("step %d/%d: %s", step, total, shown)
-
-    return log_line
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -69,7 +59,8 @@ def train_loop_per_worker(config: dict) -> None:
     val_batches = list(ray.train.get_dataset_shard("val").iter_torch_batches(
         batch_size=cfg.batch_size, dtypes=torch.long, device="cpu", drop_last=True))
     mlflow_metrics = MetricsLogger(config["tracking_uri"], config["run_id"])
-    callbacks = [mlflow_metrics, _progress(cfg.num_train_steps)] if rank == 0 else []
+    # Rank 0's progress as log lines: Ray forwards worker logs to the driver line by line.
+    callbacks = [mlflow_metrics, lambda m, step: log_progress_line(m, step, cfg.num_train_steps)] if rank == 0 else []
     trainer = DistributedTrainer(model, cfg, job.model, train_batches, val_batches or None, callbacks=callbacks,
                                  device=device, show_progress=False, on_save=_report_checkpoint)
     resumed_from = 0

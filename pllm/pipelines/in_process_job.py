@@ -22,7 +22,7 @@ from pllm.data import cache_dir, make_dataloader, tokenize_files
 from pllm.model import DiffusionTransformer
 from pllm.pipelines.job_stages import JobResult, fit_tokenizer, generate_sample, unigram_baseline, write_outputs
 from pllm.tokenizer import Tokenizer
-from pllm.trainer import DistributedTrainer
+from pllm.trainer import DistributedTrainer, log_progress_line
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool) -> tu
     log.info("model: %.2fM parameters, %.1f MFLOP/token (train)", model.num_parameters() / 1e6,
              model.flops_per_token(cfg.seq_len) / 1e6)
     trainer = DistributedTrainer(model, cfg, job.model, data.train, data.val, show_progress=show_progress)
+    if not trainer.log_progress:  # a line per log_interval even beside a bar or without one, as the Ray job logs
+        trainer.callbacks.append(lambda m, step: log_progress_line(m, step, cfg.num_train_steps))
     metrics = trainer.train()
     metrics.update(step=trainer.step, tokens_seen=trainer.tokens_seen, num_parameters=model.num_parameters(),
                    strategy=trainer.strategy.name, world_size=trainer.strategy.world_size)
