@@ -1,0 +1,173 @@
+"""The whole local flow on real processes: `pllm cluster start`, one training job through `pllm cluster
+submit` and one through the plain `ray job submit ... -- python -m pllm.pipelines.train_job`, both tracked
+and registered on the cluster's MLflow server; `serve run serve_config.yaml` answers from the registered
+model; `pllm cluster stop` leaves nothing running."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from pllm.cluster.processes import port_in_use
+from pllm.cluster.state import load_state
+from serve_fixtures import free_port
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# Free ports (the kernel's ephemeral range, above Ray's worker ports 10002-19999), not the defaults others use.
+def distinct_free_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+RAY_PORT, DASHBOARD_PORT, MLFLOW_PORT, SERVE_PORT = distinct_free_ports(4)
+QUICK = ["data.max_files=80", "training.num_train_steps=24", "training.warmup_steps=4", "training.eval_interval=24",
+         "training.eval_batches=2", "training.log_interval=4", "training.save_interval=24", "training.use_fsdp=false",
+         "cluster.num_workers=1", "generation.max_new_tokens=16", "generation.num_refinement_steps=16"]
+
+
+def pllm_cluster(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pllm.cli", "cluster", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def sets(output_dir: Path) -> list[str]:
+    return [a for o in [*QUICK, f"training.output_dir={output_dir}"] for a in ("--set", o)]
+
+
+def our_processes(*markers: str) -> list[psutil.Process]:
+    """Processes whose command line names one of our folders (Ray's session folder, the cluster folder)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.pid != os.getpid() and any(m in cmdline for m in markers):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cluster_dir = tmp_path / "cluster"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pllm-ray-"))  # short: Ray's socket paths live under it
+    yield cluster_dir, ray_tmp
+    pllm_cluster("stop", "--dir", str(cluster_dir), timeout=120)  # also when the test failed half-way
+    for proc in our_processes(str(ray_tmp), str(cluster_dir)):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def post_completion(prompt: str, timeout: float) -> dict:
+    body = json.dumps({"prompt": prompt, "max_tokens": 12, "temperature": 0.0}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{SERVE_PORT}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def serve_until_answered(config: Path, env: dict, log_file: Path, deadline_s: float = 420) -> dict:
+    """`serve run` the config, wait until the app answers one completion, then stop it."""
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + deadline_s
+        while True:
+            assert proc.poll() is None, f"serve run exited: {log_file.read_text()[-4000:]}"
+            try:
+                return post_completion("def read_file(path):\n", timeout=60)
+            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+                assert time.monotonic() < deadline, f"no answer ({exc}): {log_file.read_text()[-4000:]}"
+                time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run deletes the app on Ctrl-C
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_jobs_and_serve_share_the_clusters_tracking_server(cluster, tmp_path):
+    cluster_dir, ray_tmp = cluster
+    started = pllm_cluster("start", "--dir", str(cluster_dir), "--num-cpus", "6", "--ray-port", str(RAY_PORT),
+                           "--dashboard-port", str(DASHBOARD_PORT), "--mlflow-port", str(MLFLOW_PORT),
+                           "--ray-temp-dir", str(ray_tmp))
+    assert started.returncode == 0, started.stdout + started.stderr
+    state = load_state(cluster_dir)
+    tracking_uri = f"http://127.0.0.1:{MLFLOW_PORT}"
+    assert state.tracking_uri == tracking_uri and tracking_uri in started.stdout
+    assert f"http://127.0.0.1:{DASHBOARD_PORT}" in started.stdout and "pllm cluster submit" in started.stdout
+    again = pllm_cluster("start", "--dir", str(cluster_dir))
+    assert again.returncode == 1 and "already running" in again.stdout
+
+    submitted = pllm_cluster("submit", "--dir", str(cluster_dir), "--config", "pllm/configs/tiny.yaml",
+                             *sets(tmp_path / "runs" / "submit"))
+    assert submitted.returncode == 0, submitted.stdout[-5000:] + submitted.stderr[-3000:]
+    assert "SUCCEEDED" in submitted.stdout and f"at {tracking_uri}" in submitted.stdout
+
+    # The plain Ray line, as a user types it after `source .venv/bin/activate` and `export RAY_AUTH_MODE=token`.
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_ADDRESS": state.dashboard_url}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the job must get the tracking server from the cluster, not from here
+    plain = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m",
+                            "pllm.pipelines.train_job", "--config", "pllm/configs/tiny.yaml",
+                            *sets(tmp_path / "runs" / "plain")],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert plain.returncode == 0 and "succeeded" in plain.stdout, plain.stdout[-5000:] + plain.stderr[-3000:]
+    # ... and its runs went to the cluster's server, not to a sqlite file in Ray's temporary copy of `.`
+    assert f"at {tracking_uri}" in plain.stdout, "the plain job did not log to the cluster's tracking server: " + \
+        next((line for line in plain.stdout.splitlines() if "MLflow run" in line), plain.stdout[-3000:])
+    assert not list(ray_tmp.rglob("mlflow.db"))
+
+    status = pllm_cluster("status", "--dir", str(cluster_dir))
+    assert status.returncode == 0 and "Ray:    up" in status.stdout and "MLflow: up" in status.stdout
+    assert status.stdout.count("SUCCEEDED") == 2, status.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("pllm-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["plain", "submit"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics["loss"] > 0 for r in runs)
+    versions = client.search_model_versions("name='pllm-tiny'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == {r.info.run_id for r in runs}
+    champion = client.get_model_version_by_alias("pllm-tiny", "champion")
+
+    # serve_config.yaml as shipped (models:/pllm-tiny@champion, tracking URI null), on a free port, 1 replica.
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config["http_options"]["port"] = SERVE_PORT
+    args = config["applications"][0]["args"]
+    assert args["model"] == "models:/pllm-tiny@champion" and args["mlflow_uri"] is None
+    args.update(min_replicas=1, max_replicas=1)
+    (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
+    serve_env = {**env, "RAY_ADDRESS": state.gcs_address}  # Ray's session folder is not the default one
+    answer = serve_until_answered(tmp_path / "serve_config.yaml", serve_env, tmp_path / "serve.log")
+    assert answer["model"] == "pllm-tiny" and isinstance(answer["choices"][0]["text"], str)
+    assert answer["usage"]["completion_tokens"] > 0
+    assert champion.version == "2"
+
+    stopped = pllm_cluster("stop", "--dir", str(cluster_dir), timeout=120)
+    assert stopped.returncode == 0 and "Stopped ray and mlflow" in stopped.stdout
+    assert our_processes(str(ray_tmp), str(cluster_dir)) == []
+    assert not any(port_in_use("127.0.0.1", p) for p in (RAY_PORT, DASHBOARD_PORT, MLFLOW_PORT, SERVE_PORT))
+    assert pllm_cluster("status", "--dir", str(cluster_dir)).returncode == 1
