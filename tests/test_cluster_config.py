@@ -27,3 +27,23 @@ def test_ray_cluster_yaml_passes_the_launcher_schema():
     types = config["available_node_types"]
     assert config["head_node_type"] in types and "gpu_worker" in types
     assert any("pip install" in cmd for cmd in config["setup_commands"])
+
+
+def test_ray_cluster_yaml_shares_one_tracking_server():
+    """The head starts the MLflow server before Ray, and every node's Ray runs with MLFLOW_TRACKING_URI
+    pointing at it (the launcher's twin of `pllm cluster start`)."""
+    config = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    head = config["head_start_ray_commands"]
+    server = next(i for i, cmd in enumerate(head) if "mlflow server" in cmd)
+    ray_head = next(i for i, cmd in enumerate(head) if "ray start --head" in cmd)
+    assert server < ray_head and "--artifacts-destination" in head[server]
+    assert "MLFLOW_TRACKING_URI=http://" in head[ray_head] and ":5000" in head[ray_head]
+    worker = next(cmd for cmd in config["worker_start_ray_commands"] if "ray start" in cmd)
+    assert "MLFLOW_TRACKING_URI=http://$RAY_HEAD_IP:5000" in worker
+
+
+def test_serve_config_is_local_and_uses_the_clusters_tracking_server():
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    args = config["applications"][0]["args"]
+    assert args["mlflow_uri"] is None and args["model"].startswith("models:/")
