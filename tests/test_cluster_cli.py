@@ -21,7 +21,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
 
 def record(cluster_dir: Path, ray: ProcessRecord, mlflow: ProcessRecord) -> ClusterState:
     state = ClusterState(dir=str(cluster_dir), host="127.0.0.1", node_ip="127.0.0.1", ray_port=26379,
-                         dashboard_port=28265, mlflow_port=25000, ray_temp_dir=None, ray_auth="token",
+                         dashboard_port=28265, mlflow_port=25000, agent_port=28266, ray_temp_dir=None, ray_auth="token",
                          ray=ray, mlflow=mlflow)
     save_state(state)
     return state

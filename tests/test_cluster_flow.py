@@ -82,22 +82,21 @@ def post_completion(prompt: str, timeout: float) -> dict:
         return json.loads(response.read())
 
 
-def serve_until_answered(config: Path, env: dict, log_file: Path, deadline_s: float = 420) -> dict:
-    """`serve run` the config, wait until the app answers one completion, then stop it."""
+def serve_until_answered(cmd: list[str], env: dict, log_file: Path, deadline_s: float = 420) -> dict:
+    """Run a serving command, wait until the app answers one completion, then Ctrl-C it."""
     with open(log_file, "w") as log:
-        proc = subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + deadline_s
         while True:
-            assert proc.poll() is None, f"serve run exited: {log_file.read_text()[-4000:]}"
+            assert proc.poll() is None, f"{cmd[:2]} exited: {log_file.read_text()[-4000:]}"
             try:
                 return post_completion("def read_file(path):\n", timeout=60)
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 assert time.monotonic() < deadline, f"no answer ({exc}): {log_file.read_text()[-4000:]}"
                 time.sleep(2)
     finally:
-        proc.send_signal(signal.SIGINT)  # serve run deletes the app on Ctrl-C
+        proc.send_signal(signal.SIGINT)  # both delete the app on Ctrl-C
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -161,10 +160,16 @@ def test_jobs_and_serve_share_the_clusters_tracking_server(cluster, tmp_path):
     args.update(min_replicas=1, max_replicas=1)
     (tmp_path / "serve_config.yaml").write_text(yaml.safe_dump(config))
     serve_env = {**env, "RAY_ADDRESS": state.gcs_address}  # Ray's session folder is not the default one
-    answer = serve_until_answered(tmp_path / "serve_config.yaml", serve_env, tmp_path / "serve.log")
+    answer = serve_until_answered([str(BIN / "serve"), "run", str(tmp_path / "serve_config.yaml")], serve_env,
+                                  tmp_path / "serve.log")
     assert answer["model"] == "pllm-tiny" and isinstance(answer["choices"][0]["text"], str)
     assert answer["usage"]["completion_tokens"] > 0
     assert champion.version == "2"
+    # `pllm serve` on the cluster, no tracking URI given: it asks the cluster for its tracking server.
+    answer = serve_until_answered([sys.executable, "-m", "pllm.cli", "serve", "--model", "models:/pllm-tiny/1",
+                                   "--port", str(SERVE_PORT), "--max-replicas", "1"], serve_env,
+                                  tmp_path / "pllm-serve.log")
+    assert answer["model"] == "pllm-tiny" and answer["usage"]["completion_tokens"] > 0
 
     stopped = pllm_cluster("stop", "--dir", str(cluster_dir), timeout=120)
     assert stopped.returncode == 0 and "Stopped ray and mlflow" in stopped.stdout

@@ -20,14 +20,27 @@ def start_server(args, host: str = "127.0.0.1", port: int = 8000) -> str:
 
     from .serve_app import build_app
 
-    if args.mlflow_uri is None and args.model.startswith(("models:/", "runs:/")):
-        # Replicas run in other folders: pin the embedded store's path now.
-        args = args.model_copy(update={"mlflow_uri": resolve_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))})
     if not ray.is_initialized():
         ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else max(8, 2 * (os.cpu_count() or 1)))
+    if args.mlflow_uri is None and args.model.startswith(("models:/", "runs:/")):
+        # This shell's tracking URI, else the cluster's (`pllm cluster start` sets one for its Ray processes),
+        # else the embedded store, its path pinned now because replicas run in other folders.
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or cluster_tracking_uri()
+        args = args.model_copy(update={"mlflow_uri": resolve_tracking_uri(uri)})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+
+def cluster_tracking_uri() -> str | None:
+    """$MLFLOW_TRACKING_URI as the connected Ray cluster's processes see it."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def tracking_env() -> str | None:
+        return os.environ.get("MLFLOW_TRACKING_URI")
+
+    return ray.get(tracking_env.remote())
 
 
 def complete(base_url: str, prompt: str, max_tokens: int = 32, timeout: float = 120, **fields) -> dict:

@@ -131,14 +131,14 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pllm.cluster.processes import http_ok, mlflow_health_url, ray_health_url, running_parts
+    from pllm.cluster.processes import http_ok, mlflow_health_url, ray_health_urls, running_parts
 
     state = load_state(args.dir)
     if state is None:
         print(f"No cluster running from {args.dir} (no {state_path(args.dir).name} there).")
         return 1
     alive = running_parts(state)
-    ray_up = alive["ray"] and http_ok(ray_health_url(state))
+    ray_up = alive["ray"] and all(http_ok(url) for url in ray_health_urls(state))
     mlflow_up = alive["mlflow"] and http_ok(mlflow_health_url(state))
     print(f"Ray:    {'up' if ray_up else 'DOWN'}  dashboard {state.dashboard_url}, GCS {state.gcs_address} "
           f"(pid {state.ray.pid})")

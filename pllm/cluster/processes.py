@@ -54,8 +54,16 @@ def mlflow_health_url(state_or_uri: ClusterState | str) -> str:
     return f"{uri}/health"
 
 
-def ray_health_url(state: ClusterState) -> str:
-    return f"{state.dashboard_url}/api/gcs_healthz"  # the dashboard's one route that needs no Ray auth token
+def ray_health_urls(state: ClusterState) -> list[str]:
+    """Ray accepts jobs once both answer: the dashboard (GCS health, its one route without an auth token)
+    and the head's dashboard agent, through which the dashboard submits jobs."""
+    return [f"{state.dashboard_url}/api/gcs_healthz", f"http://{state.node_ip}:{state.agent_port}/api/healthz"]
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def node_ip() -> str:
@@ -114,16 +122,16 @@ def _spawn(cmd: list[str], log_file: Path, env: dict[str, str] | None = None) ->
     return ProcessRecord.of(proc.pid)
 
 
-def _wait_until_up(name: str, url: str, proc: ProcessRecord, log_file: Path, timeout_s: float) -> None:
+def _wait_until_up(name: str, urls: list[str], proc: ProcessRecord, log_file: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not proc.alive():
             tail = log_file.read_text(errors="replace")[-3000:]
             raise ClusterError(f"{name} exited during startup; its log {log_file} ends with:\n{tail}")
-        if http_ok(url):
+        if all(http_ok(url) for url in urls):
             return
         time.sleep(0.5)
-    raise ClusterError(f"{name} did not answer at {url} within {timeout_s:.0f} s; see {log_file}")
+    raise ClusterError(f"{name} did not answer at {' and '.join(urls)} within {timeout_s:.0f} s; see {log_file}")
 
 
 def running_parts(state: ClusterState) -> dict[str, bool]:
@@ -156,16 +164,17 @@ def start_cluster(options: ClusterOptions) -> ClusterState:
         ensure_auth_token()
     state = ClusterState(dir=str(cluster_dir), host=options.host, node_ip=node_ip(), ray_port=options.ray_port,
                          dashboard_port=options.dashboard_port, mlflow_port=options.mlflow_port,
+                         agent_port=options.agent_port or free_port(options.host),
                          ray_temp_dir=str(options.ray_temp_dir) if options.ray_temp_dir else None,
                          ray_auth=options.ray_auth,
                          ray=ProcessRecord(0, 0.0), mlflow=mlflow_proc)
     try:
-        _wait_until_up("MLflow server", mlflow_health_url(state), mlflow_proc, mlflow_log, options.start_timeout_s)
+        _wait_until_up("MLflow server", [mlflow_health_url(state)], mlflow_proc, mlflow_log, options.start_timeout_s)
         ray_log = logs / "ray.log"
         cmd = [_executable("ray"), "start", "--head", "--block", "--disable-usage-stats",
                f"--port={options.ray_port}",
                "--include-dashboard=true", f"--dashboard-host={options.host}",
-               f"--dashboard-port={options.dashboard_port}"]
+               f"--dashboard-port={options.dashboard_port}", f"--dashboard-agent-listen-port={state.agent_port}"]
         if options.num_cpus is not None:
             cmd.append(f"--num-cpus={options.num_cpus}")
         if options.ray_temp_dir is not None:
@@ -173,7 +182,7 @@ def start_cluster(options: ClusterOptions) -> ClusterState:
         ray_proc = _spawn(cmd, ray_log, env=head_environment(state.tracking_uri, state.ray_auth))
         state = ClusterState(**{**state.__dict__, "ray": ray_proc})
         save_state(state)  # recorded before the wait, so `stop` can clean up a head that never answers
-        _wait_until_up("Ray head", ray_health_url(state), ray_proc, ray_log, options.start_timeout_s)
+        _wait_until_up("Ray head", ray_health_urls(state), ray_proc, ray_log, options.start_timeout_s)
     except BaseException:
         stop_cluster(cluster_dir, state)
         raise

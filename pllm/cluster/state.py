@@ -27,6 +27,7 @@ class ClusterOptions:
     ray_port: int = 6379
     dashboard_port: int = 8265
     mlflow_port: int = 5000
+    agent_port: int | None = None  # the head's dashboard agent (job submission goes through it); None: a free one
     num_cpus: int | None = None  # logical CPUs of the Ray head (default: Ray counts the cores)
     ray_temp_dir: Path | None = None  # Ray's session folder (default /tmp/ray, where `serve run` looks)
     ray_auth: str = "token"  # Ray's RAY_AUTH_MODE: "token" (clients send ~/.ray/auth_token) or "disabled"
@@ -60,6 +61,7 @@ class ClusterState:
     ray_port: int
     dashboard_port: int
     mlflow_port: int
+    agent_port: int
     ray_temp_dir: str | None
     ray_auth: str
     ray: ProcessRecord  # `ray start --head --block`: stopping it stops the whole Ray node
