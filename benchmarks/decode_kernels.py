@@ -19,7 +19,6 @@ launch at a time measures the host: a Triton launch from Python costs more than 
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import itertools
 import json
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 attention_module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports the function
 from pllm.kernels.rms_norm import add_partials_rms_norm
 from pllm.kernels.skinny_gemm import silu_mul_linear, skinny_linear
-from pllm.model import _add_rms_norm, _rms_norm, _silu_mul, fused
+from pllm.engine.step_forward import _add_rms_norm, _silu_mul, compiled_elementwise
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, N, K, rows) of the ~1.1B shape: hidden 2048, 32 / 4 heads of 64, intermediate 5632, vocab 32768
@@ -91,9 +90,9 @@ def gemm_rows(args) -> list[dict]:
 
         def cublas(i, w=weights):
             if name == "gate_up_proj":
-                return lambda: fused(_silu_mul)(*F.linear(x, w[i]).chunk(2, -1))
+                return lambda: compiled_elementwise(_silu_mul)(*F.linear(x, w[i]).chunk(2, -1))
             if name in NORMED:
-                return lambda: fused(_add_rms_norm)(resid, F.linear(x, w[i]), norm_w, 1e-6)
+                return lambda: compiled_elementwise(_add_rms_norm)(resid, F.linear(x, w[i]), norm_w, 1e-6)
             return lambda: F.linear(x, w[i])
 
         base = graph_time(cublas, copies, calls)
@@ -119,7 +118,7 @@ def gemm_rows(args) -> list[dict]:
                             if split > 1:
                                 return lambda: add_partials_rms_norm(resid, skinny_linear(x, w[i], split, cfg),
                                                                      norm_w, 1e-6)
-                            return lambda: fused(_add_rms_norm)(resid, skinny_linear(x, w[i], 1, cfg), norm_w, 1e-6)
+                            return lambda: compiled_elementwise(_add_rms_norm)(resid, skinny_linear(x, w[i], 1, cfg), norm_w, 1e-6)
                         return lambda: skinny_linear(x, w[i], split, cfg)
                 err = ((got - want).norm() / want.norm()).item()
                 t = graph_time(make, copies, calls)

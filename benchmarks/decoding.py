@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from pllm import DiffusionTransformer, GenerationConfig, ModelConfig, TrainingConfig
+from pllm import DiffusionTransformer, GenerationConfig, ModelConfig, TrainingConfig, load_model, save_pretrained
 from pllm.config import DataConfig
 from pllm.corpus_files import corpus_files, read_documents, split_files
 from pllm.data import cache_dir, make_dataloader, prepare_corpus
 from pllm.decoding import DecodeRules, decode_with_rules
+from pllm.kernels.options import KernelOptions
 from pllm.evaluation import autoregressive_nll, function_prompts, infill_tasks, parses_as_python, perplexity
 from pllm.trainer import DistributedTrainer
 
@@ -96,8 +97,9 @@ QUICK = {"static", "draft_verify k=4", "threshold 0.7", "autoregressive (static,
 # -- training ----------------------------------------------------------------------------------
 def train_models(size: str, device: str, seconds: float, ar_seconds: float, out: Path, corpus,
                  names=tuple(MODELS), on_save=None, save_interval: int = 0, steps: int = 100_000,
-                 validate: bool = False) -> dict[str, DiffusionTransformer]:
+                 validate: bool = False, kernels: KernelOptions | None = None) -> dict[str, DiffusionTransformer]:
     """on_save(trainer), every save_interval steps: e.g. measure the model while it trains.
+    kernels: the training's kernel options (default: `KernelOptions()`).
     steps: the LR schedule's length (training stops there or at the time budget, whichever is first);
     validate: finish with the validation ELBO on the held-out tokens (in `model.train_metrics`)."""
     spec, tok = SIZES[size], corpus.tokenizer
@@ -105,7 +107,7 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
     for name, shape in ((n, MODELS[n]) for n in names):
         path = out / "models" / name
         if (path / "config.json").exists():
-            models[name] = DiffusionTransformer.from_pretrained(path, device=device)
+            models[name] = load_model(path, device=device)
             print(f"[{name}] loaded from {path}", flush=True)
             continue
         cfg = ModelConfig(**spec["model"], **shape, max_position_embeddings=1024, noise_schedule="linear",
@@ -117,7 +119,7 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
                                **({"save_interval": save_interval} if on_save else {}),
                                use_torch_compile="compile" in spec and device == "cuda",
                                **({"torch_compile_mode": spec["compile"]} if "compile" in spec else {}),
-                               use_cuda_graphs=False, gradient_checkpointing=False,
+                               use_cuda_graphs=False, gradient_checkpointing=False, kernels=kernels or KernelOptions(),
                                mixed_precision="bf16" if device == "cuda" else "no", output_dir=str(path))
         torch.manual_seed(0)
         model = DiffusionTransformer(cfg)
@@ -129,7 +131,7 @@ def train_models(size: str, device: str, seconds: float, ar_seconds: float, out:
         metrics = trainer.train()
         print(f"[{name}] {model.num_parameters() / 1e6:.1f}M params, {trainer.step} steps in "
               f"{time.perf_counter() - t0:.0f}s, final loss {metrics.get('loss', float('nan')):.3f}", flush=True)
-        model.save_pretrained(path, tokenizer=tok)
+        save_pretrained(model, path, tokenizer=tok)
         model.train_metrics = {"steps": trainer.step, **metrics}
         models[name] = model.eval()
     # Decoding runs in float32: the packed forward is then bit-identical whatever shares the batch,

@@ -36,6 +36,7 @@ import torch
 
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
+from pllm.kernels.options import KernelOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
@@ -105,10 +106,12 @@ def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, pea
 
 
 # -- our engine --------------------------------------------------------------------------------
-def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device: str, pipeline: bool = True) -> dict:
+def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device: str, pipeline: bool = True,
+                kernels: KernelOptions | None = None) -> dict:
     """Run the prompts to completion in one engine; per-step times (prefill steps excluded)."""
     engine = Engine(model, EngineConfig(max_num_seqs=max(len(prompts), 1), max_batched_tokens=1 << 20,
-                                        pipeline_steps=pipeline), static_step=static_step)
+                                        pipeline_steps=pipeline, kernels=kernels or KernelOptions()),
+                    static_step=static_step)
     # Warm-up: the same requests once, so the timed run meets no shape that torch.compile or a graph
     # capture has not seen (a server pays that once at start; a short warm-up left it in the first step).
     engine.generate(prompts, cfg)
@@ -132,7 +135,7 @@ def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device
     return {"step_ms_median": statistics.median(body) * 1e3, "step_ms_mean": statistics.fmean(body) * 1e3,
             "first_step_ms": steps[0] * 1e3,
             "steps": len(steps), "tokens": tokens, "tokens_per_s": tokens / total, "seconds": total,
-            "tpf": tokens / len(prompts) / max(len(steps), 1), "pipelined": engine.pipeline,
+            "tpf": tokens / len(prompts) / max(len(steps), 1), "pipelined": engine.runner.pipeline,
             "steps_launched_ahead": static.num_ahead - ahead_before[0] if static else 0,
             "steps_launched_ahead_used": static.num_ahead_used - ahead_before[1] if static else 0}
 
@@ -157,12 +160,12 @@ def trained_tpf(args, device: str) -> dict:
 
     def tpf(model, teacher: list | None = None) -> dict:
         """TPF and answer quality per threshold; teacher: answers to compare with, position by position."""
-        out, static = {}, fixed_shape_steps(model, len(prompts))
+        out, runner = {}, fixed_shape_steps(model, len(prompts))
         for threshold in args.thresholds:
             cfg = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=args.gen, temperature=0.0,
                                    strategy="threshold", confidence_threshold=threshold, use_adaptive_steps=False)
             result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts],
-                                       [DecodeRules.from_config(cfg)] * len(prompts), static=static)
+                                       [DecodeRules.from_config(cfg)] * len(prompts), runner=runner)
             out[f"tpf_threshold_{threshold}"] = args.gen / statistics.fmean(result.nfe_per_sequence)
             # Quality: the share of the reference's tokens matched position by position, and how much
             # of the answers lies after an EOS (tokens there are easy and would inflate the TPF).
@@ -189,14 +192,11 @@ def trained_tpf(args, device: str) -> dict:
         trainer.model.train()
         t0 = time.perf_counter()
 
-    from pllm.strategies import base as strategies_base
-    tuning, strategies_base.COORDINATE_DESCENT_TUNING = strategies_base.COORDINATE_DESCENT_TUNING, False
-    try:  # coordinate descent's kernel search would eat a short run's minutes
-        model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
-                                   names=("block32",), on_save=measure if args.tpf_every else None,
-                                   save_interval=args.tpf_every, steps=args.tpf_steps, validate=True)["block32"]
-    finally:
-        strategies_base.COORDINATE_DESCENT_TUNING = tuning
+    # coordinate descent's kernel search would eat a short run's minutes
+    model = bench.train_models(size, device, args.train_seconds, 0, Path(args.work_dir) / size, corpus,
+                               names=("block32",), on_save=measure if args.tpf_every else None,
+                               save_interval=args.tpf_every, steps=args.tpf_steps, validate=True,
+                               kernels=KernelOptions(coordinate_descent_tuning=False))["block32"]
     out = {"size": size, "model_parameters": model.num_parameters(), "train_seconds": args.train_seconds,
            "training": getattr(model, "train_metrics", None), **tpf(model)}
     print(f"trained model ({time.perf_counter() - t_start:.0f}s): {out}", flush=True)  # before a fine-tune
@@ -216,11 +216,11 @@ def fixed_shape_steps(model, max_num_seqs: int):
     """On a GPU, the engine's fixed-shape steps (CUDA graphs) for TPF decoding, as the engine
     decodes: the packed loop runs attention sequence by sequence, and its launches set its pace
     (`benchmarks/answer_generation.py`). None (the packed loop) elsewhere."""
-    from pllm.engine.cuda_graphs import StaticStepRunner
+    from pllm.engine import EngineConfig, ModelRunner
 
     if model.device.type != "cuda":
         return None
-    return StaticStepRunner(model, max_num_seqs, capture=True, compile_ops=False)
+    return ModelRunner(model, EngineConfig(max_num_seqs=max_num_seqs, compile_step=False), static_step=True)
 
 
 def tpf_one_per_step(model, prompts, gen: int) -> list:
@@ -230,7 +230,7 @@ def tpf_one_per_step(model, prompts, gen: int) -> list:
 
     rules = DecodeRules.from_config(one_token_per_forward(gen, model.config.block_size or 1))
     result = decode_with_rules(model, [torch.tensor(p.prompt) for p in prompts], [rules] * len(prompts),
-                               static=fixed_shape_steps(model, len(prompts)))
+                               runner=fixed_shape_steps(model, len(prompts)))
     return [a.cpu() for a in result.tokens]
 
 
@@ -357,11 +357,8 @@ def main() -> None:
         args.train_seconds, args.tpf_prompts, args.hf_tokens, args.thresholds = 20.0, 4, 8, [0.7]
     device = args.device
     stem = f"generation_speed_{args.shape}_{device}" + ("_baseline_kernels" if args.baseline_kernels else "")
-    from pllm.kernels import skinny_gemm
-
-    if args.baseline_kernels:
-        skinny_gemm.USE_SKINNY = False
-        importlib.import_module("pllm.kernels.bias_attention").SPLIT_KEYS = False
+    # --baseline-kernels: cuBLAS GEMMs and the plain attention kernel in the step
+    kernels = KernelOptions(skinny_gemm=False, attention_split_keys=False) if args.baseline_kernels else KernelOptions()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "date": time.strftime("%Y-%m-%d"), "commit": commit, "torch": torch.__version__, "shape": args.shape,
@@ -413,7 +410,7 @@ def main() -> None:
                 ("eager packed (baseline)", False, False, gen_cfg)]:
             if (not static and args.skip_eager) or (pipeline and device != "cuda"):
                 continue
-            row = {"batch": batch, "path": path, **time_engine(model, prompts, run_cfg, static, device, pipeline)}
+            row = {"batch": batch, "path": path, **time_engine(model, prompts, run_cfg, static, device, pipeline, kernels)}
             if bandwidth:
                 context = args.prompt_len + args.gen // 2  # the average visible context over the answer
                 row.update(step_floor(cfg, batch, context, bandwidth, peak))

@@ -294,7 +294,7 @@ def make_served_model(args, path: Path) -> Path:
     import torch
     import yaml
 
-    from pllm import DiffusionTransformer, ModelConfig, Tokenizer
+    from pllm import DiffusionTransformer, ModelConfig, Tokenizer, save_pretrained
 
     files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "json", "*.py")))
     tokenizer = Tokenizer.train([Path(f).read_text() for f in files], vocab_size=1024)
@@ -305,7 +305,7 @@ def make_served_model(args, path: Path) -> Path:
     if args.device == "cpu":
         cfg["dtype"] = "float32"
     torch.manual_seed(0)
-    return DiffusionTransformer(ModelConfig.from_dict(cfg)).save_pretrained(path, tokenizer)
+    return save_pretrained(DiffusionTransformer(ModelConfig.from_dict(cfg)), path, tokenizer)
 
 
 async def closed_loop(url: str, body: dict, level, done, on_tick=None) -> dict:

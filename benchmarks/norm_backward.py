@@ -75,8 +75,8 @@ def main() -> None:
 
     def ours(tile: int):
         def run():
-            rms_norm.TILE_ROWS = tile
-            return torch.ops.pllm.add_rms_norm_backward(h, weight, eps, grad_h, grad_n, torch.float32, torch.bfloat16)
+            return rms_norm.add_rms_norm_backward(h, weight, eps, grad_h, grad_n, torch.float32, torch.bfloat16,
+                                                  tile_rows=tile)
         return run
 
     x = h.clone().requires_grad_()

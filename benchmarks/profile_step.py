@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 
 import torch
@@ -15,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig, ModelConfig
 from pllm.engine import Engine
 from pllm.engine.batched_commit import commit_batch
-from pllm.kernels import attention, skinny_gemm, step_bias, step_windows
+from pllm.kernels.options import GEMM_TILES, SPLIT_TILES, KernelOptions
 
 SHAPES = {
     "1.1b": dict(vocab_size=32768, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
@@ -117,6 +116,31 @@ def device_timeline(engine, steps: int = 20) -> None:
         print(f"    {sum(values) / steps:7.1f} us  x{len(values) / steps:.1f}  {name}")
 
 
+def step_kernels(args, shape: dict, error) -> KernelOptions:
+    """The step's kernel options from the A/B flags (the defaults where none is given)."""
+    weight_shapes = {"o_proj": (shape["hidden_size"],) * 2,
+                     "down_proj": (shape["hidden_size"], shape["intermediate_size"])}
+    baseline = args.baseline_kernels
+    gemm_tiles, split_tiles = dict(GEMM_TILES), {} if args.no_split else dict(SPLIT_TILES)
+    for name, *tile in args.split_config:
+        if name not in weight_shapes or len(tile) not in (4, 5):
+            error(f"--split-config {name} {' '.join(tile)}: want o_proj|down_proj BLOCK_N BLOCK_K STAGES SPLIT [WARPS]")
+        split_tiles[weight_shapes[name]] = tuple(int(t) for t in tile)
+    if args.gate_up_config:
+        if len(args.gate_up_config) not in (3, 4):
+            error("--gate-up-config: want BLOCK_N BLOCK_K STAGES [WARPS]")
+        gemm_tiles[(2 * shape["intermediate_size"], shape["hidden_size"], 1, True)] = tuple(args.gate_up_config)
+    if args.cublas_down:
+        gemm_tiles.pop((*weight_shapes["down_proj"], 1, False), None)
+    return KernelOptions(
+        skinny_gemm=not baseline, gemm_tiles=tuple(gemm_tiles.items()), split_tiles=tuple(split_tiles.items()),
+        bias_attention=not args.cudnn_step_attention, attention_fill_sms=not args.query_tile_64,
+        attention_split_keys=not baseline,
+        attention_tile=tuple(args.attention_config) if args.attention_config else None,  # for every query tile
+        attention_block_m=args.attention_block_m, step_bias=not (args.bias_reference or baseline),
+        next_windows=not (args.window_reference or baseline), commit_in_place=not (args.commit_reference or baseline))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -145,57 +169,26 @@ def main() -> None:
     p.add_argument("--split-config", nargs="+", action="append", default=[],
                    metavar="GEMM BLOCK_N BLOCK_K STAGES SPLIT [WARPS]",
                    help="o_proj or down_proj through the K-split skinny kernel + add_partials_rms_norm with this tile "
-                        "(repeatable; overrides skinny_gemm.SPLIT_CONFIGS)")
+                        "(repeatable; overrides KernelOptions.split_tiles)")
     p.add_argument("--gate-up-config", type=int, nargs="+", metavar="BLOCK_N BLOCK_K STAGES [WARPS]",
-                   help="gate_up's tile (overrides skinny_gemm.CONFIGS)")
+                   help="gate_up's tile (overrides KernelOptions.gemm_tiles)")
     p.add_argument("--no-split", action="store_true",
                    help="o_proj and down_proj unsplit, their add + norm compiled by Inductor (A/B)")
     p.add_argument("--timeline", action="store_true",
                    help="with --quick: also the GPU's idle gaps over pipelined steps (profiler trace)")
     p.add_argument("--quick", action="store_true", help="graph replay and the whole pipelined step only (no profiles)")
     args = p.parse_args()
-    if args.attention_config:  # for every query tile
-        bias_attention = importlib.import_module("pllm.kernels.bias_attention")
-        bias_attention.PLAIN_CONFIG = bias_attention.SMALL_TILE_CONFIG = tuple(args.attention_config)
-    if args.attention_block_m:
-        importlib.import_module("pllm.kernels.bias_attention").PLAIN_BLOCK_M = args.attention_block_m
-    skinny_gemm.USE_SKINNY = not args.baseline_kernels
     shape = SHAPES[args.shape]
-    weight_shapes = {"o_proj": (shape["hidden_size"],) * 2,
-                     "down_proj": (shape["hidden_size"], shape["intermediate_size"])}
-    if args.no_split:
-        skinny_gemm.SPLIT_CONFIGS.clear()
-    for name, *tile in args.split_config:
-        if name not in weight_shapes or len(tile) not in (4, 5):
-            p.error(f"--split-config {name} {' '.join(tile)}: want o_proj|down_proj BLOCK_N BLOCK_K STAGES SPLIT [WARPS]")
-        skinny_gemm.SPLIT_CONFIGS[weight_shapes[name]] = tuple(int(t) for t in tile)
-    if args.gate_up_config:
-        if len(args.gate_up_config) not in (3, 4):
-            p.error("--gate-up-config: want BLOCK_N BLOCK_K STAGES [WARPS]")
-        gate_up = (2 * shape["intermediate_size"], shape["hidden_size"], 1, True)
-        skinny_gemm.CONFIGS[gate_up] = tuple(args.gate_up_config)
-    print(f"K-split configs: {skinny_gemm.SPLIT_CONFIGS}; tiles: {skinny_gemm.CONFIGS}")
-    if args.cublas_down:
-        skinny_gemm.CONFIGS.pop((*weight_shapes["down_proj"], 1, False), None)
-    step_windows.USE_KERNEL = not (args.window_reference or args.baseline_kernels)
-    step_bias.USE_KERNEL = not (args.bias_reference or args.baseline_kernels)
-    # (the package exports a function of that name)
-    commit_kernel = not (args.commit_reference or args.baseline_kernels)
-    importlib.import_module("pllm.kernels.parallel_decode").USE_IN_PLACE_KERNEL = commit_kernel
-    if args.baseline_kernels:
-        importlib.import_module("pllm.kernels.bias_attention").SPLIT_KEYS = False
-    if args.cudnn_step_attention:
-        attention.USE_BIAS_ATTENTION_KERNEL = False
-    if args.query_tile_64:
-        # (the package exports a function of that name)
-        importlib.import_module("pllm.kernels.bias_attention").FILL_SMS = False
+    kernels = step_kernels(args, shape, p.error)
+    print(f"K-split configs: {dict(kernels.split_tiles)}; tiles: {dict(kernels.gemm_tiles)}")
     if args.no_cudnn:
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = args.device
     torch.manual_seed(0)
     cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=args.block_size)
     model = DiffusionTransformer(cfg).to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
-    engine = Engine(model, EngineConfig(max_num_seqs=args.batch, max_batched_tokens=1 << 20), static_step=True)
+    engine = Engine(model, EngineConfig(max_num_seqs=args.batch, max_batched_tokens=1 << 20, kernels=kernels),
+                    static_step=True)
     gen = GenerationConfig(max_new_tokens=512, num_refinement_steps=512, temperature=0.0, strategy="threshold",
                            use_adaptive_steps=False)
     for i in range(args.batch):  # staggered prompt lengths: rows finish their blocks at different steps
@@ -219,15 +212,15 @@ def main() -> None:
         launch_costs(static, B, lengths)
     S = lengths[0]
     print(f"forward_static eager, key length {S}: {timed(lambda: static._step(B, S), 20, device):.3f} ms")
-    pipelined = engine.pipeline
+    pipelined = engine.runner.pipeline
     for pipeline in (True, False) if pipelined else (False,):
-        engine.pipeline = pipeline
+        engine.runner.pipeline = pipeline
         before = (static.num_ahead, static.num_ahead_used)
         ms = timed(engine.step, 50, device)
         ahead = f", {static.num_ahead_used - before[1]}/{static.num_ahead - before[0]} steps launched ahead used"
         print(f"whole engine step{', pipelined' if pipeline else ''}, batched commits: {ms:.3f} ms"
               f"{ahead if pipeline else ''}")
-    engine.pipeline = pipelined  # the default again, for the profiles
+    engine.runner.pipeline = pipelined  # the default again, for the profiles
     commit_costs(engine, static, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:

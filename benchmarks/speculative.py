@@ -34,7 +34,7 @@ from pllm.config import DataConfig
 from pllm.corpus_files import corpus_files, read_documents, split_files
 from pllm.data import cache_dir, make_dataloader, prepare_corpus
 from pllm.decoding import DecodeRules, Drafter, decode_with_rules
-from pllm.engine.cuda_graphs import StaticStepRunner
+from pllm.engine import EngineConfig, ModelRunner
 from pllm.evaluation import function_prompts
 from pllm.trainer import DistributedTrainer
 
@@ -81,13 +81,13 @@ def run(label: str, target, prompts, cfg: GenerationConfig, batch: int, device: 
         graphs: bool = False) -> dict:
     rules = DecodeRules.from_config(cfg)
     drafter = Drafter(draft) if draft is not None else None
-    static = StaticStepRunner(target, batch, capture=True) if graphs else None
+    runner = ModelRunner(target, EngineConfig(max_num_seqs=batch), static_step=True) if graphs else None
     answers, nfe, draft_nfe, drafted, verified, accepted = [], 0, 0, 0, 0, 0
     sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        out = decode_with_rules(target, chunk, [rules] * len(chunk), static=static, drafter=drafter)
+        out = decode_with_rules(target, chunk, [rules] * len(chunk), runner=runner, drafter=drafter)
         answers += [a.cpu() for a in out.tokens]
         nfe += sum(out.nfe_per_sequence)
         draft_nfe += out.draft_nfe

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 
 from pllm import DiffusionTransformer, DistributedTrainer, ModelConfig, TrainingConfig
 from pllm.optim import param_groups, peak_flops
-from pllm.kernels import qkv_rotary, rms_norm, swiglu
-from pllm.strategies import base as strategies_base
+from pllm.kernels.options import KernelOptions
 
 log = logging.getLogger("train_throughput")
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,15 +46,14 @@ SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab; default micro
     "1b": (2048, 22, 32, 4, 5632, 32768, 8, 2048),  # = pllm/configs/gpu-1b.yaml
     "tiny": (64, 2, 4, 2, 128, 512, 4, 64),  # CPU smoke run
 }
-# --ab: our step again with one part switched off, in the same run: (what runs instead, switch)
-AB = {"cudnn": ("SDPA's cuDNN backend off (FlashAttention-2)", torch.backends.cuda.enable_cudnn_sdp),
-      "silu-mul": ("SwiGLU compiled by Inductor (no Triton op)", lambda on: setattr(swiglu, "USE_SILU_MUL_KERNEL", on)),
+# --ab: our step again with one part switched off, in the same run: (what runs instead, the
+# KernelOptions fields that switch it off; cudnn is PyTorch's own SDPA backend switch)
+AB = {"cudnn": ("SDPA's cuDNN backend off (FlashAttention-2)", {}),
+      "silu-mul": ("SwiGLU compiled by Inductor (no Triton op)", {"silu_mul": False}),
       "coordinate-descent": ("Inductor's default kernel configs (no coordinate descent)",
-                             lambda on: setattr(strategies_base, "COORDINATE_DESCENT_TUNING", on)),
-      "rotate-qkv": ("split, QK-norm and rotary compiled by Inductor (no Triton op)",
-                     lambda on: setattr(qkv_rotary, "USE_ROTATE_QKV_KERNEL", on)),
-      "add-rms-norm": ("residual add + RMSNorm compiled by Inductor (no Triton op)",
-                       lambda on: setattr(rms_norm, "USE_ADD_RMS_NORM_KERNEL", on))}
+                             {"coordinate_descent_tuning": False}),
+      "rotate-qkv": ("split, QK-norm and rotary compiled by Inductor (no Triton op)", {"rotate_qkv": False}),
+      "add-rms-norm": ("residual add + RMSNorm compiled by Inductor (no Triton op)", {"add_rms_norm": False})}
 AB_KEYS = {name: "no_" + name.replace("-", "_") for name in AB}  # JSON field names
 MASK_ID, LR, WEIGHT_DECAY, BETAS = 3, 3e-4, 0.1, (0.9, 0.95)  # the TrainingConfig defaults ours runs with
 
@@ -106,13 +104,13 @@ def timed(step, warmup: int, steps: int, device: str) -> float:
 
 
 # -- ours --------------------------------------------------------------------------------------
-def run_ours(cfg: ModelConfig, batch: int, seq: int, device: str, args) -> dict:
+def run_ours(cfg: ModelConfig, batch: int, seq: int, device: str, args, kernels: KernelOptions | None = None) -> dict:
     train = TrainingConfig(batch_size=batch, seq_len=seq, learning_rate=LR, weight_decay=WEIGHT_DECAY,
                            adam_beta1=BETAS[0], adam_beta2=BETAS[1], max_grad_norm=1.0, num_train_steps=10**6,
                            warmup_steps=1, eval_interval=10**9, use_fsdp=False, use_cuda_graphs=False,
                            mixed_precision="bf16" if is_cuda(device) else "no", use_torch_compile=is_cuda(device),
                            torch_compile_mode="default", gradient_checkpointing=args.checkpointing,
-                           output_dir="/tmp/train-throughput")
+                           output_dir="/tmp/train-throughput", kernels=kernels or KernelOptions())
     data = random_batches(cfg.vocab_size, batch, seq, device)
     model = DiffusionTransformer(cfg)
     trainer = DistributedTrainer(model, train, train_dataloader=data, show_progress=False, device=device)
@@ -195,12 +193,12 @@ def run_baseline(cfg: ModelConfig, batch: int, seq: int, device: str, args) -> d
 
 
 # -- report ------------------------------------------------------------------------------------
-def measure(run, cfg, batch, seq, device, args) -> dict:
+def measure(run, cfg, batch, seq, device, args, *options) -> dict:
     """One run's result plus peak memory; out-of-memory is recorded as "oom" instead of ending the benchmark."""
     if is_cuda(device):
         torch.cuda.reset_peak_memory_stats()
     try:
-        result = run(cfg, batch, seq, device, args)
+        result = run(cfg, batch, seq, device, args, *options)
     except RuntimeError as e:  # torch.OutOfMemoryError, or one wrapped by torch.compile
         if "out of memory" not in str(e).lower():
             raise
@@ -295,10 +293,10 @@ def main() -> None:
         ab = {}
         for name in args.ab:
             log.info("%s: ours with %s", size, AB[name][0])
-            AB[name][1](False)
+            torch.backends.cuda.enable_cudnn_sdp(name != "cudnn")
             no_profile = argparse.Namespace(**{**vars(args), "profile": False})  # the profile is of the default
-            ab[name] = measure(run_ours, cfg, batch, seq, device, no_profile)
-            AB[name][1](True)
+            ab[name] = measure(run_ours, cfg, batch, seq, device, no_profile, KernelOptions(**AB[name][1]))
+            torch.backends.cuda.enable_cudnn_sdp(True)
         log.info("%s: eager HF baseline", size)
         base = {"tokens_per_s": None, "error": "skipped"} if args.skip_baseline else measure(
             run_baseline, cfg, batch, seq, device, args)

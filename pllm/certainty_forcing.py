@@ -56,17 +56,17 @@ def self_generated_answers(model: torch.nn.Module, prompts: Sequence[torch.Tenso
     # attention sequence by sequence: on a GPU the host's launches, not the device, set that pace.
     if fixed_shape_steps is None:
         fixed_shape_steps = next(model.parameters()).is_cuda
-    static = None
+    runner = None
     if fixed_shape_steps and model.config.attention_mode == "block_causal" and prompts:
-        from .engine.cuda_graphs import StaticStepRunner
+        from .engine import EngineConfig, ModelRunner
 
-        static = StaticStepRunner(model, min(batch_size, len(prompts)), capture=model.device.type == "cuda",
-                                  compile_ops=False)
+        config = EngineConfig(max_num_seqs=min(batch_size, len(prompts)), compile_step=False)
+        runner = ModelRunner(model, config, static_step=True)
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             chunk = [p.cpu() for p in prompts[start:start + batch_size]]
             rules = [DecodeRules.from_config(one_token_per_forward(length - len(p), block)) for p in chunk]
-            for prompt, answer in zip(chunk, decode_with_rules(model, chunk, rules, static=static).tokens):
+            for prompt, answer in zip(chunk, decode_with_rules(model, chunk, rules, runner=runner).tokens):
                 data.append({"input_ids": torch.cat([prompt, answer.cpu()]), "prompt_length": torch.tensor(len(prompt))})
     model.train(was_training)
     return data

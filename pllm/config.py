@@ -17,6 +17,8 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 from pydantic.dataclasses import dataclass
 
+from pllm.kernels.options import KernelOptions
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -191,6 +193,8 @@ class TrainingConfig(_ConfigMixin):
     torch_compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "max-autotune"
     use_cuda_graphs: bool = True
     gradient_checkpointing: bool = True
+    # Our Triton ops in the model's forward and backward, and Inductor's tuning (GPU; A/B baselines).
+    kernels: KernelOptions = dataclasses.field(default_factory=KernelOptions)
 
     # Mixed precision
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "bf16"
@@ -284,6 +288,8 @@ class EngineConfig(_ConfigMixin):
     # Greedy requests of one fixed-shape step commit in one call from this many on; fewer commit one
     # by one, which takes fewer operations (break-even at two on CPU, benchmarks/profile_step.py).
     min_batched_commits: PositiveInt = 3
+    # Which kernels and tiles the fixed-shape step runs (GPU; the defaults are the measured choices).
+    kernels: KernelOptions = dataclasses.field(default_factory=KernelOptions)
 
 
 @dataclass(config=_STRICT)

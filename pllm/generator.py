@@ -6,12 +6,13 @@ import logging
 
 import torch
 
-from .config import GenerationConfig
+from .config import EngineConfig, GenerationConfig
 from .decoding import DecodeOutput, DecodeRules, Drafter, check_draft_model, decode_with_rules
-from .engine.cuda_graphs import StaticStepRunner
+from .engine import ModelRunner
 from .model import DiffusionTransformer
 
 log = logging.getLogger(__name__)
+
 
 class ParallelGenerator:
     """Generate answers for prompts with a masked-diffusion model.
@@ -27,7 +28,7 @@ class ParallelGenerator:
     `use_kv_cache=False` turns the KV cache off (`GenerationConfig.kv_cache="none"`); otherwise the
     config's `kv_cache` applies ("auto": the exact block cache for block-causal models).
     `use_cuda_graphs`: on a GPU, block-causal models decode cached steps as fixed-shape passes
-    replayed from CUDA graphs (`pllm.engine.cuda_graphs`; same tokens as the packed path).
+    replayed from CUDA graphs (`pllm.engine.ModelRunner`; same tokens as the packed path).
     """
 
     def __init__(
@@ -50,16 +51,19 @@ class ParallelGenerator:
         self.use_cuda_graphs = use_cuda_graphs
         self.tokenizer = tokenizer
         self.last_output: DecodeOutput | None = None
-        self._static: StaticStepRunner | None = None
+        self._runner: ModelRunner | None = None
+        self._runner_seqs = 0
 
-    def _static_runner(self, batch_size: int) -> StaticStepRunner | None:
-        """The CUDA-graph step runner, captured for up to `batch_size` sequences (re-captured for more)."""
+    def _graph_runner(self, batch_size: int) -> ModelRunner | None:
+        """A model runner with CUDA-graph steps, captured for up to `batch_size` sequences
+        (re-captured for more); None where the packed pass runs every step."""
         model = self.model
         if not (self.use_cuda_graphs and model.device.type == "cuda" and model.config.attention_mode == "block_causal"):
             return None
-        if self._static is None or self._static.buckets[-1] < batch_size:
-            self._static = StaticStepRunner(model, batch_size, capture=True)
-        return self._static
+        if self._runner is None or self._runner_seqs < batch_size:
+            self._runner = ModelRunner(model, EngineConfig(max_num_seqs=batch_size), static_step=True)
+            self._runner_seqs = batch_size
+        return self._runner
 
     def generate(self, prompt_tokens: torch.Tensor, max_new_tokens: int | None = None) -> torch.Tensor:
         prompt_tokens = torch.as_tensor(prompt_tokens)
@@ -83,7 +87,7 @@ class ParallelGenerator:
         self.model.eval()
         try:
             self.last_output = decode_with_rules(self.model, prompts, [rules] * len(prompts),
-                                                 static=self._static_runner(len(prompts)), drafter=self.drafter)
+                                                 runner=self._graph_runner(len(prompts)), drafter=self.drafter)
         finally:
             self.model.train(was_training)
         return [t.cpu() for t in self.last_output.tokens]

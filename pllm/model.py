@@ -12,21 +12,17 @@ The model is single-device math: parallelism (FSDP2, DeepSpeed) is applied from 
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from pllm.kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_into_cache, rotate_qkv, silu_mul
-from pllm.kernels.skinny_gemm import step_linear, step_linear_add_norm, step_silu_mul_linear
-from pllm.kernels.step_bias import step_bias
-from .kv_cache import KVCache, Segment, StaticKVCache, StaticStep
+from pllm.kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_qkv, silu_mul
+from pllm.kernels.options import DEFAULT_KERNELS, KernelOptions
+from .kv_cache import KVCache, Segment
 
 
 def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,26 +30,6 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torc
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (P, hd): "rotate half" layout
     return angles.cos().float(), angles.sin().float()
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
-def _add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float):
-    h = x + y
-    return h, _rms_norm(h, weight, eps)
-
-
-def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
-
-
-@functools.cache
-def fused(fn):
-    """`fn` compiled once for all shapes: the decoding step's chains of small elementwise kernels
-    (residual add + RMSNorm, SiLU * up) become one kernel each."""
-    return torch.compile(fn, dynamic=True)
 
 
 class Attention(nn.Module):
@@ -73,46 +49,27 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.norm_eps = cfg.rms_norm_eps
+        self.kernels = DEFAULT_KERNELS  # our Triton ops or the PyTorch definitions (`use_kernels`)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
-        """mask: a bool (B, 1, L, L) tensor, None (attend to all), `PackedSegments` (B == 1), or a
-        `StaticStep` (the fixed-shape decoding step; cos/sin then (B, L, hd), else (B, 1, L, hd))."""
+        """mask: a bool (B, 1, L, L) tensor, None (attend to all) or `PackedSegments` (B == 1);
+        cos/sin (B, 1, L, hd). (The engine's fixed-shape step: `pllm.engine.step_forward`.)"""
         B, L, D = x.shape
-        if isinstance(mask, StaticStep):
-            return step_linear(self.step_heads(x, cos, sin, mask), self.o_proj.weight)
-        else:
-            qkv = self.qkv_proj(x)
-            # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
-            # rotary and their backward then read and write in memory order (no transposing copies),
-            # and attention's output (and its gradients) come back in that layout too.
-            # One kernel each way on the GPU (`rotate_qkv`): split, QK-norm and rotary.
-            q_weight, k_weight = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
-            q, k, v = (t.transpose(1, 2) for t in rotate_qkv(qkv, cos[:, 0], sin[:, 0], self.n_heads, self.n_kv,
-                                                             q_weight, k_weight, self.norm_eps))
-            if isinstance(mask, PackedSegments):
-                y = self._packed_attention(q, k, v, mask)
-            else:
-                # Training batches share one shape, so cuDNN's per-shape plans are reused (Hopper).
-                y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash,
-                                    fixed_shape=self.training and mask is None)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
-
-    def step_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StaticStep) -> torch.Tensor:
-        """The decoding step's attention up to o_proj: (B, L, heads * head_dim)."""
-        B, L, _ = x.shape
-        y = self._static_step_attention(self.qkv_proj(x), cos, sin, step)
-        return y.transpose(1, 2).reshape(B, L, -1)
-
-    def _static_step_attention(self, qkv, cos, sin, step: StaticStep) -> torch.Tensor:
-        """QK-norm and rotary, the window's keys and values into each row's slot (one kernel on the
-        GPU: `rotate_into_cache`); then attention over the slot's first key_length entries under the
-        step's mask (fixed shapes: CUDA-graph friendly)."""
-        cache = step.cache.keys_values[self.layer_idx, step.rows, :, :, :step.key_length]  # (B, 2, KV, S, hd)
+        qkv = self.qkv_proj(x)
+        # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
+        # rotary and their backward then read and write in memory order (no transposing copies),
+        # and attention's output (and its gradients) come back in that layout too.
+        # One kernel each way on the GPU (`rotate_qkv`): split, QK-norm and rotary.
         q_weight, k_weight = (getattr(n, "weight", None) for n in (self.q_norm, self.k_norm))
-        eps = self.q_norm.eps if q_weight is not None else 0.0
-        q = rotate_into_cache(qkv, self.n_heads, self.n_kv, q_weight, k_weight, eps, cos, sin, cache, step.index)
-        return fused_attention(q, cache[:, 0], cache[:, 1], mask=step.mask, use_flash=self.use_flash,
-                               fixed_shape=step.fixed_shape)
+        q, k, v = (t.transpose(1, 2) for t in rotate_qkv(qkv, cos[:, 0], sin[:, 0], self.n_heads, self.n_kv,
+                                                         q_weight, k_weight, self.norm_eps,
+                                                         use_kernel=self.kernels.rotate_qkv))
+        if isinstance(mask, PackedSegments):
+            y = self._packed_attention(q, k, v, mask)
+        else:
+            # Training batches share one shape, so cuDNN's per-shape plans are reused (Hopper).
+            y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash, fixed_shape=self.training and mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
         """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
@@ -158,9 +115,11 @@ class SwiGLU(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self._register_load_state_dict_pre_hook(_fuse_rows("gate_up_proj", ("gate_proj", "up_proj")))
+        self.kernels = DEFAULT_KERNELS  # our Triton op or the PyTorch definition (`use_kernels`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))  # a Triton op with its own backward on GPU
+        # a Triton op with its own backward on GPU
+        return self.down_proj(silu_mul(self.gate_up_proj(x), use_kernel=self.kernels.silu_mul))
 
 
 def _fuse_rows(fused: str, parts: tuple[str, ...]):
@@ -182,33 +141,25 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer_idx)
         self.mlp_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
+        self.kernels = DEFAULT_KERNELS  # our Triton op or the PyTorch definition (`use_kernels`)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (x, this block's MLP output), the latter not yet added to x: the next block adds
         it, fused with its first norm (`add_rms_norm`); after the last block `_blocks` adds it.
         pending: the previous block's MLP output (None for the first block, or one already added)."""
+        use_kernel = self.kernels.add_rms_norm
         if pending is None:
             h = self.attn_norm(x)
         else:
-            x, h = add_rms_norm(x, pending, self.attn_norm.weight, self.attn_norm.eps)
-        x, h = add_rms_norm(x, self.attn(h, cos, sin, mask), self.mlp_norm.weight, self.mlp_norm.eps)
+            x, h = add_rms_norm(x, pending, self.attn_norm.weight, self.attn_norm.eps, use_kernel)
+        x, h = add_rms_norm(x, self.attn(h, cos, sin, mask), self.mlp_norm.weight, self.mlp_norm.eps, use_kernel)
         return x, self.mlp(h)
-
-    def fused_step(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StaticStep,
-                   next_norm: nn.RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` for the decoding step with compiled elementwise kernels: h = attn_norm(x) comes
-        in, and (output, next_norm(output)) go out, so every residual add runs fused with the norm
-        that follows it (the next block's attention norm, or the final norm)."""
-        add_norm = fused(_add_rms_norm)
-        x, h = step_linear_add_norm(self.attn.step_heads(h, cos, sin, step), self.attn.o_proj.weight, x,
-                                    self.mlp_norm.weight, self.mlp_norm.eps, add_norm)
-        act = step_silu_mul_linear(h, self.mlp.gate_up_proj.weight, fused(_silu_mul))
-        return step_linear_add_norm(act, self.mlp.down_proj.weight, x, next_norm.weight, next_norm.eps, add_norm)
 
 
 class DiffusionTransformer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, kernels: KernelOptions | None = None):
+        """kernels: our Triton ops or the PyTorch definitions in the forward (`use_kernels`)."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -227,6 +178,16 @@ class DiffusionTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, std=config.initializer_range / math.sqrt(2 * config.num_hidden_layers))
+        self.use_kernels(kernels or DEFAULT_KERNELS)
+
+    def use_kernels(self, kernels: KernelOptions) -> None:
+        """The kernel choices of every layer's forward and backward (`KernelOptions.silu_mul`,
+        `rotate_qkv`, `add_rms_norm`): plain attributes read in the forward, so a compiled or
+        sharded model sees the same options object at every call."""
+        self.kernels = kernels
+        for module in self.modules():
+            if isinstance(module, (Attention, SwiGLU, Block)):
+                module.kernels = kernels
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -427,46 +388,6 @@ class DiffusionTransformer(nn.Module):
         logits = self.lm_head(self.norm(x[0, index])).float()[:wanted]
         return list(logits.split([int(seg.logit_positions.numel()) for seg in segments[:len(segments) - bool(filler)]]))
 
-    def new_static_cache(self, num_slots: int) -> StaticKVCache:
-        """Slots for `forward_static` (block-causal models); one block of scratch before position 0."""
-        cfg = self.config
-        return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, cfg.max_position_embeddings,
-                             cfg.head_dim, cfg.block_size, self.embed_tokens.weight.dtype, self.device)
-
-    @torch.no_grad()
-    def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
-                       cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None,
-                       fused_ops: bool = False, fixed_shape: bool = True, float_logits: bool = True) -> torch.Tensor:
-        """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a
-        window of consecutive positions per row; positions below 0 are padding), limits (B,) the
-        first position no query may see. Keys/values of the window are written into the slots, and
-        each query reads its slot's keys at positions < limit in blocks up to its own, among the
-        first `key_length` cache entries (default: all; must cover every window). Returns the
-        logits of the last `num_logits` window positions, (B, num_logits, V), in float32 (float_logits=
-        False: the weights' dtype, for consumers that upcast as they read them). fused_ops: run
-        the elementwise chains through torch.compile'd kernels (GPU; `fused`). fixed_shape=False
-        for one-off shapes (a prompt's prefill): no attention kernel that plans per shape."""
-        bs = self.config.block_size
-        B, W = positions.shape
-        S = key_length or cache.length
-        x = self.embed_tokens(tokens)
-        # An additive bias built once for all layers (a bool mask is converted in every call).
-        bias = step_bias(positions, limits, S, cache.offset, bs, x.dtype)
-        step = StaticStep(cache, rows, positions + cache.offset, bias, S, fixed_shape)
-        rope_at = positions.clamp(min=0)
-        cos, sin = self.rope_cos[rope_at], self.rope_sin[rope_at]  # (B, W, hd)
-        if fused_ops:
-            first = self.layers[0].attn_norm
-            h = fused(_rms_norm)(x, first.weight, first.eps)
-            for block, next_norm in zip(self.layers, [b.attn_norm for b in self.layers[1:]] + [self.norm]):
-                x, h = block.fused_step(x, h, cos, sin, step, next_norm)
-        else:
-            x = self._blocks(x, cos, sin, step)
-        if num_logits == 0:
-            return x.new_empty(x.shape[0], 0, self.config.vocab_size, dtype=torch.float32)
-        logits = self.lm_head(h[:, -num_logits:] if fused_ops else self.norm(x[:, -num_logits:]))
-        return logits.float() if float_logits else logits
-
     def _segment_mask(self, start: int, end: int, visible: int, device) -> torch.Tensor | None:
         """Queries at positions [start, end) over keys at positions [0, visible)."""
         if self.config.attention_mode != "block_causal":
@@ -490,7 +411,7 @@ class DiffusionTransformer(nn.Module):
         over at most `num_steps` forward passes, commit each step at least the scheduled share of
         positions (highest confidence first) plus every position whose confidence exceeds
         `confidence_threshold`. Returns (batch_size, seq_len) token ids."""
-        from .decoding import decode
+        from .decoding import decode  # decoding runs models: imported at call time
 
         prompts = [torch.empty(0, dtype=torch.long, device=self.device)] * batch_size
         out = decode(
@@ -498,15 +419,3 @@ class DiffusionTransformer(nn.Module):
             top_k=0, top_p=1.0, confidence_threshold=confidence_threshold, min_per_step="schedule", seed=seed,
         )
         return torch.stack(out.tokens)
-
-    # -- persistence ---------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, tokenizer=None) -> Path:
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, path, tokenizer)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "DiffusionTransformer":
-        from .checkpoint import load_model
-
-        return load_model(path, device=device)

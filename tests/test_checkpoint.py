@@ -5,14 +5,14 @@ import torch
 from safetensors import safe_open
 
 from conftest import tiny_config
-from pllm import DiffusionTransformer, load_model
+from pllm import DiffusionTransformer, load_model, save_pretrained
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_save_load_round_trip_is_bit_exact(tmp_path, tied):
     torch.manual_seed(0)
     model = DiffusionTransformer(tiny_config(tie_word_embeddings=tied, attention_mode="block_causal", block_size=8))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     loaded = load_model(tmp_path)
     assert loaded.config == model.config
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -31,7 +31,7 @@ def test_weights_saved_with_separate_projections_load_into_the_fused_ones(tmp_pa
 
     torch.manual_seed(0)
     model = DiffusionTransformer(tiny_config(tie_word_embeddings=False)).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     old = {}
     for name, tensor in model.state_dict().items():
         if name.endswith("qkv_proj.weight"):
@@ -56,7 +56,7 @@ def test_loading_a_folder_without_weights_fails_clearly(tmp_path):
 
 
 def test_loading_mismatched_weights_fails(tmp_path):
-    DiffusionTransformer(tiny_config()).save_pretrained(tmp_path)
+    save_pretrained(DiffusionTransformer(tiny_config()), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["hidden_size"] = 64
     (tmp_path / "config.json").write_text(json.dumps(cfg))

@@ -12,8 +12,9 @@ from conftest import tiny_config
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig
 from pllm.decoding import DecodeRules, DecodeState
 from pllm.decoding.loop import run_states
-from pllm.engine import Engine
+from pllm.engine import Engine, ModelRunner
 from pllm.engine.cuda_graphs import StaticStepRunner
+from pllm.engine.step_forward import forward_static, new_static_cache
 from test_engine import mixed_requests, run_staggered
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,13 +85,13 @@ def test_parallel_generator_with_cuda_graphs_equals_the_packed_path(block_model)
                            confidence_threshold=0.05)
     packed = ParallelGenerator(block_model, cfg, use_cuda_graphs=False).generate_batch(prompts)
     rules = [DecodeRules.from_config(cfg)] * len(prompts)
-    runner = StaticStepRunner(block_model, len(prompts), capture=DEVICE == "cuda")
-    fixed = decode_with_rules(block_model, prompts, rules, static=runner).tokens
+    runner = ModelRunner(block_model, EngineConfig(max_num_seqs=len(prompts)), static_step=True)
+    fixed = decode_with_rules(block_model, prompts, rules, runner=runner).tokens
     assert [t.cpu().tolist() for t in fixed] == [t.tolist() for t in packed]
-    assert runner.num_steps > 0
+    assert runner.static.num_steps > 0
     generator = ParallelGenerator(block_model, cfg, use_cuda_graphs=True)
     assert [t.tolist() for t in generator.generate_batch(prompts)] == [t.tolist() for t in packed]
-    assert (generator._static is not None) == (DEVICE == "cuda")  # graphs only on a GPU
+    assert (generator._runner is not None) == (DEVICE == "cuda")  # graphs only on a GPU
 
 
 def test_compiled_step_ops_give_the_eager_logits(block_model):
@@ -105,10 +106,10 @@ def test_compiled_step_ops_give_the_eager_logits(block_model):
     tokens = torch.randint(4, model.config.vocab_size, (B, W), device=DEVICE)
     positions = torch.tensor([[0], [8]], device=DEVICE) + torch.arange(W, device=DEVICE)
     limits = torch.tensor([13, 20], device=DEVICE)
-    eager, fused = (model.forward_static(tokens, positions, limits, model.new_static_cache(B), slice(0, B), 8,
-                                         fused_ops=f) for f in (False, True))
-    assert fused.shape == (B, 8, model.config.vocab_size)
-    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    eager, compiled = (forward_static(model, tokens, positions, limits, new_static_cache(model, B), slice(0, B), 8,
+                                      compile_ops=c) for c in (False, True))
+    assert compiled.shape == (B, 8, model.config.vocab_size)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_step_ops_decode_the_same_tokens(block_model):
@@ -121,10 +122,13 @@ def test_compiled_step_ops_decode_the_same_tokens(block_model):
                            confidence_threshold=0.05)
     rules = [DecodeRules.from_config(cfg)] * len(prompts)
     model = block_model.float()  # the compiled path is for the GPU dtypes; float64 is not its case
-    plain = decode_with_rules(model, prompts, rules, static=StaticStepRunner(model, 4, capture=False, compile_ops=False))
-    fused = decode_with_rules(model, prompts, rules, static=StaticStepRunner(model, 4, capture=DEVICE == "cuda",
-                                                                             compile_ops=True))
-    same = sum(int((a == b).sum()) for a, b in zip(plain.tokens, fused.tokens))
+    config = EngineConfig(max_num_seqs=4)
+    plain = decode_with_rules(model, prompts, rules, runner=ModelRunner(model, config.replace(compile_step=False),
+                                                                        static_step=True))
+    runner = ModelRunner(model, config, static_step=True)
+    runner.static.compile_ops = True  # compiled on CPU too (the runner compiles only on a GPU)
+    compiled = decode_with_rules(model, prompts, rules, runner=runner)
+    same = sum(int((a == b).sum()) for a, b in zip(plain.tokens, compiled.tokens))
     assert same >= 0.95 * sum(t.numel() for t in plain.tokens)
     block_model.to(DTYPE)
 
@@ -138,7 +142,7 @@ def test_steps_launched_ahead_change_no_token(block_model):
     config = EngineConfig(max_num_seqs=6, max_batched_tokens=400, pipeline_steps=False)
     plain = run_staggered(Engine(block_model, config, static_step=True), requests)
     engine = Engine(block_model, config, static_step=True)
-    engine.pipeline = True
+    engine.runner.pipeline = True
     assert run_staggered(engine, requests) == plain
     assert engine.runner.static.num_ahead_used > 0
 
@@ -147,7 +151,7 @@ def test_steps_launched_ahead_change_no_token(block_model):
                            confidence_threshold=0.05, use_adaptive_steps=False)
     expected = Engine(block_model, config, static_step=True).generate(prompts, cfg)
     engine = Engine(block_model, config, static_step=True)
-    engine.pipeline = True
+    engine.runner.pipeline = True
     assert engine.generate(prompts, cfg) == expected
     static = engine.runner.static
     assert static.num_ahead == engine.stats["steps"] > 3 * 40 // 8  # every step launched its successor
@@ -160,7 +164,7 @@ def test_batched_commits_equal_per_request_commits(block_model, monkeypatch, thr
     tokens, with the same forward passes per request, of committing request by request: static
     schedules (several positions per step) beside threshold rules that fire, prompts ending inside
     a block, requests joining and leaving. Different thresholds in one step fall back to one by one."""
-    import pllm.engine.engine as engine_module
+    import pllm.engine.model_runner as runner_module
     from pllm.engine.batched_commit import batchable, commit_batch
 
     model = copy.deepcopy(block_model)
@@ -192,7 +196,7 @@ def test_batched_commits_equal_per_request_commits(block_model, monkeypatch, thr
     if threshold < 0.9:
         assert sum(expected_nfe) < sum(map(len, expected)) / 1.5  # the rules commit several tokens per pass
     calls = []
-    monkeypatch.setattr(engine_module, "commit_batch",
+    monkeypatch.setattr(runner_module, "commit_batch",
                         lambda *a, **k: (calls.append(len(a[0])), commit_batch(*a, **k)))
     engine = Engine(model, config, static_step=True)
     assert run(engine) == (expected, expected_nfe)

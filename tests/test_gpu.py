@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from pllm import DiffusionTransformer, DistributedTrainer, GenerationConfig, ParallelGenerator, load_model
+from pllm import DiffusionTransformer, DistributedTrainer, GenerationConfig, ParallelGenerator, load_model, save_pretrained
 from test_trainer import loader, small_training
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -84,7 +84,7 @@ def test_bf16_inference_matches_fp32_greedy_on_a_trained_model(tmp_path):
     model = DiffusionTransformer(tiny_config(dtype="bfloat16"))
     DistributedTrainer(model, small_training(num_train_steps=150, use_torch_compile=False), train_dataloader=loader(),
                        show_progress=False).train()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     gpu = load_model(tmp_path, device="cuda")
     assert gpu.embed_tokens.weight.dtype == torch.bfloat16 and gpu.rope_cos.dtype == torch.float32
     x = loader(1, seed=2)[0].cuda()
@@ -139,7 +139,7 @@ def test_bf16_step_graphs_replay_in_any_order_at_batch_16():
     model = DiffusionTransformer(cfg).cuda().to(torch.bfloat16).eval()
     engine = Engine(model, EngineConfig(max_num_seqs=16))
     static = engine.runner.static
-    assert engine.pipeline and len(static.graphs) == len(static.buckets) * len(static.lengths)
+    assert engine.runner.pipeline and len(static.graphs) == len(static.buckets) * len(static.lengths)
     gen = GenerationConfig(max_new_tokens=96, num_refinement_steps=96, temperature=0.0, strategy="threshold",
                            use_adaptive_steps=False)
     ids = [engine.add_request(torch.randint(4, 96, (20 + 9 * i,)), gen) for i in range(16)]
@@ -164,7 +164,7 @@ def test_launching_a_step_ahead_never_waits_for_the_gpu(monkeypatch):
     """`run_ahead` and the batched commit before it must only queue work: a synchronizing call
     there (a copy from pageable memory, `.item()`) makes the host wait for the step in flight and
     undoes the pipelining. CUDA's sync debug mode turns any such call into an error."""
-    import pllm.engine.engine as engine_module
+    import pllm.engine.model_runner as runner_module
     from pllm import EngineConfig
     from pllm.engine import Engine
 
@@ -184,7 +184,7 @@ def test_launching_a_step_ahead_never_waits_for_the_gpu(monkeypatch):
     engine = Engine(DiffusionTransformer(cfg).cuda().to(torch.bfloat16).eval(), EngineConfig(max_num_seqs=4))
     static, calls = engine.runner.static, []
     static.run_ahead = strict(static.run_ahead)
-    monkeypatch.setattr(engine_module, "commit_batch", strict(engine_module.commit_batch))
+    monkeypatch.setattr(runner_module, "commit_batch", strict(runner_module.commit_batch))
     gen = GenerationConfig(max_new_tokens=64, num_refinement_steps=64, temperature=0.0, strategy="threshold",
                            use_adaptive_steps=False)
     engine.generate([torch.randint(4, 96, (20 + 9 * i,)) for i in range(4)], gen)

@@ -416,8 +416,8 @@ def test_add_rms_norm_forward_and_backward_equal_the_definition(dtypes, monkeypa
         torch.library.opcheck(torch.ops.pllm.add_rms_norm.default, (x, y, weight, 1e-5, dtype))
         # The backward's row tiles where they do not divide a program's rows (6 = 4 + a half-masked 4)
         from pllm.kernels import rms_norm
-        monkeypatch.setattr(rms_norm, "ROWS_PER_PROGRAM", 6)
-        tiled = torch.autograd.grad(add_rms_norm(x, y, weight, 1e-5), [x, y, weight], [grad_h, grad_n])
+        h = add_rms_norm(x, y, weight, 1e-5)[0].detach()
+        tiled = rms_norm.add_rms_norm_backward(h, weight, 1e-5, grad_h, grad_n, x.dtype, y.dtype, rows_per_program=6)
         for got, want in zip(tiled, want_grads):
             assert (got.double() - want).norm() / want.norm() < max(tolerance(dtype, 4), tolerance(got.dtype, 2))
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):  # normed in the dtype the matmul reads
@@ -464,15 +464,16 @@ def test_skinny_split_decoding_step_equals_the_model_definition(monkeypatch):
     # The fixed-shape step with o_proj and down_proj split over K (one of o_proj's two splits gets
     # no K of its own) and their partial sums added in the add + norm kernel, against the eager
     # blocks. The elementwise chains the step compiles run eagerly here (the kernels are under test).
-    from pllm import model as model_module
+    from pllm.engine import step_forward
     from pllm.kernels import rms_norm, skinny_gemm
+    from pllm.kernels.options import KernelOptions
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     model, tokens, positions, limits = tiny_step_model(14, dtype)
-    monkeypatch.setattr(model_module, "fused", lambda fn: fn)
-    monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 64), (16, 64, 2, 2))  # o_proj
-    monkeypatch.setitem(skinny_gemm.SPLIT_CONFIGS, (64, 128), (32, 64, 2, 2, 8))  # down_proj, 8 warps
-    monkeypatch.setitem(skinny_gemm.CONFIGS, (256, 64, 1, True), (16, 64, 2))  # gate | up
+    monkeypatch.setattr(step_forward, "compiled_elementwise", lambda fn: fn)
+    kernels = KernelOptions(split_tiles=(((64, 64), (16, 64, 2, 2)),  # o_proj
+                                         ((64, 128), (32, 64, 2, 2, 8))),  # down_proj, 8 warps
+                            gemm_tiles=(((256, 64, 1, True), (16, 64, 2)),))  # gate | up
     split_calls = []
 
     def counted(*args):
@@ -485,13 +486,13 @@ def test_skinny_split_decoding_step_equals_the_model_definition(monkeypatch):
     monkeypatch.setattr(skinny_gemm, "add_partials_rms_norm", counted)
     runs = skinny_gemm.runs_kernel(model.embed_tokens(tokens), model.layers[0].attn.o_proj.weight)
     logits, caches = [], []
-    for fused_ops in (True, False):
-        cache = model.new_static_cache(1)
+    for compile_ops in (True, False):
+        cache = step_forward.new_static_cache(model, 1)
         with monkeypatch.context() as patch:
-            if fused_ops and runs:
+            if compile_ops and runs:
                 patch.setattr(rms_norm, "add_partials_rms_norm_reference", no_fallback)
-            logits.append(model.forward_static(tokens, positions, limits, cache, slice(0, 1), 32,
-                                               fused_ops=fused_ops))
+            logits.append(step_forward.forward_static(model, tokens, positions, limits, cache, slice(0, 1), 32,
+                                                      compile_ops=compile_ops, kernels=kernels))
         caches.append(cache.keys_values.float())
     # where the kernels run, both projections of both layers took the split path
     assert split_calls == ([(2, 1, 64, 64)] * 4 if runs else [])
@@ -506,7 +507,7 @@ def test_skinny_split_decoding_step_equals_the_model_definition(monkeypatch):
 def test_model_through_rotate_qkv_and_add_rms_norm_ops_equals_the_reference_path(checkpointing):
     from conftest import tiny_config
     from pllm import DiffusionTransformer
-    from pllm.kernels import qkv_rotary, rms_norm
+    from pllm.kernels.options import KernelOptions
 
     torch.manual_seed(13)
     model = DiffusionTransformer(tiny_config(qk_norm=True)).to(DEVICE).train()
@@ -520,11 +521,8 @@ def test_model_through_rotate_qkv_and_add_rms_norm_ops_equals_the_reference_path
         return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
 
     ops = run()
-    qkv_rotary.USE_ROTATE_QKV_KERNEL = rms_norm.USE_ADD_RMS_NORM_KERNEL = False
-    try:
-        reference = run()
-    finally:
-        qkv_rotary.USE_ROTATE_QKV_KERNEL = rms_norm.USE_ADD_RMS_NORM_KERNEL = True
+    model.use_kernels(KernelOptions(rotate_qkv=False, add_rms_norm=False))
+    reference = run()
     assert len(ops) == len(reference)
     for a, b in zip(ops, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -560,6 +558,7 @@ def test_skinny_linear_and_its_gated_form_equal_the_definition(rows, n, k, split
 
 def test_the_step_takes_skinny_kernels_only_for_measured_shapes(monkeypatch):
     from pllm.kernels import skinny_gemm
+    from pllm.kernels.options import KernelOptions
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     x = torch.randn(64, 128, device=DEVICE).to(dtype)
@@ -573,13 +572,11 @@ def test_the_step_takes_skinny_kernels_only_for_measured_shapes(monkeypatch):
     skinny_gemm.step_linear(x, w)
     skinny_gemm.step_silu_mul_linear(x, w, lambda g, u: F.silu(g) * u)
     assert calls == []  # an unmeasured shape stays on cuBLAS
-    monkeypatch.setitem(skinny_gemm.CONFIGS, (96, 128, 1, False), (16, 64, 2))
-    monkeypatch.setitem(skinny_gemm.CONFIGS, (96, 128, 1, True), (16, 64, 2))
-    skinny_gemm.step_linear(x, w)
-    skinny_gemm.step_silu_mul_linear(x, w, lambda g, u: F.silu(g) * u)
+    kernels = KernelOptions(gemm_tiles=(((96, 128, 1, False), (16, 64, 2)), ((96, 128, 1, True), (16, 64, 2))))
+    skinny_gemm.step_linear(x, w, kernels)
+    skinny_gemm.step_silu_mul_linear(x, w, lambda g, u: F.silu(g) * u, kernels)
     assert calls == ([False, True] if skinny_gemm.runs_kernel(x, w) else [])
-    monkeypatch.setattr(skinny_gemm, "USE_SKINNY", False)
-    skinny_gemm.step_linear(x, w)
+    skinny_gemm.step_linear(x, w, kernels.replace(skinny_gemm=False))
     assert len(calls) == (2 if skinny_gemm.runs_kernel(x, w) else 0)
 
 
@@ -633,7 +630,8 @@ def test_bias_attention_split_over_keys_equals_the_definition(queries):
 def test_decoding_step_with_skinny_kernels_equals_cublas():
     # The shapes the table sends to the skinny kernels, through the model's fixed-shape step.
     from pllm import DiffusionTransformer, ModelConfig
-    from pllm.kernels import skinny_gemm
+    from pllm.engine.step_forward import forward_static, new_static_cache
+    from pllm.kernels.options import KernelOptions
 
     torch.manual_seed(11)
     cfg = ModelConfig(vocab_size=4096, hidden_size=2048, num_hidden_layers=2, num_attention_heads=32,
@@ -645,12 +643,9 @@ def test_decoding_step_with_skinny_kernels_equals_cublas():
     limits = torch.tensor([128], device="cuda")
     logits = []
     for use in (True, False):  # skinny GEMMs, cuBLAS
-        skinny_gemm.USE_SKINNY = use
-        try:
-            cache = model.new_static_cache(1)
-            logits.append(model.forward_static(tokens, positions, limits, cache, slice(0, 1), 32, fused_ops=True))
-        finally:
-            skinny_gemm.USE_SKINNY = True
+        cache = new_static_cache(model, 1)
+        logits.append(forward_static(model, tokens, positions, limits, cache, slice(0, 1), 32, compile_ops=True,
+                                     kernels=KernelOptions(skinny_gemm=use)))
     assert (logits[0] - logits[1]).norm() / logits[1].norm() < 2e-2
 
 
@@ -661,11 +656,7 @@ def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
     assert tile(3, 32, 64, sms=132) == 32  # 96 programs -> 192
     assert tile(1, 32, 64, sms=132) == 16  # 32 -> 64 -> 128: no tile below 16
     assert tile(1, 32, 5, sms=132) == 16 and tile(1, 32, 64, sms=None) == 64  # CPU: no SM count
-    module.FILL_SMS = False
-    try:
-        assert tile(1, 32, 64, sms=132) == 64
-    finally:
-        module.FILL_SMS = True
+    assert tile(1, 32, 64, sms=132, fill_sms=False) == 64
 
 
 def test_next_windows_pick_each_rows_next_step_window():

@@ -91,24 +91,29 @@ def decode_with_rules(
     rules: list[DecodeRules],
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     suffixes: list[torch.Tensor] | None = None,
-    static=None,
+    runner=None,
     drafter: Drafter | None = None,
 ) -> DecodeOutput:
     """`decode` with each prompt's settings given as DecodeRules (e.g. `DecodeRules.from_config`).
     suffixes: per prompt, fixed tokens after the answer (infilling, bidirectional models).
-    static: a StaticStepRunner for fixed-shape (CUDA-graph) steps (see `run_states`).
-    drafter: the draft model's `Drafter`, needed by rules with speculative=True."""
+    runner: runs each step's forward pass, states -> per state its segments' logits, with the
+    runner's own decoding states (`pllm.engine.ModelRunner`: fixed-shape CUDA-graph steps); default:
+    one packed pass (`run_states`). drafter: the draft model's `Drafter`, needed by rules with
+    speculative=True."""
     suffixes = suffixes or [None] * len(prompts)
     if any(r.speculative for r in rules):
         if drafter is None:
             raise ValueError("speculative decoding needs a draft model")
         check_draft_model(model.config, drafter.config)
-    states = [DecodeState(p, r, model.config, model.device, sfx) for p, r, sfx in zip(prompts, rules, suffixes)]
+    if runner is not None:
+        states = [runner.new_state(p, r, sfx) for p, r, sfx in zip(prompts, rules, suffixes)]
+    else:
+        states = [DecodeState(p, r, model.config, model.device, sfx) for p, r, sfx in zip(prompts, rules, suffixes)]
     nfe = draft_nfe = 0
     while active := [s for s in states if not s.finished]:
         if drafter is not None:
             draft_nfe += drafter.propose(active)
-        logits = run_states(model, active, static)
+        logits = runner.run(active) if runner is not None else run_states(model, active)
         nfe += 1
         commits = {id(s): (s.start, s.advance(l)) for s, l in zip(active, logits)}
         if on_step is not None:
@@ -119,19 +124,11 @@ def decode_with_rules(
                         verified=sum(s.verified for s in states), accepted=sum(s.accepted for s in states))
 
 
-def run_states(model: torch.nn.Module, states: list[DecodeState], static=None) -> list[list[torch.Tensor]]:
-    """One forward pass over every segment of every state; the logits, grouped per state.
-
-    static: a `pllm.engine.cuda_graphs.StaticStepRunner`; the states it takes run through its
-    fixed-shape (CUDA-graph) step, the others in one packed pass beside it."""
-    fixed = [s for s in states if static.eligible(s)] if static is not None else []
-    logits = dict(zip(map(id, fixed), static.run(fixed))) if fixed else {}
-    packed = [s for s in states if id(s) not in logits]
-    if packed:
-        segments = [s.segments() for s in packed]
-        flat = iter(model.forward_segments([seg for segs in segments for seg in segs]))
-        logits.update((id(s), [next(flat) for _ in segs]) for s, segs in zip(packed, segments))
-    return [logits[id(s)] for s in states]
+def run_states(model: torch.nn.Module, states: list[DecodeState]) -> list[list[torch.Tensor]]:
+    """One packed forward pass over every segment of every state; the logits, grouped per state."""
+    segments = [s.segments() for s in states]
+    flat = iter(model.forward_segments([seg for segs in segments for seg in segs]))
+    return [[next(flat) for _ in segs] for segs in segments]
 
 
 def _left_padded(states: list[DecodeState], commits: dict, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,9 +130,11 @@ class DecodeState:
     Prompt tokens and committed tokens never change."""
 
     def __init__(self, prompt: torch.Tensor, rules: DecodeRules, model_config: ModelConfig, device,
-                 suffix: torch.Tensor | None = None):
-        """suffix (bidirectional models): fixed tokens after the answer, which is then an infill."""
-        self.rules, self.cfg = rules, model_config
+                 suffix: torch.Tensor | None = None, commit_kernel: bool = True):
+        """suffix (bidirectional models): fixed tokens after the answer, which is then an infill.
+        commit_kernel: a greedy step's commit as one selection kernel on the GPU
+        (`KernelOptions.commit_in_place`; False: the PyTorch definition)."""
+        self.rules, self.cfg, self.commit_kernel = rules, model_config, commit_kernel
         prompt = torch.as_tensor(prompt, dtype=torch.long).flatten().to(device)
         self.prompt_len = prompt.numel()
         answer = torch.full((rules.gen_length,), model_config.mask_token_id, dtype=torch.long, device=device)
@@ -351,7 +353,7 @@ class DecodeState:
             # Greedy confidence decoding: logits -> token, confidence and the commit into the block
             # in one call (two kernels on a GPU).
             out = commit_in_place(logits, block, min_count, r.confidence_threshold, cfg.mask_token_id,
-                                  banned_ids=(cfg.mask_token_id, cfg.pad_token_id))
+                                  banned_ids=(cfg.mask_token_id, cfg.pad_token_id), use_kernel=self.commit_kernel)
             self._record_step(out.tokens, out.confidence, *host_copy(block))
             return out.commit
         still_masked = block == cfg.mask_token_id

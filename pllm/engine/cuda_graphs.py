@@ -23,8 +23,10 @@ import itertools
 import torch
 
 from ..decoding import DecodeState
+from pllm.kernels.options import DEFAULT_KERNELS, KernelOptions
 from pllm.kernels.step_windows import next_windows
 from ..model import DiffusionTransformer
+from .step_forward import forward_static, new_static_cache
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -37,16 +39,18 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 class StaticStepRunner:
     """Runs the states of requests (by id) through fixed-shape steps; see the module docstring."""
 
-    def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None):
+    def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None,
+                 kernels: KernelOptions = DEFAULT_KERNELS):
         """capture: CUDA graphs (GPU); compile_ops: torch.compile the step's elementwise chains
-        (default: with capture)."""
+        (default: with capture); kernels: the step's kernel choices (`EngineConfig.kernels`)."""
         if model.config.attention_mode != "block_causal":
             raise ValueError("fixed-shape steps need a block-causal model (bidirectional models see the whole answer)")
         self.model, self.block, self.capture = model, model.config.block_size, capture
         self.compile_ops = capture if compile_ops is None else compile_ops
+        self.kernels = kernels
         self.window = 2 * self.block
         self.buckets = batch_buckets(max_num_seqs)
-        self.cache = model.new_static_cache(self.buckets[-1])
+        self.cache = new_static_cache(model, self.buckets[-1])
         self.slot_of: dict[DecodeState, int] = {}  # a running state -> its cache slot (= its row in the step)
         device, W, bs = model.device, self.window, self.block
         B = self.buckets[-1]
@@ -82,9 +86,9 @@ class StaticStepRunner:
     def _step(self, B: int, S: int) -> torch.Tensor:
         # Captured steps keep the logits in the weights' dtype: the commit kernels read them into
         # float32 (no cast kernel in the graph).
-        return self.model.forward_static(self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
-                                         slice(0, B), self.block, key_length=S, fused_ops=self.compile_ops,
-                                         float_logits=not self.capture)
+        return forward_static(self.model, self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
+                              slice(0, B), self.block, key_length=S, compile_ops=self.compile_ops,
+                              float_logits=not self.capture, kernels=self.kernels)
 
     def _capture_all(self) -> None:
         """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""
@@ -132,7 +136,8 @@ class StaticStepRunner:
         table = self.to_device([list(itertools.accumulate([0] + sizes[:-1])), sizes,
                                 [s.start for s in states], [s.end for s in states], after])
         flat = states[0].tokens if n == 1 else torch.cat([s.tokens for s in states])
-        next_windows(flat, table, self.tokens[:B], self.positions[:B], self.limits[:B], bs, mask_id, pad)
+        next_windows(flat, table, self.tokens[:B], self.positions[:B], self.limits[:B], bs, mask_id, pad,
+                     use_kernel=self.kernels.next_windows)
         self._layout = None  # the next plain `run` rewrites positions, limits and padding
         furthest = max(((s.end if a >= 0 else s.start) // bs - 1) * bs for s, a in zip(states, after))
         need = furthest + W + self.cache.offset
@@ -225,8 +230,8 @@ class StaticStepRunner:
             return
         positions = torch.arange(end, device=self.tokens.device)[None]
         limit = torch.full((1,), end, device=self.tokens.device)  # a fill: no copy that waits for the GPU
-        self.model.forward_static(state.tokens[None, :end], positions, limit, self.cache, slice(slot, slot + 1), 0,
-                                  fixed_shape=False)
+        forward_static(self.model, state.tokens[None, :end], positions, limit, self.cache, slice(slot, slot + 1), 0,
+                       fixed_shape=False, kernels=self.kernels)
 
 
 class _Done:

@@ -16,9 +16,8 @@ from collections import deque
 import torch
 
 from ..config import EngineConfig, GenerationConfig, ModelConfig
-from ..decoding import DecodeRules, DecodeState, Drafter, check_draft_model
+from ..decoding import DecodeRules, Drafter, check_draft_model
 from ..model import DiffusionTransformer
-from .batched_commit import batchable, commit_batch
 from .model_runner import ModelRunner
 from .request import Request, RequestOutput, tokens_per_pass
 from .scheduler import Scheduler
@@ -58,11 +57,7 @@ class Engine:
         self.generation = generation or GenerationConfig()  # defaults for requests that bring none
         if static_step is None:
             static_step = self.config.use_cuda_graphs and model.device.type == "cuda"
-        self.runner = ModelRunner(model, static_step, self.config.max_num_seqs, self.config.compile_step)
-        # Launch each step before the host reads the last one's commits (`StaticStepRunner.run_ahead`):
-        # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
-        static = self.runner.static
-        self.pipeline = bool(self.config.pipeline_steps and static is not None and static.capture)
+        self.runner = ModelRunner(model, self.config, static_step)
         self.model_config = model.config
         if draft_model is not None:
             check_draft_model(model.config, draft_model.config)
@@ -102,6 +97,22 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Admit and schedule, run one forward pass over the batch, commit, collect the new tokens."""
+        outputs = self._take_incoming()
+        batch = self._schedule()
+        if not batch:
+            return outputs
+        states = [r.state for r in batch]
+        if self.drafter is not None:
+            self.stats["draft_passes"] += self.drafter.propose(states)
+        drafted, accepted = sum(s.drafted for s in states), sum(s.accepted for s in states)
+        self.runner.commit(states, self.runner.run(states))
+        self.stats["drafted_tokens"] += sum(s.drafted for s in states) - drafted
+        self.stats["accepted_draft_tokens"] += sum(s.accepted for s in states) - accepted
+        return outputs + self._collect(batch)
+
+    def _take_incoming(self) -> list[RequestOutput]:
+        """New requests join the queue; aborted ones leave it (their outputs)."""
         outputs = []
         while self._incoming:
             self.scheduler.add(self._incoming.popleft())
@@ -110,31 +121,18 @@ class Engine:
             if request is not None:
                 self.stats["aborted"] += 1
                 outputs.append(self._output(request, [], finish_reason="abort"))
+        return outputs
+
+    def _schedule(self) -> list[Request]:
+        """This step's batch; newly admitted requests get their decoding state."""
         admitted, batch = self.scheduler.schedule()
         for request in admitted:
-            request.state = DecodeState(request.prompt, request.rules, self.model_config, self.runner.device)
-        if not batch:
-            return outputs
-        states = [r.state for r in batch]
-        if self.drafter is not None:
-            self.stats["draft_passes"] += self.drafter.propose(states)
-        logits = self.runner.run(batch)
-        static = self.runner.static
-        fixed = static is not None and all(map(static.eligible, states))  # one fixed-shape step for all
-        ahead = self.pipeline and fixed
-        if fixed and batchable(states, self.config.min_batched_commits):
-            commit_batch(states, static.last_logits[:len(states)], static.to_device, defer=ahead)
-        else:
-            for state, block_logits in zip(states, logits):
-                drafted, accepted = state.drafted, state.accepted
-                state.advance(block_logits, defer=ahead)
-                self.stats["drafted_tokens"] += state.drafted - drafted
-                self.stats["accepted_draft_tokens"] += state.accepted - accepted
-        if ahead:
-            self.runner.static.run_ahead(states)
-            for state in states:
-                state.finish_step()
-        now = time.perf_counter()
+            request.state = self.runner.new_state(request.prompt, request.rules)
+        return batch
+
+    def _collect(self, batch: list[Request]) -> list[RequestOutput]:
+        """The answer tokens that became final this step; finished requests leave the batch."""
+        outputs, now = [], time.perf_counter()
         for request in batch:
             state = request.state
             final = state.final_ids  # host copy: no device read per request
@@ -142,11 +140,11 @@ class Engine:
             if new and request.first_token_time is None:
                 request.first_token_time = now
             request.num_sent = len(final)
-            if request.state.finished:
+            if state.finished:
                 self.scheduler.remove(request.request_id)
                 request.finish_time = now
                 self.stats["finished"] += 1
-                outputs.append(self._output(request, new, request.state.finish_reason))
+                outputs.append(self._output(request, new, state.finish_reason))
             elif new:
                 outputs.append(self._output(request, new, None))
             self.stats["generated_tokens"] += len(new)

@@ -1,13 +1,15 @@
-"""Tensors in, logits out: one forward pass over the running sequences."""
+"""Tensors in, tokens out: one forward pass over the running sequences, then their commits."""
 
 from __future__ import annotations
 
 import torch
 
+from ..config import EngineConfig
+from ..decoding import DecodeState
 from ..decoding.loop import run_states
 from ..model import DiffusionTransformer
+from .batched_commit import batchable, commit_batch
 from .cuda_graphs import StaticStepRunner
-from .request import Request
 
 
 class ModelRunner:
@@ -17,22 +19,57 @@ class ModelRunner:
     makes "batching never changes outputs" hold.
 
     static_step (block-causal models): sequences with the exact block cache and one segment per
-    step run instead through fixed-shape steps (`StaticStepRunner`), captured as CUDA graphs on
-    GPUs; the others (draft-and-verify, no cache) still run packed, in a second pass."""
+    step run instead through fixed-shape steps (`StaticStepRunner`: cache slots, CUDA graphs on
+    GPUs); the others (draft-and-verify, no cache) still run packed, in a second pass."""
 
-    def __init__(self, model: DiffusionTransformer, static_step: bool = False, max_num_seqs: int = 32,
-                 compile_ops: bool = True):
+    def __init__(self, model: DiffusionTransformer, config: EngineConfig | None = None, static_step: bool = False):
+        config = config or EngineConfig()
         self.model = model.eval()
-        self.static = None
+        self.min_batched_commits = config.min_batched_commits
+        self.commit_kernel = config.kernels.commit_in_place
+        # The fixed-shape step runner; read it to inspect its graphs and counters, drive it through `run`.
+        self.static: StaticStepRunner | None = None
         if static_step and model.config.attention_mode == "block_causal":
             on_gpu = model.device.type == "cuda"
-            self.static = StaticStepRunner(model, max_num_seqs, capture=on_gpu, compile_ops=compile_ops and on_gpu)
+            self.static = StaticStepRunner(model, config.max_num_seqs, capture=on_gpu,
+                                           compile_ops=config.compile_step and on_gpu, kernels=config.kernels)
+        # Launch each step before the host reads the last one's commits (`StaticStepRunner.run_ahead`):
+        # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
+        self.pipeline = bool(config.pipeline_steps and self.static is not None and self.static.capture)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    def new_state(self, prompt: torch.Tensor, rules, suffix: torch.Tensor | None = None) -> DecodeState:
+        """A sequence's decoding state on this runner's device, with its kernel choices."""
+        return DecodeState(prompt, rules, self.model.config, self.device, suffix, commit_kernel=self.commit_kernel)
+
     @torch.no_grad()
-    def run(self, batch: list[Request]) -> list[list[torch.Tensor]]:
-        """Per request, the logits of each of its segments (the state, then any drafts)."""
-        return run_states(self.model, [r.state for r in batch], self.static)
+    def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
+        """Per state, the logits of each of its segments (the state, then any drafts): the states the
+        fixed-shape step takes run through it, the others in one packed pass beside it."""
+        static = self.static
+        fixed = [s for s in states if static.eligible(s)] if static is not None else []
+        logits = dict(zip(map(id, fixed), static.run(fixed))) if fixed else {}
+        packed = [s for s in states if id(s) not in logits]
+        if packed:
+            logits.update(zip(map(id, packed), run_states(self.model, packed)))
+        return [logits[id(s)] for s in states]
+
+    def commit(self, states: list[DecodeState], logits: list[list[torch.Tensor]]) -> None:
+        """Each state commits its step's tokens from `run`'s logits: greedy requests of one
+        fixed-shape step in one call (`batched_commit`), the others one by one. Pipelined, the next
+        step is launched before the host waits for these commits."""
+        static = self.static
+        fixed = static is not None and all(map(static.eligible, states))  # one fixed-shape step for all
+        ahead = self.pipeline and fixed
+        if fixed and batchable(states, self.min_batched_commits):
+            commit_batch(states, static.last_logits[:len(states)], static.to_device, defer=ahead)
+        else:
+            for state, state_logits in zip(states, logits):
+                state.advance(state_logits, defer=ahead)
+        if ahead:
+            static.run_ahead(states)
+            for state in states:
+                state.finish_step()

@@ -18,14 +18,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .bias_attention import bias_attention, runs_kernel
+from .options import DEFAULT_KERNELS, KernelOptions
 
 try:  # optional GPU extra
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the install
     flash_attn_func = None
 
-# The decoding step's masked attention on our Triton kernel (`bias_attention`); False: cuDNN (A/B).
-USE_BIAS_ATTENTION_KERNEL = True
 UNMASKED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 MASKED_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
@@ -49,6 +48,7 @@ def fused_attention(
     causal: bool = False,
     use_flash: bool = True,
     fixed_shape: bool = False,
+    kernels: KernelOptions = DEFAULT_KERNELS,
 ) -> torch.Tensor:
     """Scaled dot-product attention. query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV
     dividing H (grouped-query attention: query head h reads key/value head h // (H // KV)).
@@ -61,7 +61,8 @@ def fused_attention(
     was measured to pay (`_bias_kernel_pays`); elsewhere cuDNN on Hopper.
     Elsewhere, a masked grouped-query call with a (B, 1, Lq, Lk) mask runs the G = H // KV query
     heads of each key/value head as one head of G * Lq queries, reading keys/values as they are
-    instead of copying them per query head.
+    instead of copying them per query head. kernels: the step attention kernel's options
+    (`KernelOptions.bias_attention` and its tiles).
     Returns (B, H, Lq, hd)."""
     gqa = key.shape[1] != query.shape[1]
     if block_size is not None:
@@ -71,8 +72,8 @@ def fused_attention(
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *UNMASKED_BACKENDS]):
             return F.scaled_dot_product_attention(query, key, value, enable_gqa=gqa)
     if fixed_shape and mask is not None:
-        if USE_BIAS_ATTENTION_KERNEL and runs_kernel(query, key, value, mask) and _bias_kernel_pays(query, key):
-            return bias_attention(query, key, value, mask)
+        if kernels.bias_attention and runs_kernel(query, key, value, mask) and _bias_kernel_pays(query, key):
+            return bias_attention(query, key, value, mask, kernels)
         if _cudnn_ok(query):
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
                 return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=gqa)
@@ -96,7 +97,7 @@ def fused_attention(
 
 
 def _bias_kernel_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Where `bias_attention` beat cuDNN on an H200 (benchmarks/RESULTS.md): when its programs (one
+    """Where `bias_attention` measured faster than cuDNN (benchmarks/RESULTS.md): when its programs (one
     per query head and 64-query tile) fill the GPU, or over at most 512 keys. With few programs over
     long keys (batch 1 at 1,024 keys and more) each program's serial pass over the keys is the
     critical path, and cuDNN, which splits it, is faster."""

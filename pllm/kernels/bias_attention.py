@@ -5,13 +5,11 @@ A plain flash-attention forward: one program per (query tile of up to 64, query 
 softmax over tiles of keys (256 for the small query tiles of small batches, else 64). It reads keys
 and values in place from the cache slice (any strides), maps query head h to key/value head
 h // (H / KV), and writes its output in (B, Lq, H, hd) memory, so the
-`transpose(1, 2).reshape(B, Lq, H * hd)` that feeds the output projection is a view. With
-cuDNN that reshape was a copy kernel per layer. On an H200, in the 1.1B model's step
-(benchmarks/RESULTS.md), the kernel takes 57 us per layer at batch 16 over 512 keys (cuDNN: 68),
-and the graph replays 8% faster at batch 1 (256 keys) and batch 16. `fused_attention` runs it where
-it was measured to pay. At small batch and long keys (`key_splits`) the keys are split across programs
-and a second kernel merges the slices (flash-decoding). `bias_attention_reference` (SDPA) is what
-it is tested against and what runs elsewhere.
+`transpose(1, 2).reshape(B, Lq, H * hd)` that feeds the output projection is a view (with cuDNN
+that reshape was a copy kernel per layer). `fused_attention` runs it where it was measured faster
+than cuDNN (see benchmarks/RESULTS.md). At small batch and long keys (`key_splits`) the keys are
+split across programs and a second kernel merges the slices (flash-decoding).
+`bias_attention_reference` (SDPA) is what it is tested against and what runs elsewhere.
 """
 
 from __future__ import annotations
@@ -22,23 +20,24 @@ import torch
 import torch.nn.functional as F
 
 from .backend import HAS_TRITON, use_triton
-
-FILL_SMS = True  # smaller query tiles while the programs do not fill the GPU (False: always 64; A/B)
-SPLIT_KEYS = True  # split the keys across programs at small batch (False: never; A/B)
+from .options import DEFAULT_KERNELS, KernelOptions
 
 
-def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+                   kernels: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV dividing H; bias (B, 1, Lq, Lk)
-    additive (0 or -inf), every query seeing at least one key. Returns (B, H, Lq, hd)."""
+    additive (0 or -inf), every query seeing at least one key. Returns (B, H, Lq, hd). kernels:
+    query tiles, key splits and the plain kernel's tile (`KernelOptions.attention_*`)."""
     if not _shapes_fit(query, key, value, bias):
         raise ValueError(f"bias_attention: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
                          f"{tuple(value.shape)}, bias {tuple(bias.shape)} {bias.dtype} (needs key/value (B, KV, Lk, "
                          "hd) with KV | H and an additive (B, 1, Lq, Lk) bias)")
     if runs_kernel(query, key, value, bias):
-        splits = key_splits(query, key)
+        splits = key_splits(query, key, split_keys=kernels.attention_split_keys, fill_sms=kernels.attention_fill_sms)
         if splits > 1:
             return _split_keys_triton(query, key, value, bias, splits)
-        return _bias_attention_triton(query, key, value, bias)
+        return _bias_attention_triton(query, key, value, bias, kernels.attention_tile, kernels.attention_block_m,
+                                      kernels.attention_fill_sms)
     return bias_attention_reference(query, key, value, bias)
 
 
@@ -66,13 +65,13 @@ def triton_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
             and key.dtype == value.dtype == query.dtype and all(t.stride(-1) == 1 for t in (query, key, value)))
 
 
-def query_tile(batch: int, heads: int, queries: int, sms: int | None) -> int:
-    """Queries per program: 64, or (FILL_SMS, on a GPU of `sms` SMs) fewer, down to 16, while the
+def query_tile(batch: int, heads: int, queries: int, sms: int | None, fill_sms: bool = True) -> int:
+    """Queries per program: 64, or (fill_sms, on a GPU of `sms` SMs) fewer, down to 16, while the
     programs would not give every SM one. At batch 1, 32 heads x one 64-query tile are 32 programs
-    on an H200's 132 SMs; with tiles of 16, 128 programs share the work, each with its own pass over
+    on a GPU of 132 SMs; with tiles of 16, 128 programs share the work, each with its own pass over
     the keys (the same length: smaller tiles do not shorten that pass)."""
     tile = 64 if queries > 32 else max(16, 1 << (queries - 1).bit_length())
-    while FILL_SMS and sms and tile > 16 and batch * heads * -(-queries // tile) < sms:
+    while fill_sms and sms and tile > 16 and batch * heads * -(-queries // tile) < sms:
         tile //= 2
     return tile
 
@@ -80,19 +79,18 @@ def query_tile(batch: int, heads: int, queries: int, sms: int | None) -> int:
 KEY_TILE = 64  # keys per loop iteration of the split-keys kernel
 # The plain kernel's (keys per loop iteration, pipeline stages, warps), and its queries per
 # program (None: `query_tile`). With 16-query programs (small batch) it walks the keys in tiles of
-# 256: in-graph on an H200 at batch 1, 4.5 / 6.4 / 10.2 us per layer over 256 / 512 / 1,024 keys
-# against 5.7 / 9.3 / 16.9 in tiles of 64 (`decode_kernels.py --attention-sweep`). Larger query
-# tiles keep 64 keys: 64 x 256 tiles at 3 stages need more shared memory than an SM has.
+# 256, measured faster than tiles of 64 (`decode_kernels.py --attention-sweep`, benchmarks/RESULTS.md).
+# Larger query tiles keep 64 keys: 64 x 256 tiles at 3 stages need more shared memory than an SM has.
 PLAIN_CONFIG = (KEY_TILE, 2, 4)
 SMALL_TILE_CONFIG = (256, 3, 4)
-PLAIN_BLOCK_M: int | None = None
 
 
 def plain_config(block_m: int) -> tuple[int, int, int]:
     return SMALL_TILE_CONFIG if block_m <= 16 else PLAIN_CONFIG
 
 
-def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -> int:
+def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None, split_keys: bool = True,
+               fill_sms: bool = True) -> int:
     """Key slices for the split-keys kernel (flash-decoding): 1 (the plain kernel) unless the plain
     kernel's programs would leave SMs idle (small batch). Then each program takes one key/value
     head's G query heads x a few queries over one slice of the keys, and enough slices give about
@@ -105,12 +103,11 @@ def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -
     if sms is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
     tiles = -(-Lk // KEY_TILE)
-    if not SPLIT_KEYS or groups & (groups - 1) or groups > 64 or tiles < 2:
+    if not split_keys or groups & (groups - 1) or groups > 64 or tiles < 2:
         return 1
-    # Measured in-graph on an H200 (benchmarks/decode_kernels.py, 64 queries, 32 / 4 heads): at
-    # batch 1 the split pays from 2,048 keys (16.5 against 18.9 us; at 1,024, 12.7 against 10.5 for
-    # the plain kernel's 256-key tiles), at batch 2 from 512 (10.1 against 11.8), not at batch 16.
-    if B * H * -(-Lq // query_tile(B, H, Lq, sms)) >= 2 * sms or B * Lk < (2048 if B == 1 else 1024):
+    # Where the split measured faster in-graph (benchmarks/decode_kernels.py, benchmarks/RESULTS.md):
+    # from 2,048 keys at batch 1, from 512 at batch 2, not at batch 16.
+    if B * H * -(-Lq // query_tile(B, H, Lq, sms, fill_sms)) >= 2 * sms or B * Lk < (2048 if B == 1 else 1024):
         return 1
     programs = B * KV * -(-Lq // max(1, 64 // groups))
     return max(1, min(tiles, -(-2 * sms // programs)))
@@ -253,15 +250,16 @@ def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
 
 
 def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int] | None = None,
-                           block_m: int | None = None) -> torch.Tensor:
+                           block_m: int | None = None, fill_sms: bool = True) -> torch.Tensor:
     """config: (keys per iteration, stages, warps), default `plain_config`; block_m: queries per
     program, default `query_tile`."""
     B, H, Lq, hd = query.shape
     Lk = key.shape[2]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     bias = bias.expand(B, 1, Lq, Lk)
-    block_m = block_m or PLAIN_BLOCK_M or query_tile(
-        B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else None)
+    block_m = block_m or query_tile(
+        B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else None,
+        fill_sms)
     block_n, stages, warps = config or plain_config(block_m)
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](

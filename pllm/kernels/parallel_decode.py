@@ -21,7 +21,6 @@ import torch
 from .backend import HAS_TRITON, use_triton
 
 MAX_BLOCK = 256  # positions per sequence the selection kernel ranks in one program
-USE_IN_PLACE_KERNEL = True  # False: `commit_in_place` as parallel_decode + compare, where, copy (A/B)
 
 
 class ParallelDecodeOutput(NamedTuple):
@@ -64,17 +63,18 @@ def parallel_decode(
 
 
 def commit_in_place(logits: torch.Tensor, block: torch.Tensor, min_count: int, threshold: float | None,
-                    mask_id: int, banned_ids: tuple[int, ...] = ()) -> ParallelDecodeOutput:
+                    mask_id: int, banned_ids: tuple[int, ...] = (), use_kernel: bool = True) -> ParallelDecodeOutput:
     """One greedy step of a block, committed into it: logits (L, V) of the block's positions, block
     (L,) int64 tokens, masked where they equal mask_id. The chosen positions get their tokens in
     place (`parallel_decode`'s rule). On the GPU that is two kernel launches for the whole step,
-    where `parallel_decode` followed by the compare, where and copy around it is several more."""
+    where `parallel_decode` followed by the compare, where and copy around it is several more
+    (use_kernel=False: that path, `KernelOptions.commit_in_place`)."""
     if block.dim() != 1 or logits.shape[:-1] != block.shape:
         raise ValueError(f"commit_in_place: logits {tuple(logits.shape)} do not fit block {tuple(block.shape)}")
     if len(banned_ids) > 2:
         raise ValueError(f"parallel_decode bans at most two token ids, got {banned_ids}")
     L = block.numel()
-    if USE_IN_PLACE_KERNEL and use_triton(logits, block) and L <= MAX_BLOCK and block.is_contiguous():
+    if use_kernel and use_triton(logits, block) and L <= MAX_BLOCK and block.is_contiguous():
         out = _parallel_decode_triton(logits[None], None, min_count, threshold, banned_ids, (block, mask_id))
         return ParallelDecodeOutput(*(t[0] for t in out))
     masked = block == mask_id

@@ -3,12 +3,10 @@ values, each (B, L, heads, hd), with Triton forward and backward kernels on the 
 
 Under torch.compile, Inductor wrote the backward of split -> QK-norm -> rotary as one kernel over the
 concatenated QKV gradient in which every element picked its source (query, key or value gradient)
-and its rotation partner by masked loads: on an H200 at the 1B shape it took 109 us per layer, about
-2.5x its memory time (`benchmarks/results/train_profile_1b_h200_full.txt`). Here each program
-takes a few tokens and, per token, reads its query, key and value gradient heads and writes its
-whole QKV gradient row, contiguous: 56 us. With QK-norm the norm's weight gradients are summed per program, then over
-programs. The forward (53 us) is slower than Inductor's two kernels were (37 + 9 us); net, the
-same-run A/B gave 0.999x and 1.011x the step's tokens/s (`train_throughput.py --ab rotate-qkv`).
+and its rotation partner by masked loads, well short of its memory time. Here each program takes
+a few tokens and, per token, reads its query, key and value gradient heads and writes its whole
+QKV gradient row, contiguous. With QK-norm the norm's weight gradients are summed per program,
+then over programs. Timings: benchmarks/RESULTS.md (`train_throughput.py --ab rotate-qkv`).
 The op is a `torch.library` custom op with its own autograd formula, so compiled graphs call it as
 one opaque kernel. `rotate_qkv_reference` is the PyTorch definition, tested against and used on CPU.
 """
@@ -21,7 +19,6 @@ import torch.nn.functional as F
 from .backend import HAS_TRITON, use_triton
 from .rotary_cache import apply_rotary
 
-USE_ROTATE_QKV_KERNEL = True  # False: the PyTorch definition everywhere (benchmarks' A/B)
 ROWS_PER_PROGRAM = 4  # tokens per backward program: fewer partial sums of the norm weights' gradients
 
 
@@ -42,18 +39,19 @@ def rotate_qkv_reference(qkv, cos, sin, heads: int, kv_heads: int, q_weight=None
 
 def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
                q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-               eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               eps: float = 1e-6, use_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """qkv (B, L, (heads + 2 kv_heads) hd): rows of query | key | value heads; cos/sin (B, L, hd) or
     (1, L, hd) at each token's position ("rotate half" layout); q_weight/k_weight (hd,): QK-norm
     weights (None: no norm). Returns q (B, L, heads, hd), k and v (B, L, kv_heads, hd). The Triton
-    kernels take head sizes that are powers of two; others run the reference."""
+    kernels take head sizes that are powers of two; others run the reference, as does
+    use_kernel=False (`KernelOptions.rotate_qkv`)."""
     B, L, width = qkv.shape
     head_dim = width // (heads + 2 * kv_heads)
     if width != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qkv width {width} is not (heads {heads} + 2 x kv_heads {kv_heads}) x an even head size")
     if cos.shape != (cos.shape[0], L, head_dim) or cos.shape[0] not in (1, B) or sin.shape != cos.shape:
         raise ValueError(f"cos/sin {tuple(cos.shape)} / {tuple(sin.shape)} do not fit qkv {tuple(qkv.shape)}")
-    if (USE_ROTATE_QKV_KERNEL and use_triton(qkv) and head_dim & (head_dim - 1) == 0
+    if (use_kernel and use_triton(qkv) and head_dim & (head_dim - 1) == 0
             and qkv.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         return torch.ops.pllm.rotate_qkv(qkv, cos, sin, q_weight, k_weight, heads, kv_heads, float(eps))
     return rotate_qkv_reference(qkv, cos, sin, heads, kv_heads, q_weight, k_weight, eps)

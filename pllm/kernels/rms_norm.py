@@ -4,16 +4,13 @@ but the first block's first one). `add_partials_rms_norm` is its inference form 
 as a K-split matmul's float32 partial sums (the decoding step's o_proj and down_proj).
 
 Under torch.compile (bf16 autocast over an fp32 residual stream), Inductor wrote the forward as a
-looped reduction at 132-204 us per call on an H200 at the 1B shape, against about 95 us of memory
-time, and the backward as a norm-backward kernel plus a separate kernel casting the residual
-gradient to bf16 for the projection's backward matmul (119 + 47 us;
-`benchmarks/results/train_profile_1b_h200_rotate_qkv.txt`). Here the forward is one program per
-row, writing h and the normalised row (already in the autocast dtype, which the next matmul reads):
-96 us, the memory time. The backward writes x's gradient and, in y's dtype, y's (the same values),
-with the weight's gradient summed per program, then over programs. Run one row at a time it took
-178 us, short of its memory time (`train_profile_1b_h200_add_rms_norm.txt`); it now takes a tile of
-rows at a time. Net, in one run on an H200: 1.017x the step's tokens/s (1.011x with one row at a
-time, in another run: within run-to-run noise of each other).
+looped reduction well above its memory time, and the backward as a norm-backward kernel plus a
+separate kernel casting the residual gradient to bf16 for the projection's backward matmul. Here
+the forward is one program per row, writing h and the normalised row (already in the autocast
+dtype, which the next matmul reads). The backward writes x's gradient and, in y's dtype, y's (the
+same values), with the weight's gradient summed per program, then over programs; it takes a tile
+of rows at a time (one row at a time fell short of the memory time). Timings: benchmarks/RESULTS.md
+(`train_throughput.py --ab add-rms-norm`, `norm_backward.py`).
 `add_rms_norm_reference` is the PyTorch definition, tested against and used on CPU.
 """
 
@@ -24,10 +21,8 @@ import torch.nn.functional as F
 
 from .backend import HAS_TRITON, use_triton
 
-USE_ADD_RMS_NORM_KERNEL = True  # False: the PyTorch definition everywhere (benchmarks' A/B)
-# Rows per backward program (the weight's gradient is summed per program), TILE_ROWS at a time. On
-# an H200 at the 1B shape, one row at a time took 178-180 us per call with 8 or 16 rows per program
-# (3 TB/s, against about 125 us of memory time): the serial loop held it back.
+# Rows per backward program (the weight's gradient is summed per program), TILE_ROWS at a time (a
+# serial loop over single rows held the backward back; `benchmarks/norm_backward.py` sweeps both).
 ROWS_PER_PROGRAM = 16
 TILE_ROWS = 4  # a power of two
 
@@ -44,15 +39,16 @@ def add_rms_norm_reference(x, y, weight, eps: float):
     return h, F.rms_norm(h, (h.shape[-1],), weight, eps).to(_normed_dtype(h.device.type, h.dtype))
 
 
-def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float,
+                 use_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, normed) = (x + y, rms_norm(x + y) * weight) over the last dimension; normed in the
-    autocast dtype under autocast (the dtype the next matmul casts it to), else in h's."""
+    autocast dtype under autocast (the dtype the next matmul casts it to), else in h's.
+    use_kernel=False: the PyTorch definition on GPUs too (`KernelOptions.add_rms_norm`)."""
     if x.shape != y.shape or weight.shape != x.shape[-1:]:
         raise ValueError(f"add_rms_norm: x {tuple(x.shape)}, y {tuple(y.shape)} and weight {tuple(weight.shape)} "
                          "do not fit")
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    if (USE_ADD_RMS_NORM_KERNEL and use_triton(x, y, weight) and x.dtype in dtypes and y.dtype in dtypes
+    if (use_kernel and use_triton(x, y, weight) and x.dtype in dtypes and y.dtype in dtypes
             and weight.dtype in dtypes):
         normed_dtype = _normed_dtype(x.device.type, torch.promote_types(x.dtype, y.dtype))
         return torch.ops.pllm.add_rms_norm(x, y, weight, float(eps), normed_dtype)
@@ -151,27 +147,33 @@ if HAS_TRITON:
         return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, y.dtype)),
                 x.new_empty(x.shape, dtype=normed_dtype))
 
-    @torch.library.custom_op("pllm::add_rms_norm_backward", mutates_args=())
-    def _add_rms_norm_backward_op(h: torch.Tensor, weight: torch.Tensor, eps: float, dh: torch.Tensor,
-                                  dn: torch.Tensor, x_dtype: torch.dtype,
-                                  y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def add_rms_norm_backward(h: torch.Tensor, weight: torch.Tensor, eps: float, dh: torch.Tensor, dn: torch.Tensor,
+                              x_dtype: torch.dtype, y_dtype: torch.dtype, rows_per_program: int = ROWS_PER_PROGRAM,
+                              tile_rows: int = TILE_ROWS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dx, dy, dweight): dx and dy are the same values, in x's and y's dtypes (written twice even
-        where the dtypes match: gradients that alias each other could be accumulated into in place)."""
+        where the dtypes match: gradients that alias each other could be accumulated into in place).
+        rows_per_program rows per program, tile_rows (a power of two) at a time (benchmarks sweep them)."""
         h, weight, dh, dn = h.contiguous(), weight.contiguous(), dh.contiguous(), dn.contiguous()
         D = h.shape[-1]
         rows = h.numel() // D
-        programs = triton.cdiv(rows, ROWS_PER_PROGRAM)  # none for no rows: the weight's gradient sums to 0
+        programs = triton.cdiv(rows, rows_per_program)  # none for no rows: the weight's gradient sums to 0
         dx = torch.empty(h.shape, dtype=x_dtype, device=h.device)
         dy = torch.empty(h.shape, dtype=y_dtype, device=h.device)
         partial = torch.empty(programs, D, dtype=torch.float32, device=h.device)  # every program writes its row
         if rows:
             block = triton.next_power_of_2(D)
             # at most 8K elements a tile: wider rows take fewer at a time (registers)
-            tile = max(1, min(TILE_ROWS, triton.next_power_of_2(ROWS_PER_PROGRAM), 8192 // block))
+            tile = max(1, min(tile_rows, triton.next_power_of_2(rows_per_program), 8192 // block))
             _add_rms_norm_backward_kernel[(programs,)](h, weight, dh, dn, dx, dy, partial, rows, D, eps,
-                                                       BLOCK=block, ROWS=ROWS_PER_PROGRAM,
+                                                       BLOCK=block, ROWS=rows_per_program,
                                                        TILE=tile, num_warps=_warps(block * tile))
         return dx, dy, partial.sum(0).to(weight.dtype)
+
+    @torch.library.custom_op("pllm::add_rms_norm_backward", mutates_args=())
+    def _add_rms_norm_backward_op(h: torch.Tensor, weight: torch.Tensor, eps: float, dh: torch.Tensor,
+                                  dn: torch.Tensor, x_dtype: torch.dtype,
+                                  y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return add_rms_norm_backward(h, weight, eps, dh, dn, x_dtype, y_dtype)
 
     @_add_rms_norm_backward_op.register_fake
     def _(h, weight, eps, dh, dn, x_dtype, y_dtype):

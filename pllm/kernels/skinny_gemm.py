@@ -6,11 +6,10 @@ At batch 1 the step's matmuls have 64 rows (a window of two 32-token blocks): th
 reads of 8-46 MB. Every program owns a narrow band of output columns and, optionally, a slice of
 K, written as float32 partial sums (S, M, N) for the caller to fold into its next elementwise
 kernel. The gated form reads the gate rows and the matching up rows of the fused weight in one
-program, so the (M, 2I) gate | up output and the SiLU kernel disappear. Measured inside CUDA
-graphs (`benchmarks/decode_kernels.py`; timing one launch at a time measures Triton's host-side
-launch instead), on an H200 the gated form is 1.21x cuBLAS + the SiLU kernel and o_proj 1.07x; the
-other projections gain little (each call's ramp and tail, not its tiles, dominate), so the step
-uses these kernels only for the shapes in `CONFIGS`. Elsewhere (CPU, no Triton) the references run.
+program, so the (M, 2I) gate | up output and the SiLU kernel disappear. The step uses these
+kernels only for the weight shapes where they measured faster than cuBLAS inside CUDA graphs
+(`KernelOptions.gemm_tiles` / `split_tiles`; `benchmarks/decode_kernels.py`, figures in
+benchmarks/RESULTS.md). Elsewhere (CPU, no Triton) the references run.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from .backend import HAS_TRITON, use_triton
+from .options import DEFAULT_KERNELS, GEMM_TILES, KernelOptions
 from .rms_norm import add_partials_rms_norm
 
 MAX_ROWS = 64  # one row tile: the decoding step's window at batch 1
-USE_SKINNY = True  # the decoding step takes these kernels where they were measured to pay (False: cuBLAS; A/B)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, split: int = 1,
@@ -52,35 +51,36 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ..
     return _launch(x2, weight, 1, gated=True, config=config).view(*x.shape[:-1], weight.shape[0] // 2)
 
 
-def step_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def step_linear(x: torch.Tensor, weight: torch.Tensor, kernels: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """The decoding step's x @ weight.T: the skinny kernel for the weight shapes where the in-graph
-    sweep measured it faster than cuBLAS (`CONFIGS`), else cuBLAS."""
-    config = CONFIGS.get((*weight.shape, 1, False))
-    if USE_SKINNY and config and runs_kernel(x, weight):
+    sweep measured it faster than cuBLAS (`kernels.gemm_tiles`), else cuBLAS."""
+    config = kernels.gemm_tile(*weight.shape, 1, False)
+    if kernels.skinny_gemm and config and runs_kernel(x, weight):
         return skinny_linear(x, weight, 1, config)
     return F.linear(x, weight)
 
 
 def step_linear_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                         eps: float, add_norm) -> tuple[torch.Tensor, torch.Tensor]:
+                         eps: float, add_norm, kernels: KernelOptions = DEFAULT_KERNELS) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoding step's h = residual + x @ weight.T and rms_norm(h) * norm_weight (o_proj and
-    down_proj with the add + norm after them). For the weight shapes in `SPLIT_CONFIGS`: the
+    down_proj with the add + norm after them). For the weight shapes in `kernels.split_tiles`: the
     skinny kernel split over K, its float32 partial sums folded into the add + norm kernel
     (`add_partials_rms_norm`); else `step_linear` and add_norm (a callable of residual, y,
     norm_weight, eps)."""
-    config = SPLIT_CONFIGS.get(tuple(weight.shape))
-    if USE_SKINNY and config and runs_kernel(x, weight) and residual.is_contiguous():
+    config = kernels.split_tile(*weight.shape)
+    if kernels.skinny_gemm and config and runs_kernel(x, weight) and residual.is_contiguous():
         block_n, block_k, stages, split, *warps = config
         tile = (block_n, block_k, stages, *warps)
         return add_partials_rms_norm(residual, skinny_linear(x, weight, split, tile), norm_weight, eps)
-    return add_norm(residual, step_linear(x, weight), norm_weight, eps)
+    return add_norm(residual, step_linear(x, weight, kernels), norm_weight, eps)
 
 
-def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul) -> torch.Tensor:
+def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul,
+                         kernels: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
     """The decoding step's SwiGLU input: the gated kernel where it was measured faster, else cuBLAS
     and `silu_mul` (a callable of gate and up)."""
-    config = CONFIGS.get((*weight.shape, 1, True))
-    if USE_SKINNY and config and runs_kernel(x, weight):
+    config = kernels.gemm_tile(*weight.shape, 1, True)
+    if kernels.skinny_gemm and config and runs_kernel(x, weight):
         return silu_mul_linear(x, weight, config)
     return silu_mul(*F.linear(x, weight).chunk(2, dim=-1))
 
@@ -110,36 +110,9 @@ def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 def default_config(n: int, k: int, split: int, gated: bool) -> tuple[int, ...]:
-    """(block_n, block_k, stages[, warps]) by weight shape, from the in-graph sweeps on an H200 and
-    an H100 (`benchmarks/decode_kernels.py`); other shapes get the middle of those sweeps."""
-    return CONFIGS.get((n, k, split, gated), (64, 128, 4))
-
-
-# (N, K, split, gated) -> (block_n, block_k, stages[, warps]; 4 when left out): the shapes where the kernel beat cuBLAS in
-# benchmarks/decode_kernels.py (64 rows, ~1.1B model; benchmarks/RESULTS.md), H200 / H100 us:
-# gate | up with SiLU * up, 15.1 / 19.5 against 18.4 / 21.7 for cuBLAS + the SiLU kernel (3 stages:
-# the H100's pick, 4 within 0.1 us; 8 warps never won); o_proj
-# (with the add + RMSNorm after it), 9.3 / 9.9 against 9.9 / 10.2; down_proj (the same), 14.9 /
-# 16.2 against 15.2 / 17.1 (cuBLAS's split-K reduce kernel goes too). qkv stays on cuBLAS (7.2
-# against 6.8 on the H200 without a K split, whose partial sums the rotary kernel would have to add).
-CONFIGS: dict[tuple[int, int, int, bool], tuple[int, ...]] = {
-    (11264, 2048, 1, True): (64, 128, 3),
-    (2048, 2048, 1, False): (16, 256, 4),
-    (2048, 5632, 1, False): (16, 256, 4),
-}
-
-# (N, K) -> (block_n, block_k, stages, split[, warps]) for `step_linear_add_norm`: wide tiles split over K,
-# so each program reads the activations' K slice once per block_n weight rows instead of once per
-# 16 (at split 1 the programs read 4x more activation bytes, from L2, than weight bytes).
-# In-graph sweep with the add + norm (`benchmarks/decode_kernels.py`, results/decode_kernels_split_h200):
-# on an H200, o_proj 7.4 us against 9.3 unsplit and 9.9 for cuBLAS, down_proj 11.3 against 14.9
-# and 15.1; the batch-1 step's graph 1.153 ms against 1.216. On the H100 (the tiles here are its
-# picks; the H200's down_proj tile, 64 x 128 split 4, is 0.1 us slower there and 0.15 faster on the
-# H200): o_proj 8.0 against 10.1, down_proj 13.2 against 16.9 (RESULTS.md).
-SPLIT_CONFIGS: dict[tuple[int, int], tuple[int, ...]] = {
-    (2048, 2048): (32, 128, 4, 2),  # o_proj
-    (2048, 5632): (32, 256, 4, 2),  # down_proj
-}
+    """(block_n, block_k, stages[, warps]) by weight shape: the measured tile (`options.GEMM_TILES`),
+    else the middle of the in-graph sweeps (`benchmarks/decode_kernels.py`)."""
+    return dict(GEMM_TILES).get((n, k, split, gated), (64, 128, 4))
 
 
 if HAS_TRITON:

@@ -14,18 +14,18 @@ import torch
 
 from .backend import HAS_TRITON, use_triton
 
-USE_KERNEL = True  # False: the PyTorch definition on GPUs too (benchmarks' A/B)
 BLOCK_S = 256  # keys per program
 
 
 def step_bias(positions: torch.Tensor, limits: torch.Tensor, key_length: int, offset: int, block_size: int,
-              dtype: torch.dtype) -> torch.Tensor:
+              dtype: torch.dtype, use_kernel: bool = True) -> torch.Tensor:
     """positions (B, W) int64 (below 0: padding), limits (B,) int64: the (B, 1, W, key_length) bias,
-    0 where a query may read cache entry s (key position s - offset), else -inf."""
+    0 where a query may read cache entry s (key position s - offset), else -inf. use_kernel=False:
+    the PyTorch definition on GPUs too (`KernelOptions.step_bias`)."""
     B, W = positions.shape
     if limits.shape != (B,):
         raise ValueError(f"step_bias: limits {tuple(limits.shape)} do not fit positions {tuple(positions.shape)}")
-    if USE_KERNEL and use_triton(positions, limits) and positions.is_contiguous():
+    if use_kernel and use_triton(positions, limits) and positions.is_contiguous():
         bias = torch.empty(B, 1, W, key_length, dtype=dtype, device=positions.device)
         _step_bias_kernel[(B * W, triton.cdiv(key_length, BLOCK_S))](positions, limits, bias, W, key_length, offset,
                                                                       BS=block_size, BLOCK_S=BLOCK_S, num_warps=2)

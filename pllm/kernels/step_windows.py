@@ -14,21 +14,21 @@ import torch
 
 from .backend import HAS_TRITON, use_triton
 
-USE_KERNEL = True  # False: the PyTorch definition on GPUs too (benchmarks' A/B)
 
 
 def next_windows(flat: torch.Tensor, table: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                 limits: torch.Tensor, block_size: int, mask_id: int, pad_id: int) -> None:
+                 limits: torch.Tensor, block_size: int, mask_id: int, pad_id: int, use_kernel: bool = True) -> None:
     """Write the next step's inputs in place. flat: the rows' tokens, concatenated (int64); table
     (5, n) int64, per row: where its tokens start in flat, their count, its current block's start
     and end, and the next block's end (-1 after the last block). tokens and positions (B, W) and
     limits (B,) for B >= n rows, W = 2 * block_size (the blocks k-1 and k). Rows n: are padding:
-    pad tokens at positions -block_size .. block_size - 1, limit 0."""
+    pad tokens at positions -block_size .. block_size - 1, limit 0. use_kernel=False: the PyTorch
+    definition on GPUs too (`KernelOptions.next_windows`)."""
     n, (B, W) = table.shape[1], tokens.shape
     if table.shape[0] != 5 or W != 2 * block_size or positions.shape != (B, W) or limits.shape != (B,) or n > B:
         raise ValueError(f"next_windows: table {tuple(table.shape)}, tokens {tuple(tokens.shape)}, positions "
                          f"{tuple(positions.shape)} and limits {tuple(limits.shape)} do not fit block {block_size}")
-    if USE_KERNEL and use_triton(flat, table, tokens) and all(t.is_contiguous() for t in (table, tokens, positions)):
+    if use_kernel and use_triton(flat, table, tokens) and all(t.is_contiguous() for t in (table, tokens, positions)):
         _next_windows_kernel[(B,)](flat, table, tokens, positions, limits, n, flat.numel() - 1, mask_id, pad_id,
                                    BS=block_size, W=W, BLOCK_BS=triton.next_power_of_2(block_size),
                                    BLOCK_W=triton.next_power_of_2(W), num_warps=1)

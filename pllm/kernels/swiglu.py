@@ -2,13 +2,11 @@
 output, with Triton forward and backward kernels on the GPU (the backward is what training needs).
 
 Under torch.compile, Inductor writes the backward of chunk -> silu * up as one kernel over the
-concatenated gradient, each element choosing its half by a masked load; on an H200 at the 1B shape
-that kernel ran at about half the memory bandwidth (412 us per layer, `benchmarks/results/
-train_profile_1b_h200_nosync.txt`). Here each program reads one row's gate, up and output-gradient
-tiles and writes the two gradient halves, all contiguous: 227 us, about the memory time
-(`train_profile_1b_h200_silu_mul.txt`). The op is a `torch.library` custom op with
-its own autograd formula, so compiled graphs call it as one opaque kernel. `silu_mul_reference` is
-the PyTorch definition, tested against and used on CPU.
+concatenated gradient, each element choosing its half by a masked load, at about half the memory
+bandwidth. Here each program reads one row's gate, up and output-gradient tiles and writes the two
+gradient halves, all contiguous, at about the memory time (benchmarks/RESULTS.md). The op is a
+`torch.library` custom op with its own autograd formula, so compiled graphs call it as one opaque
+kernel. `silu_mul_reference` is the PyTorch definition, tested against and used on CPU.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import torch.nn.functional as F
 from .backend import HAS_TRITON, use_triton
 
 BLOCK = 1024
-USE_SILU_MUL_KERNEL = True  # False: the PyTorch definition everywhere (benchmarks' A/B)
 
 
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
@@ -27,11 +24,12 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up (..., 2F) = [gate | up]; returns (..., F) in gate_up's dtype."""
+def silu_mul(gate_up: torch.Tensor, use_kernel: bool = True) -> torch.Tensor:
+    """silu(gate) * up for gate_up (..., 2F) = [gate | up]; returns (..., F) in gate_up's dtype.
+    use_kernel=False: the PyTorch definition on GPUs too (`KernelOptions.silu_mul`)."""
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} is not [gate | up] (odd)")
-    if USE_SILU_MUL_KERNEL and use_triton(gate_up) and gate_up.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if use_kernel and use_triton(gate_up) and gate_up.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return torch.ops.pllm.silu_mul(gate_up)
     return silu_mul_reference(gate_up)
 

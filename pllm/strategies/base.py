@@ -15,22 +15,21 @@ import torch.distributed as dist
 
 from ..config import TrainingConfig
 from pllm.kernels import prepare_attention
+from ..model import DiffusionTransformer
 from ..optim import build_optimizer, build_scheduler, lr_lambda, scheduler_state
 
-# Inductor's coordinate-descent tuning searches block sizes and warps for each of its own kernels at
-# compile time (compile time only; GEMMs stay cuBLAS). In the 1B model's step on an H200 it took the
-# rotary backward from 224 to 109 us per layer (benchmarks/results/train_profile_1b_h200_*.txt).
-COORDINATE_DESCENT_TUNING = True
 OPTIMIZER_FILE = "train_state.pt"
 SCHEDULER_FILE = "scheduler.json"
 
 
-def compile_options(mode: str) -> dict:
-    """torch.compile's Inductor options for the training step: the mode's own, and coordinate descent
-    (which "max-autotune" turns on by itself; COORDINATE_DESCENT_TUNING = False turns it off there too)."""
+def compile_options(mode: str, coordinate_descent_tuning: bool = True) -> dict:
+    """torch.compile's Inductor options for the training step: the mode's own, and coordinate descent,
+    which searches block sizes and warps for each of Inductor's own kernels at compile time (measured
+    faster, see benchmarks/RESULTS.md; "max-autotune" turns it on by itself, False turns it off there
+    too: `KernelOptions.coordinate_descent_tuning`)."""
     from torch._inductor import list_mode_options
 
-    return {**list_mode_options(mode), "coordinate_descent_tuning": COORDINATE_DESCENT_TUNING}
+    return {**list_mode_options(mode), "coordinate_descent_tuning": coordinate_descent_tuning}
 
 
 def distributed() -> bool:
@@ -59,15 +58,22 @@ class Strategy:
     # -- setup -----------------------------------------------------------------------------------
     def setup(self, model: torch.nn.Module) -> None:
         """Move/wrap the model and build optimizer and scheduler."""
-        self.module = model.to(self.device)
+        self.module = self._with_kernels(model).to(self.device)
         self.model = self._compile(self.module)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
 
+    def _with_kernels(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model's forward and backward take the training config's kernel choices."""
+        if isinstance(model, DiffusionTransformer):
+            model.kernels = self.cfg.kernels
+        return model
+
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.cfg.use_torch_compile and self.device.type == "cuda":
             prepare_attention(self.device)  # the attention backend is chosen outside the compiled graph
-            return torch.compile(model, options=compile_options(self.cfg.torch_compile_mode))
+            options = compile_options(self.cfg.torch_compile_mode, self.cfg.kernels.coordinate_descent_tuning)
+            return torch.compile(model, options=options)
         return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -179,7 +185,7 @@ class DDPStrategy(Strategy):
     def setup(self, model: torch.nn.Module) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        self.module = model.to(self.device)
+        self.module = self._with_kernels(model).to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         self.model = self._compile(DistributedDataParallel(self.module, device_ids=ids))
         self.optimizer = build_optimizer(self.module, self.cfg)

@@ -56,7 +56,7 @@ class FSDP2Strategy(Strategy):
     casts_itself = True  # the mixed-precision policy casts parameters
 
     def setup(self, model: torch.nn.Module) -> None:
-        self.module = apply_fsdp(model.to(self.device), self.cfg, self.device)
+        self.module = apply_fsdp(self._with_kernels(model).to(self.device), self.cfg, self.device)
         self.model = self._compile(self.module)
         self.optimizer = build_optimizer(self.module, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)

@@ -56,7 +56,7 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         ds_config = deepspeed_config(self.cfg, self.device)
-        model = model.to(self.device)
+        model = self._with_kernels(model).to(self.device)
         if self.cfg.zero_offload_optimizer:
             # Offloaded optimizer state is stepped on the CPU by DeepSpeed's CPU Adam.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -86,7 +86,7 @@ class DeepSpeedStrategy(Strategy):
             prepare_attention(self.device)
             # DeepCompile (deepspeed_config compile.deepcompile) brings its own backend, which takes no options.
             engine.compile(compile_kwargs={} if engine.is_deepcompile_enabled() else
-                           {"options": compile_options("default")})
+                           {"options": compile_options("default", self.cfg.kernels.coordinate_descent_tuning)})
         self.engine = self.model = engine
         self.module = engine.module
         self.optimizer, self.scheduler = optimizer, scheduler
