@@ -5,6 +5,7 @@ model registered in a local MLflow store -> generated text -> served over HTTP b
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ import pytest
 @pytest.mark.slow
 def test_main_job_beats_the_unigram_baseline_registers_and_generates(tmp_path):
     out = tmp_path / "demo"
-    run = subprocess.run([sys.executable, "-m", "pllm.cli", "demo", "--no-progress", "--output", str(out)],
+    run = subprocess.run([sys.executable, "-m", "pllm.cli", "demo", "--output", str(out)],
                          capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -32,6 +33,13 @@ def test_main_job_beats_the_unigram_baseline_registers_and_generates(tmp_path):
     served = run.stdout.split("One completion request:")[1]
     assert served.split("-" * 60)[1].strip().startswith("def read_file(path):")
     assert "'completion_tokens': " in served and "finish_reason: " in served
+    # A log that reads clean: no ERROR lines, no progress-bar redraws; hints runnable as printed.
+    output = run.stdout + run.stderr
+    assert not [line for line in output.splitlines() if "ERROR" in line], output[-5000:]
+    assert "\r" not in output
+    for hint, script in [("Browse it: ", "mlflow"), ("Serve it again: ", "pllm")]:
+        line = next(line for line in run.stdout.splitlines() if line.startswith(hint))
+        assert line.split()[len(hint.split())] == str(Path(sys.executable).parent / script)
 
     gen = subprocess.run([sys.executable, "-m", "pllm.cli", "generate", "--model", str(out / "model"),
                           "--prompt", "import os\n", "--max-new-tokens", "16", "--steps", "8"],

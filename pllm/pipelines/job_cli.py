@@ -26,7 +26,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (tracking.mlflow_uri)")
     parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (cluster.num_workers)")
     parser.add_argument("--local", action="store_true", help="train in this process without Ray or MLflow")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (shown on a terminal only; the log has a line per log_interval)")
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -10,8 +10,9 @@ the seed (with `preserve_order`), and each epoch shuffles rows in a local buffer
 The driver reads a prefix of a dataset (validation rows, the baseline's sample, the tokenizer's
 sample) in rounds of whole datasets over growing groups of files, never with `limit` or by leaving
 an iterator early: either stops a streaming read with tasks in flight, Ray cancels them, and a task
-cancelled while it stores its output logs `TypeError: 'Handlers' object is not callable` (Ray's
-DeferSigint calls a restored SIG_DFL handler), an ERROR line for a run that went fine.
+cancelled while it stores its output can log `TypeError: 'Handlers' object is not callable` (Ray's
+DeferSigint, on leaving, calls the saved SIGINT handler, which may be the non-callable SIG_DFL):
+an ERROR line in the log of a run that went fine.
 """
 
 from __future__ import annotations
