@@ -122,6 +122,12 @@ def test_jobs_and_serve_share_the_clusters_tracking_server(cluster, tmp_path):
     assert submitted.returncode == 0, submitted.stdout[-5000:] + submitted.stderr[-3000:]
     assert "SUCCEEDED" in submitted.stdout and f"at {tracking_uri}" in submitted.stdout
 
+    # Any entrypoint: it runs with the cluster's tracking server and this environment's python.
+    probe = pllm_cluster("submit", "--dir", str(cluster_dir), "--", "python", "-c",
+                         "import os, sys; print('probe', os.environ['MLFLOW_TRACKING_URI'], sys.executable)")
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    assert f"probe {tracking_uri} {BIN / 'python'}" in probe.stdout
+
     # The plain Ray line, as a user types it after `source .venv/bin/activate` and `export RAY_AUTH_MODE=token`.
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_ADDRESS": state.dashboard_url}
@@ -138,7 +144,7 @@ def test_jobs_and_serve_share_the_clusters_tracking_server(cluster, tmp_path):
 
     status = pllm_cluster("status", "--dir", str(cluster_dir))
     assert status.returncode == 0 and "Ray:    up" in status.stdout and "MLflow: up" in status.stdout
-    assert status.stdout.count("SUCCEEDED") == 2, status.stdout
+    assert status.stdout.count("SUCCEEDED") == 3, status.stdout
 
     from mlflow.tracking import MlflowClient
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from pllm.cluster.state import ClusterOptions, ClusterState, default_cluster_dir, load_state, state_path
@@ -116,7 +117,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         return 1
     try:
         entrypoint = (train_entrypoint(config, args.set, job, state.tracking_uri, working_dir) if args.config
-                      else " ".join(entrypoint_args))
+                      else shlex.join(entrypoint_args))
     except ConfigError as exc:
         print(f"pllm cluster submit: {exc}")
         return 2

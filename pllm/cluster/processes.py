@@ -7,6 +7,7 @@ groups recorded in DIR/cluster.json: `ray stop` would also kill unrelated Ray in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -150,6 +151,8 @@ def start_cluster(options: ClusterOptions) -> ClusterState:
         if port_in_use(options.host, port):
             raise ClusterError(f"port {port} on {options.host} (for the {what}) is already in use; "
                                f"free it or choose another port")
+    if options.ray_auth == "token":
+        ensure_auth_token()
     logs = logs_dir(cluster_dir)
     logs.mkdir(parents=True, exist_ok=True)
     (cluster_dir / "mlartifacts").mkdir(exist_ok=True)
@@ -160,8 +163,6 @@ def start_cluster(options: ClusterOptions) -> ClusterState:
                           "--artifacts-destination", str(cluster_dir / "mlartifacts"),
                           "--host", options.host, "--port", str(options.mlflow_port), "--workers", "1"],
                          mlflow_log)
-    if options.ray_auth == "token":
-        ensure_auth_token()
     state = ClusterState(dir=str(cluster_dir), host=options.host, node_ip=node_ip(), ray_port=options.ray_port,
                          dashboard_port=options.dashboard_port, mlflow_port=options.mlflow_port,
                          agent_port=options.agent_port or free_port(options.host),
@@ -180,13 +181,12 @@ def start_cluster(options: ClusterOptions) -> ClusterState:
         if options.ray_temp_dir is not None:
             cmd.append(f"--temp-dir={options.ray_temp_dir}")
         ray_proc = _spawn(cmd, ray_log, env=head_environment(state.tracking_uri, state.ray_auth))
-        state = ClusterState(**{**state.__dict__, "ray": ray_proc})
+        state = dataclasses.replace(state, ray=ray_proc)
         save_state(state)  # recorded before the wait, so `stop` can clean up a head that never answers
         _wait_until_up("Ray head", ray_health_urls(state), ray_proc, ray_log, options.start_timeout_s)
     except BaseException:
         stop_cluster(cluster_dir, state)
         raise
-    save_state(state)
     return state
 
 
