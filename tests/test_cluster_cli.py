@@ -15,8 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """Exit code and what the command printed (errors go to stderr, the rest to stdout)."""
     code = main(["cluster", *args])
-    return code, capsys.readouterr().out
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
 
 
 def record(cluster_dir: Path, ray: ProcessRecord, mlflow: ProcessRecord) -> ClusterState:

@@ -115,7 +115,7 @@ def test_jobs_and_serve_share_the_clusters_tracking_server(cluster, tmp_path):
     assert state.tracking_uri == tracking_uri and tracking_uri in started.stdout
     assert f"http://127.0.0.1:{DASHBOARD_PORT}" in started.stdout and "pllm cluster submit" in started.stdout
     again = pllm_cluster("start", "--dir", str(cluster_dir))
-    assert again.returncode == 1 and "already running" in again.stdout
+    assert again.returncode == 1 and "already running" in again.stderr
 
     submitted = pllm_cluster("submit", "--dir", str(cluster_dir), "--config", "pllm/configs/tiny.yaml",
                              *sets(tmp_path / "runs" / "submit"))

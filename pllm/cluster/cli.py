@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 
 from pllm.cluster.state import ClusterOptions, ClusterState, default_cluster_dir, load_state, state_path
@@ -72,7 +73,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     try:
         state = start_cluster(options)
     except ClusterError as exc:
-        print(f"pllm cluster start: {exc}")
+        print(f"pllm cluster start: {exc}", file=sys.stderr)
         return 1
     print(f"Cluster running (Ray GCS {state.gcs_address}).")
     print(NEXT_STEPS.format(dashboard=state.dashboard_url, tracking=state.tracking_uri, dir=state.dir,
@@ -91,7 +92,7 @@ def _running_state(cluster_dir: Path, command: str) -> ClusterState | None:
     state = load_state(cluster_dir)
     if state is None or not all(running_parts(state).values()):
         print(f"pllm cluster {command}: no cluster running from {cluster_dir}; start one: "
-              f"pllm cluster start{_dir_flag(cluster_dir)}")
+              f"pllm cluster start{_dir_flag(cluster_dir)}", file=sys.stderr)
         return None
     return state
 
@@ -102,7 +103,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     entrypoint_args = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if bool(args.config) == bool(entrypoint_args):
-        print("pllm cluster submit: give either --config X.yaml [--set ...] or `-- COMMAND ...`")
+        print("pllm cluster submit: give either --config X.yaml [--set ...] or `-- COMMAND ...`", file=sys.stderr)
         return 2
     working_dir = Path.cwd()
     try:
@@ -110,7 +111,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             config = resolve_config_path(args.config)
             job = validate_job_config(config, args.set)
     except ConfigError as exc:
-        print(f"pllm cluster submit: invalid job config: {exc}")
+        print(f"pllm cluster submit: invalid job config: {exc}", file=sys.stderr)
         return 2
     state = _running_state(args.dir, "submit")
     if state is None:
@@ -119,7 +120,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         entrypoint = (train_entrypoint(config, args.set, job, state.tracking_uri, working_dir) if args.config
                       else shlex.join(entrypoint_args))
     except ConfigError as exc:
-        print(f"pllm cluster submit: {exc}")
+        print(f"pllm cluster submit: {exc}", file=sys.stderr)
         return 2
     job_id = submit(state, entrypoint, working_dir)
     print(f"Submitted job {job_id} to {state.dashboard_url}: {entrypoint}", flush=True)
