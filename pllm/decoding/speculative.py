@@ -143,7 +143,7 @@ class Drafter:
         if rules.temperature == 0:
             tokens = q.argmax(-1)
         else:
-            tokens = torch.multinomial(q, 1, generator=state.draft_generator).squeeze(-1)
+            tokens = torch.multinomial(q, 1, generator=state.draft_rng).squeeze(-1)
             job.out_probs.append(q)
         job.tokens[chunk] = tokens
         job.out_tokens.append(tokens)

@@ -156,21 +156,21 @@ class DecodeState:
             cache = "block"  # nothing after the current block is visible: prefix/dual are the block cache
         self.cache_mode = cache
         self.kv = KVCache(model_config.num_hidden_layers) if cache != "none" else None
-        self.generator = None
+        self.rng = None
         if rules.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(rules.seed if rules.seed is not None else int(torch.randint(0, 2**62, (1,))))
+            self.rng = torch.Generator(device=device)
+            self.rng.manual_seed(rules.seed if rules.seed is not None else int(torch.randint(0, 2**62, (1,))))
         # Speculative decoding (`speculative.py`): the draft model's proposal for the next pass, its
         # cache and its random draws; an autoregressive target verifies token by token.
         self.ar_target = self.block_causal and model_config.block_size == 1
         self.speculation = None
         self.draft_kv: KVCache | None = None
-        self.draft_generator = None
+        self.draft_rng = None
         if rules.speculative and rules.temperature > 0:
-            self.draft_generator = torch.Generator(device=device)
+            self.draft_rng = torch.Generator(device=device)
             # Its own stream: the target's draws must stay those of decoding without a draft model.
             seed = (rules.seed + 0x5DEECE66D) % 2**62 if rules.seed is not None else int(torch.randint(0, 2**62, (1,)))
-            self.draft_generator.manual_seed(seed)
+            self.draft_rng.manual_seed(seed)
         # Drafted tokens (AR target) or steps: proposed, verified (up to and including the first
         # rejection) and accepted. accepted / verified estimates the per-token acceptance rate.
         self.drafted = self.verified = self.accepted = 0
@@ -288,16 +288,16 @@ class DecodeState:
                     token = int(p.argmax())
                 else:  # accept with probability min(1, p/q), else draw from norm(max(p - q, 0))
                     q = spec.probs[k]
-                    u = torch.rand((), dtype=torch.float64, generator=self.generator, device=p.device)
+                    u = torch.rand((), dtype=torch.float64, generator=self.rng, device=p.device)
                     token = d if u * q[d] < p[d] else None
                     if token is None:
                         residual = (p - q).clamp_min(0)
                         residual = residual if residual.sum() > 0 else p
-                        token = int(torch.multinomial(residual / residual.sum(), 1, generator=self.generator))
+                        token = int(torch.multinomial(residual / residual.sum(), 1, generator=self.rng))
                 self.verified += 1
                 self.accepted += token == d
             else:  # every drafted token was accepted: one more from the target's own distribution
-                token = int(p.argmax()) if r.temperature == 0 else int(torch.multinomial(p, 1, generator=self.generator))
+                token = int(p.argmax()) if r.temperature == 0 else int(torch.multinomial(p, 1, generator=self.rng))
             block = self.tokens[self.start:self.end]
             still_masked = block == self.cfg.mask_token_id
             one = torch.tensor([token], device=block.device)
@@ -368,7 +368,7 @@ class DecodeState:
             logits = apply_repetition_penalty(logits[None], seen, r.repetition_penalty)[0]
         if self.credit is not None:
             logits = self.credit.fuse(logits, still_masked)
-        gens = [self.generator] if self.generator is not None else None
+        gens = [self.rng] if self.rng is not None else None
         proposal, confidence = propose_tokens(logits[None], r.temperature, r.top_k, r.top_p, gens)
         if r.min_per_step == "factor":
             commit = factor_commit_mask(confidence, still_masked[None], r.parallel_factor)[0]
