@@ -10,6 +10,7 @@ import asyncio
 import logging
 import shlex
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -109,15 +110,37 @@ def submit(state: ClusterState, entrypoint: str, working_dir: Path) -> str:
 
 
 def follow(state: ClusterState, job_id: str, write: Callable[[str], None] = sys.stdout.write) -> str:
-    """Stream the job's logs until it ends; returns its final status (SUCCEEDED, FAILED, STOPPED)."""
+    """Stream the job's logs until it ends; returns its final status (SUCCEEDED, FAILED, STOPPED). If the
+    log stream drops (Ray closes the websocket on a busy head), wait for the status and print the rest."""
     client = _client(state)
+    written = 0
 
     async def tail() -> None:
+        nonlocal written
         async for chunk in client.tail_job_logs(job_id):
             write(chunk)
+            written += len(chunk)
 
-    asyncio.run(tail())
+    try:
+        asyncio.run(tail())
+    except RuntimeError as exc:
+        log.warning("log stream of %s closed (%s); waiting for the job to end", job_id, exc)
+        status = wait_for_job(state, job_id)
+        write(client.get_job_logs(job_id)[written:])
+        return status
     return str(client.get_job_status(job_id).value)
+
+
+def wait_for_job(state: ClusterState, job_id: str, poll_s: float = 2.0) -> str:
+    """Poll until the job ends; returns its final status."""
+    client = _client(state)
+    while not (status := client.get_job_status(job_id)).is_terminal():
+        time.sleep(poll_s)
+    return str(status.value)
+
+
+def job_logs(state: ClusterState, job_id: str) -> str:
+    return _client(state).get_job_logs(job_id)
 
 
 def list_jobs(state: ClusterState) -> list[dict]:
