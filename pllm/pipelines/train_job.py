@@ -52,7 +52,10 @@ def connect_ray(job: JobConfig, show_progress: bool) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(log_to_driver=True)
         else:
-            ray.init(num_cpus=job.cluster.num_cpus or max(8, 2 * (os.cpu_count() or 1)), log_to_driver=True)
+            # address="local": a new instance even where a `ray start` cluster runs on this machine
+            # (joining one is what RAY_ADDRESS asks for).
+            ray.init(address="local", num_cpus=job.cluster.num_cpus or max(8, 2 * (os.cpu_count() or 1)),
+                     log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic order for a given seed
     # Bars redraw in place: in a log file each redraw is a line. Rank 0 logs a line per log_interval.
