@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pllm import DiffusionTransformer, GenerationConfig, JobConfig, ModelConfig, Tokenizer
+from pllm import DiffusionTransformer, GenerationConfig, JobConfig, ModelConfig, Tokenizer, save_pretrained
 from pllm.registry import log_generator_model, start_run
 
 MODEL_NAME = "pllm-serve-test"
@@ -33,7 +33,7 @@ def make_model_dir(path: Path, seed: int = 0) -> Path:
         for token_id in range(cfg.vocab_size):
             if "\ufffd" in tokenizer.decode([token_id]):
                 model.lm_head.weight[token_id] = 0.0
-    return model.save_pretrained(path, tokenizer)
+    return save_pretrained(model, path, tokenizer)
 
 
 def register_model(model_dir: Path, tracking_uri: str) -> str:

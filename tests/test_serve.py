@@ -279,9 +279,9 @@ def test_generator_replicas_autoscale_up_under_load_and_back_down(server, tmp_pa
 
 def test_a_draft_model_with_another_tokenizer_fails_before_deploying(tmp_path):
     from conftest import tiny_config
-    from pllm import DiffusionTransformer
+    from pllm import DiffusionTransformer, save_pretrained
     from pllm.actors.serve_app import ServeArgs, build_app
 
-    other = DiffusionTransformer(tiny_config()).save_pretrained(tmp_path / "other")  # vocabulary of 96, not 512
+    other = save_pretrained(DiffusionTransformer(tiny_config()), tmp_path / "other")  # vocabulary of 96, not 512
     with pytest.raises(ValueError, match="vocab_size"):
         build_app(ServeArgs(model=str(make_model_dir(tmp_path / "model")), draft_model=str(other)))
