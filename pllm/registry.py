@@ -8,6 +8,7 @@ URI works instead."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,10 @@ def default_tracking_uri() -> str:
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """None -> the embedded sqlite store; relative sqlite paths become absolute (Ray workers and
-    `ray job submit` drivers run in other folders)."""
+    """None -> $MLFLOW_TRACKING_URI (set on a `pllm cluster` head, so jobs share its server), else the
+    embedded sqlite store; relative sqlite paths become absolute (Ray workers and `ray job submit`
+    drivers run in other folders)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return default_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
