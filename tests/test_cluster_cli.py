@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from pllm.cli import main
-from pllm.cluster.jobs import ConfigError, resolve_config_path, train_entrypoint, validate_job_config
+from pllm.cluster.jobs import train_entrypoint
+from pllm.cluster.processes import ClusterError
 from pllm.cluster.state import ClusterState, ProcessRecord, load_state, save_state, state_path
+from pllm.config_files import load_job_config, resolve_config_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,14 +72,14 @@ def test_entrypoint_names_the_config_inside_the_working_dir_and_the_tracking_ser
     config = resolve_config_path("tiny")
     assert config == (REPO / "pllm" / "configs" / "tiny.yaml").resolve()
     overrides = ["training.num_train_steps=5", "data.paths=['a b']"]
-    job = validate_job_config(config, overrides)
+    job = load_job_config(config, overrides)
     assert job.training.num_train_steps == 5 and job.data.paths == ["a b"]
     cmd = train_entrypoint(config, overrides, job, "http://127.0.0.1:25000", REPO)
     assert cmd.startswith("python -m pllm.pipelines.train_job --config pllm/configs/tiny.yaml")
     assert "--mlflow-uri http://127.0.0.1:25000" in cmd and "'data.paths=['\"'\"'a b'\"'\"']'" in cmd
-    own = validate_job_config(config, ["tracking.mlflow_uri=http://elsewhere:5000"])
+    own = load_job_config(config, ["tracking.mlflow_uri=http://elsewhere:5000"])
     assert "--mlflow-uri" not in train_entrypoint(config, [], own, "http://127.0.0.1:25000", REPO)
-    with pytest.raises(ConfigError, match="outside the working folder"):
+    with pytest.raises(ClusterError, match="outside the working folder"):
         train_entrypoint(config, [], job, "http://127.0.0.1:25000", tmp_path)
 
 

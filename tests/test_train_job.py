@@ -45,7 +45,7 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
 
 
 def test_config_is_a_path_or_a_builtin_name_and_a_missing_one_is_named(tmp_path):
-    from pllm.pipelines.job_cli import load_job_config
+    from pllm.config_files import load_job_config
 
     assert load_job_config("gpu-1b", []).model.hidden_size == load_job_config(
         str(REPO / "pllm" / "configs" / "gpu-1b.yaml"), []).model.hidden_size

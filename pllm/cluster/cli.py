@@ -98,8 +98,9 @@ def _running_state(cluster_dir: Path, command: str) -> ClusterState | None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from pllm.cluster.jobs import ConfigError, follow, resolve_config_path, submit, train_entrypoint, \
-        validate_job_config
+    from pllm.cluster.jobs import follow, submit, train_entrypoint
+    from pllm.cluster.processes import ClusterError
+    from pllm.config_files import ConfigFileError, load_job_config, resolve_config_path
 
     entrypoint_args = args.entrypoint[1:] if args.entrypoint[:1] == ["--"] else args.entrypoint
     if bool(args.config) == bool(entrypoint_args):
@@ -109,8 +110,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     try:
         if args.config:  # validated before the cluster is even looked up
             config = resolve_config_path(args.config)
-            job = validate_job_config(config, args.set)
-    except ConfigError as exc:
+            job = load_job_config(config, args.set)
+    except ConfigFileError as exc:
         print(f"pllm cluster submit: invalid job config: {exc}", file=sys.stderr)
         return 2
     state = _running_state(args.dir, "submit")
@@ -119,7 +120,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     try:
         entrypoint = (train_entrypoint(config, args.set, job, state.tracking_uri, working_dir) if args.config
                       else shlex.join(entrypoint_args))
-    except ConfigError as exc:
+    except ClusterError as exc:
         print(f"pllm cluster submit: {exc}", file=sys.stderr)
         return 2
     job_id = submit(state, entrypoint, working_dir)

@@ -11,11 +11,8 @@ import logging
 import shlex
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Callable
-
-import yaml
 
 from pllm.cluster.processes import ClusterError, auth_headers
 from pllm.cluster.state import ClusterState
@@ -28,55 +25,6 @@ TRAIN_MODULE = "pllm.pipelines.train_job"
 WORKING_DIR_EXCLUDES = [".git", ".venv", "runs", "mlruns", "mlartifacts", "mlflow.db", "**/__pycache__"]
 
 
-class ConfigError(ClusterError):
-    """The job config is missing or invalid; the message names the file and the field."""
-
-
-def resolve_config_path(config: str) -> Path:
-    """A YAML path, or the name of a built-in config (`tiny` -> pllm/configs/tiny.yaml)."""
-    path = Path(config).expanduser()
-    if path.is_file():
-        return path.resolve()
-    builtin = resources.files("pllm.configs").joinpath(f"{config.removesuffix('.yaml')}.yaml")
-    if "/" not in config and builtin.is_file():
-        return Path(str(builtin)).resolve()
-    raise ConfigError(f"{config}: no such file, and not a built-in config (built-in: {', '.join(builtin_configs())})")
-
-
-def builtin_configs() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("pllm.configs").iterdir()
-                  if p.name.endswith(".yaml"))
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`section.field=value` overrides, values parsed as YAML (numbers, booleans and lists work)."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects section.field=value, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return data
-
-
-def validate_job_config(path: Path, overrides: list[str]) -> JobConfig:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    try:
-        return JobConfig.from_dict(apply_overrides(data, overrides))
-    except ValueError as exc:  # pydantic's ValidationError names each bad field as section.field
-        raise ConfigError(f"{path}{' with ' + ' '.join(overrides) if overrides else ''}: {exc}") from exc
-
-
 def train_entrypoint(config: Path, overrides: list[str], job: JobConfig, tracking_uri: str,
                      working_dir: Path) -> str:
     """`python -m pllm.pipelines.train_job --config REL.yaml ...`, the config named relative to the
@@ -84,7 +32,7 @@ def train_entrypoint(config: Path, overrides: list[str], job: JobConfig, trackin
     try:
         rel = config.resolve().relative_to(working_dir.resolve())
     except ValueError:
-        raise ConfigError(f"{config} is outside the working folder {working_dir}, which is what the job receives; "
+        raise ClusterError(f"{config} is outside the working folder {working_dir}, which is what the job receives; "
                           f"copy it there or run from a folder that contains it") from None
     args = ["python", "-m", TRAIN_MODULE, "--config", rel.as_posix(), "--no-progress"]
     for item in overrides:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from pllm.config import JobConfig
+from pllm.config_files import ConfigFileError, builtin_configs, load_job_config
 from pllm.pipelines.job_stages import JobResult
 
 
@@ -35,46 +33,16 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def builtin_configs() -> list[str]:
-    return sorted(f.name[: -len(".yaml")] for f in resources.files("pllm.configs").iterdir()
-                  if f.name.endswith(".yaml"))
-
-
-def read_config_text(config: str | None) -> str:
-    """The YAML of --config: a file, else a built-in config's name (`tiny`, `gpu-1b`)."""
-    name = config or "tiny"
-    if config and Path(config).expanduser().is_file():
-        return Path(config).expanduser().read_text()
-    builtin = resources.files("pllm.configs").joinpath(f"{name.removesuffix('.yaml')}.yaml")
-    if builtin.is_file() and "/" not in name:
-        return builtin.read_text()
-    raise SystemExit(f"config {config!r}: no such file, and not a built-in config "
-                     f"(built-in: {', '.join(builtin_configs())})")
-
-
-def load_job_config(config: str | None, overrides: list[str]) -> JobConfig:
-    """Read a YAML job config (a path or a built-in name; default: the built-in tiny demo) and apply
-    `section.field=value` overrides, values parsed as YAML (so numbers, booleans and lists work)."""
-    data = yaml.safe_load(read_config_text(config)) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects section.field=value, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return JobConfig.from_dict(data)
-
-
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     overrides = list(args.set)
     for flag, field in [("output", "training.output_dir"), ("mlflow_uri", "tracking.mlflow_uri"),
                         ("num_workers", "cluster.num_workers")]:
         if getattr(args, flag):
             overrides.append(f"{field}={getattr(args, flag)}")
-    return load_job_config(args.config, overrides)  # a bad config fails here, before Ray starts
+    try:
+        return load_job_config(args.config, overrides)  # a bad config fails here, before Ray starts
+    except ConfigFileError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[JobConfig, JobResult]:
