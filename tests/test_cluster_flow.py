@@ -6,6 +6,7 @@ model; `pllm cluster stop` leaves nothing running."""
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,6 +47,14 @@ QUICK = ["data.max_files=80", "training.num_train_steps=24", "training.warmup_st
 def pllm_cluster(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pllm.cli", "cluster", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def readme_line(prefix: str) -> list[str]:
+    """The README's command line that starts with `prefix`, as a user would type it."""
+    lines = [line.split("#")[0].strip() for line in (REPO / "README.md").read_text().splitlines()]
+    found = [line for line in lines if line.startswith(prefix)]
+    assert found, f"README.md shows no `{prefix} ...` line"
+    return shlex.split(found[0])
 
 
 def sets(output_dir: Path) -> list[str]:
@@ -134,9 +143,7 @@ def test_jobs_and_serve_share_the_clusters_tracking_server(cluster, tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_ADDRESS": state.dashboard_url}
     env.pop("MLFLOW_TRACKING_URI", None)  # the job must get the tracking server from the cluster, not from here
-    plain = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--", "python", "-m",
-                            "pllm.pipelines.train_job", "--config", "pllm/configs/tiny.yaml",
-                            *sets(tmp_path / "runs" / "plain")],
+    plain = subprocess.run([*readme_line("ray job submit"), *sets(tmp_path / "runs" / "plain")],
                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     submitted_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", plain.stdout)
     assert submitted_id, plain.stdout[-3000:] + plain.stderr[-3000:]

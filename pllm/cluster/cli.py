@@ -35,7 +35,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
 
     start = with_dir("start", "start an MLflow tracking server and a Ray head that logs to it")
     start.add_argument("--host", default="127.0.0.1", help="interface the MLflow server and Ray dashboard bind")
-    start.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the Ray head (default: cores)")
+    start.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the Ray head (default: twice the cores, at least 8)")
     start.add_argument("--ray-port", type=int, default=6379)
     start.add_argument("--dashboard-port", type=int, default=8265)
     start.add_argument("--mlflow-port", type=int, default=5000)

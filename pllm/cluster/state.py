@@ -28,7 +28,7 @@ class ClusterOptions:
     dashboard_port: int = 8265
     mlflow_port: int = 5000
     agent_port: int | None = None  # the head's dashboard agent (job submission goes through it); None: a free one
-    num_cpus: int | None = None  # logical CPUs of the Ray head (default: Ray counts the cores)
+    num_cpus: int | None = None  # logical CPUs of the Ray head (default: twice the cores, at least 8)
     ray_temp_dir: Path | None = None  # Ray's session folder (default /tmp/ray, where `serve run` looks)
     ray_auth: str = "token"  # Ray's RAY_AUTH_MODE: "token" (clients send ~/.ray/auth_token) or "disabled"
     start_timeout_s: float = 300.0  # how long each service may take to answer (slow on a busy machine)
