@@ -27,7 +27,7 @@ from pllm.decoding import DecodeRules, check_draft_model
 from pllm.engine import check_request, max_new_tokens_limit
 from pllm.registry import resolve_model_source
 
-from .generator import GeneratorDeployment
+from .generator_deployment import GeneratorDeployment
 from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_prompt, validation_error
 from .text_stream import TextStream
 
