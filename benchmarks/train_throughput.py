@@ -28,6 +28,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def run_ours(cfg: ModelConfig, batch: int, seq: int, device: str, args, kernels:
                            warmup_steps=1, eval_interval=10**9, use_fsdp=False, use_cuda_graphs=False,
                            mixed_precision="bf16" if is_cuda(device) else "no", use_torch_compile=is_cuda(device),
                            torch_compile_mode="default", gradient_checkpointing=args.checkpointing,
-                           output_dir="/tmp/train-throughput", kernels=kernels or KernelOptions())
+                           output_dir=tempfile.mkdtemp(prefix="train-throughput-"), kernels=kernels or KernelOptions())
     data = random_batches(cfg.vocab_size, batch, seq, device)
     model = DiffusionTransformer(cfg)
     trainer = DistributedTrainer(model, train, train_dataloader=data, show_progress=False, device=device)

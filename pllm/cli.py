@@ -1,4 +1,5 @@
-"""The `pllm` command: demo (the main job on embedded defaults), train (on Ray, or --local), serve, generate."""
+"""The `pllm` command: demo (the main job on embedded defaults), train (on Ray, or --local), serve, generate,
+cluster (a Ray head with an MLflow tracking server)."""
 
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "RAY_ADDRESS names a cluster)")]:
         p = sub.add_parser(name, help=help_text)
         add_train_arguments(p)
-        p.add_argument("--keep-serving", action="store_true", help="demo: keep the HTTP endpoint up until Ctrl-C")
+        if name == "demo":
+            p.add_argument("--keep-serving", action="store_true", help="keep the HTTP endpoint up until Ctrl-C")
         p.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")

@@ -174,3 +174,15 @@ def test_the_time_budget_counts_training_only():
                                  train_dataloader=SlowStart(loader(), delay_s=budget_s + 1), show_progress=False)
     trainer.train()
     assert 5 < trainer.step < 100_000
+
+
+def test_the_training_configs_kernel_choices_reach_every_layer():
+    from pllm.kernels.options import KernelOptions
+    from pllm.model import Attention, Block, SwiGLU
+
+    kernels = KernelOptions(silu_mul=False, rotate_qkv=False, add_rms_norm=False)
+    model = DiffusionTransformer(tiny_config())
+    DistributedTrainer(model, small_training(kernels=kernels), train_dataloader=loader(), show_progress=False)
+    layers = [m for m in model.modules() if isinstance(m, (Attention, SwiGLU, Block))]
+    assert len(layers) == 3 * tiny_config().num_hidden_layers
+    assert all(m.kernels is kernels for m in layers)

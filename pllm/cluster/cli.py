@@ -30,7 +30,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     def with_dir(name: str, help_text: str) -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=help_text)
         p.add_argument("--dir", type=Path, default=default_cluster_dir(),
-                       help=f"the cluster's folder: state, MLflow store, logs (default: {default_cluster_dir()})")
+                       help="the cluster's folder: state, MLflow store, logs (default: ~/.pllm/cluster)")
         return p
 
     start = with_dir("start", "start an MLflow tracking server and a Ray head that logs to it")

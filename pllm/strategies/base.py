@@ -66,7 +66,7 @@ class Strategy:
     def _with_kernels(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model's forward and backward take the training config's kernel choices."""
         if isinstance(model, DiffusionTransformer):
-            model.kernels = self.cfg.kernels
+            model.use_kernels(self.cfg.kernels)
         return model
 
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
