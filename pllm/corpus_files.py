@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 from typing import TypeVar
@@ -167,6 +167,23 @@ def plan_corpus(data: DataConfig) -> CorpusPlan:
     train, val = split_files(files, data.validation_fraction)
     log.info("corpus: %d train files, %d validation files", len(train), len(val))
     return CorpusPlan(train, val, skipped)
+
+
+def iter_documents(files: list[str] | list[Path], text_field: str = "text") -> Iterator[str]:
+    """The documents of local `files`, in order, read lazily."""
+    for f in files:
+        yield from read_documents(Path(f), text_field)
+
+
+def documents_until(docs: Iterable[str], budget_chars: int) -> Iterator[str]:
+    """`docs` in order, up to and including the one that reaches `budget_chars` characters; stops
+    consuming `docs` there, so a lazy reader reads no further."""
+    used = 0
+    for text in docs:
+        yield text
+        used += len(text)
+        if used >= budget_chars:
+            return
 
 
 def read_documents(path: Path, text_field: str = "text") -> Iterator[str]:

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig
-from .corpus_files import corpus_files, read_documents, split_files
+from .corpus_files import corpus_files, iter_documents, split_files
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class CorpusData:
 
 
 def _documents(files: list[Path], text_field: str) -> list[str]:
-    return [doc for f in files for doc in read_documents(f, text_field)]
+    return list(iter_documents(files, text_field))
 
 
 def _tokenize(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:

@@ -10,8 +10,8 @@ import pytest
 import ray
 
 from pllm.config import DataConfig
-from pllm.corpus_files import plan_corpus
-from pllm.pipelines.token_dataset import ShardBatches, document_sample, documents, first_rows, token_rows
+from pllm.corpus_files import documents_until, plan_corpus
+from pllm.pipelines.token_dataset import ShardBatches, documents, first_rows, round_documents, token_rows
 from pllm.tokenizer import Tokenizer
 
 DOCS = [f"def f{i}(x):\n    return x * {i}\n" * (i % 5 + 1) for i in range(40)]
@@ -114,7 +114,7 @@ def test_epochs_reshuffle_locally_and_repeat_per_seed(local_ray, corpus_dir, tok
 
 
 def test_a_prefix_is_read_in_whole_rounds_and_equals_the_start_of_one_read(local_ray, tmp_path, tokenizer):
-    """first_rows and document_sample read growing groups of files to their end (no `limit`, whose
+    """first_rows and round_documents read growing groups of files to their end (no `limit`, whose
     cancelled read tasks log errors) and give what the start of one read of all the files gives."""
     files = []
     for i in range(144):  # rounds of 64 and 80 files, whole blocks of 16 files as in one read of all 144
@@ -125,4 +125,4 @@ def test_a_prefix_is_read_in_whole_rounds_and_equals_the_start_of_one_read(local
         assert np.array_equal(first_rows(files, tokenizer, 16, "text", n), everything[:n])
     texts = [DOCS[i % len(DOCS)] for i in range(144)]
     budget = sum(len(t) for t in texts[:100])
-    assert list(document_sample(files, "text", budget)) == texts[:100]
+    assert list(documents_until(round_documents(files, "text"), budget)) == texts[:100]

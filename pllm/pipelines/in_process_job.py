@@ -7,7 +7,6 @@ tokenizer, baseline, outputs and plot, generated sample); the data is tokenized 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from pllm.checkpoint import save_pretrained
 from pllm.config import JobConfig
-from pllm.corpus_files import CorpusPlan, plan_corpus, read_documents
+from pllm.corpus_files import CorpusPlan, iter_documents, plan_corpus
 from pllm.data import cache_dir, make_dataloader, tokenize_files
 from pllm.model import DiffusionTransformer
 from pllm.pipelines.job_stages import JobResult, fit_tokenizer, generate_sample, unigram_baseline, write_outputs
@@ -33,17 +32,6 @@ class LocalData:
     val_tokens: np.ndarray
     train: DataLoader
     val: DataLoader
-
-
-def local_documents(files: list[str], text_field: str, budget_chars: int) -> Iterator[str]:
-    """Documents of local files in order, until `budget_chars` characters."""
-    used = 0
-    for f in files:
-        for text in read_documents(Path(f), text_field):
-            yield text
-            used += len(text)
-            if used >= budget_chars:
-                return
 
 
 def build_loaders(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> LocalData:
@@ -78,7 +66,7 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool) -> tu
 def run_in_process_job(job: JobConfig, show_progress: bool = True) -> JobResult:
     out = Path(job.training.output_dir)
     plan = plan_corpus(job.data)
-    tokenizer, job = fit_tokenizer(plan, job, local_documents)
+    tokenizer, job = fit_tokenizer(plan, job, iter_documents)
     data = build_loaders(plan, tokenizer, job)
     model, metrics, history = train_in_process(job, data, show_progress)
     metrics.update(unigram_baseline(data.train_tokens, data.val_tokens, job.model.vocab_size))

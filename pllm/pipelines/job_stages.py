@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pllm.config import JobConfig
-from pllm.corpus_files import CorpusPlan
+from pllm.corpus_files import CorpusPlan, documents_until
 from pllm.data import cache_dir, nats_to_bits, unigram_entropy
 from pllm.generator import ParallelGenerator
 from pllm.plots import plot_loss_curve
@@ -26,8 +26,8 @@ from pllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Reads the documents of some corpus files, in order: the tokenizer's sample.
-DocumentReader = Callable[[list[str], str, int], Iterable[str]]
+# Reads the documents of some corpus files (names, text field), in order and lazily: the tokenizer's sample.
+DocumentReader = Callable[[list[str], str], Iterable[str]]
 
 
 @dataclass
@@ -56,7 +56,8 @@ def fit_tokenizer(plan: CorpusPlan, job: JobConfig, read_documents: DocumentRead
         log.info("training a %d-token BPE tokenizer on up to %.0f MB of training documents", vocab,
                  job.data.tokenizer_sample_mb)
         budget = int(job.data.tokenizer_sample_mb * 2**20)
-        tokenizer = Tokenizer.train(read_documents(plan.train_files, job.data.text_field, budget), vocab)
+        sample = documents_until(read_documents(plan.train_files, job.data.text_field), budget)
+        tokenizer = Tokenizer.train(sample, vocab)
         tokenizer.save(cache)
     if tokenizer.vocab_size > job.model.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {job.model.vocab_size}")

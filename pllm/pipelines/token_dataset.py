@@ -164,16 +164,11 @@ def first_rows(files: list[str], tokenizer: Tokenizer, seq_len: int, text_field:
     return rows[:n]
 
 
-def document_sample(files: list[str], text_field: str, budget_chars: int) -> Iterator[str]:
-    """Documents of `files` in order until `budget_chars` characters, read round by round."""
-    used = 0
+def round_documents(files: list[str], text_field: str) -> Iterator[str]:
+    """Documents of `files` in order, read round by round (`file_rounds`), each round to its end: a
+    consumer that stops early (`documents_until`) leaves no read task to cancel."""
     for group in file_rounds(files):
-        texts = [row["text"] for row in documents(group, text_field).iter_rows()]  # to the end: no cancelled tasks
-        for text in texts:
-            yield text
-            used += len(text)
-            if used >= budget_chars:
-                return
+        yield from [row["text"] for row in documents(group, text_field).iter_rows()]
 
 
 # -- worker side ----------------------------------------------------------------------------------

@@ -62,10 +62,10 @@ def connect_ray(job: JobConfig, show_progress: bool) -> None:
     ctx.enable_progress_bars = show_progress and sys.stderr.isatty()
 
 
-def ray_documents(files: list[str], text_field: str, budget_chars: int):
-    from pllm.pipelines.token_dataset import document_sample
+def ray_documents(files: list[str], text_field: str):
+    from pllm.pipelines.token_dataset import round_documents
 
-    return document_sample(files, text_field, budget_chars)
+    return round_documents(files, text_field)
 
 
 def build_datasets(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> RayDatasets:
