@@ -52,7 +52,6 @@ class ParallelGenerator:
         self.tokenizer = tokenizer
         self.last_output: DecodeOutput | None = None
         self._runner: ModelRunner | None = None
-        self._runner_seqs = 0
 
     def _graph_runner(self, batch_size: int) -> ModelRunner | None:
         """A model runner with CUDA-graph steps, captured for up to `batch_size` sequences
@@ -60,9 +59,8 @@ class ParallelGenerator:
         model = self.model
         if not (self.use_cuda_graphs and model.device.type == "cuda" and model.config.attention_mode == "block_causal"):
             return None
-        if self._runner is None or self._runner_seqs < batch_size:
+        if self._runner is None or self._runner.max_batch < batch_size:
             self._runner = ModelRunner(model, EngineConfig(max_num_seqs=batch_size), static_step=True)
-            self._runner_seqs = batch_size
         return self._runner
 
     def generate(self, prompt_tokens: torch.Tensor, max_new_tokens: int | None = None) -> torch.Tensor:

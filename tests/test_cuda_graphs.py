@@ -208,3 +208,9 @@ def test_batched_commits_equal_per_request_commits(block_model, monkeypatch, thr
     other = GenerationConfig(max_new_tokens=8, temperature=0.0, strategy="threshold", confidence_threshold=0.6)
     assert not batchable(states + [DecodeState(torch.arange(4, 9), DecodeRules.from_config(other), model.config,
                                                DEVICE)])
+
+
+def test_a_runner_takes_batches_up_to_its_largest_bucket(block_model):
+    # ParallelGenerator keeps its runner while a batch fits this bound and builds a larger one past it.
+    assert ModelRunner(block_model, EngineConfig(max_num_seqs=3), static_step=True).max_batch == 4
+    assert ModelRunner(block_model, EngineConfig(max_num_seqs=3), static_step=False).max_batch is None

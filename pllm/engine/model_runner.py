@@ -41,6 +41,11 @@ class ModelRunner:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def max_batch(self) -> int | None:
+        """The most sequences one fixed-shape step takes (its largest batch bucket); None without one."""
+        return self.static.buckets[-1] if self.static is not None else None
+
     def new_state(self, prompt: torch.Tensor, rules, suffix: torch.Tensor | None = None) -> DecodeState:
         """A sequence's decoding state on this runner's device, with its kernel choices."""
         return DecodeState(prompt, rules, self.model.config, self.device, suffix, commit_kernel=self.commit_kernel)
