@@ -395,10 +395,11 @@ def serve_bench(args) -> None:
     from ray import serve
 
     from pllm.actors.serve_app import ServeArgs, build_app
+    from pllm.config import local_ray_cpus
 
     model_dir = make_served_model(args, args.work / "served-model")
     # address="local": a new cluster of our own, even where a Ray head (RAY_ADDRESS) is left running
-    ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+    ray.init(address="local", num_cpus=local_ray_cpus(), include_dashboard=False)
     port = 8000 + os.getpid() % 1000
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
@@ -538,7 +539,9 @@ def main() -> None:
     if args.what in ("serve", "comm"):
         {"serve": serve_bench, "comm": comm}[args.what](args)
         return
-    with RayHead(max(8, 2 * (os.cpu_count() or 1))):
+    from pllm.config import local_ray_cpus
+
+    with RayHead(local_ray_cpus()):
         {"train": train, "resume": resume}[args.what](args)
 
 

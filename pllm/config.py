@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -305,6 +306,12 @@ class DataConfig(_ConfigMixin):
     shuffle_buffer_rows: NonNegInt = 1024  # per-worker local shuffle of packed rows (0: file order)
 
 
+def local_ray_cpus() -> int:
+    """Logical CPUs for a Ray started on this machine: more than its cores, because Ray Data's tasks and
+    the Train workers each hold CPUs and would otherwise starve each other on a small machine."""
+    return max(8, 2 * (os.cpu_count() or 1))
+
+
 @dataclass(config=_STRICT)
 class ClusterConfig(_ConfigMixin):
     """Where a Ray job runs: Ray Train's scaling and failure settings."""
@@ -315,7 +322,7 @@ class ClusterConfig(_ConfigMixin):
     max_failures: NonNegInt = 2  # worker-group restarts from the last checkpoint before the job fails
     checkpoints_to_keep: PositiveInt = 2
     storage_path: Optional[str] = None  # Ray Train storage (checkpoints); default <output_dir>/ray; s3:// ok
-    num_cpus: Optional[PositiveInt] = None  # logical CPUs of an in-process local Ray (default: 8 or more)
+    num_cpus: Optional[PositiveInt] = None  # logical CPUs of an in-process local Ray (default: local_ray_cpus())
 
 
 @dataclass(config=_STRICT)

@@ -7,6 +7,7 @@ import os
 import time
 import urllib.request
 
+from pllm.config import local_ray_cpus
 from pllm.registry import resolve_tracking_uri
 
 APP_NAME = "pllm"
@@ -21,7 +22,7 @@ def start_server(args, host: str = "127.0.0.1", port: int = 8000) -> str:
     from .serve_app import build_app
 
     if not ray.is_initialized():
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else max(8, 2 * (os.cpu_count() or 1)))
+        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else local_ray_cpus())
     if args.mlflow_uri is None and args.model.startswith(("models:/", "runs:/")):
         # This shell's tracking URI, else the cluster's (`pllm cluster start` sets one for its Ray processes),
         # else the embedded store, its path pinned now because replicas run in other folders.

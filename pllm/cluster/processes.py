@@ -24,6 +24,7 @@ import psutil
 
 from pllm.cluster.state import (ClusterOptions, ClusterState, ProcessRecord, load_state, logs_dir, remove_state,
                                 save_state)
+from pllm.config import local_ray_cpus
 
 log = logging.getLogger(__name__)
 
@@ -176,9 +177,7 @@ def start_cluster(options: ClusterOptions) -> ClusterState:
                f"--port={options.ray_port}",
                "--include-dashboard=true", f"--dashboard-host={options.host}",
                f"--dashboard-port={options.dashboard_port}", f"--dashboard-agent-listen-port={state.agent_port}"]
-        # More logical CPUs than cores, as for an in-process Ray: Ray Data's tasks and the Train workers
-        # each hold CPUs, and on a small machine they would otherwise starve each other.
-        cmd.append(f"--num-cpus={options.num_cpus or max(8, 2 * (os.cpu_count() or 1))}")
+        cmd.append(f"--num-cpus={options.num_cpus or local_ray_cpus()}")
         if options.ray_temp_dir is not None:
             cmd.append(f"--temp-dir={options.ray_temp_dir}")
         ray_proc = _spawn(cmd, ray_log, env=head_environment(state.tracking_uri, state.ray_auth))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pllm.config import JobConfig
+from pllm.config import JobConfig, local_ray_cpus
 from pllm.corpus_files import CorpusPlan, plan_corpus
 from pllm.pipelines.job_stages import JobResult, fit_tokenizer, generate_sample, unigram_baseline, write_outputs
 from pllm.tokenizer import Tokenizer
@@ -54,7 +54,7 @@ def connect_ray(job: JobConfig, show_progress: bool) -> None:
         else:
             # address="local": a new instance even where a `ray start` cluster runs on this machine
             # (joining one is what RAY_ADDRESS asks for).
-            ray.init(address="local", num_cpus=job.cluster.num_cpus or max(8, 2 * (os.cpu_count() or 1)),
+            ray.init(address="local", num_cpus=job.cluster.num_cpus or local_ray_cpus(),
                      log_to_driver=True)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic order for a given seed
