@@ -63,6 +63,19 @@ class _ConfigMixin:
 
 
 @dataclass(config=_STRICT)
+class RopeScaling(_ConfigMixin):
+    """Rotary frequency scaling of long-context checkpoints, as their config.json's `rope_scaling`:
+    "linear" divides every frequency by `factor`; "llama3" (Llama 3.1) divides the low frequencies
+    by `factor`, keeps the high ones and blends in between."""
+
+    rope_type: Literal["linear", "llama3"]
+    factor: Annotated[float, Field(gt=0)]
+    low_freq_factor: Annotated[float, Field(gt=0)] = 1.0
+    high_freq_factor: Annotated[float, Field(gt=0)] = 4.0
+    original_max_position_embeddings: PositiveInt = 8192
+
+
+@dataclass(config=_STRICT)
 class ModelConfig(_ConfigMixin):
     # Architecture
     vocab_size: PositiveInt = 50257
@@ -73,10 +86,19 @@ class ModelConfig(_ConfigMixin):
     intermediate_size: PositiveInt = 8192
     max_position_embeddings: PositiveInt = 4096
     rope_theta: Annotated[float, Field(gt=0)] = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
     rms_norm_eps: Annotated[float, Field(gt=0)] = 1e-5
     tie_word_embeddings: bool = True
     qk_norm: bool = True  # RMSNorm on each head's queries and keys
     initializer_range: Annotated[float, Field(gt=0)] = 0.02
+    # Imported layouts: a per-head width of its own (Qwen3, SDAR: None = hidden_size / heads), biases
+    # on the q, k, v projections (Qwen2, Dream, Fast-dLLM v2) and on the output projection.
+    head_dim: Optional[PositiveInt] = None
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    # Position i's logits come from position i-1's hidden state (Dream, Fast-dLLM v2 and models
+    # adapted from autoregressive ones keep the next-token head); the first position uses its own.
+    logits_shift: bool = False
 
     # Attention layout: "bidirectional" (MDLM/LLaDA) or "block_causal" (block diffusion: causal across
     # blocks of `block_size` tokens, bidirectional inside a block).
@@ -88,6 +110,8 @@ class ModelConfig(_ConfigMixin):
     bos_token_id: NonNegInt = 1
     eos_token_id: NonNegInt = 2
     mask_token_id: NonNegInt = 3
+    # More ids that end an answer besides eos (chat models' end-of-turn tokens, e.g. <|eot_id|>).
+    stop_token_ids: tuple[NonNegInt, ...] = ()
 
     # Diffusion
     num_diffusion_steps: PositiveInt = 10
@@ -104,13 +128,13 @@ class ModelConfig(_ConfigMixin):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
+                f"({self.num_attention_heads}), or head_dim set"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head dimension hidden_size/num_attention_heads must be even for rotary, got {self.head_dim}")
+        if self.attention_head_size % 2:
+            raise ValueError(f"head_dim must be even for rotary, got {self.attention_head_size}")
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(
                 f"num_key_value_heads ({self.kv_heads}) must divide num_attention_heads ({self.num_attention_heads})"
@@ -119,18 +143,25 @@ class ModelConfig(_ConfigMixin):
             "pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id, "mask_token_id": self.mask_token_id,
         }
-        for name, value in special.items():
+        for name, value in [*special.items(), *(("stop_token_ids", i) for i in self.stop_token_ids)]:
             if value >= self.vocab_size:
                 raise ValueError(f"{name} ({value}) must be < vocab_size ({self.vocab_size})")
-        if len(set(special.values())) != len(special):
-            raise ValueError(f"special token ids must be distinct, got {special}")
+        # pad, bos and eos may share an id (LLaDA, Qwen); the mask token must be a token of its own.
+        if self.mask_token_id in (self.pad_token_id, self.bos_token_id, self.eos_token_id, *self.stop_token_ids):
+            raise ValueError(f"mask_token_id must differ from the other special token ids, got {special}")
         if self.use_fp8:
             raise ValueError("use_fp8: FP8 training/inference is not supported yet; allowed values: [False]")
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def attention_head_size(self) -> int:
+        """Per-head width: head_dim, or hidden_size / num_attention_heads."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every id that ends an answer: eos, then stop_token_ids."""
+        return (self.eos_token_id, *(i for i in self.stop_token_ids if i != self.eos_token_id))
 
     @property
     def kv_heads(self) -> int:
@@ -138,7 +169,7 @@ class ModelConfig(_ConfigMixin):
 
     def num_matmul_params(self) -> int:
         """Parameters that take part in a matmul per token (all linear layers, incl. the LM head)."""
-        d, h, kv = self.hidden_size, self.head_dim, self.kv_heads
+        d, h, kv = self.hidden_size, self.attention_head_size, self.kv_heads
         attn = d * (self.num_attention_heads * h) * 2 + d * (kv * h) * 2
         mlp = 3 * d * self.intermediate_size
         return self.num_hidden_layers * (attn + mlp) + d * self.vocab_size
@@ -146,7 +177,7 @@ class ModelConfig(_ConfigMixin):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6*N_matmul (forward + backward) plus attention scores/values
         (12 * layers * d_attn * seq for full attention; block-causal attention does about half)."""
-        attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        attn = 12 * self.num_hidden_layers * self.num_attention_heads * self.attention_head_size * seq_len
         if self.attention_mode == "block_causal":
             attn //= 2
         return 6 * self.num_matmul_params() + attn

@@ -96,5 +96,5 @@ class ParallelGenerator:
             raise ValueError("generate_text needs a tokenizer: ParallelGenerator(model, config, tokenizer=...)")
         ids = torch.tensor(self.tokenizer.encode(prompt), dtype=torch.long)
         answer = self.generate_batch([ids], max_new_tokens)[0].tolist()
-        eos = self.tokenizer.eos_token_id
-        return self.tokenizer.decode(answer[: answer.index(eos)] if eos in answer else answer)
+        stops = [i for i, t in enumerate(answer) if t in self.model.config.stop_ids]
+        return self.tokenizer.decode(answer[: stops[0]] if stops else answer)

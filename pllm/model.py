@@ -19,30 +19,50 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from pllm.kernels import add_rms_norm, fused_attention, linear_cross_entropy, rotate_qkv, silu_mul
 from pllm.kernels.options import DEFAULT_KERNELS, KernelOptions
 from .kv_cache import KVCache, Segment
 
 
-def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(head_dim: int, max_positions: int, theta: float,
+                  scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is not None:
+        inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)  # (P, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (P, hd): "rotate half" layout
     return angles.cos().float(), angles.sin().float()
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Rotary frequencies for a context longer than training's. "linear": all divided by the factor
+    (position interpolation). "llama3": wavelengths longer than original / low_freq_factor are
+    stretched by the factor, shorter than original / high_freq_factor kept, and the band between
+    interpolates linearly in original / wavelength."""
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    original = scaling.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    stretched = inv_freq / scaling.factor
+    smooth = ((original / wavelength - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    blended = (1 - smooth) * stretched + smooth * inv_freq
+    out = torch.where(wavelength > original / scaling.low_freq_factor, stretched, blended)
+    return torch.where(wavelength < original / scaling.high_freq_factor, inv_freq, out)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.layer_idx = layer_idx  # which layer's entries of a KVCache this layer reads and writes
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.attention_head_size
         self.use_flash = cfg.use_flash_attention
         d = cfg.hidden_size
         # Queries, keys and values in one matmul (rows q | k | v): one larger GEMM instead of three.
         self.qkv_split = [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim]
-        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.attention_out_bias)
         self._register_load_state_dict_pre_hook(_fuse_rows("qkv_proj", ("q_proj", "k_proj", "v_proj")))
         # QK-norm (as in OLMo 2, Qwen3): unit-RMS queries/keys keep attention logits O(1), so the
         # positional (rotary) patterns a denoiser needs form early and training stays stable.
@@ -69,7 +89,7 @@ class Attention(nn.Module):
         else:
             # Training batches share one shape, so cuDNN's per-shape plans are reused (Hopper).
             y = fused_attention(q, k, v, mask=mask, use_flash=self.use_flash, fixed_shape=self.training and mask is None)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, D))
+        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
 
     def _packed_attention(self, q, k, v, packed: "PackedSegments") -> torch.Tensor:
         """One attention call per sequence on exactly its own tokens (plus its cached keys/values):
@@ -123,13 +143,14 @@ class SwiGLU(nn.Module):
 
 
 def _fuse_rows(fused: str, parts: tuple[str, ...]):
-    """A load_state_dict pre-hook: weights saved with separate projections (`parts`) load into the
-    fused one, their rows stacked in order."""
+    """A load_state_dict pre-hook: weights (and biases) saved with separate projections (`parts`)
+    load into the fused one, their rows stacked in order."""
 
     def hook(state_dict, prefix, *args):
-        names = [f"{prefix}{part}.weight" for part in parts]
-        if all(name in state_dict for name in names):
-            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(name) for name in names])
+        for kind in ("weight", "bias"):
+            names = [f"{prefix}{part}.{kind}" for part in parts]
+            if all(name in state_dict for name in names):
+                state_dict[f"{prefix}{fused}.{kind}"] = torch.cat([state_dict.pop(name) for name in names])
 
     return hook
 
@@ -168,7 +189,7 @@ class DiffusionTransformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rotary_tables(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        cos, sin = self.rotary_tables()
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.gradient_checkpointing = False
@@ -189,9 +210,15 @@ class DiffusionTransformer(nn.Module):
             if isinstance(module, (Attention, SwiGLU, Block)):
                 module.kernels = kernels
 
+    def rotary_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        return rotary_tables(cfg.attention_head_size, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def _apply(self, fn, recurse=True):
         # Keep the rotary tables in fp32 when the model is cast to bf16/fp16: positions past a few
@@ -199,7 +226,7 @@ class DiffusionTransformer(nn.Module):
         super()._apply(fn, recurse)
         device = self.rope_cos.device
         if self.rope_cos.dtype != torch.float32:
-            cos, sin = rotary_tables(self.config.head_dim, self.config.max_position_embeddings, self.config.rope_theta)
+            cos, sin = self.rotary_tables()
             self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
         return self
 
@@ -292,6 +319,8 @@ class DiffusionTransformer(nn.Module):
             # the backward recomputation, and checkpointing needs both to see the same tensors.
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x = self.norm(self._blocks(x, cos, sin, mask)[:, :L])  # with clean_input_ids: the noisy half only
+        if self.config.logits_shift:  # position i's logits from position i-1 (the first from itself)
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         if logits_mask is not None:
             if logits_mask.dtype == torch.bool:
                 x = x[logits_mask]  # (N, D)
@@ -381,8 +410,11 @@ class DiffusionTransformer(nn.Module):
         cos, sin = self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         x = self.embed_tokens(torch.cat([seg.tokens[a:b].to(device) for (a, b), seg in zip(spans, segments)])[None])
         x = self._blocks(x, cos, sin, packed)
-        index = torch.cat([seg.logit_positions.to(device) - a + start
-                           for seg, (a, _), start in zip(segments, spans, starts)])
+        # logits_shift: position p's logits from position p - 1's hidden state, which the segment's
+        # span must include (`DecodeState.segments` starts it one position early).
+        shift = int(self.config.logits_shift)
+        rows = [(seg.logit_positions.to(device) - shift).clamp(min=0) for seg in segments]
+        index = torch.cat([r - a + start for r, (a, _), start in zip(rows, spans, starts)])
         wanted = index.numel()
         index = torch.cat([index, index.new_zeros(_padded_rows(wanted))])
         logits = self.lm_head(self.norm(x[0, index])).float()[:wanted]

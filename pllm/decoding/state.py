@@ -222,6 +222,9 @@ class DecodeState:
     def segments(self) -> list[Segment]:
         """What the next forward pass runs for this sequence: the current state, then any drafts."""
         compute, store = self._plan()
+        if self.cfg.logits_shift and compute is not None:
+            # The first logit of the block comes from the position before it.
+            compute = (min(compute[0], max(self.start - 1, 0)), compute[1])
         window = self.window()
         current = Segment(self.tokens, window, compute, self.kv, store)
         if self.ar_target and self.speculation is not None:
@@ -461,9 +464,10 @@ class DecodeState:
         base = self.start - self.prompt_len  # the block's first answer index
         masked_at = host_block.index(cfg.mask_token_id) if cfg.mask_token_id in host_block else len(host_block)
         new = host_block[self.num_final - base:masked_at]
-        if self.rules.stop_at_eos and cfg.eos_token_id in new:
-            # The answer ends at its first final EOS: the rest is filled with EOS, no more steps.
-            cut = new.index(cfg.eos_token_id)
+        stops = [i for i, t in enumerate(new) if t in cfg.stop_ids] if self.rules.stop_at_eos else []
+        if stops:
+            # The answer ends at its first final EOS (or end-of-turn id): the rest is filled with EOS.
+            cut = stops[0]
             self.eos_at = self.num_final + cut
             answer[self.eos_at:] = cfg.eos_token_id
             self.final_ids += new[:cut]

@@ -48,7 +48,8 @@ def compiled_elementwise(fn):
 def new_static_cache(model: DiffusionTransformer, num_slots: int) -> StaticKVCache:
     """Slots for `forward_static` (block-causal models); one block of scratch before position 0."""
     cfg = model.config
-    return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, cfg.max_position_embeddings, cfg.head_dim,
+    return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, cfg.max_position_embeddings,
+                         cfg.attention_head_size,
                          cfg.block_size, model.embed_tokens.weight.dtype, model.device)
 
 
@@ -76,7 +77,7 @@ def compiled_block_step(block: Block, x: torch.Tensor, h: torch.Tensor, cos: tor
     add_norm = compiled_elementwise(_add_rms_norm)
     attn, mlp = block.attn, block.mlp
     x, h = step_linear_add_norm(step_attention(attn, h, cos, sin, step, kernels), attn.o_proj.weight, x,
-                                block.mlp_norm.weight, block.mlp_norm.eps, add_norm, kernels)
+                                block.mlp_norm.weight, block.mlp_norm.eps, add_norm, kernels, attn.o_proj.bias)
     act = step_silu_mul_linear(h, mlp.gate_up_proj.weight, compiled_elementwise(_silu_mul), kernels)
     return step_linear_add_norm(act, mlp.down_proj.weight, x, next_norm.weight, next_norm.eps, add_norm, kernels)
 
@@ -89,7 +90,8 @@ def eager_block_step(block: Block, x: torch.Tensor, pending: torch.Tensor | None
         h = norm(x)
     else:
         x, h = add_rms_norm(x, pending, norm.weight, norm.eps, kernels.add_rms_norm)
-    y = step_linear(step_attention(block.attn, h, cos, sin, step, kernels), block.attn.o_proj.weight, kernels)
+    attn = block.attn
+    y = step_linear(step_attention(attn, h, cos, sin, step, kernels), attn.o_proj.weight, kernels, attn.o_proj.bias)
     x, h = add_rms_norm(x, y, mlp_norm.weight, mlp_norm.eps, kernels.add_rms_norm)
     return x, block.mlp.down_proj(silu_mul(block.mlp.gate_up_proj(h), kernels.silu_mul))
 
@@ -129,5 +131,10 @@ def forward_static(model: DiffusionTransformer, tokens: torch.Tensor, positions:
         x = x if pending is None else x + pending
     if num_logits == 0:
         return x.new_empty(x.shape[0], 0, cfg.vocab_size, dtype=torch.float32)
-    logits = model.lm_head(h[:, -num_logits:] if compile_ops else model.norm(x[:, -num_logits:]))
+    # logits_shift: each position's logits from the position before it (inside the window: the
+    # window's earlier block holds the position before the current block).
+    last = x.shape[1] - int(cfg.logits_shift)
+    if last < num_logits:
+        raise ValueError(f"logits_shift needs a window longer than the {num_logits} positions whose logits it returns")
+    logits = model.lm_head(h[:, last - num_logits:last] if compile_ops else model.norm(x[:, last - num_logits:last]))
     return logits.float() if float_logits else logits

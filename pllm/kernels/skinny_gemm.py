@@ -51,28 +51,30 @@ def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, ..
     return _launch(x2, weight, 1, gated=True, config=config).view(*x.shape[:-1], weight.shape[0] // 2)
 
 
-def step_linear(x: torch.Tensor, weight: torch.Tensor, kernels: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
-    """The decoding step's x @ weight.T: the skinny kernel for the weight shapes where the in-graph
-    sweep measured it faster than cuBLAS (`kernels.gemm_tiles`), else cuBLAS."""
+def step_linear(x: torch.Tensor, weight: torch.Tensor, kernels: KernelOptions = DEFAULT_KERNELS,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoding step's x @ weight.T (+ bias): the skinny kernel for the weight shapes where the
+    in-graph sweep measured it faster than cuBLAS (`kernels.gemm_tiles`), else cuBLAS."""
     config = kernels.gemm_tile(*weight.shape, 1, False)
-    if kernels.skinny_gemm and config and runs_kernel(x, weight):
+    if kernels.skinny_gemm and config and bias is None and runs_kernel(x, weight):
         return skinny_linear(x, weight, 1, config)
-    return F.linear(x, weight)
+    return F.linear(x, weight, bias)
 
 
 def step_linear_add_norm(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                         eps: float, add_norm, kernels: KernelOptions = DEFAULT_KERNELS) -> tuple[torch.Tensor, torch.Tensor]:
+                         eps: float, add_norm, kernels: KernelOptions = DEFAULT_KERNELS,
+                         bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoding step's h = residual + x @ weight.T and rms_norm(h) * norm_weight (o_proj and
     down_proj with the add + norm after them). For the weight shapes in `kernels.split_tiles`: the
     skinny kernel split over K, its float32 partial sums folded into the add + norm kernel
     (`add_partials_rms_norm`); else `step_linear` and add_norm (a callable of residual, y,
     norm_weight, eps)."""
     config = kernels.split_tile(*weight.shape)
-    if kernels.skinny_gemm and config and runs_kernel(x, weight) and residual.is_contiguous():
+    if kernels.skinny_gemm and config and bias is None and runs_kernel(x, weight) and residual.is_contiguous():
         block_n, block_k, stages, split, *warps = config
         tile = (block_n, block_k, stages, *warps)
         return add_partials_rms_norm(residual, skinny_linear(x, weight, split, tile), norm_weight, eps)
-    return add_norm(residual, step_linear(x, weight, kernels), norm_weight, eps)
+    return add_norm(residual, step_linear(x, weight, kernels, bias), norm_weight, eps)
 
 
 def step_silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, silu_mul,
