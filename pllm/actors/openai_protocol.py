@@ -1,4 +1,4 @@
-"""The OpenAI-compatible request bodies, error objects and the chat template.
+"""The OpenAI-compatible request bodies, error objects and the chat prompt.
 
 Requests are validated with pydantic; a failure becomes an OpenAI-style error object
 (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status. Beyond OpenAI's fields, a
@@ -9,11 +9,14 @@ request may choose the diffusion decoding (`strategy`, `steps`, `block_size`,
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Optional, Union
+from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pllm.config import GenerationConfig
+
+if TYPE_CHECKING:
+    from pllm.tokenizer import Tokenizer
 
 
 class StreamOptions(BaseModel):
@@ -97,6 +100,17 @@ def chat_prompt(messages: list[ChatMessage]) -> str:
     """A plain-text chat template: each message under a role header, ending with the assistant's."""
     turns = [f"{ROLE_HEADERS[m.role]}\n{m.content}\n\n" for m in messages]
     return "".join(turns) + ROLE_HEADERS["assistant"] + "\n"
+
+
+def chat_prompt_for(tokenizer: Tokenizer, messages: list[ChatMessage]) -> str:
+    """The chat prompt in the tokenizer's own chat template (an imported checkpoint's), else `chat_prompt`.
+    A template that rejects the messages (e.g. its raise_exception) is the client's error: a 400."""
+    if tokenizer.chat_template is None:
+        return chat_prompt(messages)
+    try:
+        return tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_value") from None
 
 
 class APIError(Exception):

@@ -28,7 +28,7 @@ from pllm.engine import check_request, max_new_tokens_limit
 from pllm.registry import resolve_model_source
 
 from .generator_deployment import GeneratorDeployment
-from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_prompt, validation_error
+from .openai_protocol import APIError, ChatCompletionRequest, CompletionRequest, chat_prompt_for, validation_error
 from .text_stream import TextStream
 
 app = FastAPI(title="Parallel-LLM", description="OpenAI-compatible API for masked-diffusion language models")
@@ -100,7 +100,8 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         body = await parse_body(request, ChatCompletionRequest)
-        return await self._respond(body, chat_prompt(body.messages), body.requested_max_tokens, chat=True)
+        prompt = chat_prompt_for(self.tokenizer, body.messages)
+        return await self._respond(body, prompt, body.requested_max_tokens, chat=True)
 
     # -- shared path -------------------------------------------------------------------------------
     async def _respond(self, body, prompt: str, max_tokens: Optional[int], chat: bool):
