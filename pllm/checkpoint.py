@@ -1,5 +1,6 @@
 """Model files: weights as safetensors, the ModelConfig as JSON, the tokenizer as tokenizer.json.
-Loading never unpickles anything."""
+Loading never unpickles anything. Every loader here also takes a Hugging Face checkpoint folder
+(`pllm.hf`: LLaDA, Dream, Fast-dLLM v2, SDAR, Llama/Qwen), so a path works wherever a model does."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from .model import DiffusionTransformer
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # sharded weights (Hugging Face checkpoints)
 CONFIG_FILE = "config.json"
 
 
@@ -29,13 +31,27 @@ def save_pretrained(model: DiffusionTransformer, path: str | Path, tokenizer: To
     return path
 
 
+def is_model_folder(path: str | Path) -> bool:
+    """A saved pllm model or a Hugging Face checkpoint (single-file or sharded safetensors)."""
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and ((path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
 def load_config(path: str | Path) -> ModelConfig:
+    from .hf import is_hf_checkpoint, plan_import
+
+    if is_hf_checkpoint(path):
+        return plan_import(path).config
     return ModelConfig.from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionTransformer:
     """Build the model from config.json and load model.safetensors into it (strict: every tensor
     must match). On CUDA the weights are cast to ModelConfig.dtype for inference."""
+    from .hf import import_checkpoint, is_hf_checkpoint
+
+    if is_hf_checkpoint(path):
+        return import_checkpoint(path, device=device)[0]
     path = Path(path)
     if not (path / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}: not a saved pllm model")
@@ -49,4 +65,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    from .hf import is_hf_checkpoint, plan_import
+
+    if is_hf_checkpoint(path):
+        tokenizer = plan_import(path).tokenizer
+        if tokenizer is None:
+            raise FileNotFoundError(f"{path} has no {TOKENIZER_FILE}")
+        return tokenizer
     return Tokenizer.load(Path(path) / TOKENIZER_FILE)

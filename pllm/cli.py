@@ -1,5 +1,5 @@
-"""The `pllm` command: demo (the main job on embedded defaults), train (on Ray, or --local), serve, generate,
-cluster (a Ray head with an MLflow tracking server)."""
+"""The `pllm` command: demo (the main job on embedded defaults), train (on Ray, or --local), import (a
+Hugging Face checkpoint into MLflow), serve, generate, cluster (a Ray head with an MLflow tracking server)."""
 
 from __future__ import annotations
 
@@ -70,6 +70,27 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    """Check a Hugging Face checkpoint folder (no tensor is read), then log and register it."""
+    from pllm.hf import plan_import
+
+    plan = plan_import(args.path)
+    cfg = plan.config
+    print(f"{args.path}: {plan.family.name} ({plan.family.description or cfg.attention_mode}), "
+          f"{cfg.num_hidden_layers} layers x {cfg.hidden_size}, vocab {cfg.vocab_size}, "
+          f"{cfg.attention_mode}{f' blocks of {cfg.block_size}' if cfg.attention_mode == 'block_causal' else ''}, "
+          f"mask id {cfg.mask_token_id}, eos {cfg.eos_token_id}, stops {list(cfg.stop_token_ids)}, "
+          f"logits shift {cfg.logits_shift}, chat template {'yes' if plan.tokenizer and plan.tokenizer.chat_template else 'no'}")
+    if args.check:
+        return 0
+    from pllm.registry import log_imported_model
+
+    out = log_imported_model(args.path, plan.family.name, cfg, args.mlflow_uri, experiment=args.experiment,
+                             registered_model=args.register, alias=args.alias if args.register else None)
+    print(f"logged as {out['model_uri']}" + (f", registered as {out['registry_uri']}" if out["registry_uri"] else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pllm", description="Train and serve masked-diffusion language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -86,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API on Ray Serve")
-    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder")
+    s.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, a saved "
+                                                  "model or a Hugging Face checkpoint folder")
     s.add_argument("--draft-model", default=None,
                    help="a small model with the same tokenizer, same forms as --model, for strategy 'speculative'")
     s.add_argument("--name", default=None, help="model id for clients (default: the registered name)")
@@ -101,8 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per forward pass")
     s.set_defaults(func=_cmd_serve)
 
+    i = sub.add_parser("import", help="check a Hugging Face checkpoint folder (LLaDA, Dream, Fast-dLLM v2, SDAR, "
+                                      "Llama/Qwen) and log it to MLflow, optionally registered")
+    i.add_argument("path", help="the checkpoint folder (config.json, safetensors weights, tokenizer.json)")
+    i.add_argument("--register", default=None, metavar="NAME", help="register it as this MLflow model")
+    i.add_argument("--alias", default="champion", help="alias of the registered version (with --register)")
+    i.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                      "else sqlite:///mlflow.db here)")
+    i.add_argument("--experiment", default="pllm")
+    i.add_argument("--check", action="store_true", help="only check the folder; log nothing")
+    i.set_defaults(func=_cmd_import)
+
     g = sub.add_parser("generate", help="generate text from a saved model")
-    g.add_argument("--model", required=True, help="folder with model.safetensors, config.json, tokenizer.json")
+    g.add_argument("--model", required=True, help="a saved model or Hugging Face checkpoint folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--steps", type=int, default=64, help="total denoising steps")

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 import pllm
 
-from .checkpoint import WEIGHTS_FILE
-from .config import GenerationConfig, JobConfig
+from .checkpoint import CONFIG_FILE, is_model_folder
+from .config import GenerationConfig, JobConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,22 +141,43 @@ def log_generator_model(run_id: str, tracking_uri: str, model_dir: str | Path, g
     return out
 
 
+def log_imported_model(path: str | Path, family: str, config: ModelConfig, tracking_uri: str | None,
+                       experiment: str = "pllm", registered_model: str | None = None,
+                       alias: str | None = None) -> dict[str, Any]:
+    """Log an imported checkpoint folder (checked by `pllm.hf.plan_import`) as a run of its own, with
+    the model's config as parameters and the folder as the pyfunc's model, and register it. The
+    serving defaults suit the family: threshold decoding in the model's own blocks."""
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=f"import-{Path(path).name}",
+                            tags={"pllm.version": pllm.__version__, "pllm.family": family, "pllm.source": str(path)})
+    params = {f"model.{k}": v for k, v in flatten(config.to_dict()).items()} | {"family": family}
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    block = config.block_size if config.attention_mode == "block_causal" else 32
+    generation = GenerationConfig(max_new_tokens=256, num_refinement_steps=256, temperature=0.0, strategy="threshold",
+                                  block_size=block)
+    out = log_generator_model(run.info.run_id, tracking_uri, path, generation, registered_model, alias)
+    client.set_terminated(run.info.run_id)
+    return out | {"run_id": run.info.run_id}
+
+
 # -- models for serving ---------------------------------------------------------------------------
 def resolve_model_source(source: str, tracking_uri: str | None = None) -> tuple[Path, GenerationConfig | None]:
     """A model to serve: a saved model folder, or an MLflow model URI (`models:/NAME@ALIAS`,
     `models:/NAME/VERSION`, `runs:/ID/model`) logged by `log_generator_model`. Returns the local folder
-    holding model.safetensors + config.json + tokenizer.json and, for MLflow models, the logged
-    GenerationConfig (the serving defaults)."""
+    holding the model (ours: model.safetensors + config.json + tokenizer.json; or a Hugging Face
+    checkpoint) and, for MLflow models, the logged GenerationConfig (the serving defaults)."""
     if "://" not in source and not source.startswith(("models:/", "runs:/")):
         path = Path(source)
-        if not (path / WEIGHTS_FILE).exists():
-            raise FileNotFoundError(f"{source} is not a saved pllm model (no {WEIGHTS_FILE})")
+        if not is_model_folder(path):
+            raise FileNotFoundError(f"{source} is not a model folder (config.json with model.safetensors or "
+                                    f"model.safetensors.index.json)")
         return path, None
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
                                                      tracking_uri=resolve_tracking_uri(tracking_uri)))
-    found = sorted(p.parent for p in local.rglob(WEIGHTS_FILE))
+    found = sorted(p.parent for p in local.rglob(CONFIG_FILE) if is_model_folder(p.parent))
     if not found:
-        raise FileNotFoundError(f"{source} holds no pllm model (no {WEIGHTS_FILE} in its artifacts)")
+        raise FileNotFoundError(f"{source} holds no model (no config.json with safetensors weights in its artifacts)")
     generation = None
     if (local / "MLmodel").exists():
         flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})

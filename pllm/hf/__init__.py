@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .export import export_checkpoint
 from .folder import CheckpointError, CheckpointFolder
-from .importer import import_checkpoint, is_hf_checkpoint
+from .importer import ImportPlan, import_checkpoint, is_hf_checkpoint, plan_import
 
-__all__ = ["CheckpointError", "CheckpointFolder", "export_checkpoint", "import_checkpoint", "is_hf_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointFolder", "ImportPlan", "export_checkpoint", "import_checkpoint",
+           "is_hf_checkpoint", "plan_import"]

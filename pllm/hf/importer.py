@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,22 @@ def is_hf_checkpoint(path: str | Path) -> bool:
     return isinstance(data, dict) and ("model_type" in data or "architectures" in data)
 
 
-def import_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                      **overrides: Any) -> tuple[DiffusionTransformer, Tokenizer | None]:
-    """The model and tokenizer of a Hugging Face checkpoint folder. dtype: default float32 on CPU,
-    the checkpoint's dtype (ModelConfig.dtype) elsewhere. overrides: ModelConfig fields to change
-    (attention_mode, max_position_embeddings, mask_token_id, ...). Every check runs before a tensor
-    is read; tensors stream from their shards straight to `device` in `dtype`. The tokenizer is
-    None only for a folder we exported without one."""
-    path, device = Path(path), torch.device(device)
+@dataclass
+class ImportPlan:
+    """Everything known about a checkpoint before its tensors are read."""
+
+    folder: CheckpointFolder
+    family: Family
+    config: ModelConfig
+    tokenizer: Tokenizer | None
+    names: dict[str, str]  # the checkpoint's tensor name -> our unfused name
+
+
+def plan_import(path: str | Path, **overrides: Any) -> ImportPlan:
+    """Read and check a checkpoint folder without reading its tensors: family, ModelConfig, special
+    ids, tokenizer, and every tensor's presence and shape. Raises `CheckpointError` naming the file
+    and the field."""
+    path = Path(path)
     folder = CheckpointFolder.open(path)
     family = family_of(folder.config, path)
     ours = isinstance(folder.config.get("pllm"), dict)
@@ -57,16 +66,28 @@ def import_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtyp
     cfg = model_config(folder, family, hf_tokenizer, tok_config, overrides)
     names = {family.weight_name(ours): ours for ours in unfused_shapes(cfg)}
     _check_weights(folder, family, cfg, names)
-    tokenizer = None if hf_tokenizer is None else Tokenizer(hf_tokenizer, chat_template=tok_config.get("chat_template"),
-                          special_token_ids={k: getattr(cfg, k) for k in
-                                             ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")},
-                          token_strings={k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token")
-                                         if (v := token_string(tok_config, k)) is not None})
+    tokenizer = None if hf_tokenizer is None else Tokenizer(
+        hf_tokenizer, chat_template=tok_config.get("chat_template"),
+        special_token_ids={k: getattr(cfg, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")},
+        token_strings={k: v for k in ("bos_token", "eos_token", "pad_token", "unk_token")
+                       if (v := token_string(tok_config, k)) is not None})
+    return ImportPlan(folder, family, cfg, tokenizer, names)
+
+
+def import_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                      **overrides: Any) -> tuple[DiffusionTransformer, Tokenizer | None]:
+    """The model and tokenizer of a Hugging Face checkpoint folder. dtype: default float32 on CPU,
+    the checkpoint's dtype (ModelConfig.dtype) elsewhere. overrides: ModelConfig fields to change
+    (attention_mode, max_position_embeddings, mask_token_id, ...). Every check runs before a tensor
+    is read (`plan_import`); tensors stream from their shards straight to `device` in `dtype`. The
+    tokenizer is None only for a folder we exported without one."""
+    plan, device = plan_import(path, **overrides), torch.device(device)
+    cfg = plan.config
     dtype = dtype or (cfg.dtype if device.type != "cpu" else torch.float32)
-    log.info("importing %s (%s) from %s: %d tensors to %s in %s", family.name, cfg.attention_mode, path, len(names),
-             device, dtype)
-    tensors = ((names[hf], tensor) for hf, tensor in folder.tensors(list(names), device, dtype))
-    return build_model(cfg, tensors, device), tokenizer
+    log.info("importing %s (%s) from %s: %d tensors to %s in %s", plan.family.name, cfg.attention_mode, path,
+             len(plan.names), device, dtype)
+    tensors = ((plan.names[hf], t) for hf, t in plan.folder.tensors(list(plan.names), device, dtype))
+    return build_model(cfg, tensors, device), plan.tokenizer
 
 
 def model_config(folder: CheckpointFolder, family: Family, hf_tokenizer: HFTokenizer | None, tok_config: dict,
