@@ -214,3 +214,26 @@ def test_a_runner_takes_batches_up_to_its_largest_bucket(block_model):
     # ParallelGenerator keeps its runner while a batch fits this bound and builds a larger one past it.
     assert ModelRunner(block_model, EngineConfig(max_num_seqs=3), static_step=True).max_batch == 4
     assert ModelRunner(block_model, EngineConfig(max_num_seqs=3), static_step=False).max_batch is None
+
+
+@pytest.mark.parametrize("features", [
+    dict(attention_bias=True, qk_norm=False, logits_shift=True),  # Qwen2 / Fast-dLLM v2
+    dict(head_dim=16, qk_norm=True),  # Qwen3 / SDAR: heads wider than hidden_size / heads
+    dict(attention_bias=True, attention_out_bias=True, qk_norm=False, logits_shift=True,
+         rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 16}),
+], ids=["qwen2", "qwen3", "llama-biased"])
+def test_imported_layouts_step_fixed_shape_as_packed(features):
+    """Every feature an imported family needs gives the fixed-shape step the packed path's tokens."""
+    torch.manual_seed(0)
+    cfg = tiny_config(attention_mode="block_causal", block_size=8, max_position_embeddings=128).to_dict() | features
+    model = DiffusionTransformer(type(tiny_config()).from_dict(cfg)).to(DEVICE, DTYPE).eval()
+    with torch.no_grad():  # biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    requests = mixed_requests(8)
+    config = EngineConfig(max_num_seqs=4, max_batched_tokens=400)
+    packed = run_staggered(Engine(model, config, static_step=False), requests)
+    engine = Engine(model, config, static_step=True)
+    assert run_staggered(engine, requests) == packed
+    assert engine.runner.static.num_steps > 0

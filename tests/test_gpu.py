@@ -217,3 +217,62 @@ def test_serve_app_on_a_gpu_replica(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+# The layer shapes of the imported families at 7-8B (two layers each): head size 128, MHA and GQA,
+# q/k/v biases, QK-norm, shifted logits, vocabularies of 126k-152k.
+BIG_SHAPES = {
+    "llada-8b": dict(vocab_size=126464, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
+                     intermediate_size=12288, qk_norm=False, tie_word_embeddings=False, rope_theta=5e5),
+    "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+                       intermediate_size=18944, qk_norm=False, attention_bias=True, logits_shift=True,
+                       tie_word_embeddings=False, rope_theta=1e6),
+    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     intermediate_size=12288, tie_word_embeddings=False, rope_theta=1e6),
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       intermediate_size=3072, rope_theta=1e6),
+}
+
+
+@pytest.mark.parametrize("shape", list(BIG_SHAPES))
+def test_step_kernels_at_imported_family_shapes(shape):
+    """The bf16 fixed-shape step with our kernels at each family's widths: logits as the step with
+    every kernel off (cuBLAS, SDPA), and CUDA-graph decoding at batch 1 and 16 runs to the end."""
+    from pllm import EngineConfig, ModelConfig
+    from pllm.engine import Engine
+    from pllm.engine.step_forward import forward_static, new_static_cache
+    from pllm.kernels.options import KernelOptions
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**BIG_SHAPES[shape], num_hidden_layers=2, attention_mode="block_causal", block_size=32,
+                      max_position_embeddings=512)
+    with torch.device("cuda"):
+        model = DiffusionTransformer(cfg).to(torch.bfloat16).eval()
+    plain = KernelOptions(skinny_gemm=False, bias_attention=False, step_bias=False, rotate_qkv=False,
+                          add_rms_norm=False, silu_mul=False)
+    for B in (1, 16):
+        tokens = torch.randint(0, 30000, (B, 64), device="cuda")
+        positions = torch.arange(64, device="cuda").expand(B, 64).contiguous()
+        limits = torch.full((B,), 64, device="cuda")
+        logits = [forward_static(model, tokens, positions, limits, new_static_cache(model, B), slice(0, B), 32,
+                                 kernels=k) for k in (KernelOptions(), plain)]
+        assert (logits[0] - logits[1]).abs().max() <= 0.05 * logits[1].abs().max()
+        prompts = [torch.randint(0, 30000, (100,)) for _ in range(B)]
+        gen = GenerationConfig(max_new_tokens=64, num_refinement_steps=16, block_size=32, temperature=0.0,
+                               use_adaptive_steps=False)
+        engine = Engine(model, EngineConfig(max_num_seqs=B))
+        assert [len(a) for a in engine.generate(prompts, gen)] == [64] * B
+        assert engine.runner.static.num_replays > 0
+
+
+def test_import_streams_a_checkpoint_onto_the_gpu(tmp_path):
+    from hf_fixtures import cases, reference_model, write_checkpoint
+    from pllm.hf import import_checkpoint
+
+    case = cases()["sdar"]
+    folder = write_checkpoint(case, reference_model(case), tmp_path / "sdar")
+    cpu, _ = import_checkpoint(folder)
+    gpu, _ = import_checkpoint(folder, device="cuda")  # the checkpoint's bf16 on a GPU
+    assert gpu.lm_head.weight.dtype == torch.bfloat16 and gpu.lm_head.weight.is_cuda and gpu.rope_cos.is_cuda
+    ids = torch.randint(0, 240, (1, 24))
+    assert (gpu(ids.cuda()).cpu() - cpu(ids)).abs().max() <= 0.05 * cpu(ids).abs().max()

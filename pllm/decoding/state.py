@@ -137,6 +137,9 @@ class DecodeState:
         self.rules, self.cfg, self.commit_kernel = rules, model_config, commit_kernel
         prompt = torch.as_tensor(prompt, dtype=torch.long).flatten().to(device)
         self.prompt_len = prompt.numel()
+        if model_config.logits_shift and self.prompt_len == 0:
+            # the first answer token's logits come from the position before it (a BOS at least)
+            raise ValueError("a model with logits_shift needs a prompt of at least one token (e.g. its BOS)")
         answer = torch.full((rules.gen_length,), model_config.mask_token_id, dtype=torch.long, device=device)
         self.block_causal = model_config.attention_mode == "block_causal"
         suffix = torch.as_tensor([] if suffix is None else suffix, dtype=torch.long).flatten().to(device)

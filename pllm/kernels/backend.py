@@ -22,3 +22,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     return all(t.is_cuda for t in tensors)
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one Triton program may use on this GPU (None: no limit, e.g. the
+    interpreter). Tile choices check their footprint against it instead of failing to launch."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None) or props.shared_memory_per_block

@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .backend import HAS_TRITON, use_triton
+from .backend import HAS_TRITON, shared_memory_limit, use_triton
 from .options import DEFAULT_KERNELS, KernelOptions
 
 
@@ -81,12 +81,28 @@ KEY_TILE = 64  # keys per loop iteration of the split-keys kernel
 # program (None: `query_tile`). With 16-query programs (small batch) it walks the keys in tiles of
 # 256, measured faster than tiles of 64 (`decode_kernels.py --attention-sweep`, benchmarks/RESULTS.md).
 # Larger query tiles keep 64 keys: 64 x 256 tiles at 3 stages need more shared memory than an SM has.
+# Head sizes of 128 (7-8B models) double every key/value tile: `plain_config` steps down to the
+# first tile that fits the GPU's shared memory.
 PLAIN_CONFIG = (KEY_TILE, 2, 4)
 SMALL_TILE_CONFIG = (256, 3, 4)
+_SMALLER_CONFIGS = ((256, 2, 4), (128, 2, 4), (64, 2, 4), (32, 2, 4), (32, 1, 4))
 
 
-def plain_config(block_m: int) -> tuple[int, int, int]:
-    return SMALL_TILE_CONFIG if block_m <= 16 else PLAIN_CONFIG
+def tile_bytes(block_m: int, block_n: int, stages: int, head_dim: int) -> int:
+    """Shared memory of a plain-kernel program (16-bit inputs): the key and value tiles of every
+    pipeline stage, the query tile and the float32 score tile (matches Triton's count for the
+    64-query x 256-key tile at 3 stages and head size 64: 264 KB)."""
+    return stages * 2 * block_n * head_dim * 2 + block_m * head_dim * 2 + block_m * block_n * 4
+
+
+def plain_config(block_m: int, head_dim: int = 64, limit: int | None = None) -> tuple[int, int, int] | None:
+    """(keys per iteration, stages, warps) for `block_m`-query programs: the measured choice, or the
+    largest smaller tile within `limit` bytes of shared memory; None if none fits."""
+    preferred = SMALL_TILE_CONFIG if block_m <= 16 else PLAIN_CONFIG
+    for config in (preferred, *_SMALLER_CONFIGS):
+        if limit is None or tile_bytes(block_m, config[0], config[1], head_dim) <= limit:
+            return config
+    return None
 
 
 def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None, split_keys: bool = True,
@@ -260,7 +276,10 @@ def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int]
     block_m = block_m or query_tile(
         B, H, Lq, torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else None,
         fill_sms)
-    block_n, stages, warps = config or plain_config(block_m)
+    config = config or plain_config(block_m, hd, shared_memory_limit(query.device))
+    if config is None:  # no tile fits this GPU's shared memory
+        return bias_attention_reference(query, key, value, bias)
+    block_n, stages, warps = config
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](
         query, key, value, bias, out, Lq, Lk, H, hd ** -0.5,
