@@ -3,7 +3,8 @@ floor, and tokens/s at 2, 4 and 8 tokens per forward pass (random weights saved 
 published layout, bf16, one GPU).
 
 Families (shapes from the published configs):
-  llada8b   LLaDA-8B: bidirectional; no cache, and Fast-dLLM's approximate prefix and dual caches
+  llada8b   LLaDA-8B: bidirectional; no cache and Fast-dLLM's approximate prefix cache (packed, eager), and
+            its dual cache (fixed-shape steps, CUDA graphs)
   sdar8b    SDAR-8B-b32 (Qwen3-8B layout, QK-norm, GQA 32/8): block-causal, exact cache, CUDA graphs
   fastdllm7b  Fast-dLLM v2 7B (Qwen2.5-7B layout, q/k/v biases, GQA 28/4, shifted logits): the same
   qwen7b_ar   the Fast-dLLM v2 folder imported as its autoregressive base (causal, one token per step)
@@ -173,7 +174,8 @@ def run_family(name: str, folder: Path, args, device: str, bandwidth, peak, over
                                        block_size=1 if ar else 32, strategy="static", temperature=0.0,
                                        use_adaptive_steps=False, kv_cache="auto" if block_causal else cache)
                 try:
-                    timing = time_engine(model, prompts, gen, static_step=block_causal, device=device)
+                    # fixed-shape steps (CUDA graphs): the exact block cache, and the dual cache
+                    timing = time_engine(model, prompts, gen, static_step=block_causal or cache == "dual", device=device)
                 except Exception as exc:  # one failing configuration must not hide the others
                     row["runs"].append({"batch": batch, "cache": cache, "tokens_per_forward": k, "error": repr(exc)[:400]})
                     print(f"  batch {batch} {cache} k={k}: FAILED {exc!r}"[:300], flush=True)

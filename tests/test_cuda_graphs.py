@@ -237,3 +237,21 @@ def test_imported_layouts_step_fixed_shape_as_packed(features):
     engine = Engine(model, config, static_step=True)
     assert run_staggered(engine, requests) == packed
     assert engine.runner.static.num_steps > 0
+
+
+@pytest.mark.parametrize("shift", [False, True], ids=["llada", "dream"])
+def test_dual_cache_fixed_shape_steps_equal_packed_dual_cache(shift):
+    """Bidirectional models: dual-cache steps through the fixed-shape runner (a block's first step
+    refreshes the slot, later steps replay) give the packed dual cache's tokens, in a changing batch."""
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(block_size=8, max_position_embeddings=128, logits_shift=shift)
+                                 ).to(DEVICE, DTYPE).eval()
+    requests = [(prompt, cfg.replace(kv_cache="dual", block_size=[4, 8][i % 2], strategy="static"))
+                for i, (prompt, cfg) in enumerate(mixed_requests(10))]
+    config = EngineConfig(max_num_seqs=4, max_batched_tokens=400)
+    packed = run_staggered(Engine(model, config, static_step=False), requests)
+    engine = Engine(model, config, static_step=True)
+    assert run_staggered(engine, requests) == packed
+    dual = engine.runner.dual
+    assert dual.num_steps > 0 and dual.num_refreshes > 0
+    assert (dual.num_replays == dual.num_steps) == (DEVICE == "cuda")

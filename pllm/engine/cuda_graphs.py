@@ -36,6 +36,15 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return buckets
 
 
+def key_length_buckets(window: int, cache_length: int) -> list[int]:
+    """Key lengths graphs are captured for: a step reads only the cache prefix its sequences can see."""
+    lengths, length = [], max(4 * window, 64)
+    while length < cache_length:
+        lengths.append(length)
+        length *= 2
+    return lengths + [cache_length]
+
+
 class StaticStepRunner:
     """Runs the states of requests (by id) through fixed-shape steps; see the module docstring."""
 
@@ -57,12 +66,7 @@ class StaticStepRunner:
         self.tokens = torch.full((B, W), model.config.pad_token_id, dtype=torch.long, device=device)
         self.positions = torch.arange(-bs, bs, device=device).repeat(B, 1)
         self.limits = torch.zeros(B, dtype=torch.long, device=device)
-        # Key-length buckets: a step reads only the cache prefix its sequences can see.
-        self.lengths, length = [], max(4 * W, 64)
-        while length < self.cache.length:
-            self.lengths.append(length)
-            length *= 2
-        self.lengths.append(self.cache.length)
+        self.lengths = key_length_buckets(W, self.cache.length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_steps = self.num_replays = 0
         self.last_length = self.lengths[0]  # the key-length bucket of the last step

@@ -10,6 +10,7 @@ from ..decoding.loop import run_states
 from ..model import DiffusionTransformer
 from .batched_commit import batchable, commit_batch
 from .cuda_graphs import StaticStepRunner
+from .dual_cache_graphs import DualCacheStepRunner
 
 
 class ModelRunner:
@@ -18,9 +19,10 @@ class ModelRunner:
     block. Packing keeps every sequence's result independent of its batch-mates, which is what
     makes "batching never changes outputs" hold.
 
-    static_step (block-causal models): sequences with the exact block cache and one segment per
-    step run instead through fixed-shape steps (`StaticStepRunner`: cache slots, CUDA graphs on
-    GPUs); the others (draft-and-verify, no cache) still run packed, in a second pass."""
+    static_step: sequences with the exact block cache (block-causal models) or the dual cache
+    (bidirectional models) and one segment per step run instead through fixed-shape steps
+    (`StaticStepRunner`, `DualCacheStepRunner`: cache slots, CUDA graphs on GPUs); the others
+    (draft-and-verify, no cache) still run packed, in a second pass."""
 
     def __init__(self, model: DiffusionTransformer, config: EngineConfig | None = None, static_step: bool = False):
         config = config or EngineConfig()
@@ -29,10 +31,14 @@ class ModelRunner:
         self.commit_kernel = config.kernels.commit_in_place
         # The fixed-shape step runner; read it to inspect its graphs and counters, drive it through `run`.
         self.static: StaticStepRunner | None = None
+        self.dual: DualCacheStepRunner | None = None  # bidirectional models' dual-cache steps
+        on_gpu = model.device.type == "cuda"
         if static_step and model.config.attention_mode == "block_causal":
-            on_gpu = model.device.type == "cuda"
             self.static = StaticStepRunner(model, config.max_num_seqs, capture=on_gpu,
                                            compile_ops=config.compile_step and on_gpu, kernels=config.kernels)
+        elif static_step:
+            self.dual = DualCacheStepRunner(model, config.max_num_seqs, capture=on_gpu,
+                                            compile_ops=config.compile_step and on_gpu, kernels=config.kernels)
         # Launch each step before the host reads the last one's commits (`StaticStepRunner.run_ahead`):
         # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
         self.pipeline = bool(config.pipeline_steps and self.static is not None and self.static.capture)
@@ -44,7 +50,8 @@ class ModelRunner:
     @property
     def max_batch(self) -> int | None:
         """The most sequences one fixed-shape step takes (its largest batch bucket); None without one."""
-        return self.static.buckets[-1] if self.static is not None else None
+        runner = self.static or self.dual
+        return runner.buckets[-1] if runner is not None else None
 
     def new_state(self, prompt: torch.Tensor, rules, suffix: torch.Tensor | None = None) -> DecodeState:
         """A sequence's decoding state on this runner's device, with its kernel choices."""
@@ -54,7 +61,7 @@ class ModelRunner:
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
         """Per state, the logits of each of its segments (the state, then any drafts): the states the
         fixed-shape step takes run through it, the others in one packed pass beside it."""
-        static = self.static
+        static = self.static or self.dual
         fixed = [s for s in states if static.eligible(s)] if static is not None else []
         logits = dict(zip(map(id, fixed), static.run(fixed))) if fixed else {}
         packed = [s for s in states if id(s) not in logits]

@@ -100,7 +100,8 @@ def eager_block_step(block: Block, x: torch.Tensor, pending: torch.Tensor | None
 def forward_static(model: DiffusionTransformer, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
                    cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None,
                    compile_ops: bool = False, fixed_shape: bool = True, float_logits: bool = True,
-                   kernels: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
+                   kernels: KernelOptions = DEFAULT_KERNELS, visible_block: int | None = None,
+                   logits_end: int | None = None) -> torch.Tensor:
     """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a window
     of consecutive positions per row; positions below 0 are padding), limits (B,) the first position
     no query may see. Keys/values of the window are written into the slots, and each query reads
@@ -109,12 +110,16 @@ def forward_static(model: DiffusionTransformer, tokens: torch.Tensor, positions:
     `num_logits` window positions, (B, num_logits, V), in float32 (float_logits=False: the weights'
     dtype, for consumers that upcast as they read them). compile_ops: the elementwise chains as
     torch.compile'd kernels (GPU; `compiled_elementwise`). fixed_shape=False for one-off shapes (a
-    prompt's prefill): no attention kernel that plans per shape. kernels: the step's kernel choices."""
+    prompt's prefill): no attention kernel that plans per shape. kernels: the step's kernel choices.
+    visible_block: the block size of the visibility rule (default the model's; bidirectional models'
+    dual-cache steps pass one block spanning every position). logits_end: the window index after
+    the last position whose logits are returned (default: the window's end)."""
     cfg = model.config
     S = key_length or cache.length
     x = model.embed_tokens(tokens)
     # An additive bias built once for all layers (a bool mask is converted in every call).
-    bias = step_bias(positions, limits, S, cache.offset, cfg.block_size, x.dtype, use_kernel=kernels.step_bias)
+    bias = step_bias(positions, limits, S, cache.offset, visible_block or cfg.block_size, x.dtype,
+                     use_kernel=kernels.step_bias)
     step = StaticStep(cache, rows, positions + cache.offset, bias, S, fixed_shape)
     rope_at = positions.clamp(min=0)
     cos, sin = model.rope_cos[rope_at], model.rope_sin[rope_at]  # (B, W, hd)
@@ -133,7 +138,7 @@ def forward_static(model: DiffusionTransformer, tokens: torch.Tensor, positions:
         return x.new_empty(x.shape[0], 0, cfg.vocab_size, dtype=torch.float32)
     # logits_shift: each position's logits from the position before it (inside the window: the
     # window's earlier block holds the position before the current block).
-    last = x.shape[1] - int(cfg.logits_shift)
+    last = (logits_end or x.shape[1]) - int(cfg.logits_shift)
     if last < num_logits:
         raise ValueError(f"logits_shift needs a window longer than the {num_logits} positions whose logits it returns")
     logits = model.lm_head(h[:, last - num_logits:last] if compile_ops else model.norm(x[:, last - num_logits:last]))
