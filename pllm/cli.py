@@ -59,13 +59,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from pllm.checkpoint import load_model, load_tokenizer
     from pllm.generator import ParallelGenerator
 
-    model = load_model(args.model, device=args.device)
     tok = load_tokenizer(args.model)
+    prompt = args.prompt
+    if args.chat:
+        if tok.chat_template is None:
+            print(f"pllm generate --chat: {args.model} has no chat template", file=sys.stderr)
+            return 2
+        prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    model = load_model(args.model, device=args.device)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, num_refinement_steps=args.steps,
                            temperature=args.temperature, strategy=args.strategy, block_size=args.block_size,
                            confidence_threshold=args.threshold, seed=args.seed)
     gen = ParallelGenerator(model, cfg, tokenizer=tok)
-    print(args.prompt + gen.generate_text(args.prompt))
+    answer = gen.generate_text(prompt)
+    # A chat prompt is the template's markup: show only the answer.
+    print(answer if args.chat else args.prompt + answer)
     print(f"[{gen.last_output.nfe} forward passes]", file=sys.stderr)
     return 0
 
@@ -137,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text from a saved model")
     g.add_argument("--model", required=True, help="a saved model or Hugging Face checkpoint folder")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="send the prompt as one user message through the model's "
+                                                       "chat template")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--steps", type=int, default=64, help="total denoising steps")
     g.add_argument("--block-size", type=int, default=16)
