@@ -107,9 +107,6 @@ def test_answer_ends_before_the_first_end_of_turn_token(folder, tmp_path):
     assert answer == full[:first] and reason == "stop"
 
 
-@pytest.mark.xfail(strict=True, reason="pad_token_id == eos_token_id (LLaDA, Qwen): the decoder bans padding "
-                   "from answers (pllm/decoding/state.py DecodeState commit, logits[:, [mask, pad]] = -inf), which "
-                   "bans EOS too, so an imported LLaDA never ends an answer with <|endoftext|>")
 def test_answer_ends_before_the_first_eos_as_before_end_of_turn(folder, tmp_path):
     eot_model, tok = import_checkpoint(head_favouring(folder, tmp_path / "eot", EOT))
     eos_model, _ = import_checkpoint(head_favouring(folder, tmp_path / "eos", EOS))

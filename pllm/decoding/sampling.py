@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ModelConfig
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL-style penalty (Keskar et al., 2019): for tokens already in the sequence, divide positive
@@ -56,3 +58,10 @@ def propose_tokens(
         tokens = (scores + gumbel).argmax(-1)
     confidence = probs.gather(-1, tokens[..., None]).squeeze(-1)
     return tokens, confidence
+
+
+def banned_token_ids(cfg: ModelConfig) -> tuple[int, ...]:
+    """Ids an answer may never contain: the mask token (committing it would stall decoding) and
+    padding (an undertrained model can rank it first), unless padding is also how answers end
+    (LLaDA and Qwen pad with their eos)."""
+    return (cfg.mask_token_id,) if cfg.pad_token_id in cfg.stop_ids else (cfg.mask_token_id, cfg.pad_token_id)

@@ -32,7 +32,7 @@ import torch
 
 from ..config import ModelConfig
 from ..kv_cache import KVCache, Segment
-from .sampling import apply_repetition_penalty, filter_top_k_top_p
+from .sampling import apply_repetition_penalty, banned_token_ids, filter_top_k_top_p
 
 
 def check_draft_model(target: ModelConfig, draft: ModelConfig) -> None:
@@ -47,11 +47,11 @@ def token_distribution(logits: torch.Tensor, rules, cfg: ModelConfig, context: t
     """Rows of logits (n, V) -> the float64 distributions a sampler with these rules draws from: mask and
     padding banned, repetition penalty over `context`, then temperature / top-k / top-p."""
     logits = logits.double().clone()
-    logits[:, [cfg.mask_token_id, cfg.pad_token_id]] = float("-inf")
+    logits[:, list(banned_token_ids(cfg))] = float("-inf")
     if rules.repetition_penalty != 1.0:
         seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
         seen[0, context[context != cfg.mask_token_id]] = True
-        seen[0, [cfg.mask_token_id, cfg.pad_token_id]] = False
+        seen[0, list(banned_token_ids(cfg))] = False
         logits = apply_repetition_penalty(logits[None], seen, rules.repetition_penalty)[0]
     if rules.temperature == 0:
         return logits.softmax(-1)

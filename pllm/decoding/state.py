@@ -36,7 +36,7 @@ from pllm.kernels.parallel_decode import commit_in_place
 from ..kv_cache import KVCache, Segment
 from .commit import commit_mask, factor_commit_mask, transfer_schedule
 from .credit import CreditTrace
-from .sampling import apply_repetition_penalty, propose_tokens
+from .sampling import apply_repetition_penalty, banned_token_ids, propose_tokens
 
 CACHE_MODES = ("auto", "none", "block", "prefix", "dual")
 MIN_PER_STEP = ("schedule", "one", "factor")
@@ -359,18 +359,18 @@ class DecodeState:
             # Greedy confidence decoding: logits -> token, confidence and the commit into the block
             # in one call (two kernels on a GPU).
             out = commit_in_place(logits, block, min_count, r.confidence_threshold, cfg.mask_token_id,
-                                  banned_ids=(cfg.mask_token_id, cfg.pad_token_id), use_kernel=self.commit_kernel)
+                                  banned_ids=banned_token_ids(cfg), use_kernel=self.commit_kernel)
             self._record_step(out.tokens, out.confidence, *host_copy(block))
             return out.commit
         still_masked = block == cfg.mask_token_id
         logits = logits.to(torch.float32, copy=True)  # (a fixed-shape step's logits are in the weights' dtype)
         # The answer may never contain mask or padding tokens (an undertrained model can rank them
         # first, and committing a mask would stall the loop).
-        logits[:, [cfg.mask_token_id, cfg.pad_token_id]] = float("-inf")
+        logits[:, list(banned_token_ids(cfg))] = float("-inf")
         if r.repetition_penalty != 1.0:
             seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool, device=logits.device)
             seen[0, self.tokens] = True
-            seen[0, [cfg.mask_token_id, cfg.pad_token_id]] = False
+            seen[0, list(banned_token_ids(cfg))] = False
             logits = apply_repetition_penalty(logits[None], seen, r.repetition_penalty)[0]
         if self.credit is not None:
             logits = self.credit.fuse(logits, still_masked)

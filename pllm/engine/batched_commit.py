@@ -15,6 +15,7 @@ import itertools
 import torch
 
 from ..decoding import DecodeState
+from ..decoding.sampling import banned_token_ids
 from ..decoding.state import host_copy
 from pllm.kernels import parallel_decode
 from pllm.kernels.parallel_decode import MAX_BLOCK
@@ -49,7 +50,7 @@ def commit_batch(states: list[DecodeState], logits: torch.Tensor, to_device, def
     inside = (j >= offset) & (j < offset + length)
     current = torch.where(inside, flat[(first + j - offset).clamp(0, flat.numel() - 1)], cfg.pad_token_id)
     out = parallel_decode(logits, min_count[:, 0], states[0].rules.confidence_threshold,
-                          current == cfg.mask_token_id, banned_ids=(cfg.mask_token_id, cfg.pad_token_id))
+                          current == cfg.mask_token_id, banned_ids=banned_token_ids(cfg))
     new = torch.where(out.commit, out.tokens, current)
     rows = [slice(o, o + m) for o, m in zip(offsets, lengths)]
     torch._foreach_copy_(blocks, [new[i, r] for i, r in enumerate(rows)])
