@@ -219,8 +219,8 @@ def test_serve_app_on_a_gpu_replica(tmp_path):
         ray.shutdown()
 
 
-# The layer shapes of the imported families at 7-8B (two layers each): head size 128, MHA and GQA,
-# q/k/v biases, QK-norm, shifted logits, vocabularies of 126k-152k.
+# The layer shapes of the imported families (two layers each), hidden 1,024-8,192: head size 128,
+# MHA and GQA, q/k/v biases, QK-norm, shifted logits, vocabularies of 126k-152k.
 BIG_SHAPES = {
     "llada-8b": dict(vocab_size=126464, hidden_size=4096, num_attention_heads=32, num_key_value_heads=32,
                      intermediate_size=12288, qk_norm=False, tie_word_embeddings=False, rope_theta=5e5),
@@ -231,6 +231,8 @@ BIG_SHAPES = {
                      intermediate_size=12288, tie_word_embeddings=False, rope_theta=1e6),
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                        intermediate_size=3072, rope_theta=1e6),
+    "llama-70b": dict(vocab_size=128256, hidden_size=8192, num_attention_heads=64, num_key_value_heads=8,
+                      intermediate_size=28672, qk_norm=False, tie_word_embeddings=False, rope_theta=5e5),
 }
 
 
