@@ -310,6 +310,10 @@ class EngineConfig(_ConfigMixin):
     # is formed when the engine is idle and runs until its last request finishes (the baseline).
     batching: Literal["continuous", "static"] = "continuous"
     max_new_tokens_limit: Optional[PositiveInt] = None  # per request; default: the model's context
+    # The longest sequence (prompt + answer) served; default: the model's context. Fixed-shape steps
+    # keep a cache slot of this length per sequence, allocated up front (7-8B models at 32k positions
+    # would not fit 32 of them on one GPU).
+    max_model_len: Optional[PositiveInt] = None
     # Block-causal models on a GPU: cached decoding steps run as fixed-shape passes replayed from
     # CUDA graphs captured per batch-size bucket (pllm/engine/cuda_graphs.py).
     use_cuda_graphs: bool = True

@@ -255,3 +255,13 @@ def test_dual_cache_fixed_shape_steps_equal_packed_dual_cache(shift):
     dual = engine.runner.dual
     assert dual.num_steps > 0 and dual.num_refreshes > 0
     assert (dual.num_replays == dual.num_steps) == (DEVICE == "cuda")
+
+
+def test_max_model_len_sizes_the_slots_and_bounds_requests(block_model):
+    engine = Engine(block_model, EngineConfig(max_num_seqs=2, max_model_len=48), static_step=True)
+    assert engine.runner.static.cache.length == 48 + block_model.config.block_size  # scratch block + 48
+    with pytest.raises(ValueError, match="exceeds the engine's context of 48 tokens"):
+        engine.add_request(torch.arange(4, 40), GenerationConfig(max_new_tokens=16))
+    prompt = torch.arange(4, 20)
+    cfg = GenerationConfig(max_new_tokens=24, num_refinement_steps=12, temperature=0.0)
+    assert engine.generate([prompt], cfg) == Engine(block_model, static_step=False).generate([prompt], cfg)

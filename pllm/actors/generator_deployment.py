@@ -21,7 +21,7 @@ from ray.serve import metrics
 
 from pllm.checkpoint import load_model
 from pllm.config import EngineConfig, GenerationConfig
-from pllm.engine import Engine
+from pllm.engine import Engine, context_length
 from pllm.registry import resolve_model_source
 
 log = logging.getLogger("ray.serve")
@@ -122,7 +122,7 @@ class Generator:
 
     def info(self) -> dict:
         cfg = self.engine.model_config
-        return {"context_length": cfg.max_position_embeddings, "max_new_tokens_limit": self.engine.max_new_tokens_limit,
+        return {"context_length": context_length(cfg, self.engine.config), "max_new_tokens_limit": self.engine.max_new_tokens_limit,
                 "max_batched_tokens": self.engine.config.max_batched_tokens, "generation": self.engine.generation.to_dict()}
 
     def stats(self) -> dict:

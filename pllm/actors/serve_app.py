@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pllm.checkpoint import load_config, load_tokenizer
 from pllm.config import EngineConfig, GenerationConfig
 from pllm.decoding import DecodeRules, check_draft_model
-from pllm.engine import check_request, max_new_tokens_limit
+from pllm.engine import check_request, context_length, max_new_tokens_limit
 from pllm.registry import resolve_model_source
 
 from .generator_deployment import GeneratorDeployment
@@ -88,7 +88,7 @@ class OpenAIIngress:
     async def models(self) -> dict:
         return {"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created, "owned_by": "pllm",
-            "context_length": self.model_config.max_position_embeddings}]}
+            "context_length": context_length(self.model_config, self.engine_config)}]}
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -111,7 +111,7 @@ class OpenAIIngress:
         prompt_ids = self.tokenizer.encode(prompt)
         if max_tokens is None:  # chat without a limit: up to the context
             max_tokens = min(max_new_tokens_limit(self.model_config, self.engine_config),
-                             self.model_config.max_position_embeddings - len(prompt_ids))
+                             context_length(self.model_config, self.engine_config) - len(prompt_ids))
         try:
             config = body.generation_config(self.defaults, max_tokens)
         except ValidationError as exc:

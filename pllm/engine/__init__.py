@@ -7,8 +7,8 @@ steps: cache slots, CUDA graphs), `step_forward.py` (the fixed-shape step's forw
 
 from ..config import EngineConfig
 from .engine import Engine, check_request, max_new_tokens_limit
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, context_length
 from .request import Request, RequestOutput
 from .scheduler import Scheduler
 
-__all__ = ["check_request", "max_new_tokens_limit", "Engine", "EngineConfig", "ModelRunner", "Request", "RequestOutput", "Scheduler"]
+__all__ = ["check_request", "context_length", "max_new_tokens_limit", "Engine", "EngineConfig", "ModelRunner", "Request", "RequestOutput", "Scheduler"]

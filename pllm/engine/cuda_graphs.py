@@ -49,9 +49,10 @@ class StaticStepRunner:
     """Runs the states of requests (by id) through fixed-shape steps; see the module docstring."""
 
     def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None,
-                 kernels: KernelOptions = DEFAULT_KERNELS):
+                 kernels: KernelOptions = DEFAULT_KERNELS, max_positions: int | None = None):
         """capture: CUDA graphs (GPU); compile_ops: torch.compile the step's elementwise chains
-        (default: with capture); kernels: the step's kernel choices (`EngineConfig.kernels`)."""
+        (default: with capture); kernels: the step's kernel choices (`EngineConfig.kernels`);
+        max_positions: a slot's length (default: the model's context)."""
         if model.config.attention_mode != "block_causal":
             raise ValueError("fixed-shape steps need a block-causal model (bidirectional models see the whole answer)")
         self.model, self.block, self.capture = model, model.config.block_size, capture
@@ -59,7 +60,7 @@ class StaticStepRunner:
         self.kernels = kernels
         self.window = 2 * self.block
         self.buckets = batch_buckets(max_num_seqs)
-        self.cache = new_static_cache(model, self.buckets[-1])
+        self.cache = new_static_cache(model, self.buckets[-1], max_positions)
         self.slot_of: dict[DecodeState, int] = {}  # a running state -> its cache slot (= its row in the step)
         device, W, bs = model.device, self.window, self.block
         B = self.buckets[-1]

@@ -27,7 +27,7 @@ class DualCacheStepRunner:
     """Runs dual-cache states of a bidirectional model through fixed-shape steps (module docstring)."""
 
     def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None,
-                 kernels: KernelOptions = DEFAULT_KERNELS):
+                 kernels: KernelOptions = DEFAULT_KERNELS, max_positions: int | None = None):
         cfg = model.config
         if cfg.attention_mode != "bidirectional":
             raise ValueError("dual-cache steps are for bidirectional models (block-causal ones use the exact cache)")
@@ -37,7 +37,7 @@ class DualCacheStepRunner:
         self.shift = int(cfg.logits_shift)
         self.window = self.block + self.shift
         self.buckets = batch_buckets(max_num_seqs)
-        self.cache = new_static_cache(model, self.buckets[-1])
+        self.cache = new_static_cache(model, self.buckets[-1], max_positions)
         self.visible = self.cache.length + self.cache.offset  # one block holding every position
         B, W, device = self.buckets[-1], self.window, model.device
         self.tokens = torch.full((B, W), cfg.pad_token_id, dtype=torch.long, device=device)

@@ -18,19 +18,19 @@ import torch
 from ..config import EngineConfig, GenerationConfig, ModelConfig
 from ..decoding import DecodeRules, Drafter, check_draft_model
 from ..model import DiffusionTransformer
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, context_length
 from .request import Request, RequestOutput, tokens_per_pass
 from .scheduler import Scheduler
 
 
 def max_new_tokens_limit(model_config: ModelConfig, config: EngineConfig) -> int:
-    return config.max_new_tokens_limit or model_config.max_position_embeddings
+    return config.max_new_tokens_limit or context_length(model_config, config)
 
 
 def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_tokens: int, max_new_tokens: int,
                   draft_length: int = 0) -> None:
     """Raise ValueError, with a message for the caller, if such a request can never run."""
-    context = model_config.max_position_embeddings
+    context = context_length(model_config, config)
     if num_prompt_tokens == 0:
         raise ValueError("the prompt is empty")
     limit = max_new_tokens_limit(model_config, config)
@@ -39,7 +39,8 @@ def check_request(model_config: ModelConfig, config: EngineConfig, num_prompt_to
     total = num_prompt_tokens + max_new_tokens
     if total > context:
         raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_new_tokens}) = {total} "
-                         f"exceeds the model's context of {context} tokens")
+                         f"exceeds the {'engine' if context < model_config.max_position_embeddings else 'model'}'s "
+                         f"context of {context} tokens")
     if tokens_per_pass(num_prompt_tokens, max_new_tokens, draft_length) > config.max_batched_tokens:
         drafts = f" x {1 + draft_length} (draft_verify runs the state and {draft_length} drafts)" if draft_length else ""
         raise ValueError(f"prompt + max_tokens = {total} tokens{drafts} exceeds the engine's max_batched_tokens "

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, ModelConfig
 from ..decoding import DecodeState
 from ..decoding.loop import run_states
 from ..model import DiffusionTransformer
 from .batched_commit import batchable, commit_batch
 from .cuda_graphs import StaticStepRunner
 from .dual_cache_graphs import DualCacheStepRunner
+
+
+def context_length(model_config: ModelConfig, config: EngineConfig) -> int:
+    """The longest sequence (prompt + answer) the engine runs: EngineConfig.max_model_len, at most
+    the model's context."""
+    return min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+
+
+def check_cache_fits(model: DiffusionTransformer, slots: int, positions: int) -> None:
+    """Fail with the settings to change, instead of running out of GPU memory, when the fixed-shape
+    steps' KV cache (every slot at full length, allocated up front) would not fit in the free memory."""
+    if model.device.type != "cuda":
+        return
+    cfg = model.config
+    need = (cfg.num_hidden_layers * slots * 2 * cfg.kv_heads * (positions + cfg.block_size) * cfg.attention_head_size
+            * model.embed_tokens.weight.element_size())
+    free = torch.cuda.mem_get_info(model.device)[0]
+    if need > 0.8 * free:
+        raise ValueError(f"the KV cache of {slots} sequences x {positions} positions needs {need / 2**30:.1f} GiB "
+                         f"but {free / 2**30:.1f} GiB of GPU memory are free: lower engine max_model_len or "
+                         f"max_num_seqs")
 
 
 class ModelRunner:
@@ -33,12 +54,13 @@ class ModelRunner:
         self.static: StaticStepRunner | None = None
         self.dual: DualCacheStepRunner | None = None  # bidirectional models' dual-cache steps
         on_gpu = model.device.type == "cuda"
-        if static_step and model.config.attention_mode == "block_causal":
-            self.static = StaticStepRunner(model, config.max_num_seqs, capture=on_gpu,
-                                           compile_ops=config.compile_step and on_gpu, kernels=config.kernels)
-        elif static_step:
-            self.dual = DualCacheStepRunner(model, config.max_num_seqs, capture=on_gpu,
-                                            compile_ops=config.compile_step and on_gpu, kernels=config.kernels)
+        if static_step:
+            positions = context_length(model.config, config)
+            check_cache_fits(model, config.max_num_seqs, positions)
+            runner = StaticStepRunner if model.config.attention_mode == "block_causal" else DualCacheStepRunner
+            built = runner(model, config.max_num_seqs, capture=on_gpu, compile_ops=config.compile_step and on_gpu,
+                           kernels=config.kernels, max_positions=positions)
+            self.static, self.dual = (built, None) if runner is StaticStepRunner else (None, built)
         # Launch each step before the host reads the last one's commits (`StaticStepRunner.run_ahead`):
         # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
         self.pipeline = bool(config.pipeline_steps and self.static is not None and self.static.capture)

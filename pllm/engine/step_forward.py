@@ -45,10 +45,11 @@ def compiled_elementwise(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def new_static_cache(model: DiffusionTransformer, num_slots: int) -> StaticKVCache:
-    """Slots for `forward_static` (block-causal models); one block of scratch before position 0."""
+def new_static_cache(model: DiffusionTransformer, num_slots: int, max_positions: int | None = None) -> StaticKVCache:
+    """Slots of `max_positions` (default: the model's context) for `forward_static`; one block of
+    scratch before position 0."""
     cfg = model.config
-    return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, cfg.max_position_embeddings,
+    return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, max_positions or cfg.max_position_embeddings,
                          cfg.attention_head_size,
                          cfg.block_size, model.embed_tokens.weight.dtype, model.device)
 
