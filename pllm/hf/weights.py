@@ -80,17 +80,18 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
 
 def unfused_state(model: DiffusionTransformer) -> dict[str, torch.Tensor]:
     """The model's tensors under our unfused names (views of the fused matrices, split by rows)."""
-    cfg = model.config
-    shapes = unfused_shapes(cfg)
+    shapes = unfused_shapes(model.config)
     params = dict(model.named_parameters(remove_duplicate=False))
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in shapes.items():
+    parts: dict[str, list[str]] = {}  # fused parameter -> its parts' names, in row order
+    for name in shapes:
         fused = _fused_name(name)
-        if fused is None:
+        if fused is not None:
+            parts.setdefault(fused[0], []).append(name)
+    out: dict[str, torch.Tensor] = {}
+    for name in shapes:
+        if _fused_name(name) is None:
             out[name] = params[name].detach()
-            continue
-        target, j, n = fused
-        parts = [part for part in shapes if _fused_name(part) and _fused_name(part)[0] == target]
-        rows = [shapes[part][0] for part in parts]
-        out[name] = params[target].detach().split(rows)[j]
+    for target, names in parts.items():
+        for name, piece in zip(names, params[target].detach().split([shapes[n][0] for n in names])):
+            out[name] = piece
     return out
