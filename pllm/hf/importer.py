@@ -59,9 +59,9 @@ def plan_import(path: str | Path, **overrides: Any) -> ImportPlan:
     path = Path(path)
     folder = CheckpointFolder.open(path)
     family = family_of(folder.config, path)
-    ours = isinstance(folder.config.get("pllm"), dict)
+    exported_by_us = isinstance(folder.config.get("pllm"), dict)
     # Our own exports carry every special id in config.json: the tokenizer is optional there.
-    hf_tokenizer = None if ours and not (path / TOKENIZER_FILE).exists() else _read_tokenizer(path)
+    hf_tokenizer = None if exported_by_us and not (path / TOKENIZER_FILE).exists() else _read_tokenizer(path)
     tok_config = read_tokenizer_config(path)
     cfg = model_config(folder, family, hf_tokenizer, tok_config, overrides)
     names = {family.weight_name(ours): ours for ours in unfused_shapes(cfg)}
