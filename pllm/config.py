@@ -17,6 +17,7 @@ import torch
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
 from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs
 
 from pllm.kernels.options import KernelOptions
 
@@ -125,6 +126,30 @@ class ModelConfig(_ConfigMixin):
     # master weights and uses TrainingConfig.mixed_precision for autocast.
     dtype: DType = torch.bfloat16
     use_fp8: bool = False
+
+    # Where the starting weights come from: a model folder (ours or a Hugging Face checkpoint) or an
+    # MLflow URI (models:/NAME@ALIAS, runs:/ID/model). When set, the architecture, special ids and
+    # tokenizer are that checkpoint's; the fields given beside it (`given_fields`) override its values,
+    # except those that change tensor shapes or token ids (pllm.pipelines.job_stages.resolve_init).
+    init_from: Optional[str] = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _record_given(cls, data: Any, handler: Any) -> "ModelConfig":
+        # Which fields the caller gave (keywords or mapping keys: a YAML model section with its --set
+        # overrides), as pydantic models' `model_fields_set`; assignment re-validation keeps the record.
+        if isinstance(data, (dict, ArgsKwargs)):
+            given = frozenset(data if isinstance(data, dict) else (data.kwargs or {}))
+        else:
+            given = getattr(data, "_given_fields", frozenset())
+        config = handler(data)
+        object.__setattr__(config, "_given_fields", given)
+        return config
+
+    @property
+    def given_fields(self) -> frozenset[str]:
+        """The fields given explicitly when this config was built; `replace()` gives every field."""
+        return getattr(self, "_given_fields", frozenset())
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":

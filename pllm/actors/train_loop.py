@@ -4,7 +4,12 @@ Ray Train starts one of these per worker with the process group already initiali
 gloo on CPU); the trainer picks FSDP2 / DeepSpeed ZeRO / DDP from the config. The worker streams its
 dataset shard, logs metrics to MLflow from rank 0, reports sharded checkpoints to Ray Train (every
 rank writes its own shard into the same checkpoint folder), resumes from the latest one after a
-failure, and finally reports the consolidated model (safetensors + config + tokenizer)."""
+failure, and finally reports the consolidated model (safetensors + config + tokenizer).
+
+With model.init_from, training starts from that checkpoint: under FSDP2 every rank builds the model
+on the meta device, shards it, and rank 0 alone reads the file and sends each tensor to the others'
+shards; the other strategies (DDP, DeepSpeed ZeRO, whose engine partitions the module it is given)
+read the full model on every rank before wrapping it."""
 
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ import ray.train
 import ray.train.torch
 import torch
 
-from pllm.checkpoint import save_pretrained
+from pllm.checkpoint import is_model_folder, save_pretrained
 from pllm.config import JobConfig
-from pllm.model import DiffusionTransformer
+from pllm.pipelines.job_stages import init_folder, initial_model, initial_weights
 from pllm.pipelines.token_dataset import ShardBatches
 from pllm.registry import MetricsLogger
+from pllm.strategies import strategy_class
 from pllm.tokenizer import Tokenizer
 from pllm.trainer import DistributedTrainer, log_progress_line
 
@@ -41,6 +47,15 @@ def _report_checkpoint(trainer: DistributedTrainer) -> None:
                          checkpoint_dir_name=f"checkpoint-{trainer.step:07d}")
 
 
+def _init_folder(config: dict, job: JobConfig) -> Path | None:
+    """model.init_from on this node: the driver's folder, else (another node) resolved here."""
+    if job.model.init_from is None:
+        return None
+    if config.get("init_folder") and is_model_folder(config["init_folder"]):
+        return Path(config["init_folder"])
+    return init_folder(job.model.init_from, config["tracking_uri"])
+
+
 def train_loop_per_worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     job = JobConfig.from_dict(config["job"])
@@ -51,8 +66,11 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_num_threads(max(1, int(job.cluster.cpus_per_worker)))
     tokenizer = Tokenizer.from_json(config["tokenizer_json"])
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = DiffusionTransformer(job.model)
+    checkpoint = ray.train.get_checkpoint()
+    # Starting weights (none when resuming: the checkpoint replaces them); fresh ones are seeded alike on every rank.
+    start_folder = None if checkpoint else _init_folder(config, job)
+    from_rank0 = start_folder is not None and strategy_class(cfg).loads_from_rank0
+    model = initial_model(job.model, start_folder, cfg.seed, on_meta=from_rank0)
     train_batches = ShardBatches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed,
                                  job.data.shuffle_buffer_rows)
     # The validation shard is small (eval_batches batches): hold it, so every evaluation sees the same rows.
@@ -63,8 +81,9 @@ def train_loop_per_worker(config: dict) -> None:
     callbacks = [mlflow_metrics, lambda m, step: log_progress_line(m, step, cfg.num_train_steps)] if rank == 0 else []
     trainer = DistributedTrainer(model, cfg, job.model, train_batches, val_batches or None, callbacks=callbacks,
                                  device=device, show_progress=False, on_save=_report_checkpoint)
+    if from_rank0:
+        trainer.strategy.load_full_state_dict(initial_weights(start_folder) if rank == 0 else None)
     resumed_from = 0
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as path:
             trainer.load_checkpoint(path)

@@ -2,7 +2,8 @@
 
 The same stages as the Ray job (`pllm.pipelines.train_job`) where they are the same (corpus plan,
 tokenizer, baseline, outputs and plot, generated sample); the data is tokenized in this process
-(cached) and served by a DataLoader, and `DistributedTrainer` trains on this machine's device."""
+(cached) and served by a DataLoader, and `DistributedTrainer` trains on this machine's device. With
+model.init_from, training starts from that checkpoint's weights with its tokenizer."""
 
 from __future__ import annotations
 
@@ -18,8 +19,15 @@ from pllm.checkpoint import save_pretrained
 from pllm.config import JobConfig
 from pllm.corpus_files import CorpusPlan, iter_documents, plan_corpus
 from pllm.data import cache_dir, make_dataloader, tokenize_files
-from pllm.model import DiffusionTransformer
-from pllm.pipelines.job_stages import JobResult, fit_tokenizer, generate_sample, unigram_baseline, write_outputs
+from pllm.pipelines.job_stages import (
+    JobResult,
+    fit_tokenizer,
+    generate_sample,
+    initial_model,
+    resolve_init,
+    unigram_baseline,
+    write_outputs,
+)
 from pllm.tokenizer import Tokenizer
 from pllm.trainer import DistributedTrainer, log_progress_line
 
@@ -47,11 +55,12 @@ def build_loaders(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> Loc
     return LocalData(train_tokens, val_tokens, train, val)
 
 
-def train_in_process(job: JobConfig, data: LocalData, show_progress: bool) -> tuple[torch.nn.Module, dict, list]:
-    """(trained model, metrics, history) with the same metric names as the Ray job's summary."""
+def train_in_process(job: JobConfig, data: LocalData, show_progress: bool,
+                     init_folder: Path | None = None) -> tuple[torch.nn.Module, dict, list]:
+    """(trained model, metrics, history) with the same metric names as the Ray job's summary;
+    init_folder: model.init_from resolved, the weights to start from (None: a fresh model)."""
     cfg = job.training
-    torch.manual_seed(cfg.seed)
-    model = DiffusionTransformer(job.model)
+    model = initial_model(job.model, init_folder, cfg.seed)
     log.info("model: %.2fM parameters, %.1f MFLOP/token (train)", model.num_parameters() / 1e6,
              model.flops_per_token(cfg.seq_len) / 1e6)
     trainer = DistributedTrainer(model, cfg, job.model, data.train, data.val, show_progress=show_progress)
@@ -66,9 +75,14 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool) -> tu
 def run_in_process_job(job: JobConfig, show_progress: bool = True) -> JobResult:
     out = Path(job.training.output_dir)
     plan = plan_corpus(job.data)
-    tokenizer, job = fit_tokenizer(plan, job, iter_documents)
+    init_folder = None
+    if job.model.init_from:
+        init, job = resolve_init(job)
+        tokenizer, init_folder = init.tokenizer, init.folder
+    else:
+        tokenizer, job = fit_tokenizer(plan, job, iter_documents)
     data = build_loaders(plan, tokenizer, job)
-    model, metrics, history = train_in_process(job, data, show_progress)
+    model, metrics, history = train_in_process(job, data, show_progress, init_folder)
     metrics.update(unigram_baseline(data.train_tokens, data.val_tokens, job.model.vocab_size))
     model_dir = save_pretrained(model, out / "model", tokenizer)
     text, metrics["generation_nfe"] = generate_sample(model, tokenizer, job)

@@ -47,15 +47,20 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
 
 def run_from_args(args: argparse.Namespace) -> tuple[JobConfig, JobResult]:
     """Run the job the flags describe and print its summary."""
+    from pllm.hf import CheckpointError
+
     job = job_from_args(args)
-    if args.local:
-        from pllm.pipelines.in_process_job import run_in_process_job
+    try:
+        if args.local:
+            from pllm.pipelines.in_process_job import run_in_process_job
 
-        result = run_in_process_job(job, show_progress=not args.no_progress)
-    else:
-        from pllm.pipelines.train_job import run_training_job
+            result = run_in_process_job(job, show_progress=not args.no_progress)
+        else:
+            from pllm.pipelines.train_job import run_training_job
 
-        result = run_training_job(job, show_progress=not args.no_progress)
+            result = run_training_job(job, show_progress=not args.no_progress)
+    except CheckpointError as exc:  # model.init_from or an override of it: a config error, not a crash
+        raise SystemExit(str(exc)) from None
     print_summary(job, result)
     return job, result
 

@@ -1,7 +1,8 @@
 """The stages both training jobs share, each taking and returning plain values.
 
-A job is: plan the corpus -> fit the tokenizer -> build the datasets -> train -> (register) ->
-baseline, outputs and plot -> a generated sample. The Ray job (`pllm.pipelines.train_job`) and the
+A job is: plan the corpus -> fit the tokenizer (or, with model.init_from, take the checkpoint's
+config and tokenizer) -> build the datasets -> train -> (register) -> baseline, outputs and plot ->
+a generated sample. The Ray job (`pllm.pipelines.train_job`) and the
 in-process job (`pllm.pipelines.in_process_job`) differ only in how they read the data, train and
 track (Ray Data + Ray Train + MLflow against a DataLoader + DistributedTrainer); the stages here
 are the rest, so both give the same folder: model/, metrics.json, job_config.json, loss_curve.png."""
@@ -17,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pllm.config import JobConfig
+from pllm.config import JobConfig, ModelConfig
 from pllm.corpus_files import CorpusPlan, documents_until
 from pllm.data import cache_dir, nats_to_bits, unigram_entropy
 from pllm.generator import ParallelGenerator
+from pllm.hf import CheckpointError
+from pllm.model import DiffusionTransformer
 from pllm.plots import plot_loss_curve
 from pllm.tokenizer import Tokenizer
 
@@ -64,6 +67,117 @@ def fit_tokenizer(plan: CorpusPlan, job: JobConfig, read_documents: DocumentRead
     model = job.model.replace(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, mask_token_id=tokenizer.mask_token_id)
     return tokenizer, job.replace(model=model)
+
+
+# Fields a checkpoint fixes: they set tensor shapes, or the token ids its tokenizer and embedding agree on.
+CHECKPOINT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "head_dim", "tie_word_embeddings", "qk_norm", "attention_bias",
+                     "attention_out_bias", "pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
+
+
+@dataclass
+class InitCheckpoint:
+    """model.init_from resolved: the local folder holding it and its tokenizer."""
+
+    folder: Path
+    tokenizer: Tokenizer
+
+
+def init_folder(source: str, tracking_uri: str | None) -> Path:
+    """The local folder of model.init_from: a path, or an MLflow URI downloaded here."""
+    from pllm.checkpoint import is_model_folder
+    from pllm.hf import is_hf_checkpoint, plan_import
+
+    where = f"model.init_from={source!r}"
+    if source.startswith(("models:/", "runs:/")) or "://" in source:
+        import mlflow
+
+        from pllm.registry import resolve_model_source, resolve_tracking_uri
+
+        # models:/ URIs resolve against MLflow's current registry, which follows its tracking URI:
+        # the job's (registering the trained model sets the same one).
+        tracking_uri = resolve_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            return resolve_model_source(source, tracking_uri)[0]
+        except Exception as exc:  # MLflow's own errors (no such model, alias, run or store)
+            raise CheckpointError(f"{where}: {exc}") from None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{where}: no such file or folder")
+    if is_hf_checkpoint(path):
+        try:
+            plan_import(path)  # every check, naming the file and the field, before a tensor is read
+        except CheckpointError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+    elif not is_model_folder(path):
+        raise CheckpointError(f"{where}: not a model folder (config.json with model.safetensors, or a Hugging Face "
+                              "checkpoint with safetensors weights)")
+    return path
+
+
+def resolve_init(job: JobConfig, tracking_uri: str | None = None) -> tuple[InitCheckpoint, JobConfig]:
+    """model.init_from -> its folder and tokenizer, and the job whose model config is the checkpoint's
+    with the model fields the job gave explicitly (`ModelConfig.given_fields`: its YAML section and
+    --set overrides) over it. Fields the checkpoint fixes (CHECKPOINT_FIELDS) may be given only with
+    the checkpoint's value. MLflow URIs resolve against tracking_uri (default: tracking.mlflow_uri's).
+    Runs in the driver before Ray starts; errors are `CheckpointError`s naming model.init_from, or the field."""
+    from pllm.checkpoint import load_config, load_tokenizer
+
+    source = job.model.init_from
+    if source is None:
+        raise ValueError("resolve_init needs model.init_from")
+    folder = init_folder(source, tracking_uri or job.tracking.mlflow_uri)
+    where = f"model.init_from={source!r}"
+    try:
+        base, tokenizer = load_config(folder), load_tokenizer(folder)
+    except (OSError, ValueError) as exc:  # our own folder: missing tokenizer.json, a bad config.json
+        raise CheckpointError(f"{where}: {exc}") from None
+    given = sorted(job.model.given_fields - {"init_from"})
+    for name in given:
+        if name in CHECKPOINT_FIELDS and getattr(job.model, name) != getattr(base, name):
+            raise CheckpointError(f"model.{name}={getattr(job.model, name)!r} cannot be set with {where}: the "
+                                  f"checkpoint has {name}={getattr(base, name)!r} (it fixes tensor shapes and "
+                                  "token ids); remove the override")
+    try:
+        model = ModelConfig.from_dict({**base.to_dict(), **{k: job.model.to_dict()[k] for k in given},
+                                       "init_from": source})
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: the checkpoint's config with the job's model fields {given} is "
+                              f"invalid: {exc}") from None
+    if tokenizer.vocab_size > model.vocab_size or tokenizer.special_token_ids != {
+            k: getattr(model, k) for k in tokenizer.special_token_ids}:
+        raise CheckpointError(f"{where}: its tokenizer ({tokenizer.vocab_size} tokens, special ids "
+                              f"{tokenizer.special_token_ids}) does not fit its config (vocab_size {model.vocab_size})")
+    log.info("starting from %s (%s): %d layers, hidden size %d; model fields from the job: %s", source, folder,
+             model.num_hidden_layers, model.hidden_size, given or "none")
+    return InitCheckpoint(folder, tokenizer), job.replace(model=model)
+
+
+def initial_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as our state dict, float32 on the CPU (the trainer's master weights)."""
+    from pllm.checkpoint import load_model
+
+    return load_model(folder, "cpu").state_dict()
+
+
+def initial_model(config: ModelConfig, folder: str | Path | None, seed: int, on_meta: bool = False) -> DiffusionTransformer:
+    """The model training starts from: freshly initialised from `seed` (the same on every rank), the
+    weights of `folder` (model.init_from resolved) under this config (which may change no shape,
+    `resolve_init`), or, on_meta, the checkpoint's model without storage, for a strategy that fills it
+    from rank 0 (`Strategy.loads_from_rank0`)."""
+    if folder is None:
+        torch.manual_seed(seed)
+        return DiffusionTransformer(config)
+    with torch.device("meta"):
+        model = DiffusionTransformer(config)
+    if on_meta:
+        return model
+    model.load_state_dict(initial_weights(folder), strict=True, assign=True)
+    if config.tie_word_embeddings:  # assigning replaced the shared parameter: share it again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_cos, model.rope_sin = model.rotary_tables()  # buffers are not in a state dict
+    return model
 
 
 def unigram_baseline(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> dict[str, float]:

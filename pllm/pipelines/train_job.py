@@ -1,7 +1,8 @@
 """The training job on Ray: `ray job submit --working-dir . -- python -m pllm.pipelines.train_job
 --config X.yaml` (or `pllm train --config X.yaml`, which runs it on an in-process local Ray).
 
-Stages: plan the corpus (bad paths fail before Ray starts), connect to Ray, fit the tokenizer,
+Stages: plan the corpus (bad paths fail before Ray starts), resolve model.init_from if set (its
+config and tokenizer; bad checkpoints fail before Ray starts), connect to Ray, fit the tokenizer,
 build the Ray Data datasets, open an MLflow run and train with Ray Train's TorchTrainer (failed
 workers restart from the last checkpoint), register the consolidated model in MLflow as a
 text-generating pyfunc under an alias, write the outputs and the loss curve, generate a sample.
@@ -21,7 +22,14 @@ import numpy as np
 
 from pllm.config import JobConfig, local_ray_cpus
 from pllm.corpus_files import CorpusPlan, plan_corpus
-from pllm.pipelines.job_stages import JobResult, fit_tokenizer, generate_sample, unigram_baseline, write_outputs
+from pllm.pipelines.job_stages import (
+    JobResult,
+    fit_tokenizer,
+    generate_sample,
+    resolve_init,
+    unigram_baseline,
+    write_outputs,
+)
 from pllm.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -87,9 +95,10 @@ def build_datasets(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> Ra
     return RayDatasets(train, val, val_rows, baseline_rows)
 
 
-def train_on_ray(job: JobConfig, tokenizer: Tokenizer, data: RayDatasets, run_id: str, tracking_uri: str) -> TrainedModel:
+def train_on_ray(job: JobConfig, tokenizer: Tokenizer, data: RayDatasets, run_id: str, tracking_uri: str,
+                 init_folder: Path | None = None) -> TrainedModel:
     """Ray Train's TorchTrainer over the workers; the final checkpoint's model and summary land in
-    training.output_dir."""
+    training.output_dir. init_folder: model.init_from resolved on this machine."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -99,7 +108,7 @@ def train_on_ray(job: JobConfig, tokenizer: Tokenizer, data: RayDatasets, run_id
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": job.to_dict(), "tokenizer_json": tokenizer.to_json(), "run_id": run_id,
-                           "tracking_uri": tracking_uri},
+                           "tracking_uri": tracking_uri, "init_folder": str(init_folder) if init_folder else None},
         scaling_config=ray.train.ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                                resources_per_worker={"CPU": cluster.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -155,12 +164,15 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> JobResult:
 
     plan = plan_corpus(job.data)  # bad paths fail here, before Ray starts
     tracking_uri = resolve_tracking_uri(job.tracking.mlflow_uri)
+    init = None
+    if job.model.init_from:  # a bad checkpoint or override fails here too
+        init, job = resolve_init(job, tracking_uri)
     connect_ray(job, show_progress)
-    tokenizer, job = fit_tokenizer(plan, job, ray_documents)
+    tokenizer, job = (init.tokenizer, job) if init else fit_tokenizer(plan, job, ray_documents)
     data = build_datasets(plan, tokenizer, job)
     run_id = start_run(job, tracking_uri, run_name=Path(job.training.output_dir).resolve().name)
     log.info("MLflow run %s at %s", run_id, tracking_uri)
-    trained = train_on_ray(job, tokenizer, data, run_id, tracking_uri)
+    trained = train_on_ray(job, tokenizer, data, run_id, tracking_uri, init.folder if init else None)
     trained.metrics.update(unigram_baseline(data.baseline_rows, data.val_rows, job.model.vocab_size))
     write_outputs(trained.model_dir.parent, job, trained.metrics, logged_history(run_id, tracking_uri))
     registered = register(job, trained, run_id, tracking_uri)

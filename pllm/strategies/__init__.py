@@ -8,20 +8,25 @@ from ..config import TrainingConfig
 from .base import DDPStrategy, Strategy, distributed
 
 
-def build_strategy(cfg: TrainingConfig, device: torch.device) -> Strategy:
-    """Pick the strategy the config asks for. In one process nothing is sharded, so FSDP/DeepSpeed
+def strategy_class(cfg: TrainingConfig) -> type[Strategy]:
+    """The strategy the config asks for. In one process nothing is sharded, so FSDP/DeepSpeed
     requests fall back to the plain single-process strategy (same math, same checkpoints)."""
     if not distributed():
-        return Strategy(cfg, device)
+        return Strategy
     if cfg.use_deepspeed:
         from .zero import DeepSpeedStrategy
 
-        return DeepSpeedStrategy(cfg, device)
+        return DeepSpeedStrategy
     if cfg.use_fsdp and cfg.fsdp_sharding_strategy != "no_shard":
         from .fsdp import FSDP2Strategy
 
-        return FSDP2Strategy(cfg, device)
-    return DDPStrategy(cfg, device)
+        return FSDP2Strategy
+    return DDPStrategy
 
 
-__all__ = ["DDPStrategy", "Strategy", "build_strategy", "distributed"]
+def build_strategy(cfg: TrainingConfig, device: torch.device) -> Strategy:
+    """The strategy the config asks for (`strategy_class`), for this process's device."""
+    return strategy_class(cfg)(cfg, device)
+
+
+__all__ = ["DDPStrategy", "Strategy", "build_strategy", "distributed", "strategy_class"]

@@ -41,6 +41,10 @@ class Strategy:
 
     name = "single"
     casts_itself = False  # True where the wrapper, not autocast, applies mixed precision
+    # True where setup() takes a model on the meta device (each rank then allocates only its own part)
+    # and load_full_state_dict() fills it from rank 0's full weights; elsewhere every rank builds the
+    # full model with its weights before setup().
+    loads_from_rank0 = False
 
     def __init__(self, cfg: TrainingConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -170,6 +174,11 @@ class Strategy:
         factor = lr_lambda(self.cfg)(self.scheduler.last_epoch)
         for group, base_lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * factor
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        """Starting weights: rank 0's full state dict (None on other ranks) into every rank's part of
+        the model set up from the meta device. Collective; only where `loads_from_rank0`."""
+        raise NotImplementedError(f"the {self.name} strategy loads starting weights on every rank before setup()")
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Full, unsharded weights on rank 0 (None on other ranks). Collective."""

@@ -16,11 +16,13 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+from ..model import DiffusionTransformer
 from ..optim import build_optimizer, build_scheduler
 from .base import Strategy
 
@@ -54,9 +56,18 @@ def apply_fsdp(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Mo
 class FSDP2Strategy(Strategy):
     name = "fsdp2"
     casts_itself = True  # the mixed-precision policy casts parameters
+    loads_from_rank0 = True
 
     def setup(self, model: torch.nn.Module) -> None:
-        self.module = apply_fsdp(self._with_kernels(model).to(self.device), self.cfg, self.device)
+        on_meta = any(p.is_meta for p in model.parameters())
+        model = self._with_kernels(model)
+        self.module = apply_fsdp(model if on_meta else model.to(self.device), self.cfg, self.device)
+        if on_meta:
+            # Sharded first, then allocated: each rank holds only its shards, filled by load_full_state_dict.
+            self.module.to_empty(device=self.device)
+            if isinstance(model, DiffusionTransformer):  # buffers are not in a state dict: build them for real
+                cos, sin = model.rotary_tables()
+                model.rope_cos, model.rope_sin = cos.to(self.device), sin.to(self.device)
         self.model = self._compile(self.module)
         self.optimizer = build_optimizer(self.module, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
@@ -83,6 +94,11 @@ class FSDP2Strategy(Strategy):
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         self._load_scheduler(path)
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
+        # Rank 0 sends each tensor in turn; every rank keeps its shard of it (no full copy elsewhere).
+        set_model_state_dict(self.module, state if self.is_main else {},
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
