@@ -173,8 +173,8 @@ def resolve_model_source(source: str, tracking_uri: str | None = None) -> tuple[
             raise FileNotFoundError(f"{source} is not a model folder (config.json with model.safetensors or "
                                     f"model.safetensors.index.json)")
         return path, None
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source,
-                                                     tracking_uri=resolve_tracking_uri(tracking_uri)))
+    uri = resolve_tracking_uri(tracking_uri)  # models:/ URIs resolve in this store's registry too
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, registry_uri=uri))
     found = sorted(p.parent for p in local.rglob(CONFIG_FILE) if is_model_folder(p.parent))
     if not found:
         raise FileNotFoundError(f"{source} holds no model (no config.json with safetensors weights in its artifacts)")

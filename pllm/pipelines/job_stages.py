@@ -90,14 +90,8 @@ def init_folder(source: str, tracking_uri: str | None) -> Path:
 
     where = f"model.init_from={source!r}"
     if source.startswith(("models:/", "runs:/")) or "://" in source:
-        import mlflow
+        from pllm.registry import resolve_model_source
 
-        from pllm.registry import resolve_model_source, resolve_tracking_uri
-
-        # models:/ URIs resolve against MLflow's current registry, which follows its tracking URI:
-        # the job's (registering the trained model sets the same one).
-        tracking_uri = resolve_tracking_uri(tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)
         try:
             return resolve_model_source(source, tracking_uri)[0]
         except Exception as exc:  # MLflow's own errors (no such model, alias, run or store)
