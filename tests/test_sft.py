@@ -1,0 +1,98 @@
+"""Instruction fine-tuning: rows, the loss's masking and value, the built-in instruction set."""
+
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from pllm import DiffusionTransformer, Tokenizer
+from pllm.diffusion import get_schedule
+from pllm.instructions import arithmetic_examples, function_return_examples, is_held_out, write_jsonl
+from pllm.sft import encode_example, encode_examples, sft_loss
+
+
+def word_tokenizer(template: str | None = None) -> Tokenizer:
+    from hf_fixtures import tiny_tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+    ids = {"pad_token_id": 240, "bos_token_id": 240, "eos_token_id": 240, "mask_token_id": 243}
+    return Tokenizer(tiny_tokenizer(specials), special_token_ids=ids, chat_template=template)
+
+
+TEMPLATE = ("{%- for m in messages %}{{ '<|im_start|>' + m.role + ' ' + m.content + '<|im_end|>' }}{%- endfor %}"
+            "{%- if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{%- endif %}")
+
+
+def test_rows_are_prompt_response_and_eos_padding():
+    tok = word_tokenizer(TEMPLATE)
+    row = encode_example(tok, {"messages": [{"role": "user", "content": "w5 w6"},
+                                            {"role": "assistant", "content": "w7 w8 w9"}]}, seq_len=16)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "w5 w6"}], tokenize=True)
+    assert row.input_ids[:row.prompt_length] == prompt
+    assert row.input_ids[row.prompt_length:] == [7, 8, 9] + [240] * (16 - row.prompt_length - 3)
+    cut = encode_example(tok, {"prompt": "w1", "response": " ".join(f"w{i}" for i in range(50))}, seq_len=16)
+    assert len(cut.input_ids) == 16 and cut.input_ids[-1] == 240  # cut, still ending on eos
+    rows, skipped = encode_examples(tok, [{"prompt": "w1", "response": ""}, {"prompt": "w1 " * 40, "response": "w2"},
+                                          {"prompt": "w1", "response": "w2"}], seq_len=16)
+    assert len(rows) == 1 and skipped == {"empty response": 1, "prompt too long": 1}
+
+
+def test_a_masked_position_never_falls_inside_a_prompt():
+    model = DiffusionTransformer(tiny_config(vocab_size=256, pad_token_id=240, bos_token_id=240, eos_token_id=240,
+                                             mask_token_id=243)).eval()
+    g = torch.Generator().manual_seed(0)
+    seen = torch.zeros(32, dtype=torch.bool)
+    captured = {}
+    model.register_forward_pre_hook(lambda module, args: captured.update(x=args[0]))  # the noisy rows
+    for _ in range(200):
+        ids = torch.randint(0, 240, (4, 32), generator=g)
+        prompts = torch.randint(1, 31, (4,), generator=g)
+        with torch.no_grad():
+            sft_loss(model, ids, prompts, get_schedule("linear"), 243, generator=g)
+        masked = captured["x"] == 243
+        for b in range(4):
+            assert not masked[b, :prompts[b]].any()
+            seen |= masked[b]
+    assert seen[1:].all()  # every response position gets masked sometimes
+
+
+def test_the_loss_equals_a_hand_computed_value():
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(vocab_size=256, pad_token_id=240, bos_token_id=240, eos_token_id=240,
+                                             mask_token_id=243)).eval()
+    ids = torch.randint(0, 240, (2, 10))
+    prompts = torch.tensor([3, 6])
+    t = torch.tensor([0.5, 0.25])
+    draw = torch.rand(2, 10, generator=torch.Generator().manual_seed(1))
+    out = sft_loss(model, ids, prompts, get_schedule("linear"), 243, t=t, mask_draw=draw)
+    expected = 0.0
+    for b in range(2):
+        masked = [i for i in range(prompts[b], 10) if draw[b, i] < t[b]]
+        x_t = ids[b].clone()
+        x_t[masked] = 243
+        logits = model(x_t[None])[0]
+        ce = sum(F.cross_entropy(logits[i], ids[b, i], reduction="sum") for i in masked)
+        expected += ce / t[b] / (10 - prompts[b])  # linear schedule: weight 1 / t; per response length
+    expected /= 2
+    assert out.num_masked > 0
+    assert torch.allclose(out.loss, torch.as_tensor(expected), rtol=1e-5)
+
+
+def test_the_instruction_set_is_made_here_and_split_by_question(tmp_path):
+    import json
+    import sysconfig
+    from pathlib import Path
+
+    files = sorted((Path(sysconfig.get_paths()["stdlib"]) / "json").glob("*.py"))
+    returns = function_return_examples(files)
+    assert returns and all(e.response.startswith(f"`") and " returns `" in e.response for e in returns)
+    assert any("json.decoder" in e.prompt or "json.encoder" in e.prompt for e in returns)
+    sums = arithmetic_examples(200, seed=3)
+    for e in sums:
+        a, op, b = e.prompt.removeprefix("What is ").removesuffix("?").split(" ")
+        assert int(e.response) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+    assert arithmetic_examples(200, seed=3) == sums
+    held = [e for e in sums if is_held_out(e, 0.2)]
+    assert 0 < len(held) < len(sums)
+    path = write_jsonl(sums[:3], tmp_path / "sft.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert rows[0]["messages"][1] == {"role": "assistant", "content": sums[0].response}
