@@ -247,18 +247,22 @@ class DiffusionTransformer(nn.Module):
         return self.embed_tokens.weight.device
 
     def attention_bias(
-        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """Boolean mask (B, 1, L, L), True where query i may attend to key j; None = attend to all.
 
         Block-causal: key j is visible from query i iff block(j) <= block(i), with blocks counted on
-        positions (so left padding does not shift block boundaries). Padding keys are hidden; every
-        query still sees itself, so padded rows never become empty (which would give NaNs).
+        positions (so left padding does not shift block boundaries). Packed rows (segment_ids): only
+        keys of the query's own segment. Padding keys are hidden; every query still sees itself, so
+        padded rows never become empty (which would give NaNs).
         """
         allowed = None
         if self.config.attention_mode == "block_causal":
             blocks = position_ids // self.config.block_size  # (B, L)
             allowed = (blocks[:, None, :] <= blocks[:, :, None])[:, None]  # (B, 1, Lq, Lk)
+        if segment_ids is not None:
+            same = (segment_ids[:, None, :] == segment_ids[:, :, None])[:, None]  # (B, 1, Lq, Lk)
+            allowed = same if allowed is None else allowed & same
         if attention_mask is not None and not bool(attention_mask.all()):
             keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
             allowed = keep if allowed is None else allowed & keep
@@ -278,6 +282,7 @@ class DiffusionTransformer(nn.Module):
         clean_input_ids: torch.Tensor | None = None,
         loss_targets: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, L) with mask tokens -> logits (B, L, V) in float32.
 
@@ -295,8 +300,19 @@ class DiffusionTransformer(nn.Module):
         loss_targets (N,) with logits_mask (N True positions), optional loss_weights (N,): return
         sum_i w_i * CE(logits_i, target_i) instead of logits, through the fused LM-head
         cross-entropy (`pllm.kernels.linear_cross_entropy`), which never holds the (N, V) logits.
+        segment_ids (B, L): several examples packed in one row, each a run of equal ids; each sees
+        only itself, from position 0 (the shifted logits of its first token come from that token).
         """
         B, L = input_ids.shape
+        starts = None
+        if segment_ids is not None:
+            if clean_input_ids is not None:
+                raise ValueError("segment_ids: packed rows are not supported with clean_input_ids")
+            starts = torch.ones_like(segment_ids, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, L) first token of a segment
+            if position_ids is None:
+                index = torch.arange(L, device=input_ids.device).expand(B, L)
+                position_ids = index - torch.where(starts, index, 0).cummax(dim=1).values
         if L > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {L} exceeds max_position_embeddings {self.config.max_position_embeddings}")
         if position_ids is None:
@@ -305,7 +321,7 @@ class DiffusionTransformer(nn.Module):
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if clean_input_ids is None:
-            mask = self.attention_bias(position_ids, attention_mask)
+            mask = self.attention_bias(position_ids, attention_mask, segment_ids)
         else:
             mask = self._noisy_and_clean_mask(position_ids, attention_mask)
             input_ids = torch.cat([input_ids, clean_input_ids], dim=1)
@@ -320,7 +336,8 @@ class DiffusionTransformer(nn.Module):
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x = self.norm(self._blocks(x, cos, sin, mask)[:, :L])  # with clean_input_ids: the noisy half only
         if self.config.logits_shift:  # position i's logits from position i-1 (the first from itself)
-            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+            shifted = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+            x = shifted if starts is None else torch.where(starts[..., None], x, shifted)
         if logits_mask is not None:
             if logits_mask.dtype == torch.bool:
                 x = x[logits_mask]  # (N, D)

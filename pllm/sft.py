@@ -39,10 +39,11 @@ def _prompt_and_response(row: dict[str, Any]) -> tuple[list[dict[str, str]], str
     return [{"role": "user", "content": row["prompt"]}], row["response"]
 
 
-def encode_example(tokenizer: Tokenizer, row: dict[str, Any], seq_len: int) -> SFTRow | str:
-    """One row of seq_len tokens, or the reason it is skipped ("empty response", "prompt too long").
-    The prompt goes through the tokenizer's chat template when it has one. A response longer than
-    the row is cut (its last token is still eos)."""
+def encode_example(tokenizer: Tokenizer, row: dict[str, Any], seq_len: int, pad: bool = True) -> SFTRow | str:
+    """One example's tokens: prompt + response + eos, padded with eos to seq_len (pad, LLaDA's
+    recipe) or not (for packing); or the reason it is skipped ("empty response", "prompt too
+    long"). The prompt goes through the tokenizer's chat template when it has one. A response
+    longer than the row is cut (its last token is still eos)."""
     context, response = _prompt_and_response(row)
     if not isinstance(response, str) or not response.strip():
         return "empty response"
@@ -54,7 +55,39 @@ def encode_example(tokenizer: Tokenizer, row: dict[str, Any], seq_len: int) -> S
         return "prompt too long"
     answer = tokenizer.encode(response)[:seq_len - len(prompt) - 1] + [tokenizer.eos_token_id]
     ids = prompt + answer
-    return SFTRow(ids + [tokenizer.eos_token_id] * (seq_len - len(ids)), len(prompt))
+    return SFTRow(ids + [tokenizer.eos_token_id] * (seq_len - len(ids)) if pad else ids, len(prompt))
+
+
+@dataclass(frozen=True)
+class PackedRow:
+    """Examples packed end to end in one row of seq_len tokens (`pack_examples`)."""
+
+    input_ids: list[int]
+    segment_ids: list[int]  # example k's tokens carry k; the unused tail its own id
+    response_mask: list[bool]  # the tokens the loss covers: each example's response and its eos
+
+
+def pack_examples(rows: list[SFTRow], seq_len: int, pad_token_id: int) -> list[PackedRow]:
+    """Unpadded examples (`encode_example(..., pad=False)`) packed greedily, in order, into rows;
+    the model keeps them apart with segment_ids, so no example attends to another."""
+    out, ids, segs, resp = [], [], [], []
+
+    def flush():
+        if ids:
+            tail = seq_len - len(ids)
+            out.append(PackedRow(ids + [pad_token_id] * tail, segs + [segs[-1] + 1] * tail, resp + [False] * tail))
+
+    for row in rows:
+        if len(ids) + len(row.input_ids) > seq_len:
+            flush()
+            ids, segs, resp = [], [], []
+        k = segs[-1] + 1 if segs else 0
+        n = len(row.input_ids)
+        ids += row.input_ids
+        segs += [k] * n
+        resp += [i >= row.prompt_length for i in range(n)]
+    flush()
+    return out
 
 
 def encode_examples(tokenizer: Tokenizer, rows: list[dict[str, Any]], seq_len: int) -> tuple[list[SFTRow], Counter]:
@@ -69,25 +102,34 @@ def encode_examples(tokenizer: Tokenizer, rows: list[dict[str, Any]], seq_len: i
     return kept, skipped
 
 
-def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor, prompt_lengths: torch.Tensor, schedule: NoiseSchedule,
-             mask_token_id: int, t: torch.Tensor | None = None, eps: float = 1e-3,
-             generator: torch.Generator | None = None, mask_draw: torch.Tensor | None = None) -> DiffusionLoss:
-    """One Monte-Carlo sample of the SFT loss for rows (B, L) whose first prompt_lengths (B,) tokens
-    are the prompt. `loss` is what to backpropagate; `nelbo_sum` the weighted sum before dividing
-    by response lengths; num_tokens counts response tokens."""
+def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor, schedule: NoiseSchedule,
+             mask_token_id: int, segment_ids: torch.Tensor | None = None, t: torch.Tensor | None = None,
+             eps: float = 1e-3, generator: torch.Generator | None = None,
+             mask_draw: torch.Tensor | None = None) -> DiffusionLoss:
+    """One Monte-Carlo sample of the SFT loss for rows (B, L): response_mask (B, L) marks the tokens
+    the loss covers (the rest, prompts and padding, are never masked); segment_ids (B, L) separates
+    packed examples (default: one example a row). Each example draws its own t (t: (B, E) for E
+    segment ids a row); its masked tokens' weighted cross-entropy is divided by its response
+    length, and `loss` averages over examples. `nelbo_sum` is that weighted sum before the average;
+    num_tokens counts response tokens."""
     B, L = input_ids.shape
     device = input_ids.device
     noise = next((x.device for x in (mask_draw, generator, t) if x is not None), torch.device("cpu"))
-    prompt_lengths = prompt_lengths.to(noise)
-    response = torch.arange(L, device=noise)[None, :] >= prompt_lengths[:, None]  # (B, L)
+    response = response_mask.to(noise).bool()
+    segments = torch.zeros(B, L, dtype=torch.long, device=noise) if segment_ids is None else segment_ids.to(noise)
+    per_row = int(segments.max()) + 1
+    example = torch.arange(B, device=noise)[:, None] * per_row + segments  # (B, L) a global example index
     if t is None:
-        t = sample_t(B, eps, generator, device=noise)
-    t = t.to(noise)
-    is_masked = masked_positions(t, schedule, response, generator, mask_draw)
+        t = sample_t(B * per_row, eps, generator, device=noise)
+    t = t.to(noise).reshape(-1)
+    lengths = torch.bincount(example[response], minlength=B * per_row).to(torch.float32)
+    num_examples = int((lengths > 0).sum())
+    t_pos = t[example]  # (B, L)
+    is_masked = masked_positions(t_pos, schedule, response, generator, mask_draw)
     index = is_masked.flatten().nonzero().squeeze(1)
-    lengths = (L - prompt_lengths).to(torch.float32)  # response + eos padding
-    weight = (schedule.elbo_weight(t) / lengths)[:, None].expand(B, L).flatten()[index]
+    weight = (schedule.elbo_weight(t_pos) / lengths[example].clamp(min=1)).flatten()[index]
     is_masked, index, weight = (to_device(x, device) for x in (is_masked, index, weight))
     x_t = torch.where(is_masked, mask_token_id, input_ids)
-    total = model(x_t, logits_mask=index, loss_targets=input_ids.flatten()[index], loss_weights=weight)
-    return DiffusionLoss(total / B, total.detach(), int(response.sum()), int(index.numel()))
+    packed = {} if segment_ids is None else {"segment_ids": to_device(segment_ids, device)}
+    total = model(x_t, logits_mask=index, loss_targets=input_ids.flatten()[index], loss_weights=weight, **packed)
+    return DiffusionLoss(total / max(num_examples, 1), total.detach(), int(response.sum()), int(index.numel()))

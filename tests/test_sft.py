@@ -1,5 +1,6 @@
 """Instruction fine-tuning: rows, the loss's masking and value, the built-in instruction set."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -7,7 +8,7 @@ from conftest import tiny_config
 from pllm import DiffusionTransformer, Tokenizer
 from pllm.diffusion import get_schedule
 from pllm.instructions import arithmetic_examples, function_return_examples, is_held_out, write_jsonl
-from pllm.sft import encode_example, encode_examples, sft_loss
+from pllm.sft import encode_example, encode_examples, pack_examples, sft_loss
 
 
 def word_tokenizer(template: str | None = None) -> Tokenizer:
@@ -47,7 +48,7 @@ def test_a_masked_position_never_falls_inside_a_prompt():
         ids = torch.randint(0, 240, (4, 32), generator=g)
         prompts = torch.randint(1, 31, (4,), generator=g)
         with torch.no_grad():
-            sft_loss(model, ids, prompts, get_schedule("linear"), 243, generator=g)
+            sft_loss(model, ids, torch.arange(32)[None] >= prompts[:, None], get_schedule("linear"), 243, generator=g)
         masked = captured["x"] == 243
         for b in range(4):
             assert not masked[b, :prompts[b]].any()
@@ -63,7 +64,8 @@ def test_the_loss_equals_a_hand_computed_value():
     prompts = torch.tensor([3, 6])
     t = torch.tensor([0.5, 0.25])
     draw = torch.rand(2, 10, generator=torch.Generator().manual_seed(1))
-    out = sft_loss(model, ids, prompts, get_schedule("linear"), 243, t=t, mask_draw=draw)
+    out = sft_loss(model, ids, torch.arange(10)[None] >= prompts[:, None], get_schedule("linear"), 243, t=t,
+                   mask_draw=draw)
     expected = 0.0
     for b in range(2):
         masked = [i for i in range(prompts[b], 10) if draw[b, i] < t[b]]
@@ -96,3 +98,46 @@ def test_the_instruction_set_is_made_here_and_split_by_question(tmp_path):
     path = write_jsonl(sums[:3], tmp_path / "sft.jsonl")
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert rows[0]["messages"][1] == {"role": "assistant", "content": sums[0].response}
+
+
+@pytest.mark.parametrize("features", [dict(), dict(attention_mode="block_causal", block_size=4, logits_shift=True)],
+                         ids=["bidirectional", "block-causal-shifted"])
+def test_packed_examples_never_attend_across_their_boundary(features):
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(**features)).eval()
+    a, b = torch.randint(4, 90, (1, 7)), torch.randint(4, 90, (1, 9))
+    segments = torch.tensor([[0] * 7 + [1] * 9])
+    packed = model(torch.cat([a, b], 1), segment_ids=segments)
+    other = model(torch.cat([a, torch.randint(4, 90, (1, 9))], 1), segment_ids=segments)
+    assert torch.allclose(packed[:, :7], other[:, :7], atol=1e-5)  # a's logits ignore what b is
+    assert not torch.allclose(packed[:, 7:], other[:, 7:])
+    # each example's logits are those of the example alone
+    assert torch.allclose(packed[:, :7], model(a), atol=1e-5)
+    assert torch.allclose(packed[:, 7:], model(b), atol=1e-5)
+
+
+def test_packed_sft_rows_keep_each_example_apart_in_the_loss():
+    """Two examples packed in one row give the loss of the two as rows of their own."""
+    tok = word_tokenizer(TEMPLATE)
+    examples = [{"prompt": "w3 w4", "response": "w5 w6 w7"}, {"prompt": "w8", "response": "w9 w10"}]
+    rows = [encode_example(tok, e, 24, pad=False) for e in examples]
+    packed = pack_examples(rows, 24, pad_token_id=240)
+    assert len(packed) == 1 and packed[0].segment_ids[-1] == 2  # the tail is a segment of its own
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(vocab_size=256, pad_token_id=240, bos_token_id=240, eos_token_id=240,
+                                             mask_token_id=243)).eval()
+    row = packed[0]
+    t = torch.tensor([[0.6, 0.3, 0.9]])
+    draw = torch.rand(1, 24, generator=torch.Generator().manual_seed(2))
+    out = sft_loss(model, torch.tensor([row.input_ids]), torch.tensor([row.response_mask]), get_schedule("linear"),
+                   243, segment_ids=torch.tensor([row.segment_ids]), t=t, mask_draw=draw)
+    alone = []
+    start = 0
+    for k, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids = torch.tensor([r.input_ids])
+        alone.append(sft_loss(model, ids, torch.arange(n)[None] >= r.prompt_length, get_schedule("linear"), 243,
+                              t=t[:, k], mask_draw=draw[:, start:start + n]).loss)
+        start += n
+    assert torch.allclose(out.loss, torch.stack(alone).mean(), rtol=1e-5)
+    assert out.num_tokens == sum(len(r.input_ids) - r.prompt_length for r in rows)
