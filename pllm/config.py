@@ -209,6 +209,17 @@ class ModelConfig(_ConfigMixin):
 
 
 @dataclass(config=_STRICT)
+class LoraSettings(_ConfigMixin):
+    """Low-rank adapters (`pllm.lora`): rank, scale alpha / rank, dropout, and the projections
+    (by layer name) that get them."""
+
+    rank: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    dropout: Probability = 0.0
+    target_modules: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@dataclass(config=_STRICT)
 class TrainingConfig(_ConfigMixin):
     # Basic
     batch_size: PositiveInt = 8  # sequences per micro-batch per worker

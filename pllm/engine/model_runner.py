@@ -47,6 +47,9 @@ class ModelRunner:
 
     def __init__(self, model: DiffusionTransformer, config: EngineConfig | None = None, static_step: bool = False):
         config = config or EngineConfig()
+        if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+            # the fixed-shape step reads projection weights directly: adapters would be skipped
+            raise ValueError("the model has unmerged LoRA adapters: merge them first (pllm.lora.merge_lora)")
         self.model = model.eval()
         self.min_batched_commits = config.min_batched_commits
         self.commit_kernel = config.kernels.commit_in_place

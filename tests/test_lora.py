@@ -1,0 +1,61 @@
+"""LoRA adapters: only they train, the merged model computes what base + adapters did, and a
+target that matches no layer fails naming it."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pllm import DiffusionTransformer
+from pllm.config import LoraSettings
+from pllm.diffusion import diffusion_loss, get_schedule
+from pllm.lora import adapter_state_dict, apply_lora, has_lora, merge_lora
+
+
+def test_lora_trains_only_adapters_and_merges_exactly():
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config())
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    model = apply_lora(model, LoraSettings(rank=4, alpha=8.0))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.randint(4, 90, (4, 24), generator=g)
+        loss = diffusion_loss(model, ids, get_schedule("linear"), 3, generator=g).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    state = model.state_dict()
+    for name, tensor in base.items():  # base weights bit-identical after training
+        key = name if name in state else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(state[key], tensor), name
+    adapters = adapter_state_dict(model)
+    assert adapters and all("lora_" in k for k in adapters)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in adapters.items() if "lora_B" in k)  # trained
+    model.eval()
+    ids = torch.randint(4, 90, (2, 16))
+    with torch.no_grad():
+        with_adapters = model(ids)
+    merged = merge_lora(model)
+    assert not has_lora(merged) and set(merged.state_dict()) == set(base)
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), with_adapters, atol=1e-5)
+        changed = DiffusionTransformer(tiny_config())
+        changed.load_state_dict(base)
+        assert not torch.allclose(changed.eval()(ids), with_adapters, atol=1e-4)  # the adapters mattered
+
+
+def test_a_lora_target_that_matches_nothing_is_named():
+    model = DiffusionTransformer(tiny_config())
+    with pytest.raises(ValueError, match=r"target_modules: \['q_proj'\] match no linear layer.*qkv_proj"):
+        apply_lora(model, LoraSettings(target_modules=("q_proj", "o_proj")))
+
+
+def test_the_engine_refuses_unmerged_adapters():
+    from pllm.engine import Engine
+
+    model = apply_lora(DiffusionTransformer(tiny_config()), LoraSettings(rank=2))
+    with pytest.raises(ValueError, match="unmerged LoRA adapters"):
+        Engine(model)
+    Engine(merge_lora(model))  # merged: a plain model
