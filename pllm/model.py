@@ -74,7 +74,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
         """mask: a bool (B, 1, L, L) tensor, None (attend to all) or `PackedSegments` (B == 1);
         cos/sin (B, 1, L, hd). (The engine's fixed-shape step: `pllm.engine.step_forward`.)"""
-        B, L, D = x.shape
+        B, L, _ = x.shape
         qkv = self.qkv_proj(x)
         # Heads stay in (B, L, H, hd) memory and attention reads their (B, H, L, hd) views: QK-norm,
         # rotary and their backward then read and write in memory order (no transposing copies),
