@@ -108,9 +108,10 @@ def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: tor
              mask_draw: torch.Tensor | None = None) -> DiffusionLoss:
     """One Monte-Carlo sample of the SFT loss for rows (B, L): response_mask (B, L) marks the tokens
     the loss covers (the rest, prompts and padding, are never masked); segment_ids (B, L) separates
-    packed examples (default: one example a row). Each example draws its own t (t: (B, E) for E
-    segment ids a row); its masked tokens' weighted cross-entropy is divided by its response
-    length, and `loss` averages over examples. `nelbo_sum` is that weighted sum before the average;
+    packed examples (default: one example a row). Each example draws its own t (t: (B, E), column
+    k for segment k, E at least the most segments of a row; or (B,) without packing); its masked
+    tokens' weighted cross-entropy is divided by its response length, and `loss` averages over
+    examples. `nelbo_sum` is that weighted sum before the average;
     num_tokens counts response tokens."""
     B, L = input_ids.shape
     device = input_ids.device
@@ -120,11 +121,11 @@ def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: tor
     per_row = int(segments.max()) + 1
     example = torch.arange(B, device=noise)[:, None] * per_row + segments  # (B, L) a global example index
     if t is None:
-        t = sample_t(B * per_row, eps, generator, device=noise)
-    t = t.to(noise).reshape(-1)
+        t = sample_t(B * per_row, eps, generator, device=noise).view(B, per_row)
+    t = t.to(noise).view(B, -1)
     lengths = torch.bincount(example[response], minlength=B * per_row).to(torch.float32)
     num_examples = int((lengths > 0).sum())
-    t_pos = t[example]  # (B, L)
+    t_pos = t.gather(1, segments)  # (B, L): each token its example's t
     is_masked = masked_positions(t_pos, schedule, response, generator, mask_draw)
     index = is_masked.flatten().nonzero().squeeze(1)
     weight = (schedule.elbo_weight(t_pos) / lengths[example].clamp(min=1)).flatten()[index]
@@ -133,3 +134,63 @@ def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: tor
     packed = {} if segment_ids is None else {"segment_ids": to_device(segment_ids, device)}
     total = model(x_t, logits_mask=index, loss_targets=input_ids.flatten()[index], loss_weights=weight, **packed)
     return DiffusionLoss(total / max(num_examples, 1), total.detach(), int(response.sum()), int(index.numel()))
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, rows: list[SFTRow] | list[PackedRow]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = self.rows[i]
+        ids = torch.tensor(row.input_ids)
+        if isinstance(row, PackedRow):
+            return {"input_ids": ids, "response_mask": torch.tensor(row.response_mask),
+                    "segment_ids": torch.tensor(row.segment_ids)}
+        response = torch.arange(len(row.input_ids)) >= row.prompt_length
+        return {"input_ids": ids, "response_mask": response, "segment_ids": torch.zeros_like(ids)}
+
+
+def sft_dataloader(rows: list[SFTRow] | list[PackedRow], batch_size: int, shuffle: bool,
+                   seed: int = 0) -> torch.utils.data.DataLoader:
+    """Batches of {input_ids, response_mask, segment_ids}, which `DistributedTrainer` trains on
+    with `sft_loss` (a batch with a response_mask is an SFT batch)."""
+    return torch.utils.data.DataLoader(_Rows(rows), batch_size=batch_size, shuffle=shuffle, drop_last=shuffle,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def evaluate_sft(model: torch.nn.Module, batches, schedule: NoiseSchedule, mask_token_id: int, seed: int = 1234,
+                 autocast=None, reduce=None) -> dict[str, float]:
+    """The mean SFT loss over these batches with fixed noise (comparable across evaluations)."""
+    import contextlib
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    total, examples = 0.0, 0
+    for batch in batches:
+        segments = batch["segment_ids"]
+        with autocast() if autocast else contextlib.nullcontext():
+            out = sft_loss(model, to_device(batch["input_ids"], device), batch["response_mask"], schedule,
+                           mask_token_id, segment_ids=segments if bool(segments.any()) else None, generator=generator)
+        n = _examples(batch)
+        total += float(out.loss) * n
+        examples += n
+    model.train(was_training)
+    if reduce is not None:
+        total, examples = reduce([total, float(examples)])
+    if examples == 0:
+        raise ValueError("evaluate_sft got no examples: is the validation set empty?")
+    return {"val_sft_loss": total / examples}
+
+
+def _examples(batch: dict[str, torch.Tensor]) -> int:
+    """Examples with a response in a batch (a packed row holds several)."""
+    segments, response = batch["segment_ids"], batch["response_mask"].bool()
+    per_row = int(segments.max()) + 1
+    example = torch.arange(segments.shape[0])[:, None] * per_row + segments
+    return int(torch.unique(example[response]).numel())

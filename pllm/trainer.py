@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import ModelConfig, TrainingConfig
-from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, sample_t, unpack_batch
+from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, sample_t, to_device, unpack_batch
 from .optim import peak_flops
 from .strategies import build_strategy
 
@@ -118,12 +118,31 @@ class DistributedTrainer:
         return t, draw
 
     def training_step(self, batch, micro: int = 0) -> DiffusionLoss:
-        """Loss of one micro-batch (override to change the objective)."""
+        """Loss of one micro-batch (override to change the objective): the masked-diffusion NELBO, or
+        for SFT batches (with a response_mask, `pllm.sft.sft_dataloader`) the SFT loss."""
+        if isinstance(batch, dict) and "response_mask" in batch:
+            return self._sft_step(batch, micro)
         input_ids, attention_mask = unpack_batch(batch, self.device)
         t, draw = self._noise(input_ids, micro)
         with self.autocast():
             return diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,
                                   attention_mask, t=t, mask_draw=draw, block_size=self.block_size)
+
+    def _sft_step(self, batch: dict, micro: int) -> DiffusionLoss:
+        from .sft import sft_loss
+
+        input_ids = to_device(batch["input_ids"], self.device)
+        B, L = input_ids.shape
+        W, r = self.strategy.world_size, self.strategy.rank
+        seed = (self.cfg.seed * 1_000_003 + self.step * self.cfg.gradient_accumulation_steps + micro) % 2**63
+        g = torch.Generator().manual_seed(seed)  # on the host, the same on every rank (see `_noise`)
+        t = sample_t(B * W * L, generator=g).view(B * W, L)[r * B:(r + 1) * B]  # a t per possible example
+        draw = torch.rand((B * W, L), generator=g)[r * B:(r + 1) * B]
+        segments = batch["segment_ids"]
+        with self.autocast():
+            return sft_loss(self.model, input_ids, batch["response_mask"], self.schedule,
+                            self.model_config.mask_token_id, segment_ids=segments if bool(segments.any()) else None,
+                            t=t, mask_draw=draw)
 
     def _batches(self):
         """Endless micro-batches, epoch after epoch, starting at the saved data position."""
@@ -224,6 +243,12 @@ class DistributedTrainer:
         if self.eval_dataloader is None:
             raise ValueError("evaluate() needs an eval_dataloader")
         batches = itertools.islice(self.eval_dataloader, self.cfg.eval_batches)
+        first = next(iter(self.eval_dataloader))
+        if isinstance(first, dict) and "response_mask" in first:  # SFT: the loss on held-out examples
+            from .sft import evaluate_sft
+
+            return evaluate_sft(self.model, batches, self.schedule, self.model_config.mask_token_id,
+                                autocast=self.autocast, reduce=self.strategy.all_reduce)
         report = evaluate_elbo(self.model, batches, self.schedule, self.model_config.mask_token_id,
                                autocast=self.autocast, reduce=self.strategy.all_reduce, block_size=self.block_size)
         return report.as_metrics()
