@@ -375,6 +375,7 @@ class DataConfig(_ConfigMixin):
     tokenizer_vocab_size: Optional[PositiveInt] = None  # default: the model's vocab_size
     tokenizer_sample_mb: Annotated[float, Field(gt=0)] = 64.0  # training text the BPE tokenizer sees
     shuffle_buffer_rows: NonNegInt = 1024  # per-worker local shuffle of packed rows (0: file order)
+    sft_packing: bool = False  # task "sft": pack several examples per row (else one, padded with eos)
 
 
 def local_ray_cpus() -> int:
@@ -417,6 +418,16 @@ class JobConfig(_ConfigMixin):
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     prompt: str = "def fibonacci(n):\n"
+    # "pretrain": the masked-diffusion objective on a text corpus; "sft": instruction fine-tuning of
+    # model.init_from on data.paths' rows (`messages`, or `prompt` and `response`; none: the built-in
+    # instruction set), the loss on responses only (`pllm.sft`). In-process jobs (`pllm train --local`).
+    task: Literal["pretrain", "sft"] = "pretrain"
+
+    @model_validator(mode="after")
+    def _check_task(self) -> "JobConfig":
+        if self.task == "sft" and not self.model.init_from:
+            raise ValueError("task 'sft' fine-tunes a checkpoint: set model.init_from")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "JobConfig":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,11 +91,13 @@ def pack_examples(rows: list[SFTRow], seq_len: int, pad_token_id: int) -> list[P
     return out
 
 
-def encode_examples(tokenizer: Tokenizer, rows: list[dict[str, Any]], seq_len: int) -> tuple[list[SFTRow], Counter]:
-    """Rows that fit, and how many were skipped for each reason."""
+def encode_examples(tokenizer: Tokenizer, rows: list[dict[str, Any]], seq_len: int,
+                    pad: bool = True) -> tuple[list[SFTRow], Counter]:
+    """Rows that fit, and how many were skipped for each reason (a row that is not an SFT row at all,
+    e.g. without a response, fails naming its fields)."""
     kept, skipped = [], Counter()
     for row in rows:
-        out = encode_example(tokenizer, row, seq_len)
+        out = encode_example(tokenizer, row, seq_len, pad)
         if isinstance(out, str):
             skipped[out] += 1
         else:
@@ -194,3 +197,43 @@ def _examples(batch: dict[str, torch.Tensor]) -> int:
     per_row = int(segments.max()) + 1
     example = torch.arange(segments.shape[0])[:, None] * per_row + segments
     return int(torch.unique(example[response]).numel())
+
+
+def read_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """SFT rows from .jsonl files (one JSON object a line) and .parquet files (one row each)."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    for path in map(Path, paths):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows += pq.read_table(path).to_pylist()
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON object ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def split_rows(rows: list[dict[str, Any]], held_out: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows), by a hash of each row: the same split on every machine."""
+    import hashlib
+    import json
+
+    def bucket(row) -> float:
+        return int.from_bytes(hashlib.sha1(json.dumps(row, sort_keys=True).encode()).digest()[:8], "big") / 2**64
+
+    val = [r for r in rows if bucket(r) < held_out]
+    train = [r for r in rows if bucket(r) >= held_out]
+    if not train or not val:
+        raise ValueError(f"{len(rows)} SFT rows give an empty {'training' if not train else 'held-out'} split "
+                         f"(data.validation_fraction={held_out})")
+    return train, val

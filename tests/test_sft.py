@@ -172,3 +172,59 @@ def test_the_trainer_fine_tunes_on_sft_batches(packed, tmp_path):
     trainer = DistributedTrainer(model, training, cfg, sft_dataloader(train, 8, shuffle=True), val_loader)
     metrics = trainer.train()
     assert metrics["val_sft_loss"] < 0.8 * before
+
+
+def test_an_in_process_sft_job_fine_tunes_an_imported_checkpoint(tmp_path, caplog):
+    import json
+    import logging
+
+    from hf_fixtures import cases, reference_model, write_checkpoint
+    from pllm.checkpoint import load_tokenizer
+    from pllm.config import JobConfig
+    from pllm.pipelines.in_process_job import run_in_process_job
+
+    case = cases()["sdar"]
+    folder = write_checkpoint(case, reference_model(case), tmp_path / "sdar")
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(240):
+        words = [f"w{int(i)}" for i in torch.randint(4, 60, (3,), generator=g)]
+        rows.append({"messages": [{"role": "user", "content": " ".join(words)},
+                                  {"role": "assistant", "content": " ".join(reversed(words))}]})
+    rows += [{"prompt": "w1", "response": ""}, {"prompt": "w1 " * 80, "response": "w2"}]  # skipped, counted
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    job = JobConfig.from_dict({
+        "task": "sft", "model": {"init_from": str(folder)}, "data": {"paths": [str(data)], "validation_fraction": 0.1},
+        "training": dict(batch_size=8, seq_len=32, learning_rate=2e-3, warmup_steps=2, num_train_steps=30,
+                         eval_interval=10, eval_batches=2, log_interval=10, use_torch_compile=False,
+                         gradient_checkpointing=False, mixed_precision="no", output_dir=str(tmp_path / "run")),
+        "generation": dict(max_new_tokens=8, num_refinement_steps=8, block_size=4, temperature=0.0),
+        "prompt": "w1 w2"})
+    with caplog.at_level(logging.INFO, logger="pllm.pipelines.in_process_job"):
+        result = run_in_process_job(job, show_progress=False)
+    assert result.metrics["step"] == 30 and result.metrics["val_sft_loss"] > 0
+    assert "skipped" in caplog.text and "empty response" in caplog.text and "prompt too long" in caplog.text
+    assert load_tokenizer(result.model_dir).special_token_ids["mask_token_id"] == case.special_id("<|MASK|>")
+    # the held-out examples' loss, before (the imported checkpoint) and after fine-tuning
+    from pllm import load_model
+    from pllm.hf import import_checkpoint
+    from pllm.pipelines.in_process_job import build_sft_loaders
+    from pllm.pipelines.job_stages import resolve_init
+    from pllm.sft import evaluate_sft
+
+    init, resolved = resolve_init(job)
+    held_out = build_sft_loaders(resolved, init.tokenizer).val
+    schedule, mask = get_schedule(resolved.model.noise_schedule), resolved.model.mask_token_id
+    before = evaluate_sft(import_checkpoint(folder)[0], held_out, schedule, mask)["val_sft_loss"]
+    after = evaluate_sft(load_model(result.model_dir), held_out, schedule, mask)["val_sft_loss"]
+    assert after < 0.9 * before
+
+
+def test_sft_needs_a_checkpoint():
+    from pydantic import ValidationError
+
+    from pllm.config import JobConfig
+
+    with pytest.raises(ValidationError, match="task 'sft' fine-tunes a checkpoint: set model.init_from"):
+        JobConfig.from_dict({"task": "sft"})

@@ -55,6 +55,35 @@ def build_loaders(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> Loc
     return LocalData(train_tokens, val_tokens, train, val)
 
 
+def build_sft_loaders(job: JobConfig, tokenizer: Tokenizer) -> LocalData:
+    """task "sft": data.paths' rows (or the built-in instruction set) as SFT rows of seq_len tokens,
+    split by a hash of each row; skipped rows are counted in the log."""
+    from pllm.corpus_files import resolve_files
+    from pllm.instructions import instruction_dataset
+    from pllm.sft import encode_examples, pack_examples, read_rows, sft_dataloader, split_rows
+
+    cfg = job.training
+    if job.data.paths:
+        rows = read_rows(resolve_files(job.data.paths))
+    else:
+        train, held = instruction_dataset()
+        rows = [{"messages": e.messages()} for e in train + held]
+    train_rows, val_rows = split_rows(rows, job.data.validation_fraction)
+    pad = not job.data.sft_packing  # LLaDA's recipe: one example a row, padded with eos
+    encoded = []
+    for name, part in (("training", train_rows), ("held-out", val_rows)):
+        kept, skipped = encode_examples(tokenizer, part, cfg.seq_len, pad=pad)
+        if skipped:
+            log.info("SFT %s rows skipped: %s", name, dict(skipped))
+        if not kept:
+            raise ValueError(f"no {name} SFT row fits training.seq_len={cfg.seq_len} ({dict(skipped)})")
+        encoded.append(kept if pad else pack_examples(kept, cfg.seq_len, tokenizer.pad_token_id))
+    log.info("SFT: %d training rows, %d held-out rows", len(encoded[0]), len(encoded[1]))
+    train = sft_dataloader(encoded[0], cfg.batch_size, shuffle=True, seed=cfg.seed)
+    val = sft_dataloader(encoded[1][:cfg.eval_batches * cfg.batch_size], cfg.batch_size, shuffle=False)
+    return LocalData(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64), train, val)
+
+
 def train_in_process(job: JobConfig, data: LocalData, show_progress: bool,
                      init_folder: Path | None = None) -> tuple[torch.nn.Module, dict, list]:
     """(trained model, metrics, history) with the same metric names as the Ray job's summary;
@@ -74,16 +103,17 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool,
 
 def run_in_process_job(job: JobConfig, show_progress: bool = True) -> JobResult:
     out = Path(job.training.output_dir)
-    plan = plan_corpus(job.data)
+    plan = plan_corpus(job.data) if job.task == "pretrain" else None
     init_folder = None
     if job.model.init_from:
         init, job = resolve_init(job)
         tokenizer, init_folder = init.tokenizer, init.folder
     else:
         tokenizer, job = fit_tokenizer(plan, job, iter_documents)
-    data = build_loaders(plan, tokenizer, job)
+    data = build_sft_loaders(job, tokenizer) if job.task == "sft" else build_loaders(plan, tokenizer, job)
     model, metrics, history = train_in_process(job, data, show_progress, init_folder)
-    metrics.update(unigram_baseline(data.train_tokens, data.val_tokens, job.model.vocab_size))
+    if job.task == "pretrain":
+        metrics.update(unigram_baseline(data.train_tokens, data.val_tokens, job.model.vocab_size))
     model_dir = save_pretrained(model, out / "model", tokenizer)
     text, metrics["generation_nfe"] = generate_sample(model, tokenizer, job)
     write_outputs(out, job, metrics, history)
