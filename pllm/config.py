@@ -263,6 +263,9 @@ class TrainingConfig(_ConfigMixin):
     gradient_checkpointing: bool = True
     # Our Triton ops in the model's forward and backward, and Inductor's tuning (GPU; A/B baselines).
     kernels: KernelOptions = dataclasses.field(default_factory=KernelOptions)
+    # Low-rank adapters instead of full fine-tuning (`pllm.lora`): only they train; the model saved at
+    # the end has them merged. In-process jobs for now.
+    lora: Optional[LoraSettings] = None
 
     # Mixed precision
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "bf16"

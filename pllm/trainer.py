@@ -76,6 +76,10 @@ class DistributedTrainer:
         self.epoch, self.batches_in_epoch = 0, 0  # data position, restored on resume
         self.history: list[dict[str, float]] = []
 
+        if self.cfg.lora is not None:
+            from .lora import apply_lora
+
+            model = apply_lora(model, self.cfg.lora)  # before sharding: the strategy wraps the adapters too
         if self.cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable()
         self.strategy = build_strategy(self.cfg, self.device)
@@ -290,9 +294,17 @@ class DistributedTrainer:
         from .model import DiffusionTransformer
 
         model = DiffusionTransformer(self.model_config)
+        if self.cfg.lora is not None:  # the adapters as trained, then folded into the weights
+            from .lora import apply_lora
+
+            model = apply_lora(model, self.cfg.lora)
         missing, _ = model.load_state_dict(state, strict=False)
         if self.model_config.tie_word_embeddings:  # the tied LM head may be absent from the state
-            missing = [k for k in missing if k != "lm_head.weight"]
+            missing = [k for k in missing if not k.startswith("lm_head.")]
         if missing:
             raise RuntimeError(f"consolidated state lacks {sorted(missing)}")
+        if self.cfg.lora is not None:
+            from .lora import merge_lora
+
+            model = merge_lora(model)
         return model.eval()

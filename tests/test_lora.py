@@ -59,3 +59,28 @@ def test_the_engine_refuses_unmerged_adapters():
     with pytest.raises(ValueError, match="unmerged LoRA adapters"):
         Engine(model)
     Engine(merge_lora(model))  # merged: a plain model
+
+
+def test_lora_fine_tuning_in_the_trainer_keeps_the_base_and_saves_merged(tmp_path):
+    from pllm import DistributedTrainer, TrainingConfig
+    from pllm.lora import has_lora
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = DiffusionTransformer(cfg)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(4, 90, (64, 16))
+    training = TrainingConfig(batch_size=8, seq_len=16, learning_rate=1e-2, num_train_steps=8, warmup_steps=1,
+                              eval_interval=8, eval_batches=1, log_interval=4, use_fsdp=False, use_torch_compile=False,
+                              gradient_checkpointing=False, output_dir=str(tmp_path),
+                              lora=LoraSettings(rank=4, target_modules=("qkv_proj", "down_proj")))
+    trainer = DistributedTrainer(model, training, cfg, list(tokens.split(8)), list(tokens[:8].split(8)))
+    trainer.train()
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) == \
+        sum(p.numel() for n, p in trainer.model.named_parameters() if "lora_" in n)  # adapters only
+    merged = trainer.consolidated_model()
+    assert not has_lora(merged) and set(merged.state_dict()) == set(base)
+    changed = [k for k in base if not torch.equal(merged.state_dict()[k], base[k])]
+    assert changed and all("qkv_proj" in k or "down_proj" in k for k in changed)

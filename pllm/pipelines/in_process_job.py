@@ -98,6 +98,8 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool,
     metrics = trainer.train()
     metrics.update(step=trainer.step, tokens_seen=trainer.tokens_seen, num_parameters=model.num_parameters(),
                    strategy=trainer.strategy.name, world_size=trainer.strategy.world_size)
+    if cfg.lora is not None:  # a plain model with the adapters merged (this one carries them)
+        model = trainer.consolidated_model()
     return model, metrics, trainer.history
 
 
