@@ -31,15 +31,34 @@ def save_pretrained(model: DiffusionTransformer, path: str | Path, tokenizer: To
     return path
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA adapter folder (`pllm.lora.save_adapter`)
+
+
 def is_model_folder(path: str | Path) -> bool:
-    """A saved pllm model or a Hugging Face checkpoint (single-file or sharded safetensors)."""
+    """A saved pllm model, a Hugging Face checkpoint (single-file or sharded safetensors) or a LoRA
+    adapter folder (its base named inside)."""
     path = Path(path)
+    if (path / ADAPTER_CONFIG).is_file():
+        return True
     return (path / CONFIG_FILE).is_file() and ((path / WEIGHTS_FILE).is_file() or (path / INDEX_FILE).is_file())
+
+
+def _adapter_base(path: str | Path) -> Path | None:
+    """An adapter folder's base model folder (resolved if it is an MLflow URI); None otherwise."""
+    if not (Path(path) / ADAPTER_CONFIG).is_file():
+        return None
+    from .lora import adapter_base
+    from .registry import resolve_model_source
+
+    return resolve_model_source(adapter_base(path)[0])[0]
 
 
 def load_config(path: str | Path) -> ModelConfig:
     from .hf import is_hf_checkpoint, plan_import
 
+    base = _adapter_base(path)
+    if base is not None:
+        return load_config(base)
     if is_hf_checkpoint(path):
         return plan_import(path).config
     return ModelConfig.from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
@@ -50,6 +69,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     must match). On CUDA the weights are cast to ModelConfig.dtype for inference."""
     from .hf import import_checkpoint, is_hf_checkpoint
 
+    base = _adapter_base(path)
+    if base is not None:  # the base with the adapter merged in
+        from .lora import load_adapter
+
+        return load_adapter(path, load_model(base, device))
     if is_hf_checkpoint(path):
         return import_checkpoint(path, device=device)[0]
     path = Path(path)
@@ -67,6 +91,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
 def load_tokenizer(path: str | Path) -> Tokenizer:
     from .hf import is_hf_checkpoint, plan_import
 
+    base = _adapter_base(path)
+    if base is not None:
+        return load_tokenizer(base)
     if is_hf_checkpoint(path):
         tokenizer = plan_import(path).tokenizer
         if tokenizer is None:

@@ -4,15 +4,27 @@
 optimizer sees only the adapters; `adapter_state_dict` is what a LoRA checkpoint holds; `merge_lora`
 folds the adapters into the base weights and gives back a plain model (what serving and export
 run: the fixed-shape decoding step reads weights directly).
+
+An adapter folder (`save_adapter`) is peft's layout: adapter_model.safetensors and
+adapter_config.json, whose `base_model_name_or_path` names the base (a folder or an MLflow URI);
+`load_adapter` loads that base and merges the adapter into it, so an adapter folder works wherever
+a model folder does (`pllm.load_model`, `pllm serve --model`).
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
 
 from .config import LoraSettings
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # Our projection names: fused q | k | v, the attention output, fused gate | up, and down.
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -54,3 +66,46 @@ def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def save_adapter(model: torch.nn.Module, path: str | Path, settings: LoraSettings, base: str) -> Path:
+    """The adapters alone, in peft's folder layout, with `base` (where the base model lives) recorded."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter_state_dict(model).items()}, str(path / ADAPTER_WEIGHTS),
+              metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "base_model_name_or_path": base, "r": settings.rank,
+              "lora_alpha": settings.alpha, "lora_dropout": settings.dropout,
+              "target_modules": list(settings.target_modules), "bias": "none"}
+    (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    return path
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def adapter_base(path: str | Path) -> tuple[str, LoraSettings]:
+    """(the base model's location, the adapter's settings) of an adapter folder."""
+    file = Path(path) / ADAPTER_CONFIG
+    config = json.loads(file.read_text())
+    if config.get("peft_type", "LORA") != "LORA" or not config.get("base_model_name_or_path"):
+        raise ValueError(f"{file}: a LoRA adapter config with base_model_name_or_path is needed, got "
+                         f"peft_type={config.get('peft_type')!r}, base={config.get('base_model_name_or_path')!r}")
+    settings = LoraSettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                            dropout=float(config.get("lora_dropout", 0.0)),
+                            target_modules=tuple(config["target_modules"]))
+    return config["base_model_name_or_path"], settings
+
+
+def load_adapter(path: str | Path, base_model: torch.nn.Module) -> torch.nn.Module:
+    """`base_model` with the adapter folder's adapters merged in."""
+    _, settings = adapter_base(path)
+    model = apply_lora(base_model, settings)
+    weights = load_file(str(Path(path) / ADAPTER_WEIGHTS), device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{Path(path) / ADAPTER_WEIGHTS}: does not fit the base model ({len(missing)} adapter tensors "
+                         f"missing, unexpected: {list(result.unexpected_keys)[:3]})")
+    return merge_lora(model).eval()

@@ -84,3 +84,32 @@ def test_lora_fine_tuning_in_the_trainer_keeps_the_base_and_saves_merged(tmp_pat
     assert not has_lora(merged) and set(merged.state_dict()) == set(base)
     changed = [k for k in base if not torch.equal(merged.state_dict()[k], base[k])]
     assert changed and all("qkv_proj" in k or "down_proj" in k for k in changed)
+
+
+def test_an_adapter_folder_loads_as_its_base_with_the_adapter_merged(tmp_path):
+    import pllm
+    from pllm.lora import ADAPTER_WEIGHTS, save_adapter
+
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    base = DiffusionTransformer(cfg).eval()
+    pllm.save_pretrained(base, tmp_path / "base")
+    model = apply_lora(DiffusionTransformer(cfg), LoraSettings(rank=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # as if trained
+    settings = LoraSettings(rank=4)
+    adapter = save_adapter(model, tmp_path / "adapter", settings, base=str(tmp_path / "base"))
+    from safetensors import safe_open
+    with safe_open(str(adapter / ADAPTER_WEIGHTS), "pt") as f:
+        assert list(f.keys()) and all("lora_" in k for k in f.keys())  # adapters only
+    loaded = pllm.load_model(adapter)
+    assert not has_lora(loaded)
+    base_with_adapter = apply_lora(pllm.load_model(tmp_path / "base"), settings)
+    base_with_adapter.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    ids = torch.randint(4, 90, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids), base_with_adapter.eval()(ids), atol=1e-5)
+        assert not torch.allclose(loaded(ids), base(ids), atol=1e-4)
+    assert pllm.load_model(tmp_path / "base").config == pllm.checkpoint.load_config(adapter)

@@ -228,3 +228,34 @@ def test_sft_needs_a_checkpoint():
 
     with pytest.raises(ValidationError, match="task 'sft' fine-tunes a checkpoint: set model.init_from"):
         JobConfig.from_dict({"task": "sft"})
+
+
+def test_lora_sft_saves_a_merged_model_and_an_adapter_on_its_base(tmp_path):
+    import json
+
+    from hf_fixtures import cases, reference_model, write_checkpoint
+    from pllm import load_model
+    from pllm.config import JobConfig
+    from pllm.hf import import_checkpoint
+    from pllm.pipelines.in_process_job import run_in_process_job
+
+    case = cases()["qwen3"]
+    folder = write_checkpoint(case, reference_model(case), tmp_path / "qwen3")
+    rows = [{"prompt": f"w{i} w{i + 1}", "response": f"w{i + 2}"} for i in range(4, 200)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    job = JobConfig.from_dict({
+        "task": "sft", "model": {"init_from": str(folder)}, "data": {"paths": [str(data)], "sft_packing": True},
+        "training": dict(batch_size=4, seq_len=32, learning_rate=5e-3, warmup_steps=1, num_train_steps=6,
+                         eval_interval=6, eval_batches=1, log_interval=3, use_torch_compile=False,
+                         gradient_checkpointing=False, mixed_precision="no", output_dir=str(tmp_path / "run"),
+                         lora={"rank": 4, "target_modules": ["qkv_proj", "o_proj"]}),
+        "generation": dict(max_new_tokens=4, num_refinement_steps=4, block_size=1, temperature=0.0),
+        "prompt": "w1 w2"})
+    result = run_in_process_job(job, show_progress=False)
+    base = import_checkpoint(folder)[0].state_dict()
+    merged = load_model(result.model_dir).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all("qkv_proj" in k or "o_proj" in k for k in changed)  # only the adapted projections
+    from_adapter = load_model(tmp_path / "run" / "adapter").state_dict()  # base + adapter, merged on load
+    assert all(torch.allclose(from_adapter[k], merged[k], atol=1e-6) for k in merged)

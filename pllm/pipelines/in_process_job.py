@@ -99,6 +99,10 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool,
     metrics.update(step=trainer.step, tokens_seen=trainer.tokens_seen, num_parameters=model.num_parameters(),
                    strategy=trainer.strategy.name, world_size=trainer.strategy.world_size)
     if cfg.lora is not None:  # a plain model with the adapters merged (this one carries them)
+        if job.model.init_from:  # and the adapters alone, naming their base
+            from pllm.lora import save_adapter
+
+            save_adapter(trainer.model, Path(cfg.output_dir) / "adapter", cfg.lora, job.model.init_from)
         model = trainer.consolidated_model()
     return model, metrics, trainer.history
 
