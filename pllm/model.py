@@ -220,14 +220,18 @@ class DiffusionTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def set_rotary_buffers(self, device: torch.device | str) -> None:
+        """(Re)build the float32 rotary tables on `device`: buffers are in no state dict, so a model
+        built on the meta device and then given its weights needs them built for real."""
+        cos, sin = self.rotary_tables()
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
     def _apply(self, fn, recurse=True):
         # Keep the rotary tables in fp32 when the model is cast to bf16/fp16: positions past a few
         # hundred lose their angle in 8 mantissa bits.
         super()._apply(fn, recurse)
-        device = self.rope_cos.device
         if self.rope_cos.dtype != torch.float32:
-            cos, sin = self.rotary_tables()
-            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+            self.set_rotary_buffers(self.rope_cos.device)
         return self
 
     # -- helpers -------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ length, averaged over rows.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,8 +171,6 @@ def sft_dataloader(rows: list[SFTRow] | list[PackedRow], batch_size: int, shuffl
 def evaluate_sft(model: torch.nn.Module, batches, schedule: NoiseSchedule, mask_token_id: int, seed: int = 1234,
                  autocast=None, reduce=None) -> dict[str, float]:
     """The mean SFT loss over these batches with fixed noise (comparable across evaluations)."""
-    import contextlib
-
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -201,8 +202,6 @@ def _examples(batch: dict[str, torch.Tensor]) -> int:
 
 def read_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
     """SFT rows from .jsonl files (one JSON object a line) and .parquet files (one row each)."""
-    import json
-
     rows: list[dict[str, Any]] = []
     for path in map(Path, paths):
         if path.suffix == ".parquet":
@@ -226,8 +225,6 @@ def read_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
 def split_rows(rows: list[dict[str, Any]], held_out: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training rows, held-out rows), by a hash of each row: the same split on every machine."""
     import hashlib
-    import json
-
     def bucket(row) -> float:
         return int.from_bytes(hashlib.sha1(json.dumps(row, sort_keys=True).encode()).digest()[:8], "big") / 2**64
 

@@ -109,15 +109,17 @@ class DistributedTrainer:
     def autocast(self):
         return self.strategy.autocast()
 
-    def _noise(self, input_ids: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, uniforms) for this rank's rows of the global micro-batch (see the module docstring)."""
+    def _noise(self, input_ids: torch.Tensor, micro: int, per_row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, uniforms) for this rank's rows of the global micro-batch (see the module docstring):
+        per_row t's a row (default: one, or one per block for block diffusion)."""
         B, L = input_ids.shape
         W, r = self.strategy.world_size, self.strategy.rank
         seed = (self.cfg.seed * 1_000_003 + self.step * self.cfg.gradient_accumulation_steps + micro) % 2**63
         # Drawn on the host: `diffusion_loss` then knows which positions are masked without a sync.
         g = torch.Generator().manual_seed(seed)
-        blocks = -(-L // self.block_size) if self.block_size else 1  # block diffusion: a t per block
-        t = sample_t(B * W * blocks, generator=g).view(B * W, blocks)[r * B : (r + 1) * B]
+        if per_row is None:
+            per_row = -(-L // self.block_size) if self.block_size else 1  # block diffusion: a t per block
+        t = sample_t(B * W * per_row, generator=g).view(B * W, per_row)[r * B : (r + 1) * B]
         draw = torch.rand((B * W, L), generator=g)[r * B : (r + 1) * B]
         return t, draw
 
@@ -136,12 +138,7 @@ class DistributedTrainer:
         from .sft import sft_loss
 
         input_ids = to_device(batch["input_ids"], self.device)
-        B, L = input_ids.shape
-        W, r = self.strategy.world_size, self.strategy.rank
-        seed = (self.cfg.seed * 1_000_003 + self.step * self.cfg.gradient_accumulation_steps + micro) % 2**63
-        g = torch.Generator().manual_seed(seed)  # on the host, the same on every rank (see `_noise`)
-        t = sample_t(B * W * L, generator=g).view(B * W, L)[r * B:(r + 1) * B]  # a t per possible example
-        draw = torch.rand((B * W, L), generator=g)[r * B:(r + 1) * B]
+        t, draw = self._noise(input_ids, micro, per_row=input_ids.shape[1])  # a t per possible example
         segments = batch["segment_ids"]
         with self.autocast():
             return sft_loss(self.model, input_ids, batch["response_mask"], self.schedule,

@@ -45,7 +45,54 @@ def key_length_buckets(window: int, cache_length: int) -> list[int]:
     return lengths + [cache_length]
 
 
-class StaticStepRunner:
+class CapturedSteps:
+    """What both fixed-shape runners share: one CUDA graph per (batch bucket, key-length bucket) of
+    `_step`, captured up front, and replaying one (or stepping eagerly where none was captured).
+    Subclasses set buckets, lengths, graphs and the counters, and define `_step(B, S)`."""
+
+    buckets: list[int]
+    lengths: list[int]
+    graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]]
+    num_steps: int
+    num_replays: int
+    last_length: int
+
+    def _step(self, B: int, S: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _capture_all(self) -> None:
+        """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        shapes = [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]  # largest first
+        with torch.cuda.stream(side):
+            for B, S in shapes:
+                self._step(B, S)  # warm-up: kernels picked and compiled outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        pool = None
+        for B, S in shapes:  # the largest first, so the smaller ones fit in its memory pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._step(B, S)
+            pool = graph.pool()
+            self.graphs[B, S] = (graph, out)
+        torch.cuda.synchronize()
+
+    def _replay(self, B: int, need: int) -> torch.Tensor:
+        """The step over rows :B, reading enough of the cache to cover entry `need` (the furthest
+        one any window touches): a graph replay where one was captured."""
+        S = next(length for length in self.lengths if length >= need)
+        self.num_steps += 1
+        self.last_length = S  # a shorter bucket would scatter keys/values past its slice
+        if (B, S) in self.graphs:
+            graph, out = self.graphs[B, S]
+            graph.replay()
+            self.num_replays += 1
+            return out
+        return self._step(B, S)
+
+
+class StaticStepRunner(CapturedSteps):
     """Runs the states of requests (by id) through fixed-shape steps; see the module docstring."""
 
     def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None,
@@ -94,24 +141,6 @@ class StaticStepRunner:
         return forward_static(self.model, self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
                               slice(0, B), self.block, key_length=S, compile_ops=self.compile_ops,
                               float_logits=not self.capture, kernels=self.kernels)
-
-    def _capture_all(self) -> None:
-        """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        shapes = [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]  # largest first
-        with torch.cuda.stream(side):
-            for B, S in shapes:
-                self._step(B, S)  # warm-up: kernels picked and compiled outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        pool = None
-        for B, S in shapes:  # the largest first, so the smaller ones fit in its memory pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._step(B, S)
-            pool = graph.pool()
-            self.graphs[B, S] = (graph, out)
-        torch.cuda.synchronize()
 
     # -- one step ------------------------------------------------------------------------------
     @staticmethod
@@ -195,19 +224,6 @@ class StaticStepRunner:
                              [state.tokens[a:b] for state, (a, b) in zip(states, spans)])
         out = self._replay(B, max(starts) + W + self.cache.offset)
         return self._current_blocks(out, states)
-
-    def _replay(self, B: int, need: int) -> torch.Tensor:
-        """The step over rows :B, reading enough of the cache to cover entry `need` (the furthest
-        one any window touches): a graph replay where one was captured."""
-        S = next(length for length in self.lengths if length >= need)
-        self.num_steps += 1
-        self.last_length = S  # a shorter bucket would scatter keys/values past its slice
-        if (B, S) in self.graphs:
-            graph, out = self.graphs[B, S]
-            graph.replay()
-            self.num_replays += 1
-            return out
-        return self._step(B, S)
 
     def _current_blocks(self, out: torch.Tensor, states: list[DecodeState]) -> list[list[torch.Tensor]]:
         """Each row's current block: in the window's last block, from offset start % block_size

@@ -19,11 +19,11 @@ import torch
 from ..decoding import DecodeState
 from ..model import DiffusionTransformer
 from pllm.kernels.options import DEFAULT_KERNELS, KernelOptions
-from .cuda_graphs import batch_buckets, key_length_buckets
+from .cuda_graphs import CapturedSteps, batch_buckets, key_length_buckets
 from .step_forward import forward_static, new_static_cache
 
 
-class DualCacheStepRunner:
+class DualCacheStepRunner(CapturedSteps):
     """Runs dual-cache states of a bidirectional model through fixed-shape steps (module docstring)."""
 
     def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None,
@@ -47,6 +47,7 @@ class DualCacheStepRunner:
         self.slot_of: dict[DecodeState, int] = {}
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_steps = self.num_replays = self.num_refreshes = 0
+        self.last_length = self.lengths[0]
         if capture:
             self._capture_all()
 
@@ -59,23 +60,6 @@ class DualCacheStepRunner:
         return forward_static(self.model, self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
                               slice(0, B), self.block, key_length=S, compile_ops=self.compile_ops,
                               kernels=self.kernels, visible_block=self.visible)
-
-    def _capture_all(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        shapes = [(B, S) for B in reversed(self.buckets) for S in reversed(self.lengths)]  # largest first
-        with torch.cuda.stream(side):
-            for B, S in shapes:
-                self._step(B, S)  # warm-up outside the capture
-        torch.cuda.current_stream().wait_stream(side)
-        pool = None
-        for B, S in shapes:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._step(B, S)
-            pool = graph.pool()
-            self.graphs[B, S] = (graph, out)
-        torch.cuda.synchronize()
 
     @torch.no_grad()
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
@@ -104,8 +88,7 @@ class DualCacheStepRunner:
             self.limits[rows] = torch.tensor([states[i].tokens.numel() for i in stepping], device=self.tokens.device)
             torch._foreach_copy_([self.tokens[i, :w] for i, w in zip(stepping, spans)],
                                  [states[i].tokens[a:a + w] for i, a, w in zip(stepping, lo, spans)])
-            need = max(states[i].tokens.numel() for i in stepping) + self.cache.offset
-            out = self._replay(B, next(s for s in self.lengths if s >= need))
+            out = self._replay(B, max(states[i].tokens.numel() for i in stepping) + self.cache.offset)
             for i in stepping:
                 logits[i] = out[i, :states[i].end - states[i].start]
         return [[block] for block in logits]
@@ -119,15 +102,6 @@ class DualCacheStepRunner:
         return forward_static(self.model, state.tokens[None], positions, limit, self.cache, slice(slot, slot + 1),
                               state.end - state.start, fixed_shape=False, kernels=self.kernels,
                               visible_block=self.visible, logits_end=state.end)[0]
-
-    def _replay(self, B: int, S: int) -> torch.Tensor:
-        self.num_steps += 1
-        if (B, S) in self.graphs:
-            graph, out = self.graphs[B, S]
-            graph.replay()
-            self.num_replays += 1
-            return out
-        return self._step(B, S)
 
     def _assign_slots(self, states: list[DecodeState]) -> None:
         """Row i of the step uses slot i: move continuing states' slots (refreshes rewrite theirs)."""

@@ -50,9 +50,10 @@ def _fused_name(name: str) -> tuple[str, int, int] | None:
 
 
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device: torch.device) -> DiffusionTransformer:
-    """A model of `cfg` whose parameters are exactly `tensors` (our unfused names): built on the meta
-    device (no random init, no float32 copy), each fused matrix concatenated once all its parts have
-    arrived, then assigned. The caller has checked that the names and shapes are `unfused_shapes`."""
+    """A model of `cfg` whose parameters are exactly `tensors` (our names, fused or unfused): built
+    on the meta device (no random init, no float32 copy), each fused matrix concatenated once all
+    its parts have arrived, then assigned; returned in eval mode. The names and shapes must be the
+    model's (`unfused_shapes` for checkpoints in a published layout)."""
     with torch.device("meta"):
         model = DiffusionTransformer(cfg)
     state: dict[str, torch.Tensor] = {}
@@ -73,8 +74,7 @@ def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], d
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:  # assigning replaced the shared parameter: share it again
         model.lm_head.weight = model.embed_tokens.weight
-    cos, sin = model.rotary_tables()  # buffers are not in a state dict: build them for real
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    model.set_rotary_buffers(device)
     return model.eval()
 
 

@@ -163,15 +163,12 @@ def initial_model(config: ModelConfig, folder: str | Path | None, seed: int, on_
     if folder is None:
         torch.manual_seed(seed)
         return DiffusionTransformer(config)
-    with torch.device("meta"):
-        model = DiffusionTransformer(config)
     if on_meta:
-        return model
-    model.load_state_dict(initial_weights(folder), strict=True, assign=True)
-    if config.tie_word_embeddings:  # assigning replaced the shared parameter: share it again
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rope_cos, model.rope_sin = model.rotary_tables()  # buffers are not in a state dict
-    return model
+        with torch.device("meta"):
+            return DiffusionTransformer(config)
+    from pllm.hf.weights import build_model
+
+    return build_model(config, initial_weights(folder).items(), torch.device("cpu")).train()
 
 
 def unigram_baseline(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: int) -> dict[str, float]:

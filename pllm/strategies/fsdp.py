@@ -65,9 +65,8 @@ class FSDP2Strategy(Strategy):
         if on_meta:
             # Sharded first, then allocated: each rank holds only its shards, filled by load_full_state_dict.
             self.module.to_empty(device=self.device)
-            if isinstance(model, DiffusionTransformer):  # buffers are not in a state dict: build them for real
-                cos, sin = model.rotary_tables()
-                model.rope_cos, model.rope_sin = cos.to(self.device), sin.to(self.device)
+            if isinstance(model, DiffusionTransformer):
+                model.set_rotary_buffers(self.device)
         self.model = self._compile(self.module)
         self.optimizer = build_optimizer(self.module, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
