@@ -162,7 +162,7 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> JobResult:
     from pllm.checkpoint import load_model, load_tokenizer
     from pllm.registry import resolve_tracking_uri, start_run
 
-    if job.task != "pretrain" or job.training.lora is not None:
+    if job.task == "sft" or job.training.lora is not None:
         raise ValueError(f"task {job.task!r}{' with training.lora' if job.training.lora else ''} runs in-process "
                          "for now: pllm train --local")
     plan = plan_corpus(job.data)  # bad paths fail here, before Ray starts
