@@ -283,8 +283,9 @@ class DistributedTrainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch,
                  self.batches_in_epoch)
 
-    def consolidated_model(self) -> torch.nn.Module | None:
-        """An unsharded copy of the trained model on rank 0 (None elsewhere). Collective."""
+    def consolidated_model(self, merge_lora: bool = True) -> torch.nn.Module | None:
+        """An unsharded copy of the trained model on rank 0 (None elsewhere); with LoRA, the adapters
+        folded into the weights (merge_lora=False: left as adapters, to save them). Collective."""
         state = self.strategy.consolidated_state_dict()
         if state is None:
             return None
@@ -300,8 +301,8 @@ class DistributedTrainer:
             missing = [k for k in missing if not k.startswith("lm_head.")]
         if missing:
             raise RuntimeError(f"consolidated state lacks {sorted(missing)}")
-        if self.cfg.lora is not None:
-            from .lora import merge_lora
+        if self.cfg.lora is not None and merge_lora:
+            from .lora import merge_lora as merge
 
-            model = merge_lora(model)
+            model = merge(model)
         return model.eval()
