@@ -45,6 +45,7 @@ class JobResult:
     tracking_uri: str | None = None
     registry_uri: str | None = None
     model_uri: str | None = None
+    adapter_uri: str | None = None  # a LoRA run's adapter alone (runs:/ID/adapter), naming its base
 
 
 def fit_tokenizer(plan: CorpusPlan, job: JobConfig, read_documents: DocumentReader) -> tuple[Tokenizer, JobConfig]:
@@ -159,7 +160,7 @@ def initial_model(config: ModelConfig, folder: str | Path | None, seed: int, on_
     """The model training starts from: freshly initialised from `seed` (the same on every rank), the
     weights of `folder` (model.init_from resolved) under this config (which may change no shape,
     `resolve_init`), or, on_meta, the checkpoint's model without storage, for a strategy that fills it
-    from rank 0 (`Strategy.loads_from_rank0`)."""
+    shard by shard (`Strategy.loads_shards`)."""
     if folder is None:
         torch.manual_seed(seed)
         return DiffusionTransformer(config)
