@@ -49,6 +49,17 @@ def _fused_name(name: str) -> tuple[str, int, int] | None:
     return None
 
 
+def fused_parts(names: Iterable[str]) -> dict[str, list[str]]:
+    """Our parameter name -> the unfused names whose rows it stacks, in row order; a name that is no
+    part of a fused parameter maps to itself alone."""
+    groups: dict[str, dict[int, str]] = {}
+    for name in names:
+        fused = _fused_name(name)
+        target, j = (name, 0) if fused is None else fused[:2]
+        groups.setdefault(target, {})[j] = name
+    return {target: [parts[j] for j in sorted(parts)] for target, parts in groups.items()}
+
+
 def build_model(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], device: torch.device) -> DiffusionTransformer:
     """A model of `cfg` whose parameters are exactly `tensors` (our names, fused or unfused): built
     on the meta device (no random init, no float32 copy), each fused matrix concatenated once all
