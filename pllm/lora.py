@@ -46,6 +46,36 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modul
     return model
 
 
+@torch.no_grad()
+def init_adapters(model: torch.nn.Module, seed: int) -> list[str]:
+    """Give every adapter peft's initial values (A: Kaiming-uniform, B: zeros, so training starts
+    at the base model), the same on every rank from `seed`: for adapters allocated uninitialised
+    (a model built on the meta device and sharded; a DTensor keeps its own shard). Returns the
+    names set."""
+    import math
+
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    generator = torch.Generator().manual_seed(seed)
+    names = []
+    for name, param in model.named_parameters():
+        if "lora_" not in name:
+            continue
+        full = torch.empty(param.shape, dtype=torch.float32)
+        if ".lora_A." in name:
+            bound = 1 / math.sqrt(full.shape[1])  # kaiming_uniform_(a=sqrt(5)), what nn.Linear and peft use
+            full.uniform_(-bound, bound, generator=generator)
+        else:
+            full.zero_()
+        if isinstance(param, DTensor):  # every rank holds the full tensor: no communication
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            param.to_local().copy_(full)
+        else:
+            param.copy_(full)
+        names.append(name)
+    return names
+
+
 def has_lora(model: torch.nn.Module) -> bool:
     return any(isinstance(m, LoraLayer) for m in model.modules())
 

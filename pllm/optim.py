@@ -23,11 +23,14 @@ def lr_lambda(cfg: TrainingConfig) -> Callable[[int], float]:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on norms' gains); tied parameters counted once."""
+    """Weight decay on matrices only (not on norms' gains); tied parameters counted once. An empty
+    group is left out (LoRA trains matrices only): DeepSpeed drops empty groups, and the LR
+    schedule must see the same groups as the optimizer."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:

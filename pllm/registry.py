@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import pllm
 
-from .checkpoint import CONFIG_FILE, is_model_folder
+from .checkpoint import ADAPTER_CONFIG, CONFIG_FILE, is_model_folder
 from .config import GenerationConfig, JobConfig, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,11 @@ def resolve_model_source(source: str, tracking_uri: str | None = None) -> tuple[
         return path, None
     uri = resolve_tracking_uri(tracking_uri)  # models:/ URIs resolve in this store's registry too
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, registry_uri=uri))
-    found = sorted(p.parent for p in local.rglob(CONFIG_FILE) if is_model_folder(p.parent))
+    found = sorted(p.parent for name in (CONFIG_FILE, ADAPTER_CONFIG) for p in local.rglob(name)
+                   if is_model_folder(p.parent))
     if not found:
-        raise FileNotFoundError(f"{source} holds no model (no config.json with safetensors weights in its artifacts)")
+        raise FileNotFoundError(f"{source} holds no model (no config.json with safetensors weights, nor a LoRA "
+                                "adapter, in its artifacts)")
     generation = None
     if (local / "MLmodel").exists():
         flavor = mlflow.models.Model.load(str(local)).flavors.get("python_function", {})

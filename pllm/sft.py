@@ -23,6 +23,9 @@ from .diffusion import DiffusionLoss, NoiseSchedule, masked_positions, sample_t,
 from .tokenizer import Tokenizer
 
 
+NO_FIELDS = "no 'messages' nor 'prompt' and 'response' fields"
+
+
 @dataclass(frozen=True)
 class SFTRow:
     input_ids: list[int]  # prompt + response + eos padding, exactly seq_len tokens
@@ -39,7 +42,7 @@ def _prompt_and_response(row: dict[str, Any]) -> tuple[list[dict[str, str]], str
             raise ValueError("the last message must be the assistant's response")
         return messages[:-1], messages[-1].get("content")
     if "prompt" not in row or "response" not in row:
-        raise ValueError(f"a row needs 'messages' or 'prompt' and 'response' fields, got {sorted(row)}")
+        raise ValueError(NO_FIELDS)
     return [{"role": "user", "content": row["prompt"]}], row["response"]
 
 
@@ -96,11 +99,14 @@ def pack_examples(rows: list[SFTRow], seq_len: int, pad_token_id: int) -> list[P
 
 def encode_examples(tokenizer: Tokenizer, rows: list[dict[str, Any]], seq_len: int,
                     pad: bool = True) -> tuple[list[SFTRow], Counter]:
-    """Rows that fit, and how many were skipped for each reason (a row that is not an SFT row at all,
-    e.g. without a response, fails naming its fields)."""
+    """Rows that fit, and how many were skipped for each reason ("empty response", "prompt too
+    long", a row without the fields or with malformed messages: the reason says which)."""
     kept, skipped = [], Counter()
     for row in rows:
-        out = encode_example(tokenizer, row, seq_len, pad)
+        try:
+            out = encode_example(tokenizer, row, seq_len, pad)
+        except ValueError as exc:
+            out = str(exc)
         if isinstance(out, str):
             skipped[out] += 1
         else:
@@ -222,14 +228,15 @@ def read_rows(paths: list[str | Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def row_bucket(row: dict[str, Any]) -> float:
+    """A number in [0, 1) from the row's content: held out below data.validation_fraction."""
+    return int.from_bytes(hashlib.sha1(json.dumps(row, sort_keys=True).encode()).digest()[:8], "big") / 2**64
+
+
 def split_rows(rows: list[dict[str, Any]], held_out: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(training rows, held-out rows), by a hash of each row: the same split on every machine."""
-    import hashlib
-    def bucket(row) -> float:
-        return int.from_bytes(hashlib.sha1(json.dumps(row, sort_keys=True).encode()).digest()[:8], "big") / 2**64
-
-    val = [r for r in rows if bucket(r) < held_out]
-    train = [r for r in rows if bucket(r) >= held_out]
+    val = [r for r in rows if row_bucket(r) < held_out]
+    train = [r for r in rows if row_bucket(r) >= held_out]
     if not train or not val:
         raise ValueError(f"{len(rows)} SFT rows give an empty {'training' if not train else 'held-out'} split "
                          f"(data.validation_fraction={held_out})")

@@ -81,46 +81,78 @@ def test_the_starting_model_has_the_checkpoint_weights_under_the_job_config(sdar
     assert not torch.equal(fresh.embed_tokens.weight, model.embed_tokens.weight)
 
 
-def _fsdp_worker(rank: int, port: int, folder: str, config: dict, out: str) -> None:
+def _fsdp_worker(rank: int, port: int, folder: str, config: dict, out: str, lora: bool) -> None:
     import torch.distributed as dist
 
-    from pllm.config import ModelConfig
-    from pllm.pipelines.job_stages import initial_weights
-    from pllm.strategies import build_strategy, strategy_class
+    from pllm.config import LoraSettings, ModelConfig
+    from pllm.strategies import strategy_class
+    from pllm.trainer import DistributedTrainer
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        cfg = TrainingConfig(**TRAINING)
-        assert strategy_class(cfg).loads_from_rank0
-        model = initial_model(ModelConfig.from_dict(config), folder, seed=0, on_meta=True)
-        assert model.embed_tokens.weight.is_meta
-        strategy = build_strategy(cfg, torch.device("cpu"))
-        strategy.setup(model)
-        strategy.load_full_state_dict(initial_weights(folder) if rank == 0 else None)
-        local = {n: p.to_local().numel() for n, p in strategy.module.named_parameters()}
-        full = strategy.consolidated_state_dict()
+        cfg = TrainingConfig(**TRAINING | dict(num_train_steps=2, output_dir=str(Path(out).parent)),
+                             lora=LoraSettings(rank=2, target_modules=("qkv_proj", "down_proj")) if lora else None)
+        model_cfg = ModelConfig.from_dict(config)
+        assert strategy_class(cfg).loads_shards
+        batches = [torch.randint(0, 240, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+
+        def trainer_from_checkpoint() -> DistributedTrainer:
+            model = initial_model(model_cfg, folder, seed=0, on_meta=True)
+            assert model.embed_tokens.weight.is_meta
+            trainer = DistributedTrainer(model, cfg, model_cfg, batches, device="cpu", show_progress=False)
+            trainer.strategy.load_shards(folder)  # each rank reads its own rows of the files
+            return trainer
+
+        trainer = trainer_from_checkpoint()
+        info = {"local": sum(p.to_local().numel() for p in trainer.strategy.module.parameters()),
+                "rope_ok": bool(torch.isfinite(trainer.strategy.module.rope_cos).all())}
+        if lora:
+            trainer.train()
+            saved = trainer.save_checkpoint(Path(out).parent / "ckpt")
+            from torch.distributed.checkpoint import FileSystemReader
+
+            keys = FileSystemReader(str(saved / "dcp")).read_metadata().state_dict_metadata
+            info["checkpoint_model_keys"] = sorted(k for k in keys if k.startswith("model."))
+            trained = trainer.consolidated_model(merge_lora=False)
+            resumed = trainer_from_checkpoint()  # the base from the files again, the adapters from the checkpoint
+            resumed.load_checkpoint(saved)
+            again = resumed.consolidated_model(merge_lora=False)
+            if rank == 0:
+                info["resumed_equal"] = all(torch.equal(a, b) for a, b in
+                                            zip(trained.state_dict().values(), again.state_dict().values()))
+                info["resumed_step"] = resumed.step
+                full = {k.replace("base_layer.", ""): v for k, v in trained.state_dict().items() if "lora_" not in k}
+        else:
+            full = trainer.strategy.consolidated_state_dict()
         if rank == 0:
             save_file({k: v.contiguous() for k, v in full.items() if k != "lm_head.weight" or
-                       not model.config.tie_word_embeddings}, out)
-            Path(out + ".json").write_text(json.dumps({"local": sum(local.values()),
-                                                       "rope_ok": bool(torch.isfinite(model.rope_cos).all())}))
+                       not model_cfg.tie_word_embeddings}, out)
+            Path(out + ".json").write_text(json.dumps(info))
     finally:
         dist.destroy_process_group()
 
 
-def test_fsdp2_shards_the_checkpoint_sent_from_rank_0(sdar, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fsdp2_ranks_read_their_shards_of_the_checkpoint(sdar, tmp_path, lora):
+    """Every rank reads its own rows; with LoRA the base stays bit-identical through training, the
+    checkpoint holds the adapters only, and a resume reads the base from the files again."""
     _, job = resolve_init(JobConfig.from_dict(job_dict(sdar, tmp_path)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "full.safetensors")
-    mp.spawn(_fsdp_worker, args=(port, str(sdar), job.model.to_dict(), out), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(port, str(sdar), job.model.to_dict(), out, lora), nprocs=2, join=True)
     imported, _ = import_checkpoint(sdar)
     expected, got = imported.state_dict(), load_file(out)
     assert got.keys() == {k for k in expected if k != "lm_head.weight" or not imported.config.tie_word_embeddings}
     assert all(torch.equal(got[k], expected[k]) for k in got)
     info = json.loads(Path(out + ".json").read_text())
     assert info["rope_ok"] and info["local"] < imported.num_parameters()  # rank 0 holds a shard, not the model
+    if lora:
+        keys = info["checkpoint_model_keys"]
+        assert keys and all("lora_" in k for k in keys), keys[:4]
+        assert len(keys) == 2 * 2 * imported.config.num_hidden_layers  # A and B of 2 projections a layer
+        assert info["resumed_equal"] and info["resumed_step"] == 2
 
 
 def _fails_before_ray(job: JobConfig, *message: str) -> None:

@@ -226,7 +226,7 @@ def test_sft_needs_a_checkpoint():
 
     from pllm.config import JobConfig
 
-    with pytest.raises(ValidationError, match="task 'sft' fine-tunes a checkpoint: set model.init_from"):
+    with pytest.raises(ValidationError, match="task 'sft' starts from a checkpoint: set model.init_from"):
         JobConfig.from_dict({"task": "sft"})
 
 

@@ -7,9 +7,13 @@ rank writes its own shard into the same checkpoint folder), resumes from the lat
 failure, and finally reports the consolidated model (safetensors + config + tokenizer).
 
 With model.init_from, training starts from that checkpoint: under FSDP2 every rank builds the model
-on the meta device, shards it, and rank 0 alone reads the file and sends each tensor to the others'
-shards; the other strategies (DDP, DeepSpeed ZeRO, whose engine partitions the module it is given)
-read the full model on every rank before wrapping it."""
+on the meta device, shards it, and reads only its own rows of each tensor from the checkpoint's
+files (`pllm.sharded_load`); the other strategies (DDP, DeepSpeed ZeRO, whose engine partitions the
+module it is given) read the full model on every rank before wrapping it.
+
+With training.lora, the checkpoints hold only the adapters (and their optimizer state): a resume
+reads the base from model.init_from again. The final checkpoint holds the model with the adapters
+merged (what serving runs) and the adapter folder naming its base (`pllm.lora.save_adapter`)."""
 
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import torch
 
 from pllm.checkpoint import is_model_folder, save_pretrained
 from pllm.config import JobConfig
-from pllm.pipelines.job_stages import init_folder, initial_model, initial_weights
+from pllm.lora import is_adapter_folder, merge_lora, save_adapter
+from pllm.pipelines.job_stages import init_folder, initial_model
 from pllm.pipelines.token_dataset import ShardBatches
 from pllm.registry import MetricsLogger
 from pllm.strategies import strategy_class
@@ -35,6 +40,7 @@ from pllm.trainer import DistributedTrainer, log_progress_line
 log = logging.getLogger(__name__)
 
 FINAL_CHECKPOINT = "final"
+ADAPTER_DIR = "adapter"  # in the final checkpoint of a LoRA run, beside model/
 SUMMARY_FILE = "summary.json"
 
 
@@ -67,10 +73,11 @@ def train_loop_per_worker(config: dict) -> None:
     tokenizer = Tokenizer.from_json(config["tokenizer_json"])
 
     checkpoint = ray.train.get_checkpoint()
-    # Starting weights (none when resuming: the checkpoint replaces them); fresh ones are seeded alike on every rank.
-    start_folder = None if checkpoint else _init_folder(config, job)
-    from_rank0 = start_folder is not None and strategy_class(cfg).loads_from_rank0
-    model = initial_model(job.model, start_folder, cfg.seed, on_meta=from_rank0)
+    # Starting weights (none when resuming, unless LoRA's frozen base: the checkpoint holds the rest);
+    # fresh ones are seeded alike on every rank.
+    start_folder = None if checkpoint and cfg.lora is None else _init_folder(config, job)
+    sharded = (start_folder is not None and strategy_class(cfg).loads_shards and not is_adapter_folder(start_folder))
+    model = initial_model(job.model, start_folder, cfg.seed, on_meta=sharded)
     train_batches = ShardBatches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed,
                                  job.data.shuffle_buffer_rows)
     # The validation shard is small (eval_batches batches): hold it, so every evaluation sees the same rows.
@@ -81,8 +88,8 @@ def train_loop_per_worker(config: dict) -> None:
     callbacks = [mlflow_metrics, lambda m, step: log_progress_line(m, step, cfg.num_train_steps)] if rank == 0 else []
     trainer = DistributedTrainer(model, cfg, job.model, train_batches, val_batches or None, callbacks=callbacks,
                                  device=device, show_progress=False, on_save=_report_checkpoint)
-    if from_rank0:
-        trainer.strategy.load_full_state_dict(initial_weights(start_folder) if rank == 0 else None)
+    if sharded:
+        trainer.strategy.load_shards(start_folder)
     resumed_from = 0
     if checkpoint:
         with checkpoint.as_directory() as path:
@@ -95,10 +102,14 @@ def train_loop_per_worker(config: dict) -> None:
     summary = {**metrics, "step": trainer.step, "tokens_seen": trainer.tokens_seen,
                "optimizer_steps": trainer.strategy.optimizer_steps(), "resumed_from_step": resumed_from,
                "strategy": trainer.strategy.name, "world_size": trainer.strategy.world_size}
-    final = trainer.consolidated_model()  # collective: all ranks take part, rank 0 gets the model
+    # Collective: all ranks take part, rank 0 gets the model (with LoRA, adapters not yet merged).
+    final = trainer.consolidated_model(merge_lora=False)
     with tempfile.TemporaryDirectory(prefix="pllm-final-") as tmp:
         checkpoint = None
         if rank == 0:
+            if cfg.lora is not None:
+                save_adapter(final, Path(tmp) / ADAPTER_DIR, cfg.lora, job.model.init_from)
+                final = merge_lora(final)
             summary["num_parameters"] = final.num_parameters()
             save_pretrained(final, Path(tmp) / "model", tokenizer=tokenizer)
             (Path(tmp) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -79,12 +79,17 @@ def print_summary(job: JobConfig, result: JobResult) -> None:
     if "val_elbo_nats" in m:
         print(f"Validation ELBO: {m['val_elbo_nats']:.3f} nats/token ({m['val_elbo_bits']:.3f} bits, "
               f"perplexity <= {m['val_ppl_bound']:.1f})")
-    print(f"Unigram baseline: {m['unigram_nats']:.3f} nats/token ({m['unigram_bits']:.3f} bits)")
+    if "val_sft_loss" in m:
+        print(f"Held-out SFT loss: {m['val_sft_loss']:.3f} nats per response token")
+    if "unigram_nats" in m:
+        print(f"Unigram baseline: {m['unigram_nats']:.3f} nats/token ({m['unigram_bits']:.3f} bits)")
     print(f"Model saved to {result.model_dir}")
     if result.run_id:
         print(f"MLflow run {result.run_id} at {result.tracking_uri}")
     if result.registry_uri:
         print(f"Registered model: {result.registry_uri}")
+    if result.adapter_uri:
+        print(f"LoRA adapter (on {job.model.init_from}): {result.adapter_uri}")
     if result.tracking_uri and result.tracking_uri.startswith("sqlite:///"):
         print(f"Browse it: {runnable('mlflow')} ui --backend-store-uri {result.tracking_uri}")
     print(f"\nPrompt ({job.generation.strategy} decoding, {m['generation_nfe']} forward passes):")

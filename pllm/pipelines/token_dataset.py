@@ -33,6 +33,7 @@ from pllm.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FILES_PER_BLOCK = 16  # files packed by one read task
+ROW_COLUMNS = ("input_ids", "response_mask", "segment_ids")  # what a training row may carry
 
 
 # -- Ray Data stages ------------------------------------------------------------------------------
@@ -173,7 +174,8 @@ def round_documents(files: list[str], text_field: str) -> Iterator[str]:
 
 # -- worker side ----------------------------------------------------------------------------------
 class ShardBatches:
-    """A worker's dataset shard as re-iterable epochs of {"input_ids": LongTensor (B, L)} batches.
+    """A worker's dataset shard as re-iterable epochs of {"input_ids": LongTensor (B, L)} batches
+    (and, for SFT rows, their "response_mask" and "segment_ids": `pllm.pipelines.sft_dataset`).
 
     Rows pass through a shuffle buffer driven by a generator seeded with (seed, epoch); `set_epoch`
     (called by the trainer) picks the epoch. The buffer is ours rather than Ray Data's local shuffle
@@ -188,7 +190,9 @@ class ShardBatches:
 
     def _rows(self):
         for batch in self.shard.iter_batches(batch_size=256, batch_format="numpy"):
-            yield from np.array(batch["input_ids"], copy=True)  # own the rows held in the buffer
+            columns = [k for k in ROW_COLUMNS if k in batch]
+            # Copies: the buffer owns the rows it holds.
+            yield from (dict(zip(columns, row)) for row in zip(*(np.array(batch[k], copy=True) for k in columns)))
 
     def _shuffled(self, rows):
         n = self.shuffle_buffer_rows
@@ -212,5 +216,5 @@ class ShardBatches:
         for row in self._shuffled(self._rows()):
             batch.append(row)
             if len(batch) == self.batch_size:
-                yield {"input_ids": torch.from_numpy(np.stack(batch).astype(np.int64))}
+                yield {k: torch.from_numpy(np.stack([row[k] for row in batch]).astype(np.int64)) for k in batch[0]}
                 batch = []  # a last partial batch is dropped: every rank takes the same number of steps

@@ -95,6 +95,23 @@ def build_datasets(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> Ra
     return RayDatasets(train, val, val_rows, baseline_rows)
 
 
+def build_sft_datasets(job: JobConfig, tokenizer: Tokenizer) -> RayDatasets:
+    """task "sft": data.paths' rows (or the built-in instruction set) tokenized by Ray Data into
+    rows with response masks (`pllm.pipelines.sft_dataset`)."""
+    from pllm.corpus_files import resolve_files
+    from pllm.pipelines.sft_dataset import builtin_rows, raw_rows, sft_datasets
+
+    cfg, workers = job.training, job.cluster.num_workers
+    raw = raw_rows(resolve_files(job.data.paths)) if job.data.paths else builtin_rows()
+    data = sft_datasets(raw, tokenizer, cfg.seq_len, job.data.sft_packing, job.data.validation_fraction,
+                        cfg.eval_batches * cfg.batch_size * workers)
+    if data.val.count() < cfg.batch_size * workers:
+        raise ValueError(f"the held-out SFT examples give {data.val.count()} rows, fewer than one batch per worker "
+                         f"({cfg.batch_size} x {workers}): raise data.validation_fraction or lower batch_size")
+    empty = np.zeros((0, cfg.seq_len), dtype=np.int32)
+    return RayDatasets(data.train, data.val, empty, empty)
+
+
 def train_on_ray(job: JobConfig, tokenizer: Tokenizer, data: RayDatasets, run_id: str, tracking_uri: str,
                  init_folder: Path | None = None) -> TrainedModel:
     """Ray Train's TorchTrainer over the workers; the final checkpoint's model and summary land in
@@ -102,7 +119,7 @@ def train_on_ray(job: JobConfig, tokenizer: Tokenizer, data: RayDatasets, run_id
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pllm.actors.train_loop import train_loop_per_worker
+    from pllm.actors.train_loop import ADAPTER_DIR, train_loop_per_worker
 
     cluster, out = job.cluster, Path(job.training.output_dir).resolve()
     trainer = TorchTrainer(
@@ -125,8 +142,10 @@ def train_on_ray(job: JobConfig, tokenizer: Tokenizer, data: RayDatasets, run_id
     out.mkdir(parents=True, exist_ok=True)
     model_dir = out / "model"
     with result.checkpoint.as_directory() as final:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.copytree(Path(final) / "model", model_dir)
+        for part in ("model", ADAPTER_DIR):  # the adapter folder only from a LoRA run
+            shutil.rmtree(out / part, ignore_errors=True)
+            if (Path(final) / part).exists():
+                shutil.copytree(Path(final) / part, out / part)
         metrics = json.loads((Path(final) / "summary.json").read_text())
     return TrainedModel(model_dir, metrics)
 
@@ -136,7 +155,7 @@ def logged_history(run_id: str, tracking_uri: str) -> list[dict[str, float]]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    return [{"step": m.step, key: m.value} for key in ("loss", "val_elbo_nats")
+    return [{"step": m.step, key: m.value} for key in ("loss", "val_elbo_nats", "val_sft_loss")
             for m in client.get_metric_history(run_id, key)]
 
 
@@ -145,13 +164,26 @@ def register(job: JobConfig, trained: TrainedModel, run_id: str, tracking_uri: s
     under the job's alias and close the run."""
     from mlflow.tracking import MlflowClient
 
+    from pllm.actors.train_loop import ADAPTER_DIR
     from pllm.registry import log_generator_model
 
     client = MlflowClient(tracking_uri)
     client.log_artifact(run_id, str(trained.model_dir.parent / "loss_curve.png"))
-    client.log_metric(run_id, "unigram_nats", trained.metrics["unigram_nats"])
+    if "unigram_nats" in trained.metrics:
+        client.log_metric(run_id, "unigram_nats", trained.metrics["unigram_nats"])
+    client.set_tag(run_id, "pllm.task", job.task)
+    if job.model.init_from:
+        client.set_tag(run_id, "pllm.base_model", job.model.init_from)
+    adapter = trained.model_dir.parent / ADAPTER_DIR
+    if adapter.exists():  # LoRA: the adapter alone beside the merged model, naming its base
+        client.log_artifacts(run_id, str(adapter), ADAPTER_DIR)
     registered = log_generator_model(run_id, tracking_uri, trained.model_dir, job.generation,
                                      job.tracking.registered_model, job.tracking.alias)
+    if registered["version"] and job.model.init_from:
+        client.set_model_version_tag(job.tracking.registered_model, registered["version"], "pllm.base_model",
+                                     job.model.init_from)
+    if adapter.exists():
+        registered["adapter_uri"] = f"runs:/{run_id}/{ADAPTER_DIR}"
     client.set_terminated(run_id)
     return registered
 
@@ -162,21 +194,19 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> JobResult:
     from pllm.checkpoint import load_model, load_tokenizer
     from pllm.registry import resolve_tracking_uri, start_run
 
-    if job.task == "sft" or job.training.lora is not None:
-        raise ValueError(f"task {job.task!r}{' with training.lora' if job.training.lora else ''} runs in-process "
-                         "for now: pllm train --local")
-    plan = plan_corpus(job.data)  # bad paths fail here, before Ray starts
+    plan = plan_corpus(job.data) if job.task != "sft" else None  # bad paths fail here, before Ray starts
     tracking_uri = resolve_tracking_uri(job.tracking.mlflow_uri)
     init = None
     if job.model.init_from:  # a bad checkpoint or override fails here too
         init, job = resolve_init(job, tracking_uri)
     connect_ray(job, show_progress)
     tokenizer, job = (init.tokenizer, job) if init else fit_tokenizer(plan, job, ray_documents)
-    data = build_datasets(plan, tokenizer, job)
+    data = build_sft_datasets(job, tokenizer) if job.task == "sft" else build_datasets(plan, tokenizer, job)
     run_id = start_run(job, tracking_uri, run_name=Path(job.training.output_dir).resolve().name)
     log.info("MLflow run %s at %s", run_id, tracking_uri)
     trained = train_on_ray(job, tokenizer, data, run_id, tracking_uri, init.folder if init else None)
-    trained.metrics.update(unigram_baseline(data.baseline_rows, data.val_rows, job.model.vocab_size))
+    if job.task != "sft":
+        trained.metrics.update(unigram_baseline(data.baseline_rows, data.val_rows, job.model.vocab_size))
     write_outputs(trained.model_dir.parent, job, trained.metrics, logged_history(run_id, tracking_uri))
     registered = register(job, trained, run_id, tracking_uri)
     # From the saved folder, as a user would load it; a 1B sample on CPU takes minutes, so the GPU if any.
@@ -184,7 +214,7 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> JobResult:
     text, nfe = generate_sample(model, load_tokenizer(trained.model_dir), job)
     trained.metrics["generation_nfe"] = nfe
     return JobResult(trained.model_dir, trained.metrics, text, run_id, tracking_uri, registered["registry_uri"],
-                     registered["model_uri"])
+                     registered["model_uri"], registered.get("adapter_uri"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,15 @@ from ..optim import build_optimizer, build_scheduler, lr_lambda, scheduler_state
 
 OPTIMIZER_FILE = "train_state.pt"
 SCHEDULER_FILE = "scheduler.json"
+TRAINABLE_FILE = "trainable.safetensors"  # a checkpoint's weights when some are frozen: the trainable ones
+
+
+def check_trainable_state(result, frozen: set[str], path: Path) -> None:
+    """A checkpoint of trainable weights only must give every trainable parameter and nothing else."""
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} does not fit this run's trainable parameters (missing {missing[:3]}, "
+                         f"unexpected {list(result.unexpected_keys)[:3]}): was it written with other LoRA settings?")
 
 
 def compile_options(mode: str, coordinate_descent_tuning: bool = True) -> dict:
@@ -42,9 +51,9 @@ class Strategy:
     name = "single"
     casts_itself = False  # True where the wrapper, not autocast, applies mixed precision
     # True where setup() takes a model on the meta device (each rank then allocates only its own part)
-    # and load_full_state_dict() fills it from rank 0's full weights; elsewhere every rank builds the
-    # full model with its weights before setup().
-    loads_from_rank0 = False
+    # and load_shards() fills it from a checkpoint folder, each rank reading only its part; elsewhere
+    # every rank builds the full model with its weights before setup().
+    loads_shards = False
 
     def __init__(self, cfg: TrainingConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -147,19 +156,37 @@ class Strategy:
             dist.barrier()
 
     # -- checkpoints (collective in subclasses) --------------------------------------------------
+    @property
+    def frozen(self) -> set[str]:
+        """Parameters that do not train (a LoRA run's base weights): checkpoints leave them out, and
+        a resume takes them from the starting checkpoint again."""
+        return {n for n, p in self.module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
     def save(self, path: Path) -> None:
-        """Weights (safetensors + config) and optimizer/scheduler state for resuming."""
+        """Weights (safetensors + config; only the trainable ones when some are frozen) and
+        optimizer/scheduler state for resuming."""
+        from safetensors.torch import save_file
+
         from ..checkpoint import save_pretrained
 
         if self.is_main:
-            save_pretrained(self.module, path)
+            frozen = self.frozen
+            if frozen:
+                state = {k: v.detach().contiguous() for k, v in self.module.state_dict().items() if k not in frozen}
+                save_file(state, str(path / TRAINABLE_FILE))
+            else:
+                save_pretrained(self.module, path)
             torch.save({"optimizer": self.optimizer.state_dict()}, path / OPTIMIZER_FILE)
             self._save_scheduler(path)
 
     def load(self, path: Path) -> None:
-        from safetensors.torch import load_model
+        from safetensors.torch import load_file, load_model
 
-        load_model(self.module, str(path / "model.safetensors"), device=str(self.device))
+        if (path / TRAINABLE_FILE).exists():
+            state = load_file(str(path / TRAINABLE_FILE), device=str(self.device))
+            check_trainable_state(self.module.load_state_dict(state, strict=False), self.frozen, path)
+        else:
+            load_model(self.module, str(path / "model.safetensors"), device=str(self.device))
         state = torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self._load_scheduler(path)
@@ -175,9 +202,9 @@ class Strategy:
         for group, base_lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base_lr * factor
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
-        """Starting weights: rank 0's full state dict (None on other ranks) into every rank's part of
-        the model set up from the meta device. Collective; only where `loads_from_rank0`."""
+    def load_shards(self, folder: str | Path) -> None:
+        """Starting weights from a checkpoint folder into every rank's part of the model set up from
+        the meta device; LoRA adapters get their initial values. Only where `loads_shards`."""
         raise NotImplementedError(f"the {self.name} strategy loads starting weights on every rank before setup()")
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:

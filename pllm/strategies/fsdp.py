@@ -8,6 +8,7 @@ tied LM head), with a mixed-precision policy; sharded checkpoints through torch.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -16,10 +17,9 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from ..model import DiffusionTransformer
@@ -27,6 +27,7 @@ from ..optim import build_optimizer, build_scheduler
 from .base import Strategy
 
 DCP_DIR = "dcp"
+log = logging.getLogger(__name__)
 
 
 def apply_fsdp(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
@@ -38,6 +39,10 @@ def apply_fsdp(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Mo
         # Logits leave the model in fp32 for the loss.
         root_kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
                                                          output_dtype=torch.float32)}
+    if getattr(cfg, "fsdp_cpu_offload", False):
+        # Sharded parameters, gradients and optimizer state live in host memory; each unit's
+        # parameters are copied to the device for its forward and backward only.
+        kwargs["offload_policy"] = root_kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     reshard = cfg.fsdp_sharding_strategy == "full"
     blocks = list(model.layers)
     for i, block in enumerate(blocks):
@@ -56,15 +61,16 @@ def apply_fsdp(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Mo
 class FSDP2Strategy(Strategy):
     name = "fsdp2"
     casts_itself = True  # the mixed-precision policy casts parameters
-    loads_from_rank0 = True
+    loads_shards = True
 
     def setup(self, model: torch.nn.Module) -> None:
         on_meta = any(p.is_meta for p in model.parameters())
         model = self._with_kernels(model)
         self.module = apply_fsdp(model if on_meta else model.to(self.device), self.cfg, self.device)
         if on_meta:
-            # Sharded first, then allocated: each rank holds only its shards, filled by load_full_state_dict.
-            self.module.to_empty(device=self.device)
+            # Sharded first, then allocated: each rank holds only its shards, filled by load_shards.
+            offload = getattr(self.cfg, "fsdp_cpu_offload", False)
+            self.module.to_empty(device="cpu" if offload else self.device)
             if isinstance(model, DiffusionTransformer):
                 model.set_rotary_buffers(self.device)
         self.model = self._compile(self.module)
@@ -79,25 +85,38 @@ class FSDP2Strategy(Strategy):
         self.module.set_requires_gradient_sync(self._micro % self.cfg.gradient_accumulation_steps == 0)
         super().backward(loss)
 
-    def save(self, path: Path) -> None:
+    def _state(self) -> dict:
+        """What a checkpoint holds: the trainable weights (all but a LoRA run's frozen base) and the
+        optimizer state, as sharded tensors."""
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+        frozen = self.frozen
+        return {"model": {k: v for k, v in model_sd.items() if k not in frozen}, "optimizer": optim_sd}
+
+    def save(self, path: Path) -> None:
+        dcp.save(self._state(), checkpoint_id=str(path / DCP_DIR))
         if self.is_main:
             self._save_scheduler(path)
         self.barrier()
 
     def load(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        state = self._state()
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        # Not strict: a LoRA checkpoint leaves out the frozen base, loaded from the starting checkpoint.
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+                       optim_state_dict=state["optimizer"], options=StateDictOptions(strict=not self.frozen))
         self._load_scheduler(path)
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
-        # Rank 0 sends each tensor in turn; every rank keeps its shard of it (no full copy elsewhere).
-        set_model_state_dict(self.module, state if self.is_main else {},
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    def load_shards(self, folder: str | Path) -> None:
+        # Each rank reads its own rows of every tensor from the files: no full copy anywhere.
+        from ..lora import init_adapters
+        from ..sharded_load import load_local_shards
+
+        loaded = load_local_shards(self.module, folder)
+        fresh = set(init_adapters(self.module, self.cfg.seed))
+        absent = [n for n in loaded.missing if n not in fresh]
+        if absent:
+            raise ValueError(f"{folder}: holds no tensor for {absent[:3]} ({len(absent)} parameters in all)")
+        log.info("rank %d read %.1f MB of its shards from %s", self.rank, loaded.bytes_read / 1e6, folder)
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
         full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -103,13 +103,15 @@ class DeepSpeedStrategy(Strategy):
         return int(self.engine.global_steps)
 
     def save(self, path: Path) -> None:
-        self.engine.save_checkpoint(str(path), tag=TAG)
+        # A LoRA run's frozen base is left out: a resume loads it from the starting checkpoint.
+        self.engine.save_checkpoint(str(path), tag=TAG, exclude_frozen_parameters=bool(self.frozen))
         if self.is_main:
             self._save_scheduler(path)
         self.barrier()
 
     def load(self, path: Path) -> None:
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False,
+                                                   load_module_strict=not self.frozen)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
         self._load_scheduler(path)
