@@ -85,6 +85,42 @@ def instruction_dataset(num_returns: int = 2000, num_arithmetic: int = 2000, hel
     return ([e for e in examples if not is_held_out(e, held_out)], [e for e in examples if is_held_out(e, held_out)])
 
 
+def answer_accuracy(model, tokenizer, examples: list[Example], generation=None,
+                    engine_config=None) -> dict[str, float]:
+    """How well a model answers instruction examples (the held-out ones, to judge fine-tuning):
+    each prompt rendered as SFT renders it (`pllm.sft.prompt_ids`), answered by the engine (greedy
+    by default), and compared with the reference: exact match (surrounding whitespace ignored),
+    and the answer's form ("`f` returns `...`." for "returns", a bare number for "arithmetic"),
+    overall and per kind."""
+    from .config import GenerationConfig
+    from .engine import Engine
+    from .sft import prompt_ids
+
+    answer_tokens = max(len(tokenizer.encode(e.response)) for e in examples) + 4
+    blocks = model.config.block_size if model.config.attention_mode == "block_causal" else None
+    # One token a step, greedy: the model's best answer, not a speed setting.
+    generation = generation or GenerationConfig(max_new_tokens=answer_tokens, num_refinement_steps=answer_tokens,
+                                                temperature=0.0, block_size=blocks)
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": e.prompt}]) for e in examples]
+    answers = [tokenizer.decode(ids).strip() for ids in Engine(model, engine_config).generate(prompts, generation)]
+    scores: dict[str, list[tuple[bool, bool]]] = {}
+    for e, answer in zip(examples, answers):
+        scores.setdefault(e.kind, []).append((answer == e.response.strip(), _has_form(e, answer)))
+    out = {"examples": float(len(examples))}
+    for kind, marks in [("all", [m for ms in scores.values() for m in ms]), *sorted(scores.items())]:
+        prefix = "" if kind == "all" else f"{kind}_"
+        out[f"{prefix}exact_match"] = sum(m[0] for m in marks) / len(marks)
+        out[f"{prefix}form_match"] = sum(m[1] for m in marks) / len(marks)
+    return out
+
+
+def _has_form(example: Example, answer: str) -> bool:
+    if example.kind == "arithmetic":
+        return answer.isdigit()
+    name = example.response.split("`", 2)[1]
+    return answer.startswith(f"`{name}` returns `") and answer.endswith("`.")
+
+
 def write_jsonl(examples: list[Example], path: str | Path, chat: bool = True) -> Path:
     """One example per line: {"messages": [...]} (chat) or {"prompt": ..., "response": ...}."""
     path = Path(path)

@@ -7,6 +7,7 @@ URI works instead."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -162,6 +163,24 @@ def log_imported_model(path: str | Path, family: str, config: ModelConfig, track
 
 
 # -- models for serving ---------------------------------------------------------------------------
+@contextlib.contextmanager
+def _registry_env(uri: str):
+    """MLflow resolves a models:/ URI's name and version in the process's default registry, whatever
+    registry_uri download_artifacts is given: point the default at `uri` meanwhile (a serving replica
+    has no MLFLOW_TRACKING_URI of the driver's)."""
+    before = {k: os.environ.get(k) for k in ("MLFLOW_REGISTRY_URI", "MLFLOW_TRACKING_URI")}
+    os.environ["MLFLOW_REGISTRY_URI"] = uri
+    os.environ.setdefault("MLFLOW_TRACKING_URI", uri)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def resolve_model_source(source: str, tracking_uri: str | None = None) -> tuple[Path, GenerationConfig | None]:
     """A model to serve: a saved model folder, or an MLflow model URI (`models:/NAME@ALIAS`,
     `models:/NAME/VERSION`, `runs:/ID/model`) logged by `log_generator_model`. Returns the local folder
@@ -174,7 +193,8 @@ def resolve_model_source(source: str, tracking_uri: str | None = None) -> tuple[
                                     f"model.safetensors.index.json)")
         return path, None
     uri = resolve_tracking_uri(tracking_uri)  # models:/ URIs resolve in this store's registry too
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, registry_uri=uri))
+    with _registry_env(uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri, registry_uri=uri))
     found = sorted(p.parent for name in (CONFIG_FILE, ADAPTER_CONFIG) for p in local.rglob(name)
                    if is_model_folder(p.parent))
     if not found:

@@ -46,6 +46,14 @@ def _prompt_and_response(row: dict[str, Any]) -> tuple[list[dict[str, str]], str
     return [{"role": "user", "content": row["prompt"]}], row["response"]
 
 
+def prompt_ids(tokenizer: Tokenizer, context: list[dict[str, str]]) -> list[int]:
+    """The tokens before an answer: the chat template's rendering with the assistant's turn opened,
+    or (a tokenizer without a template) the messages' contents one a line."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)
+    return tokenizer.encode("\n".join(m["content"] for m in context) + "\n")
+
+
 def encode_example(tokenizer: Tokenizer, row: dict[str, Any], seq_len: int, pad: bool = True) -> SFTRow | str:
     """One example's tokens: prompt + response + eos, padded with eos to seq_len (pad, LLaDA's
     recipe) or not (for packing); or the reason it is skipped ("empty response", "prompt too
@@ -54,10 +62,7 @@ def encode_example(tokenizer: Tokenizer, row: dict[str, Any], seq_len: int, pad:
     context, response = _prompt_and_response(row)
     if not isinstance(response, str) or not response.strip():
         return "empty response"
-    if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=True)
-    else:
-        prompt = tokenizer.encode("\n".join(m["content"] for m in context) + "\n")
+    prompt = prompt_ids(tokenizer, context)
     if len(prompt) >= seq_len:
         return "prompt too long"
     answer = tokenizer.encode(response)[:seq_len - len(prompt) - 1] + [tokenizer.eos_token_id]

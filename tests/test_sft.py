@@ -259,3 +259,37 @@ def test_lora_sft_saves_a_merged_model_and_an_adapter_on_its_base(tmp_path):
     assert changed and all("qkv_proj" in k or "o_proj" in k for k in changed)  # only the adapted projections
     from_adapter = load_model(tmp_path / "run" / "adapter").state_dict()  # base + adapter, merged on load
     assert all(torch.allclose(from_adapter[k], merged[k], atol=1e-6) for k in merged)
+
+
+def test_answer_accuracy_scores_exact_answers_and_their_form():
+    """A model that has learnt the held-out answers scores 1; one that has not scores below, per kind."""
+    from pllm.instructions import Example, _has_form, answer_accuracy
+
+    returns = Example("In the Python module `m`, what does the function `f` return?", "`f` returns `x`.", "returns")
+    assert _has_form(returns, "`f` returns `y + 1`.") and not _has_form(returns, "f returns y")
+    assert _has_form(Example("What is 1 + 2?", "3", "arithmetic"), "12") and not _has_form(
+        Example("What is 1 + 2?", "3", "arithmetic"), "3.")
+    tok = word_tokenizer(TEMPLATE)
+    examples = [Example("w5 w6", "w7", "arithmetic"), Example("w8 w9", "w10 w11", "arithmetic")]
+    model = memorizing_model(tok, examples)
+    scores = answer_accuracy(model, tok, examples)
+    assert scores["examples"] == 2 and scores["exact_match"] == 1.0 and scores["arithmetic_exact_match"] == 1.0
+    wrong = answer_accuracy(model, tok, [Example("w5 w6", "w11", "arithmetic")])
+    assert wrong["exact_match"] == 0.0
+
+
+def memorizing_model(tok: Tokenizer, examples) -> DiffusionTransformer:
+    """A tiny model fine-tuned on these examples until it knows them."""
+    from pllm import DistributedTrainer, TrainingConfig
+    from pllm.sft import sft_dataloader
+
+    rows = [encode_example(tok, {"prompt": e.prompt, "response": e.response}, 16) for e in examples] * 8
+    cfg = tiny_config(vocab_size=256, pad_token_id=240, bos_token_id=240, eos_token_id=240, mask_token_id=243,
+                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = DiffusionTransformer(cfg)
+    training = TrainingConfig(batch_size=8, seq_len=16, learning_rate=5e-3, num_train_steps=150, warmup_steps=5,
+                              log_interval=60, use_fsdp=False, use_torch_compile=False, gradient_checkpointing=False,
+                              weight_decay=0.0)
+    DistributedTrainer(model, training, cfg, sft_dataloader(rows, 8, shuffle=True), show_progress=False).train()
+    return model.eval()

@@ -48,10 +48,9 @@ def data(tmp_path_factory) -> Path:
     import pyarrow.parquet as pq
 
     folder = tmp_path_factory.mktemp("sft")
-    all_rows = rows()
-    (folder / "a.jsonl").write_text("\n".join(json.dumps(r) for r in all_rows[::2]) + "\nnot json\n")
-    chat = [r for r in all_rows[1::2] if "messages" in r]
-    pq.write_table(pa.Table.from_pylist(chat), folder / "b.parquet")
+    chat, bad = [r for r in rows() if "messages" in r], [r for r in rows() if "messages" not in r]
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(r) for r in chat[::2] + bad) + "\nnot json\n")
+    pq.write_table(pa.Table.from_pylist(chat[1::2]), folder / "b.parquet")
     return folder
 
 
