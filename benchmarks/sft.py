@@ -153,8 +153,8 @@ def child_load8b(args) -> None:
     seq_len = 64 if args.quick else args.seq_len
     training = TrainingConfig(batch_size=1, seq_len=seq_len, learning_rate=1e-4, warmup_steps=1, log_interval=1,
                               eval_interval=10**6, use_fsdp=True, use_torch_compile=False, gradient_checkpointing=True,
-                              mixed_precision="bf16", lora=LoraSettings(rank=16), fsdp_cpu_offload=args.offload,
-                              output_dir="/tmp/pllm-sft-bench-8b")
+                              mixed_precision="bf16", lora=LoraSettings(rank=16), output_dir="/tmp/pllm-sft-bench-8b",
+                              **({"fsdp_cpu_offload": True} if args.offload else {}))
     rss0 = peak_rss_gb()
     model = initial_model(cfg, folder, seed=0, on_meta=True)
     data = batches(sft_rows(args.warmup + args.steps, seq_len, cfg.vocab_size), 1, sft=True)
