@@ -264,8 +264,11 @@ class TrainingConfig(_ConfigMixin):
     # Our Triton ops in the model's forward and backward, and Inductor's tuning (GPU; A/B baselines).
     kernels: KernelOptions = dataclasses.field(default_factory=KernelOptions)
     # Low-rank adapters instead of full fine-tuning (`pllm.lora`): only they train; the model saved at
-    # the end has them merged. In-process jobs for now.
+    # the end has them merged. In-process and Ray jobs.
     lora: Optional[LoraSettings] = None
+    # FSDP2's CPUOffloadPolicy: parameters, gradients and optimizer state live in host memory and are
+    # copied to the GPU per layer (a model that does not fit, at the cost of speed). FSDP2 only.
+    fsdp_cpu_offload: bool = False
 
     # Mixed precision
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "bf16"
@@ -278,6 +281,9 @@ class TrainingConfig(_ConfigMixin):
             )
         if self.zero_offload_params and not (self.use_deepspeed and self.zero_stage == 3):
             raise ValueError("zero_offload_params needs use_deepspeed=True and zero_stage=3")
+        if self.fsdp_cpu_offload and not (self.use_fsdp and not self.use_deepspeed):
+            raise ValueError("fsdp_cpu_offload needs use_fsdp=True (with DeepSpeed, offload through "
+                             "zero_offload_optimizer / zero_offload_params instead)")
         if self.mixed_precision == "fp8":
             raise ValueError("mixed_precision: 'fp8' is not supported yet; allowed values: 'no', 'fp16', 'bf16'")
         if self.deepspeed_config and not self.use_deepspeed:
@@ -381,6 +387,32 @@ class DataConfig(_ConfigMixin):
     sft_packing: bool = False  # task "sft": pack several examples per row (else one, padded with eos)
 
 
+@dataclass(config=_STRICT)
+class AdaptSettings(_ConfigMixin):
+    """task "adapt": continue an autoregressive checkpoint (model.init_from) as a diffusion LM
+    (`pllm.adaptation`). The next-token head's one-position logits shift is kept (Dream).
+
+    attention: "bidirectional" (a masked-diffusion LM: Dream, DiffuLLaMA) or "block" (block diffusion
+    with `block_size`: SDAR, Fast-dLLM v2). mask_anneal_steps ("bidirectional" only): over the first
+    N optimizer steps the causal mask opens to bidirectional, a growing random share of future keys
+    visible each step (DiffuLLaMA's attention-mask annealing); 0 = bidirectional from the start."""
+
+    attention: Literal["bidirectional", "block"] = "bidirectional"
+    block_size: Optional[PositiveInt] = None
+    mask_anneal_steps: NonNegInt = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "AdaptSettings":
+        if self.attention == "block" and self.block_size is None:
+            raise ValueError("adapt.attention 'block' needs adapt.block_size (tokens per diffusion block)")
+        if self.attention == "bidirectional" and self.block_size is not None:
+            raise ValueError("adapt.block_size is for adapt.attention 'block'; 'bidirectional' has no blocks")
+        if self.mask_anneal_steps and self.attention != "bidirectional":
+            raise ValueError("adapt.mask_anneal_steps anneals causal attention to bidirectional: it needs "
+                             "adapt.attention 'bidirectional'")
+        return self
+
+
 def local_ray_cpus() -> int:
     """Logical CPUs for a Ray started on this machine: more than its cores, because Ray Data's tasks and
     the Train workers each hold CPUs and would otherwise starve each other on a small machine."""
@@ -423,13 +455,21 @@ class JobConfig(_ConfigMixin):
     prompt: str = "def fibonacci(n):\n"
     # "pretrain": the masked-diffusion objective on a text corpus; "sft": instruction fine-tuning of
     # model.init_from on data.paths' rows (`messages`, or `prompt` and `response`; none: the built-in
-    # instruction set), the loss on responses only (`pllm.sft`). In-process jobs (`pllm train --local`).
-    task: Literal["pretrain", "sft"] = "pretrain"
+    # instruction set), the loss on responses only (`pllm.sft`), in-process jobs (`pllm train --local`);
+    # "adapt": an autoregressive checkpoint (model.init_from: Llama, Qwen2, Qwen3) continued as a
+    # diffusion LM on the corpus, as pretrain does, with the attention `adapt` chooses.
+    task: Literal["pretrain", "sft", "adapt"] = "pretrain"
+    adapt: Optional[AdaptSettings] = None  # task "adapt" only; default AdaptSettings() there
 
     @model_validator(mode="after")
     def _check_task(self) -> "JobConfig":
-        if self.task == "sft" and not self.model.init_from:
-            raise ValueError("task 'sft' fine-tunes a checkpoint: set model.init_from")
+        if self.task in ("sft", "adapt") and not self.model.init_from:
+            raise ValueError(f"task {self.task!r} starts from a checkpoint: set model.init_from")
+        if self.adapt is not None and self.task != "adapt":
+            raise ValueError(f"adapt settings are for task 'adapt'; this job's task is {self.task!r}: remove the "
+                             "adapt section or set task: adapt")
+        if self.task == "adapt" and self.adapt is None:
+            object.__setattr__(self, "adapt", AdaptSettings())  # bypasses re-validation (it is valid)
         return self
 
     @classmethod

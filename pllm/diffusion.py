@@ -107,16 +107,21 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     mask_draw: torch.Tensor | None = None,
     block_size: int | None = None,
+    attention_override: torch.Tensor | None = None,
 ) -> DiffusionLoss:
     """One Monte-Carlo sample of the masked-diffusion NELBO for a batch (B, L) of clean tokens.
     Padding (attention_mask == 0) is never masked, never predicted and never counted.
+    attention_override: a bool (L, L) attention mask the model uses instead of its own (the
+    annealed masks of adaptation, `pllm.adaptation`); not with block_size.
 
     block_size (block-causal models): the block-diffusion NELBO of BD3-LM (Arriola et al. 2025,
     eq. 6), a sum over blocks of each block's masked-diffusion NELBO given the clean blocks before
     it. Each block draws its own t (t may be (B,) or (B, num_blocks)), and the model sees the
     clean sequence beside the noisy one (`clean_input_ids`). With block_size 1 a block is one token
     whose NELBO is exactly its cross-entropy given the prefix, so every token is masked with weight
-    1: the ordinary autoregressive loss, with no sampling noise.
+    1: the ordinary autoregressive loss, with no sampling noise. With shifted logits (Fast-dLLM v2,
+    adapted autoregressive models) a block's first token is predicted from the clean block before
+    it, as decoding does (`DiffusionTransformer._shifted_noisy_and_clean`).
     """
     B, L = input_ids.shape
     device = input_ids.device
@@ -147,10 +152,12 @@ def diffusion_loss(
     weight = weight.flatten()[index]
     is_masked, index, weight, t = (to_device(x, device) for x in (is_masked, index, weight, t))
     x_t = torch.where(is_masked, mask_token_id, input_ids)
-    clean = {"clean_input_ids": input_ids} if block_size else {}
+    extra = {"clean_input_ids": input_ids} if block_size else {}
+    if attention_override is not None:
+        extra["attention_mask_override"] = to_device(attention_override, device)
     # sum over masked positions of weight * CE, computed by the model's fused LM head + loss
     nelbo = model(x_t, t, attention_mask=None if attention_mask is None else to_device(attention_mask, device),
-                  logits_mask=index, loss_targets=input_ids.flatten()[index], loss_weights=weight, **clean)
+                  logits_mask=index, loss_targets=input_ids.flatten()[index], loss_weights=weight, **extra)
     return DiffusionLoss(nelbo / max(num_tokens, 1), nelbo.detach(), num_tokens, num_masked)
 
 

@@ -251,17 +251,25 @@ class DiffusionTransformer(nn.Module):
         return self.embed_tokens.weight.device
 
     def attention_bias(
-        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None
+        self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None = None,
+        override: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Boolean mask (B, 1, L, L), True where query i may attend to key j; None = attend to all.
 
         Block-causal: key j is visible from query i iff block(j) <= block(i), with blocks counted on
         positions (so left padding does not shift block boundaries). Packed rows (segment_ids): only
         keys of the query's own segment. Padding keys are hidden; every query still sees itself, so
-        padded rows never become empty (which would give NaNs).
+        padded rows never become empty (which would give NaNs). override: a bool (L, L) or
+        (B, 1, L, L) mask used instead of the attention mode's (segments and padding still apply).
         """
         allowed = None
-        if self.config.attention_mode == "block_causal":
+        if override is not None:
+            B, L = position_ids.shape
+            if override.dtype != torch.bool or override.shape[-2:] != (L, L) or override.dim() not in (2, 4):
+                raise ValueError(f"attention_mask_override must be a bool (L, L) or (B, 1, L, L) mask for L = {L}, "
+                                 f"got {override.dtype} {tuple(override.shape)}")
+            allowed = override.to(position_ids.device).expand(B, 1, L, L)
+        elif self.config.attention_mode == "block_causal":
             blocks = position_ids // self.config.block_size  # (B, L)
             allowed = (blocks[:, None, :] <= blocks[:, :, None])[:, None]  # (B, 1, Lq, Lk)
         if segment_ids is not None:
@@ -287,6 +295,7 @@ class DiffusionTransformer(nn.Module):
         loss_targets: torch.Tensor | None = None,
         loss_weights: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        attention_mask_override: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """input_ids (B, L) with mask tokens -> logits (B, L, V) in float32.
 
@@ -306,6 +315,10 @@ class DiffusionTransformer(nn.Module):
         cross-entropy (`pllm.kernels.linear_cross_entropy`), which never holds the (N, V) logits.
         segment_ids (B, L): several examples packed in one row, each a run of equal ids; each sees
         only itself, from position 0 (the shifted logits of its first token come from that token).
+        attention_mask_override: a bool (L, L) or (B, 1, L, L) mask, True = may attend, in place of
+        the attention mode's (padding and segments still apply): the annealed masks of adaptation
+        from an autoregressive model (`pllm.adaptation`). A boolean mask always runs PyTorch's SDPA
+        (memory-efficient or math backend), never flash-attn, cuDNN or our Triton kernels.
         """
         B, L = input_ids.shape
         starts = None
@@ -325,7 +338,9 @@ class DiffusionTransformer(nn.Module):
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         if clean_input_ids is None:
-            mask = self.attention_bias(position_ids, attention_mask, segment_ids)
+            mask = self.attention_bias(position_ids, attention_mask, segment_ids, attention_mask_override)
+        elif attention_mask_override is not None:
+            raise ValueError("attention_mask_override is not supported with clean_input_ids (block diffusion)")
         else:
             mask = self._noisy_and_clean_mask(position_ids, attention_mask)
             input_ids = torch.cat([input_ids, clean_input_ids], dim=1)
@@ -338,8 +353,13 @@ class DiffusionTransformer(nn.Module):
             # In x's dtype already: FSDP2's mixed precision casts a block's inputs in forward but not in
             # the backward recomputation, and checkpointing needs both to see the same tensors.
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        x = self.norm(self._blocks(x, cos, sin, mask)[:, :L])  # with clean_input_ids: the noisy half only
-        if self.config.logits_shift:  # position i's logits from position i-1 (the first from itself)
+        x = self._blocks(x, cos, sin, mask)
+        if not self.config.logits_shift:
+            x = self.norm(x[:, :L])  # with clean_input_ids: the noisy half only
+        elif clean_input_ids is not None:  # block-diffusion training: block starts read the clean copy
+            x = self._shifted_noisy_and_clean(self.norm(x), position_ids[:, :L])
+        else:  # position i's logits from position i-1 (the first from itself)
+            x = self.norm(x)
             shifted = torch.cat([x[:, :1], x[:, :-1]], dim=1)
             x = shifted if starts is None else torch.where(starts[..., None], x, shifted)
         if logits_mask is not None:
@@ -372,6 +392,18 @@ class DiffusionTransformer(nn.Module):
             else:
                 x, pending = block(x, cos, sin, mask, pending)
         return x if pending is None else x + pending
+
+    def _shifted_noisy_and_clean(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Shifted logits' hidden states for block-diffusion training, (B, L, D) from [noisy | clean]
+        (B, 2L, D): position i's from position i-1, of the noisy copy inside a block and of the clean
+        copy at a block's first position, whose predecessor ends the block before: decoding computes
+        it from that finished block (committed tokens) and never from a masked copy of it. With
+        one-token blocks every position then reads the clean prefix, the next-token loss exactly."""
+        L = position_ids.shape[1]
+        noisy, clean = x[:, :L], x[:, L:]
+        blocks = position_ids // self.config.block_size
+        first = (blocks[:, 1:] != blocks[:, :-1])[..., None]  # (B, L - 1, 1): position i + 1 starts a block
+        return torch.cat([noisy[:, :1], torch.where(first, clean[:, :-1], noisy[:, :-1])], dim=1)
 
     def _noisy_and_clean_mask(self, position_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Block-diffusion training mask (B, 1, 2L, 2L) over [noisy | clean]: a noisy block sees

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .adaptation import annealing_mask, annealing_seed, future_fraction
 from .config import ModelConfig, TrainingConfig
 from .diffusion import DiffusionLoss, diffusion_loss, evaluate_elbo, get_schedule, sample_t, to_device, unpack_batch
 from .optim import peak_flops
@@ -59,7 +60,11 @@ class DistributedTrainer:
         device: str | torch.device | None = None,
         show_progress: bool = True,
         on_save: Callable[["DistributedTrainer"], None] | None = None,
+        attention_anneal_steps: int = 0,
     ):
+        """attention_anneal_steps (task "adapt", `pllm.adaptation`): over the first N optimizer steps a
+        bidirectional model trains under a causal mask opening to bidirectional; 0 = off. Evaluation
+        always uses the model's own attention."""
         if train_dataloader is None:
             raise ValueError("train_dataloader is required: an iterable of token-id batches (B, L)")
         self.cfg = train_config
@@ -71,6 +76,12 @@ class DistributedTrainer:
         self.schedule = get_schedule(self.model_config.noise_schedule)
         # Block-causal models train with the block-diffusion objective (see diffusion_loss).
         self.block_size = self.model_config.block_size if self.model_config.attention_mode == "block_causal" else None
+        if attention_anneal_steps < 0:
+            raise ValueError(f"attention_anneal_steps must be >= 0, got {attention_anneal_steps}")
+        if attention_anneal_steps and self.model_config.attention_mode != "bidirectional":
+            raise ValueError("attention_anneal_steps anneals causal attention to bidirectional: the model's "
+                             f"attention_mode is {self.model_config.attention_mode!r}")
+        self.attention_anneal_steps = attention_anneal_steps
         self.step = 0
         self.tokens_seen = 0  # global, all ranks
         self.epoch, self.batches_in_epoch = 0, 0  # data position, restored on resume
@@ -132,7 +143,15 @@ class DistributedTrainer:
         t, draw = self._noise(input_ids, micro)
         with self.autocast():
             return diffusion_loss(self.model, input_ids, self.schedule, self.model_config.mask_token_id,
-                                  attention_mask, t=t, mask_draw=draw, block_size=self.block_size)
+                                  attention_mask, t=t, mask_draw=draw, block_size=self.block_size,
+                                  attention_override=self._annealing_mask(input_ids.shape[1], micro))
+
+    def _annealing_mask(self, seq_len: int, micro: int) -> torch.Tensor | None:
+        """This step's annealed attention mask while annealing lasts (the same on every rank), else None."""
+        if self.step >= self.attention_anneal_steps:
+            return None
+        fraction = future_fraction(self.step, self.attention_anneal_steps)
+        return annealing_mask(seq_len, fraction, annealing_seed(self.cfg.seed, self.step, micro))
 
     def _sft_step(self, batch: dict, micro: int) -> DiffusionLoss:
         from .sft import sft_loss
@@ -218,6 +237,8 @@ class DistributedTrainer:
                 bar.set_postfix(loss=f"{loss:.3f}")
                 last = {"loss": loss, "lr": strategy.lr, "grad_norm": float(grad_norm),
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9), "tokens_seen": self.tokens_seen}
+                if self.attention_anneal_steps:  # the share of future keys the step just taken saw
+                    last["attention_future_fraction"] = future_fraction(self.step - 1, self.attention_anneal_steps)
                 if self._peak:
                     flops = self.model_config.flops_per_token(cfg.seq_len) * last["tokens_per_s"]
                     last["mfu"] = flops / (self._peak * strategy.world_size)

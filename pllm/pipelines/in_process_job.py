@@ -3,7 +3,8 @@
 The same stages as the Ray job (`pllm.pipelines.train_job`) where they are the same (corpus plan,
 tokenizer, baseline, outputs and plot, generated sample); the data is tokenized in this process
 (cached) and served by a DataLoader, and `DistributedTrainer` trains on this machine's device. With
-model.init_from, training starts from that checkpoint's weights with its tokenizer."""
+model.init_from, training starts from that checkpoint's weights with its tokenizer; task "adapt" trains
+an autoregressive one on the corpus as pretrain does, under the attention job.adapt chooses."""
 
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool,
     model = initial_model(job.model, init_folder, cfg.seed)
     log.info("model: %.2fM parameters, %.1f MFLOP/token (train)", model.num_parameters() / 1e6,
              model.flops_per_token(cfg.seq_len) / 1e6)
-    trainer = DistributedTrainer(model, cfg, job.model, data.train, data.val, show_progress=show_progress)
+    anneal = job.adapt.mask_anneal_steps if job.task == "adapt" else 0
+    trainer = DistributedTrainer(model, cfg, job.model, data.train, data.val, show_progress=show_progress,
+                                 attention_anneal_steps=anneal)
     if not trainer.log_progress:  # a line per log_interval even beside a bar or without one, as the Ray job logs
         trainer.callbacks.append(lambda m, step: log_progress_line(m, step, cfg.num_train_steps))
     metrics = trainer.train()
@@ -109,7 +112,7 @@ def train_in_process(job: JobConfig, data: LocalData, show_progress: bool,
 
 def run_in_process_job(job: JobConfig, show_progress: bool = True) -> JobResult:
     out = Path(job.training.output_dir)
-    plan = plan_corpus(job.data) if job.task == "pretrain" else None
+    plan = None if job.task == "sft" else plan_corpus(job.data)  # pretrain and adapt train on the corpus
     init_folder = None
     if job.model.init_from:
         init, job = resolve_init(job)
@@ -118,7 +121,7 @@ def run_in_process_job(job: JobConfig, show_progress: bool = True) -> JobResult:
         tokenizer, job = fit_tokenizer(plan, job, iter_documents)
     data = build_sft_loaders(job, tokenizer) if job.task == "sft" else build_loaders(plan, tokenizer, job)
     model, metrics, history = train_in_process(job, data, show_progress, init_folder)
-    if job.task == "pretrain":
+    if job.task != "sft":
         metrics.update(unigram_baseline(data.train_tokens, data.val_tokens, job.model.vocab_size))
     model_dir = save_pretrained(model, out / "model", tokenizer)
     text, metrics["generation_nfe"] = generate_sample(model, tokenizer, job)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pllm.adaptation import adapted_model_config
 from pllm.config import JobConfig, ModelConfig
 from pllm.corpus_files import CorpusPlan, documents_until
 from pllm.data import cache_dir, nats_to_bits, unigram_entropy
@@ -116,7 +117,10 @@ def resolve_init(job: JobConfig, tracking_uri: str | None = None) -> tuple[InitC
     with the model fields the job gave explicitly (`ModelConfig.given_fields`: its YAML section and
     --set overrides) over it. Fields the checkpoint fixes (CHECKPOINT_FIELDS) may be given only with
     the checkpoint's value. MLflow URIs resolve against tracking_uri (default: tracking.mlflow_uri's).
-    Runs in the driver before Ray starts; errors are `CheckpointError`s naming model.init_from, or the field."""
+    Runs in the driver before Ray starts; errors are `CheckpointError`s naming model.init_from, or the field.
+    task "adapt": the checkpoint (autoregressive) gets the attention job.adapt chooses
+    (`pllm.adaptation.adapted_model_config`), which model.attention_mode / model.block_size may not
+    override (a job gives adapt.attention / adapt.block_size instead)."""
     from pllm.checkpoint import load_config, load_tokenizer
 
     source = job.model.init_from
@@ -129,6 +133,11 @@ def resolve_init(job: JobConfig, tracking_uri: str | None = None) -> tuple[InitC
     except (OSError, ValueError) as exc:  # our own folder: missing tokenizer.json, a bad config.json
         raise CheckpointError(f"{where}: {exc}") from None
     given = sorted(job.model.given_fields - {"init_from"})
+    if job.task == "adapt":
+        clash = [name for name in ("attention_mode", "block_size") if name in given]
+        if clash:
+            raise CheckpointError(f"model.{clash[0]} cannot be set with task 'adapt': adapt.attention and "
+                                  "adapt.block_size choose the adapted model's attention; remove the override")
     for name in given:
         if name in CHECKPOINT_FIELDS and getattr(job.model, name) != getattr(base, name):
             raise CheckpointError(f"model.{name}={getattr(job.model, name)!r} cannot be set with {where}: the "
@@ -140,6 +149,14 @@ def resolve_init(job: JobConfig, tracking_uri: str | None = None) -> tuple[InitC
     except ValueError as exc:
         raise CheckpointError(f"{where}: the checkpoint's config with the job's model fields {given} is "
                               f"invalid: {exc}") from None
+    if job.task == "adapt":
+        try:
+            model = adapted_model_config(model, job.adapt)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+        log.info("adapting %s: attention %s%s, logits shift %s, attention annealed over %d steps", source,
+                 model.attention_mode, f" (blocks of {model.block_size})" if model.attention_mode == "block_causal"
+                 else "", model.logits_shift, job.adapt.mask_anneal_steps)
     if tokenizer.vocab_size > model.vocab_size or tokenizer.special_token_ids != {
             k: getattr(model, k) for k in tokenizer.special_token_ids}:
         raise CheckpointError(f"{where}: its tokenizer ({tokenizer.vocab_size} tokens, special ids "
