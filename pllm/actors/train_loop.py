@@ -87,7 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
     # Rank 0's progress as log lines: Ray forwards worker logs to the driver line by line.
     callbacks = [mlflow_metrics, lambda m, step: log_progress_line(m, step, cfg.num_train_steps)] if rank == 0 else []
     trainer = DistributedTrainer(model, cfg, job.model, train_batches, val_batches or None, callbacks=callbacks,
-                                 device=device, show_progress=False, on_save=_report_checkpoint)
+                                 device=device, show_progress=False, on_save=_report_checkpoint,
+                                 attention_anneal_steps=job.adapt.mask_anneal_steps if job.task == "adapt" else 0)
     if sharded:
         trainer.strategy.load_shards(start_folder)
     resumed_from = 0
