@@ -33,11 +33,7 @@ PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
     """Adapters on every linear layer whose name ends with one of settings.target_modules; only
     they train. Fails naming a target that matches no layer, and the layers there are."""
-    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = [t for t in settings.target_modules if t not in linear]
-    if missing:
-        raise ValueError(f"training.lora.target_modules: {missing} match no linear layer of the model; "
-                         f"its linear layers are {sorted(linear)}")
+    _check_targets(model, settings)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none")
     model = inject_adapter_in_model(config, model)
@@ -74,6 +70,23 @@ def init_adapters(model: torch.nn.Module, seed: int) -> list[str]:
             param.copy_(full)
         names.append(name)
     return names
+
+
+def _check_targets(model: torch.nn.Module, settings: LoraSettings) -> None:
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [t for t in settings.target_modules if t not in linear]
+    if missing:
+        raise ValueError(f"training.lora.target_modules: {missing} match no linear layer of the model; "
+                         f"its linear layers are {sorted(linear)}")
+
+
+def check_lora_targets(config, settings: LoraSettings) -> None:
+    """The job's check before any worker starts: every target names a linear layer of a model of
+    `config` (a ModelConfig; built on the meta device, nothing allocated)."""
+    from .model import DiffusionTransformer
+
+    with torch.device("meta"):
+        _check_targets(DiffusionTransformer(config), settings)
 
 
 def has_lora(model: torch.nn.Module) -> bool:

@@ -112,8 +112,14 @@ def test_fsdp2_sft_job_registers_a_model_that_answers_chat_over_http(base, data,
                           json={"messages": [{"role": "user", "content": "w5 w6 w7"}], "max_tokens": 4,
                                 "temperature": 0})
         assert r.status_code == 200, r.text
-        answer = r.json()["choices"][0]["message"]["content"].split()
-        assert 0 < len(answer) <= 4 and all(w.startswith("w") for w in answer)
+        result = r.json()
+        answer = result["choices"][0]["message"]["content"].split()
+        assert len(answer) <= result["usage"]["completion_tokens"] <= 4 and all(w.startswith("w") for w in answer)
+        assert result["choices"][0]["finish_reason"] in ("stop", "length")
+        from pllm.checkpoint import load_tokenizer
+
+        templated = load_tokenizer(base).apply_chat_template([{"role": "user", "content": "w5 w6 w7"}], tokenize=True)
+        assert result["usage"]["prompt_tokens"] == len(templated)  # the checkpoint's chat template, kept
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -153,3 +159,21 @@ def test_zero2_lora_sft_job_keeps_adapters_only_and_logs_the_adapter_on_its_base
     changed = {k for k in start if not torch.equal(start[k], merged[k])}
     assert changed and all("qkv_proj" in k or "gate_up_proj" in k for k in changed)
     assert all(torch.allclose(from_adapter[k], merged[k], atol=1e-6) for k in merged)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"training": {"lora": {"target_modules": ["q_proj"]}}}, "training.lora.target_modules: ['q_proj'] match no"),
+    ({"data": {"paths": ["no/such/rows.jsonl"]}}, "no/such/rows.jsonl"),
+], ids=["lora-target", "data-path"])
+def test_bad_sft_inputs_fail_naming_them_before_ray_starts(base, data, tmp_path, change, message):
+    import ray
+
+    from pllm.config import JobConfig
+    from pllm.pipelines.train_job import run_training_job
+
+    job = sft_job(base, data, tmp_path / "run")
+    for section, fields in change.items():
+        job[section] |= fields
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace("[", r"\[").replace("]", r"\]")):
+        run_training_job(JobConfig.from_dict(job))
+    assert not ray.is_initialized()

@@ -119,6 +119,10 @@ def run_in_process_job(job: JobConfig, show_progress: bool = True) -> JobResult:
         tokenizer, init_folder = init.tokenizer, init.folder
     else:
         tokenizer, job = fit_tokenizer(plan, job, iter_documents)
+    if job.training.lora is not None:
+        from pllm.lora import check_lora_targets
+
+        check_lora_targets(job.model, job.training.lora)
     data = build_sft_loaders(job, tokenizer) if job.task == "sft" else build_loaders(plan, tokenizer, job)
     model, metrics, history = train_in_process(job, data, show_progress, init_folder)
     if job.task != "sft":

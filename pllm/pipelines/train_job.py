@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pllm.config import JobConfig, local_ray_cpus
-from pllm.corpus_files import CorpusPlan, plan_corpus
+from pllm.corpus_files import CorpusPlan, plan_corpus, resolve_files
 from pllm.pipelines.job_stages import (
     JobResult,
     fit_tokenizer,
@@ -95,14 +95,13 @@ def build_datasets(plan: CorpusPlan, tokenizer: Tokenizer, job: JobConfig) -> Ra
     return RayDatasets(train, val, val_rows, baseline_rows)
 
 
-def build_sft_datasets(job: JobConfig, tokenizer: Tokenizer) -> RayDatasets:
-    """task "sft": data.paths' rows (or the built-in instruction set) tokenized by Ray Data into
-    rows with response masks (`pllm.pipelines.sft_dataset`)."""
-    from pllm.corpus_files import resolve_files
+def build_sft_datasets(job: JobConfig, tokenizer: Tokenizer, files: list | None) -> RayDatasets:
+    """task "sft": the rows of `files` (data.paths resolved; None: the built-in instruction set)
+    tokenized by Ray Data into rows with response masks (`pllm.pipelines.sft_dataset`)."""
     from pllm.pipelines.sft_dataset import builtin_rows, raw_rows, sft_datasets
 
     cfg, workers = job.training, job.cluster.num_workers
-    raw = raw_rows(resolve_files(job.data.paths)) if job.data.paths else builtin_rows()
+    raw = raw_rows(files) if files else builtin_rows()
     data = sft_datasets(raw, tokenizer, cfg.seq_len, job.data.sft_packing, job.data.validation_fraction,
                         cfg.eval_batches * cfg.batch_size * workers)
     if data.val.count() < cfg.batch_size * workers:
@@ -192,16 +191,22 @@ def run_training_job(job: JobConfig, show_progress: bool = False) -> JobResult:
     import torch
 
     from pllm.checkpoint import load_model, load_tokenizer
+    from pllm.lora import check_lora_targets
     from pllm.registry import resolve_tracking_uri, start_run
 
-    plan = plan_corpus(job.data) if job.task != "sft" else None  # bad paths fail here, before Ray starts
+    # Bad paths, checkpoints, overrides and LoRA targets fail here, before Ray starts.
+    plan = plan_corpus(job.data) if job.task != "sft" else None
+    sft_files = resolve_files(job.data.paths) if job.task == "sft" and job.data.paths else None
     tracking_uri = resolve_tracking_uri(job.tracking.mlflow_uri)
     init = None
-    if job.model.init_from:  # a bad checkpoint or override fails here too
+    if job.model.init_from:
         init, job = resolve_init(job, tracking_uri)
+    if job.training.lora is not None:
+        check_lora_targets(job.model, job.training.lora)
     connect_ray(job, show_progress)
     tokenizer, job = (init.tokenizer, job) if init else fit_tokenizer(plan, job, ray_documents)
-    data = build_sft_datasets(job, tokenizer) if job.task == "sft" else build_datasets(plan, tokenizer, job)
+    data = (build_sft_datasets(job, tokenizer, sft_files) if job.task == "sft" else
+            build_datasets(plan, tokenizer, job))
     run_id = start_run(job, tracking_uri, run_name=Path(job.training.output_dir).resolve().name)
     log.info("MLflow run %s at %s", run_id, tracking_uri)
     trained = train_on_ray(job, tokenizer, data, run_id, tracking_uri, init.folder if init else None)
