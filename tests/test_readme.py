@@ -152,3 +152,14 @@ def test_result_files_are_exactly_the_cited_ones():
     assert present, "no tracked result files"
     uncited = sorted(p.name for p in present - matched)
     assert not uncited, f"result files no results page cites: {uncited}"
+
+
+@pytest.mark.parametrize("block", [b for b in code_blocks(README_TEXT, "yaml") if b.startswith("task:")])
+def test_job_config_blocks_validate(block):
+    """The README's job-config examples are configs the job accepts (paths are not checked here)."""
+    import yaml
+
+    from pllm.config import JobConfig
+
+    job = JobConfig.from_dict(yaml.safe_load(block))
+    assert job.task in ("sft", "adapt") and job.model.init_from
