@@ -160,14 +160,17 @@ def child_load8b(args) -> None:
     data = batches(sft_rows(args.warmup + args.steps, seq_len, cfg.vocab_size), 1, sft=True)
     trainer = DistributedTrainer(model, training.replace(num_train_steps=args.warmup), cfg, data, device=args.device,
                                  show_progress=False)
+    anon_before = AnonymousMemoryPeak()._read()
     t0 = time.perf_counter()
-    trainer.strategy.load_shards(folder)
-    sync(args.device)
+    with AnonymousMemoryPeak() as anon:
+        trainer.strategy.load_shards(folder)
+        sync(args.device)
     load_s = time.perf_counter() - t0
     base_params = sum(p.numel() for n, p in trainer.strategy.module.named_parameters() if "lora_" not in n)
     report = {"checkpoint_params_b": base_params / 1e9, "fp32_model_gb": 4 * base_params / 1e9,
               "bf16_files_gb": sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9,
               "load_s": load_s, "peak_host_rss_gb_before_load": rss0, "peak_host_rss_gb_after_load": peak_rss_gb(),
+              "anon_memory_gb_before_load": anon_before, "peak_anon_memory_gb_during_load": anon.peak_gb,
               "offload": args.offload, "seq_len": seq_len}
     if args.device == "cuda":
         report["gpu_memory_after_load_gib"] = torch.cuda.memory_allocated() / 2**30
@@ -190,7 +193,41 @@ def child_load8b(args) -> None:
 
 
 def peak_rss_gb() -> float:
+    """Peak resident memory, including the checkpoint files' pages mapped while they are read."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KB on Linux
+
+
+class AnonymousMemoryPeak:
+    """Peak anonymous resident memory (RssAnon: what the process allocated, not file pages it has
+    mapped), sampled every few milliseconds in a thread while the block runs."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak_gb, self._stop = interval, 0.0, None
+
+    def _read(self) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 2**20
+        return 0.0
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak_gb = max(self.peak_gb, self._read())
+                self._stop.wait(self.interval)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_gb = max(self.peak_gb, self._read())
 
 
 # -- before / after SFT ---------------------------------------------------------------------------
@@ -204,7 +241,8 @@ def part_quality(args) -> dict:
     common = [f"training.max_train_minutes={args.pretrain_minutes}", "training.eval_interval=500",
               "training.save_interval=null"]
     pretrain = load_job_config(config, common + [f"training.output_dir={scratch / 'pretrain'}",
-                                                 "training.use_fsdp=false", "training.num_train_steps=100000"]
+                                                 "training.use_fsdp=false", "training.num_train_steps=100000",
+                                                 "data.tokenizer_sample_mb=16"]
                                + (["training.num_train_steps=20"] if args.quick else []))
     t0 = time.perf_counter()
     base = run_in_process_job(pretrain, show_progress=False)
@@ -213,7 +251,7 @@ def part_quality(args) -> dict:
                                    "training.save_interval=null", f"training.output_dir={scratch / 'sft'}",
                                    "training.use_fsdp=false", "training.num_train_steps=100000",
                                    "training.learning_rate=2e-4", "training.warmup_steps=50",
-                                   "training.batch_size=64",
+                                   "training.batch_size=64", "training.use_torch_compile=false",
                                    f"training.seq_len={128 if not args.quick else 64}", "task=sft",
                                    f"model.init_from={base.model_dir}", "data.sft_packing=true"]
                           + (["training.num_train_steps=20"] if args.quick else []))
@@ -224,7 +262,7 @@ def part_quality(args) -> dict:
     if args.quick:
         held_out = held_out[:8]
     tokenizer = load_tokenizer(base.model_dir)
-    report = {"pretrain_minutes": args.pretrain_minutes, "sft_minutes": args.sft_minutes, "pretrain_s": pretrain_s,
+    report = {"model": "tiny" if args.quick else "125M", "pretrain_minutes": args.pretrain_minutes, "sft_minutes": args.sft_minutes, "pretrain_s": pretrain_s,
               "sft_s": sft_s, "pretrain_steps": base.metrics["step"], "sft_steps": tuned.metrics["step"],
               "val_sft_loss": tuned.metrics.get("val_sft_loss"), "held_out": len(held_out)}
     for name, folder in (("before", base.model_dir), ("after", tuned.model_dir)):
@@ -250,13 +288,15 @@ def table(report: dict) -> str:
         if "error" in r:
             lines.append(f"8B {name}: failed: {r['error'][-300:]}")
             continue
-        lines.append(f"8B-shape ({r['checkpoint_params_b']:.1f}B) FSDP2 sharded load, {name}: {r['load_s']:.1f} s, peak host "
-                     f"RSS {r['peak_host_rss_gb_after_load']:.1f} GB (float32 model {r['fp32_model_gb']:.1f} GB, bf16 files "
+        lines.append(f"8B-shape ({r['checkpoint_params_b']:.1f}B) FSDP2 sharded load, {name}: {r['load_s']:.1f} s, peak "
+                     f"allocated host memory {r['peak_anon_memory_gb_during_load']:.1f} GB (before the load "
+                     f"{r['anon_memory_gb_before_load']:.1f} GB), peak RSS with the files' mapped pages "
+                     f"{r['peak_host_rss_gb_after_load']:.1f} GB (float32 model {r['fp32_model_gb']:.1f} GB, bf16 files "
                      f"{r['bf16_files_gb']:.1f} GB); LoRA SFT {r['lora_sft_tokens_per_s']:,.0f} tokens/s at seq "
                      f"{r['seq_len']}, peak GPU {r.get('peak_gpu_memory_gib', float('nan')):.1f} GiB")
     if "quality" in report:
         q = report["quality"]
-        lines += ["", f"Held-out instruction set ({q['held_out']} questions), 125M model pretrained "
+        lines += ["", f"Held-out instruction set ({q['held_out']} questions), {q.get('model', '125M')} model pretrained "
                   f"{q['pretrain_minutes']} min then SFT {q['sft_minutes']} min:", "",
                   "| | exact match | form | arithmetic exact | returns exact |", "|---|---:|---:|---:|---:|"]
         for name in ("before", "after"):
