@@ -99,4 +99,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if tokenizer is None:
             raise FileNotFoundError(f"{path} has no {TOKENIZER_FILE}")
         return tokenizer
-    return Tokenizer.load(Path(path) / TOKENIZER_FILE)
+    file = Path(path) / TOKENIZER_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {TOKENIZER_FILE} (saved without its tokenizer)")
+    return Tokenizer.load(file)

@@ -99,6 +99,24 @@ def _cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A model (folder, LoRA adapter folder or MLflow URI) as a Hugging Face checkpoint folder."""
+    from pllm.checkpoint import load_model, load_tokenizer
+    from pllm.hf import export_checkpoint
+    from pllm.registry import resolve_model_source
+
+    folder, _ = resolve_model_source(args.model, args.mlflow_uri)
+    model = load_model(folder)  # an adapter folder loads as its base with the adapter merged
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError):  # a model saved without its tokenizer: the weights and config alone
+        tokenizer = None
+    out = export_checkpoint(model.to(model.config.dtype), args.output, tokenizer, max_shard_size=args.max_shard_size)
+    print(f"exported {args.model} ({model.num_parameters() / 1e6:.1f}M parameters, {model.config.dtype}"
+          f"{'' if tokenizer else ', no tokenizer'}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pllm", description="Train and serve masked-diffusion language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -141,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--experiment", default="pllm")
     i.add_argument("--check", action="store_true", help="only check the folder; log nothing")
     i.set_defaults(func=_cmd_import)
+
+    e = sub.add_parser("export", help="write a model as a Hugging Face checkpoint folder (Llama / Qwen2 / Qwen3 "
+                                      "layout) that transformers loads; a LoRA adapter is merged into its base")
+    e.add_argument("model", help="a saved model, LoRA adapter or Hugging Face folder, or models:/NAME@ALIAS, runs:/ID/...")
+    e.add_argument("output", help="the folder to write")
+    e.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI for models:/ and runs:/ sources")
+    e.add_argument("--max-shard-size", default="5GB")
+    e.set_defaults(func=_cmd_export)
 
     g = sub.add_parser("generate", help="generate text from a saved model")
     g.add_argument("--model", required=True, help="a saved model or Hugging Face checkpoint folder")

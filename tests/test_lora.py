@@ -113,3 +113,10 @@ def test_an_adapter_folder_loads_as_its_base_with_the_adapter_merged(tmp_path):
         assert torch.allclose(loaded(ids), base_with_adapter.eval()(ids), atol=1e-5)
         assert not torch.allclose(loaded(ids), base(ids), atol=1e-4)
     assert pllm.load_model(tmp_path / "base").config == pllm.checkpoint.load_config(adapter)
+    # `pllm export` writes the merged model in the Llama layout; importing it back gives the same weights
+    from pllm.cli import main
+    from pllm.hf import import_checkpoint
+
+    assert main(["export", str(adapter), str(tmp_path / "hf")]) == 0
+    exported, _ = import_checkpoint(tmp_path / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(exported.state_dict().values(), loaded.state_dict().values()))
