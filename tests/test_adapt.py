@@ -273,9 +273,12 @@ def test_in_process_adapt_job_saves_a_bidirectional_model(llama, corpus, tmp_pat
 
 
 @pytest.mark.slow
-def test_ray_job_adapts_a_llama_checkpoint_under_fsdp2_and_its_validation_elbo_falls(llama, corpus, tmp_path):
-    """The Ray job (FSDP2 on 2 gloo workers) adapts an autoregressive checkpoint to a bidirectional
-    diffusion LM, annealing its attention over the first 4 of 6 steps."""
+def test_ray_job_adapts_a_llama_checkpoint_under_fsdp2_and_its_validation_elbo_falls(llama, corpus, tmp_path,
+                                                                                     monkeypatch):
+    """The Ray job (FSDP2 on 2 gloo workers, each reading its rows of the checkpoint) adapts an
+    autoregressive checkpoint to a bidirectional diffusion LM, annealing its attention over the
+    first 4 of 6 steps; the registered model keeps the checkpoint's tokenizer and ids and is a
+    starting point in turn."""
     from mlflow.tracking import MlflowClient
 
     from pllm.checkpoint import load_config
@@ -283,7 +286,7 @@ def test_ray_job_adapts_a_llama_checkpoint_under_fsdp2_and_its_validation_elbo_f
     job = adapt_job(llama, tmp_path / "run", corpus, adapt={"mask_anneal_steps": 4})
     job["training"] |= {"use_fsdp": True, "num_train_steps": 6, "eval_interval": 3}
     job["cluster"] = {"num_workers": 2, "cpus_per_worker": 1.0}
-    job["tracking"] = {"registered_model": None}
+    job["tracking"] = {"registered_model": "pllm-adapt", "alias": "champion"}
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(job))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -304,3 +307,22 @@ def test_ray_job_adapts_a_llama_checkpoint_under_fsdp2_and_its_validation_elbo_f
     assert history["attention_future_fraction"] == [(2, 0.25), (4, 0.75), (6, 1.0)]
     cfg = load_config(tmp_path / "run" / "model")
     assert (cfg.attention_mode, cfg.logits_shift, cfg.init_from) == ("bidirectional", True, str(llama))
+
+    # Registered with the checkpoint's tokenizer and special ids...
+    from pllm.checkpoint import load_model, load_tokenizer
+    from pllm.hf import import_checkpoint
+    from pllm.registry import resolve_model_source
+
+    assert "Registered model: models:/pllm-adapt@champion" in proc.stdout
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _, tokenizer = import_checkpoint(llama)
+    folder, _ = resolve_model_source("models:/pllm-adapt@champion", uri)
+    model, saved = load_model(folder), load_tokenizer(folder)
+    assert saved.special_token_ids == tokenizer.special_token_ids and saved.vocab_size == tokenizer.vocab_size
+    assert model.config.mask_token_id == tokenizer.mask_token_id
+    # ...and a starting point in turn (our own format now)
+    again = JobConfig.from_dict({"model": {"init_from": "models:/pllm-adapt@champion"},
+                                 "training": {"output_dir": str(tmp_path / "again")}})
+    init, resolved = resolve_init(again, uri)
+    assert init.tokenizer.to_json() == saved.to_json()
+    assert resolved.model == model.config.replace(init_from="models:/pllm-adapt@champion")

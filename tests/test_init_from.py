@@ -1,7 +1,9 @@
 """model.init_from: a job starts from an imported Hugging Face checkpoint (or a saved / registered
 model) with its config and tokenizer; model fields given beside it override the checkpoint's, shape
-changes fail before Ray starts; the in-process job and the Ray job (FSDP2 on 2 gloo workers, the
-weights sent from rank 0 into the shards) train from it and register a model that keeps its ids."""
+changes fail before Ray starts; FSDP2 ranks read their own rows of it (with LoRA: adapters only in
+checkpoints, the base read again on resume); the in-process job trains from it. The Ray job from a
+checkpoint (FSDP2 on 2 gloo workers, registering a model that keeps its ids) is in
+tests/test_adapt.py and tests/test_sft_ray.py."""
 
 from __future__ import annotations
 
@@ -207,39 +209,3 @@ def test_in_process_job_trains_from_the_checkpoint_with_its_tokenizer(sdar, tmp_
     assert (cfg.vocab_size, cfg.mask_token_id, cfg.noise_schedule) == (256, tokenizer.mask_token_id, "linear")
     logged = json.loads((tmp_path / "run" / "job_config.json").read_text())["model"]
     assert logged["init_from"] == str(sdar) and logged["hidden_size"] == 64
-
-
-@pytest.mark.slow
-def test_ray_job_fsdp2_from_a_checkpoint_registers_a_model_with_its_ids(sdar, tmp_path, restore_mlflow_uri):
-    config = tmp_path / "job.yaml"
-    job = job_dict(sdar, tmp_path / "run")
-    job["training"] |= {"use_fsdp": True, "num_train_steps": 6}
-    job["cluster"] = {"num_workers": 2, "cpus_per_worker": 1.0}
-    job["tracking"] = {"registered_model": "pllm-init", "alias": "champion"}
-    config.write_text(yaml.safe_dump(job))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run([sys.executable, "-m", "pllm.pipelines.train_job", "--config", str(config),
-                           "--output", str(tmp_path / "run"), "--mlflow-uri", uri], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert (m["step"], m["strategy"], m["world_size"]) == (6, "fsdp2", 2)
-    assert "Registered model: models:/pllm-init@champion" in proc.stdout
-
-    from pllm.checkpoint import load_model, load_tokenizer
-    from pllm.registry import resolve_model_source
-
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against MLflow's registry, which follows it
-    _, tokenizer = import_checkpoint(sdar)
-    folder, generation = resolve_model_source("models:/pllm-init@champion", uri)
-    model, saved = load_model(folder), load_tokenizer(folder)
-    assert saved.special_token_ids == tokenizer.special_token_ids and saved.vocab_size == tokenizer.vocab_size
-    assert (model.config.mask_token_id, model.config.vocab_size) == (tokenizer.mask_token_id, 256)
-    assert model.config.init_from == str(sdar) and generation.block_size == 4
-    # ...and the registered model (our own format now) is a starting point in turn
-    again = JobConfig.from_dict(job_dict("models:/pllm-init@champion", tmp_path / "again"))
-    init, resolved = resolve_init(again, uri)
-    assert init.tokenizer.to_json() == saved.to_json()
-    assert resolved.model == model.config.replace(init_from="models:/pllm-init@champion")
