@@ -455,7 +455,7 @@ class JobConfig(_ConfigMixin):
     prompt: str = "def fibonacci(n):\n"
     # "pretrain": the masked-diffusion objective on a text corpus; "sft": instruction fine-tuning of
     # model.init_from on data.paths' rows (`messages`, or `prompt` and `response`; none: the built-in
-    # instruction set), the loss on responses only (`pllm.sft`), in-process jobs (`pllm train --local`);
+    # instruction set), the loss on responses only (`pllm.sft`), read by Ray Data in the Ray job;
     # "adapt": an autoregressive checkpoint (model.init_from: Llama, Qwen2, Qwen3) continued as a
     # diffusion LM on the corpus, as pretrain does, with the attention `adapt` chooses.
     task: Literal["pretrain", "sft", "adapt"] = "pretrain"
