@@ -25,7 +25,6 @@ from pllm.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 PACK_GROUP = 1024  # examples one task packs together (greedy, in order)
-COLUMNS = ("input_ids", "response_mask", "segment_ids")
 
 
 @lru_cache(maxsize=4)
