@@ -92,10 +92,12 @@ def measured_matmul_peak(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t0)
 
 
-def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, peak: float) -> dict:
+def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, peak: float,
+               window: int | None = None) -> dict:
     """The least time a step of `batch` sequences can take: every matmul weight read once in bf16,
-    each sequence's visible keys/values read once, the 2-block window's FLOPs at the matmul peak."""
-    window = 2 * cfg.block_size
+    each sequence's visible keys/values read once, the window's FLOPs at the matmul peak (window:
+    positions a row computes; default two blocks, the exact block cache's step)."""
+    window = window or 2 * cfg.block_size
     kv_bytes = batch * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * (context + window) * 2
     weight_bytes = cfg.num_matmul_params() * 2
     flops = batch * window * (2 * cfg.num_matmul_params()
@@ -107,10 +109,12 @@ def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, pea
 
 # -- our engine --------------------------------------------------------------------------------
 def time_engine(model, prompts, cfg: GenerationConfig, static_step: bool, device: str, pipeline: bool = True,
-                kernels: KernelOptions | None = None) -> dict:
-    """Run the prompts to completion in one engine; per-step times (prefill steps excluded)."""
+                kernels: KernelOptions | None = None, max_model_len: int | None = None) -> dict:
+    """Run the prompts to completion in one engine; per-step times (prefill steps excluded).
+    max_model_len: the engine's slots' length (default the model's context)."""
     engine = Engine(model, EngineConfig(max_num_seqs=max(len(prompts), 1), max_batched_tokens=1 << 20,
-                                        pipeline_steps=pipeline, kernels=kernels or KernelOptions()),
+                                        pipeline_steps=pipeline, kernels=kernels or KernelOptions(),
+                                        max_model_len=max_model_len),
                     static_step=static_step)
     # Warm-up: the same requests once, so the timed run meets no shape that torch.compile or a graph
     # capture has not seen (a server pays that once at start; a short warm-up left it in the first step).

@@ -159,6 +159,8 @@ def main() -> None:
     p.add_argument("--attention-block-m", type=int, help="the plain step attention kernel's queries per program")
     p.add_argument("--block-size", type=int, default=32,
                    help="the model's block size (the step's window is two blocks: its rows at batch 1)")
+    p.add_argument("--logits-shift", action="store_true",
+                   help="each position's logits from the one before (with --block-size 1: the AR one-token window)")
     p.add_argument("--window-reference", action="store_true",
                    help="steps launched ahead pick their windows with PyTorch ops, not the next_windows kernel (A/B)")
     p.add_argument("--commit-reference", action="store_true",
@@ -185,7 +187,8 @@ def main() -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
     device = args.device
     torch.manual_seed(0)
-    cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=args.block_size)
+    cfg = ModelConfig(**SHAPES[args.shape], attention_mode="block_causal", block_size=args.block_size,
+                      logits_shift=args.logits_shift)
     model = DiffusionTransformer(cfg).to(device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
     engine = Engine(model, EngineConfig(max_num_seqs=args.batch, max_batched_tokens=1 << 20, kernels=kernels),
                     static_step=True)

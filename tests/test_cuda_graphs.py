@@ -41,6 +41,25 @@ def test_fixed_shape_steps_equal_packed_steps_in_a_changing_batch(block_model):
     assert max(len(a) for a in fixed) > 30
 
 
+@pytest.mark.parametrize("shift", [True, False], ids=["one-token-window", "two-token-window"])
+def test_autoregressive_models_step_fixed_shape_as_packed(shift):
+    """One-token blocks: with logits_shift the window is the last committed token alone (its
+    keys/values final at once, its logits the next token's); without, the token before and the
+    masked one. Either way the packed path's tokens, in a changing batch."""
+    torch.manual_seed(0)
+    cfg = tiny_config(attention_mode="block_causal", block_size=1, logits_shift=shift, max_position_embeddings=128)
+    model = DiffusionTransformer(cfg).to(DEVICE, DTYPE).eval()
+    requests = mixed_requests(10)
+    config = EngineConfig(max_num_seqs=4, max_batched_tokens=400)
+    packed = run_staggered(Engine(model, config, static_step=False), requests)
+    engine = Engine(model, config, static_step=True)
+    assert run_staggered(engine, requests) == packed
+    static = engine.runner.static
+    assert static.window == (1 if shift else 2)
+    assert static.num_steps >= engine.stats["steps"] > 0
+    assert max(map(len, packed)) > 20
+
+
 def test_draft_verify_runs_packed_beside_fixed_shape_requests(block_model):
     prompts = [torch.arange(4, 4 + n) for n in (3, 9, 17, 8)]
     configs = [GenerationConfig(max_new_tokens=24, num_refinement_steps=12, temperature=0.0, strategy=s,

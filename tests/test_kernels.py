@@ -695,6 +695,21 @@ def test_next_windows_pick_each_rows_next_step_window():
     with pytest.raises(ValueError, match="do not fit"):
         next_windows(flat, table, tokens[:, :6], positions, limits, bs, mask, pad)
 
+    # One-token blocks, one-token windows (autoregressive models): the token before the current one,
+    # or the current one once it is committed.
+    seq = torch.tensor([5, 6, 7, mask, mask, 8, 9, mask], device=DEVICE)
+    # (current block start, next block's end or -1): masked -> stay; committed -> move; last block -> stay
+    rows = [(3, 5), (5, 7), (7, -1), (6, 8)]
+    flat = seq.repeat(len(rows))
+    table = torch.tensor([[8 * i for i in range(len(rows))], [8] * len(rows), [r[0] for r in rows],
+                          [r[0] + 1 for r in rows], [r[1] for r in rows]], device=DEVICE)
+    tokens = torch.full((6, 1), -7, dtype=torch.long, device=DEVICE)
+    positions, limits = torch.full_like(tokens, -7), torch.full((6,), -7, dtype=torch.long, device=DEVICE)
+    next_windows(flat, table, tokens, positions, limits, 1, mask, pad)
+    assert positions[:, 0].tolist() == [2, 5, 6, 6, -1, -1]
+    assert tokens[:, 0].tolist() == [7, 8, 9, 9, pad, pad]
+    assert limits.tolist() == [4, 7, 8, 8, 0, 0]
+
 
 def test_step_bias_is_the_block_causal_rule_over_the_cache():
     """Query (b, w) at position p reads cache entry s (key position s - offset) iff the key lies

@@ -105,14 +105,19 @@ class StaticStepRunner(CapturedSteps):
         self.model, self.block, self.capture = model, model.config.block_size, capture
         self.compile_ops = capture if compile_ops is None else compile_ops
         self.kernels = kernels
-        self.window = 2 * self.block
+        # Autoregressive models (one-token blocks, each position's logits from the one before it):
+        # the window is the last committed token alone, whose keys/values are final at once and
+        # whose logits are the next token's (the KV-cache decoding step of AR engines). Else blocks
+        # k-1 and k.
+        self.one_token = self.block == 1 and model.config.logits_shift
+        self.window = 1 if self.one_token else 2 * self.block
         self.buckets = batch_buckets(max_num_seqs)
         self.cache = new_static_cache(model, self.buckets[-1], max_positions)
         self.slot_of: dict[DecodeState, int] = {}  # a running state -> its cache slot (= its row in the step)
         device, W, bs = model.device, self.window, self.block
         B = self.buckets[-1]
         self.tokens = torch.full((B, W), model.config.pad_token_id, dtype=torch.long, device=device)
-        self.positions = torch.arange(-bs, bs, device=device).repeat(B, 1)
+        self.positions = self._padding_positions().repeat(B, 1)
         self.limits = torch.zeros(B, dtype=torch.long, device=device)
         self.lengths = key_length_buckets(W, self.cache.length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -130,6 +135,10 @@ class StaticStepRunner(CapturedSteps):
         if capture:
             self._capture_all()
 
+    def _padding_positions(self) -> torch.Tensor:
+        """A padding row's window: negative positions, so its keys/values land in scratch entries."""
+        return torch.arange(-self.block, -self.block + self.window, device=self.model.device)
+
     @staticmethod
     def eligible(state: DecodeState) -> bool:
         """Exact block cache, one segment per step (draft-and-verify runs several)."""
@@ -140,7 +149,8 @@ class StaticStepRunner(CapturedSteps):
         # float32 (no cast kernel in the graph).
         return forward_static(self.model, self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
                               slice(0, B), self.block, key_length=S, compile_ops=self.compile_ops,
-                              float_logits=not self.capture, kernels=self.kernels)
+                              float_logits=not self.capture, kernels=self.kernels,
+                              logits_end=self.window + 1 if self.one_token else None)
 
     # -- one step ------------------------------------------------------------------------------
     @staticmethod
@@ -208,12 +218,12 @@ class StaticStepRunner(CapturedSteps):
         B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)
         bs, W = self.block, self.window
-        starts = [(state.start // bs - 1) * bs for state in states]  # the window: blocks k-1 and k
+        starts = [(state.start // bs - 1) * bs for state in states]  # blocks k-1 and k (or the token before k)
         layout = (B, tuple(starts), tuple((id(s), s.end, s.tokens.numel()) for s in states))
         if layout != self._layout:  # a new batch or a new block: positions, limits and padding change
             self._layout, device = layout, self.positions.device
             self.tokens[:B].fill_(self.model.config.pad_token_id)
-            self.positions[n:B] = torch.arange(-bs, bs, device=device)
+            self.positions[n:B] = self._padding_positions()
             self.limits[:B] = 0
             first, ends = self.to_device([starts, [s.end for s in states]])
             self.positions[:n] = first[:, None] + torch.arange(W, device=device)

@@ -114,7 +114,8 @@ def forward_static(model: DiffusionTransformer, tokens: torch.Tensor, positions:
     prompt's prefill): no attention kernel that plans per shape. kernels: the step's kernel choices.
     visible_block: the block size of the visibility rule (default the model's; bidirectional models'
     dual-cache steps pass one block spanning every position). logits_end: the window index after
-    the last position whose logits are returned (default: the window's end)."""
+    the last position whose logits are returned (default: the window's end; with logits_shift it
+    may be W + 1: the position after the window, whose logits its last position gives)."""
     cfg = model.config
     S = key_length or cache.length
     x = model.embed_tokens(tokens)

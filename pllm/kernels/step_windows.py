@@ -21,17 +21,18 @@ def next_windows(flat: torch.Tensor, table: torch.Tensor, tokens: torch.Tensor, 
     """Write the next step's inputs in place. flat: the rows' tokens, concatenated (int64); table
     (5, n) int64, per row: where its tokens start in flat, their count, its current block's start
     and end, and the next block's end (-1 after the last block). tokens and positions (B, W) and
-    limits (B,) for B >= n rows, W = 2 * block_size (the blocks k-1 and k). Rows n: are padding:
-    pad tokens at positions -block_size .. block_size - 1, limit 0. use_kernel=False: the PyTorch
-    definition on GPUs too (`KernelOptions.next_windows`)."""
+    limits (B,) for B >= n rows, W = 2 * block_size (the blocks k-1 and k), or W = 1 for one-token
+    blocks (the token before the current one: autoregressive models' step). Rows n: are padding:
+    pad tokens at positions -block_size .. W - block_size - 1, limit 0. use_kernel=False: the
+    PyTorch definition on GPUs too (`KernelOptions.next_windows`)."""
     n, (B, W) = table.shape[1], tokens.shape
-    if table.shape[0] != 5 or W != 2 * block_size or positions.shape != (B, W) or limits.shape != (B,) or n > B:
+    if table.shape[0] != 5 or W not in (2 * block_size, 1 if block_size == 1 else -1) or positions.shape != (B, W) or limits.shape != (B,) or n > B:
         raise ValueError(f"next_windows: table {tuple(table.shape)}, tokens {tuple(tokens.shape)}, positions "
                          f"{tuple(positions.shape)} and limits {tuple(limits.shape)} do not fit block {block_size}")
     if use_kernel and use_triton(flat, table, tokens) and all(t.is_contiguous() for t in (table, tokens, positions)):
         _next_windows_kernel[(B,)](flat, table, tokens, positions, limits, n, flat.numel() - 1, mask_id, pad_id,
-                                   BS=block_size, W=W, BLOCK_BS=triton.next_power_of_2(block_size),
-                                   BLOCK_W=triton.next_power_of_2(W), num_warps=1)
+                                   BS=block_size, W=W, BLOCK_BS=max(2, triton.next_power_of_2(block_size)),
+                                   BLOCK_W=max(2, triton.next_power_of_2(W)), num_warps=1)
         return
     next_windows_reference(flat, table, tokens, positions, limits, block_size, mask_id, pad_id)
 
@@ -43,13 +44,13 @@ def next_windows_reference(flat, table, tokens, positions, limits, block_size: i
     block_pos = start + torch.arange(bs, device=device)  # the current block (its first may be short)
     block_tokens = flat[(offset + block_pos).clamp(max=last)]
     move = ((block_tokens != mask_id) | (block_pos >= end)).all(-1, keepdim=True) & (after_end >= 0)
-    lo = (torch.where(move, end, start) // bs - 1) * bs  # the window: blocks k-1 and k
+    lo = (torch.where(move, end, start) // bs - 1) * bs  # the window: blocks k-1 and k (W = 1: the token before k)
     window = lo + torch.arange(W, device=device)  # (n, W)
     inside = (window >= 0) & (window < size)
     tokens[:n] = torch.where(inside, flat[(offset + window).clamp(0, last)], pad_id)
     tokens[n:B] = pad_id
     positions[:n] = window
-    positions[n:B] = torch.arange(-bs, bs, device=device)
+    positions[n:B] = torch.arange(-bs, W - bs, device=device)
     limits[:n] = torch.where(move, after_end, end)[:, 0]
     limits[n:B] = 0
 
