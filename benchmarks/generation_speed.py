@@ -5,7 +5,7 @@ In one run, on one GPU:
   2. per-step latency of our engine (block diffusion, block 32, exact block cache) at batch 1 and 16,
      with fixed-shape steps replayed from CUDA graphs and, as a baseline, the eager packed path;
      each against the step's floor max(bytes / bandwidth, FLOPs / peak), where bytes are the bf16
-     weights of every matmul plus the visible KV cache and FLOPs those of the 2-block window;
+     weights of every matmul plus the visible KV cache and FLOPs those of the step's window;
   3. tokens per forward (TPF) of threshold decoding, measured on a small block-diffusion model
      trained here by our trainer (random weights are never confident, so they decode 1 token/step);
   4. end-to-end tokens/s: measured on the 1.1B model with threshold decoding (random weights: TPF 1);
@@ -92,12 +92,19 @@ def measured_matmul_peak(device: str) -> float | None:
     return 2 * n**3 * 20 / (time.perf_counter() - t0)
 
 
+def step_window(cfg: ModelConfig) -> int:
+    """Positions a row of the exact block cache's step computes: the current block (with shifted
+    logits, and the position before it); one token for autoregressive models. (Rows that
+    finalize a finished block, one per block per sequence, come on top.)"""
+    return 1 if cfg.block_size == 1 and cfg.logits_shift else cfg.block_size + int(cfg.logits_shift)
+
+
 def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, peak: float,
                window: int | None = None) -> dict:
     """The least time a step of `batch` sequences can take: every matmul weight read once in bf16,
     each sequence's visible keys/values read once, the window's FLOPs at the matmul peak (window:
-    positions a row computes; default two blocks, the exact block cache's step)."""
-    window = window or 2 * cfg.block_size
+    positions a row computes; default `step_window`)."""
+    window = window or step_window(cfg)
     kv_bytes = batch * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * (context + window) * 2
     weight_bytes = cfg.num_matmul_params() * 2
     flops = batch * window * (2 * cfg.num_matmul_params()

@@ -158,7 +158,7 @@ def main() -> None:
                    help="the plain step attention kernel's keys per iteration, stages and warps")
     p.add_argument("--attention-block-m", type=int, help="the plain step attention kernel's queries per program")
     p.add_argument("--block-size", type=int, default=32,
-                   help="the model's block size (the step's window is two blocks: its rows at batch 1)")
+                   help="the model's block size (the step's window is a block: its rows at batch 1)")
     p.add_argument("--logits-shift", action="store_true",
                    help="each position's logits from the one before (with --block-size 1: the AR one-token window)")
     p.add_argument("--window-reference", action="store_true",

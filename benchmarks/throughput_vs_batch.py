@@ -4,7 +4,8 @@ In one run, on one GPU, on the ~1.1B shape `generation_speed.py` uses (random we
 engine's fixed-shape steps with CUDA graphs and pipelining, 128-token prompts, 256 new tokens):
   - the autoregressive path: a block-size-1 model with shifted logits, one token per step (the
     one-token window: the last committed token's keys/values and the next token's logits);
-  - block diffusion (block 32, exact block cache) at 2.3, 4 and 8 tokens per step: static
+  - block diffusion (block 32, exact block cache: a step computes the current block, and each
+    block once more after its last commit) at 2.3, 4 and 8 tokens per step: static
     decoding committing a fixed count per step (random weights are never confident, so a
     confidence rule would commit one);
 each with tokens/s, the median step time and the step against its floor (max of weights + visible
@@ -117,7 +118,7 @@ def main() -> None:
         steps = math.ceil(bs / tps) * math.ceil(args.gen / bs)
         gen = GenerationConfig(max_new_tokens=args.gen, num_refinement_steps=steps, temperature=0.0,
                                strategy="static", use_adaptive_steps=False)
-        window = 1 if bs == 1 else 2 * bs
+        window = gs.step_window(cfg)
         for batch in args.batches:
             prompts = [torch.randint(4, cfg.vocab_size, (args.prompt_len,)) for _ in range(batch)]
             timing = gs.time_engine(model, prompts, gen, True, device, pipeline=device == "cuda",

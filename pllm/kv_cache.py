@@ -80,39 +80,48 @@ class Segment:
 
 class StaticKVCache:
     """Preallocated keys/values for a fixed number of sequence slots, for fixed-shape decoding steps
-    that CUDA graphs can replay (`pllm.engine.cuda_graphs`). `keys_values` is (layers, slots, 2,
-    kv_heads, offset + max_positions, head_dim): keys beside values, so a step stores both with one
-    kernel (`pllm.kernels.rotate_into_cache`); `keys` and `values` are its two halves. Position p of
-    a slot lives at index p + offset; the first `offset` indices are scratch for window positions
-    before 0, which no query ever reads."""
+    that CUDA graphs can replay (`pllm.engine.cuda_graphs`). `keys_values` is (layers, 2, kv_heads,
+    slots, offset + max_positions, head_dim): keys beside values, so a step stores both with one
+    kernel (`pllm.kernels.rotate_into_cache`), and every slot's entries of one head laid end to end,
+    so a step addresses any slot by a flat entry index (`entries`): rows of a step need not sit in
+    consecutive slots, and two rows may share one (a block finalised beside the next one's step).
+    Position p of a slot lives at index p + offset; the first `offset` indices are scratch for
+    window positions before 0, which no query ever reads."""
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_positions: int, head_dim: int,
                  offset: int, dtype: torch.dtype, device):
-        shape = (num_layers, num_slots, 2, kv_heads, offset + max_positions, head_dim)
+        shape = (num_layers, 2, kv_heads, num_slots, offset + max_positions, head_dim)
         self.keys_values = torch.zeros(shape, dtype=dtype, device=device)
-        self.keys, self.values = self.keys_values[:, :, 0], self.keys_values[:, :, 1]
-        self.offset = offset
+        self.offset, self.num_slots = offset, num_slots
 
     @property
     def length(self) -> int:
+        """Entries of one slot (scratch + positions)."""
         return self.keys_values.shape[4]
+
+    def entries(self, slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Flat entry (over slots x length) of slot index `index` (B, W) in each row's slot (B,)."""
+        return slots[:, None] * self.length + index
 
     def move(self, src: list[int], dst: list[int]) -> None:
         """Copy slots src[i] -> dst[i] (all reads before any write, so the lists may overlap)."""
-        s, d = torch.tensor(src, device=self.keys.device), torch.tensor(dst, device=self.keys.device)
-        self.keys_values[:, d] = self.keys_values[:, s]
+        s, d = torch.tensor(src, device=self.keys_values.device), torch.tensor(dst, device=self.keys_values.device)
+        self.keys_values[:, :, :, d] = self.keys_values[:, :, :, s]
 
 
 @dataclass
 class StaticStep:
-    """A fixed-shape pass over `rows` (B) slots of a StaticKVCache: each row computes a window of W
+    """A fixed-shape pass of B rows over a StaticKVCache: each row computes a window of W
     consecutive positions, writes their keys/values into its slot, and reads keys [0, limit) of
     its slot under the block-causal rule (plus itself, so padding rows never see nothing), among
     the slot's first key_length entries (shorter contexts read less)."""
 
     cache: StaticKVCache
-    rows: slice  # slots of the rows
-    index: torch.Tensor  # (B, W) cache entry of each window position (its keys and values go there)
+    slots: torch.Tensor  # (B,) the slot of each row
+    index: torch.Tensor  # (B, W) slot entry of each window position (its keys and values go there)
     mask: torch.Tensor  # (B, 1, W, key_length) additive bias (0 or -inf)
     key_length: int  # cache entries the step reads (a prefix of the slot)
     fixed_shape: bool = True  # shapes that recur (see `pllm.kernels.fused_attention`)
+
+    def __post_init__(self):
+        self.entries = self.cache.entries(self.slots, self.index)  # (B, W) flat entries

@@ -1,4 +1,4 @@
-"""The speculative-decoding, multi-GPU, norm-backward and answer-generation benchmarks run end to end
+"""The speculative-decoding, multi-GPU, norm-backward, answer-generation and throughput benchmarks run end to end
 on CPU (tiny shapes, gloo, CPU replicas, Triton's interpreter); their GPU figures are in
 benchmarks/RESULTS.md."""
 
@@ -103,3 +103,16 @@ def test_sharding_traffic_benchmark_counts_what_each_strategy_moves(tmp_path):
     # FSDP2 re-gathers every block for backward but the last one, which it keeps (apply_fsdp).
     assert rows["fsdp2"]["per_step"]["all_gather"]["bytes"] > rows["zero3"]["per_step"]["all_gather"]["bytes"]
     assert rows["zero3"]["trace_state"] == "complete" and rows["zero3"]["trace_invalidations_measured"] == 0
+
+
+def test_throughput_vs_batch_benchmark_compares_every_path_with_the_ar_one(tmp_path):
+    _run(["benchmarks/throughput_vs_batch.py", "--quick", "--tokens-per-step", "4",
+          "--out", str(tmp_path)], 300)
+    report = json.loads((tmp_path / "throughput_vs_batch_tiny_cpu.json").read_text())
+    rows = {(r["path"], r["batch"]): r for r in report["rows"]}
+    assert {(path.split(" ")[0], batch) for path, batch in rows} == {("AR", 1), ("AR", 4), ("block", 1), ("block", 4)}
+    for (path, batch), row in rows.items():
+        assert row["tokens"] == batch * report["gen_tokens"] and row["tokens_per_s"] > 0
+        assert row["window"] == (1 if path.startswith("AR") else 8)  # the one-token window; a block of 8
+        assert path.startswith("AR") or row["over_ar"] > 0
+    assert (tmp_path / "throughput_vs_batch_tiny_cpu.png").stat().st_size > 0

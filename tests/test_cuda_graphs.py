@@ -39,13 +39,16 @@ def test_fixed_shape_steps_equal_packed_steps_in_a_changing_batch(block_model):
     assert static.num_steps >= engine.stats["steps"] > 0  # every step ran fixed-shape
     assert (static.num_replays == static.num_steps) == (DEVICE == "cuda")
     assert max(len(a) for a in fixed) > 30
+    # Each finished block was recomputed once, beside its successor, never again.
+    assert 0 < static.num_finalize_rows < static.num_steps
 
 
-@pytest.mark.parametrize("shift", [True, False], ids=["one-token-window", "two-token-window"])
+@pytest.mark.parametrize("shift", [True, False], ids=["shifted", "unshifted"])
 def test_autoregressive_models_step_fixed_shape_as_packed(shift):
     """One-token blocks: with logits_shift the window is the last committed token alone (its
-    keys/values final at once, its logits the next token's); without, the token before and the
-    masked one. Either way the packed path's tokens, in a changing batch."""
+    keys/values final at once, its logits the next token's); without, the masked token, and the one
+    before it is finalized in a row of its own. Either way the packed path's tokens, in a changing
+    batch."""
     torch.manual_seed(0)
     cfg = tiny_config(attention_mode="block_causal", block_size=1, logits_shift=shift, max_position_embeddings=128)
     model = DiffusionTransformer(cfg).to(DEVICE, DTYPE).eval()
@@ -55,7 +58,8 @@ def test_autoregressive_models_step_fixed_shape_as_packed(shift):
     engine = Engine(model, config, static_step=True)
     assert run_staggered(engine, requests) == packed
     static = engine.runner.static
-    assert static.window == (1 if shift else 2)
+    assert static.window == 1
+    assert (static.num_finalize_rows == 0) == shift
     assert static.num_steps >= engine.stats["steps"] > 0
     assert max(map(len, packed)) > 20
 
@@ -166,15 +170,22 @@ def test_steps_launched_ahead_change_no_token(block_model):
     assert engine.runner.static.num_ahead_used > 0
 
     prompts = [torch.arange(4, 4 + n) for n in (5, 11, 19, 26)]  # blocks of 8 end at different steps
-    cfg = GenerationConfig(max_new_tokens=40, num_refinement_steps=40, temperature=0.0, strategy="threshold",
-                           confidence_threshold=0.05, use_adaptive_steps=False)
-    expected = Engine(block_model, config, static_step=True).generate(prompts, cfg)
-    engine = Engine(block_model, config, static_step=True)
-    engine.runner.pipeline = True
-    assert engine.generate(prompts, cfg) == expected
-    static = engine.runner.static
-    assert static.num_ahead == engine.stats["steps"] > 3 * 40 // 8  # every step launched its successor
-    assert static.num_ahead - len(prompts) <= static.num_ahead_used < static.num_ahead
+    # A rule that may end a block at any step (every row gets a finalize row, padding unless its
+    # block ended), and static decoding, whose rows get one only at a block's last step.
+    for cfg in (GenerationConfig(max_new_tokens=40, num_refinement_steps=40, temperature=0.0, strategy="threshold",
+                                 confidence_threshold=0.05, use_adaptive_steps=False),
+                GenerationConfig(max_new_tokens=40, num_refinement_steps=15, temperature=0.0, strategy="static",
+                                 use_adaptive_steps=False)):
+        expected = Engine(block_model, config, static_step=False).generate(prompts, cfg)
+        engine = Engine(block_model, config, static_step=True)
+        engine.runner.pipeline = True
+        assert engine.generate(prompts, cfg) == expected
+        static = engine.runner.static
+        assert static.num_ahead == engine.stats["steps"] > 3 * 40 // 8  # every step launched its successor
+        assert static.num_ahead - len(prompts) <= static.num_ahead_used < static.num_ahead
+        if cfg.strategy == "static":  # 40 tokens span at most 6 blocks: 5 finalize rows per answer (+ dropped steps')
+            dropped = static.num_ahead - static.num_ahead_used
+            assert 0 < static.num_finalize_rows <= 5 * len(prompts) + len(prompts) * dropped
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.999])  # thresholds that fire often, and almost never
@@ -278,7 +289,7 @@ def test_dual_cache_fixed_shape_steps_equal_packed_dual_cache(shift):
 
 def test_max_model_len_sizes_the_slots_and_bounds_requests(block_model):
     engine = Engine(block_model, EngineConfig(max_num_seqs=2, max_model_len=48), static_step=True)
-    assert engine.runner.static.cache.length == 48 + block_model.config.block_size  # scratch block + 48
+    assert engine.runner.static.cache.length == 48 + block_model.config.block_size + 1  # scratch + 48
     with pytest.raises(ValueError, match="exceeds the engine's context of 48 tokens"):
         engine.add_request(torch.arange(4, 40), GenerationConfig(max_new_tokens=16))
     prompt = torch.arange(4, 20)

@@ -244,6 +244,15 @@ def test_bias_attention_equals_the_definition(queries, key_length, bias_batch, d
     # The step's dispatch: fused_attention with fixed shapes and the bias gives the same result.
     via_dispatch = fused_attention(q, k, v, mask=bias, fixed_shape=True)
     assert (via_dispatch.float() - want).norm() / want.norm() < tolerance(dtype, 4)
+    # Rows reading the cache's slots in place by index (kv_rows): slots 2 and 1 of three, in that order.
+    slots = torch.tensor([2, 1], device=DEVICE)
+    by_rows = cache[:, 0, :, :key_length], cache[:, 1, :, :key_length]
+    want_rows = _attention_by_definition(q.float(), k[[1, 0]].float(), v[[1, 0]].float(), mask)
+    for got_rows in (bias_attention(q, *by_rows, bias, kv_rows=slots),
+                     fused_attention(q, *by_rows, mask=bias, fixed_shape=True, kv_rows=slots)):
+        assert (got_rows.float() - want_rows).norm() / want_rows.norm() < tolerance(dtype, 4)
+    with pytest.raises(ValueError, match="kv_rows"):
+        bias_attention(q, *by_rows, bias, kv_rows=slots[:1])
     with pytest.raises(ValueError, match="additive"):
         bias_attention(q, k, v, mask)
     with pytest.raises(ValueError, match="additive"):
@@ -292,6 +301,16 @@ def test_rotate_into_cache_equals_norm_rotary_and_store(dtype, qk_norm):
     assert torch.equal(full[untouched], before[untouched])  # nothing else in the cache changed
     with pytest.raises(ValueError, match="do not fit"):
         rotate_into_cache(qkv, H, KV, q_weight, k_weight, eps, cos, sin, full[1, 1:3, :, :, :32], index)
+
+    # One cache for all rows (the step's slots end to end): the same keys/values at flat entries.
+    shared = torch.zeros(1, 2, KV, 3 * 40, hd, device=DEVICE, dtype=dtype)
+    entries = index + torch.tensor([[2 * 40], [0], [40]], device=DEVICE)  # rows 0, 1, 2 -> slots 2, 0, 1
+    got = rotate_into_cache(qkv, H, KV, q_weight, k_weight, eps, cos, sin, shared, entries)
+    assert (got.float() - want_q).norm() / want_q.norm() < tolerance(dtype, 4)
+    got_k = shared[0, 0].permute(1, 0, 2)[entries]  # (B, W, KV, hd)
+    assert (got_k.float() - want_k).norm() / want_k.norm() < tolerance(dtype, 4)
+    torch.testing.assert_close(shared[0, 1].permute(1, 0, 2)[entries].float(), x[:, :, H + KV:], rtol=0, atol=0)
+    assert int((shared != 0).any(-1).sum()) == 2 * KV * B * W  # nothing else written
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -624,6 +643,11 @@ def test_bias_attention_split_over_keys_equals_the_definition(queries):
         assert got.transpose(1, 2).is_contiguous()
         plain = module._bias_attention_triton(q, k, v, bias)
         assert (plain.float() - want).norm() / want.norm() < tolerance(dtype, 4)
+    # Rows reading cache slots by index: the batch's two rows both read slot 1.
+    rows = torch.tensor([1, 1], device=DEVICE)
+    want_rows = _attention_by_definition(q.float(), k[[1, 1]].float(), v[[1, 1]].float(), mask)
+    got_rows = bias_attention(q, k, v, bias, kv_rows=rows)
+    assert (got_rows.float() - want_rows).norm() / want_rows.norm() < tolerance(dtype, 4)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the 1.1B shapes' kernels run on a GPU")
@@ -659,18 +683,22 @@ def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
     assert tile(1, 32, 64, sms=132, fill_sms=False) == 64
 
 
-def test_next_windows_pick_each_rows_next_step_window():
-    """Per row: the current block's window while it has masks, the next block's once it has none
-    (not after the last block); tokens outside the sequence are padding; rows past n are padding."""
+@pytest.mark.parametrize("shift", [0, 1])
+def test_next_windows_pick_each_rows_next_step_window(shift):
+    """Per plain row: the current block's window while it has masks, the next block's once it has
+    none (not after the last block), starting `shift` positions before the block; a finalize row:
+    its sequence's current block once that has no mask left (limit: the block's end), else
+    padding; tokens outside the sequence are padding; rows past n are padding at scratch positions."""
     from pllm.kernels.step_windows import next_windows
 
-    bs, W, B, mask, pad = 4, 8, 8, 3, 0
+    bs, B, mask, pad = 4, 12, 3, 0
+    W = bs + shift
     torch.manual_seed(0)
     # (length, current block start, end, next block's end or -1, masks left in the current block)
-    rows = [(20, 8, 12, 16, 2), (20, 8, 12, 16, 0), (20, 16, 20, -1, 0), (14, 5, 8, 12, 0), (9, 1, 4, 8, 1),
-            (6, 2, 4, -1, 0)]
+    seqs_rows = [(20, 8, 12, 16, 2), (20, 8, 12, 16, 0), (20, 16, 20, -1, 0), (14, 5, 8, 12, 0), (9, 1, 4, 8, 1),
+                 (6, 2, 4, -1, 0)]
     seqs = []
-    for size, start, end, after, masks in rows:
+    for size, start, end, after, masks in seqs_rows:
         seq = torch.randint(4, 50, (size,))
         seq[end:] = mask  # later blocks are all masked
         seq[end - masks:end] = mask
@@ -678,34 +706,44 @@ def test_next_windows_pick_each_rows_next_step_window():
     flat = torch.cat(seqs).to(DEVICE)
     sizes = [len(s) for s in seqs]
     starts = [sum(sizes[:i]) for i in range(len(seqs))]
-    table = torch.tensor([starts, sizes, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]],
-                         device=DEVICE)
+    rows = list(range(len(seqs))) + [0, 1, 3]  # plain rows, then finalize rows of sequences 0, 1 and 3
+    finalize = [0] * len(seqs) + [1, 1, 1]
+    columns = [starts, sizes] + [[r[k] for r in seqs_rows] for k in (1, 2, 3)] + [[10 + i for i in range(len(seqs))]]
+    table = torch.tensor([[c[i] for i in rows] for c in columns] + [finalize], device=DEVICE)
     tokens = torch.full((B, W), -7, dtype=torch.long, device=DEVICE)
     positions, limits = torch.full_like(tokens, -7), torch.full((B,), -7, dtype=torch.long, device=DEVICE)
-    next_windows(flat, table, tokens, positions, limits, bs, mask, pad)
-    for i, ((size, start, end, after, masks), seq) in enumerate(zip(rows, seqs)):
+    slots = torch.full_like(limits, -7)
+    next_windows(flat, table, tokens, positions, limits, slots, bs, shift, mask, pad)
+    scratch = list(range(-W, 0))
+    for r, (i, fin) in enumerate(zip(rows, finalize)):
+        (size, start, end, after, masks), seq = seqs_rows[i], seqs[i]
         move = masks == 0 and after >= 0
-        lo = ((end if move else start) // bs - 1) * bs
+        assert slots[r].item() == 10 + i, r
+        if fin and not move:
+            assert positions[r].tolist() == scratch and limits[r].item() == 0 and (tokens[r] == pad).all(), r
+            continue
+        lo = ((end if move and not fin else start) // bs) * bs - shift
         want = [int(seq[p]) if 0 <= p < size else pad for p in range(lo, lo + W)]
-        assert tokens[i].tolist() == want, i
-        assert positions[i].tolist() == list(range(lo, lo + W)), i
-        assert limits[i].item() == (after if move else end), i
-    assert (tokens[len(rows):] == pad).all() and (limits[len(rows):] == 0).all()
-    assert (positions[len(rows):] == torch.arange(-bs, bs, device=DEVICE)).all()
+        assert tokens[r].tolist() == want, r
+        assert positions[r].tolist() == list(range(lo, lo + W)), r
+        assert limits[r].item() == (after if move and not fin else end), r
+    n = len(rows)
+    assert (tokens[n:] == pad).all() and (limits[n:] == 0).all() and (slots[n:] == 0).all()
+    assert (positions[n:] == torch.tensor(scratch, device=DEVICE)).all()
     with pytest.raises(ValueError, match="do not fit"):
-        next_windows(flat, table, tokens[:, :6], positions, limits, bs, mask, pad)
+        next_windows(flat, table, tokens[:, :3], positions, limits, slots, bs, shift, mask, pad)
 
-    # One-token blocks, one-token windows (autoregressive models): the token before the current one,
-    # or the current one once it is committed.
+    # One-token blocks with shift (autoregressive models): the token before the current one, or the
+    # current one once it is committed.
     seq = torch.tensor([5, 6, 7, mask, mask, 8, 9, mask], device=DEVICE)
     # (current block start, next block's end or -1): masked -> stay; committed -> move; last block -> stay
-    rows = [(3, 5), (5, 7), (7, -1), (6, 8)]
-    flat = seq.repeat(len(rows))
-    table = torch.tensor([[8 * i for i in range(len(rows))], [8] * len(rows), [r[0] for r in rows],
-                          [r[0] + 1 for r in rows], [r[1] for r in rows]], device=DEVICE)
+    one = [(3, 5), (5, 7), (7, -1), (6, 8)]
+    flat = seq.repeat(len(one))
+    table = torch.tensor([[8 * i for i in range(len(one))], [8] * len(one), [r[0] for r in one],
+                          [r[0] + 1 for r in one], [r[1] for r in one], [0] * len(one), [0] * len(one)], device=DEVICE)
     tokens = torch.full((6, 1), -7, dtype=torch.long, device=DEVICE)
     positions, limits = torch.full_like(tokens, -7), torch.full((6,), -7, dtype=torch.long, device=DEVICE)
-    next_windows(flat, table, tokens, positions, limits, 1, mask, pad)
+    next_windows(flat, table, tokens, positions, limits, torch.zeros_like(limits), 1, 1, mask, pad)
     assert positions[:, 0].tolist() == [2, 5, 6, 6, -1, -1]
     assert tokens[:, 0].tolist() == [7, 8, 9, 9, pad, pad]
     assert limits.tolist() == [4, 7, 8, 8, 0, 0]

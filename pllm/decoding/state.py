@@ -421,6 +421,15 @@ class DecodeState:
         return self.schedule[self.step] if (self.rules.min_per_step == "schedule"
                                             and self.step < len(self.schedule)) else 1
 
+    def block_may_be_done(self) -> bool:
+        """Whether the steps taken in the current block may have committed all of it (known for
+        sure only once `finish_step` has read it): static decoding commits exactly its schedule,
+        other rules may commit every masked position in any step."""
+        r = self.rules
+        if r.min_per_step == "schedule" and r.confidence_threshold is None:
+            return sum(self.schedule[:self.step]) + max(0, self.step - len(self.schedule)) >= self.end - self.start
+        return True
+
     def finish_step(self) -> None:
         """Wait for the last commit's host copy of the block, then the bookkeeping that needs it:
         the final prefix, an EOS stop, the move to the next block. Proposals are never the mask

@@ -1,19 +1,23 @@
 """Fixed-shape denoising steps for block-causal models, replayed as CUDA graphs per batch bucket.
 
-With the exact block cache, a step of a sequence whose current block is model block k needs only
-the window of blocks k-1 and k: block k-1 is recomputed (it may have just finished, and then its
-keys/values become final) and block k is the one being decoded; everything before lives in the
-cache. That window is 2 * block_size tokens for every sequence at every step, so a whole batch is
-one fixed-shape pass over a preallocated `StaticKVCache` (a slot per running sequence), which is
-captured once per batch-size bucket (1, 2, 4, 8, ...) and key-length bucket (the cache prefix the
-batch can see) and replayed: one graph launch instead of
-hundreds of kernel launches per step, which dominate at batch 1 (the CUDA-graph decoding of
-gpt-fast / nano-vllm, applied to block diffusion). Prompts are prefilled eagerly into their slot.
-On CPU the same fixed-shape step runs eagerly (that is what the CPU tests exercise).
+With the exact block cache, a step of a sequence whose current block is model block k computes
+only that block (with shifted logits, and the position before it, whose hidden state gives the
+block's first logit): everything before lives in the sequence's slot of a preallocated
+`StaticKVCache`. A block's keys/values become final when its last mask is committed, which the
+step that committed it could not yet see; so the step after recomputes the finished block once,
+in a row of its own beside the row of the next block (a "finalize" row: same slot, written before
+any row of that layer reads it), and never again. Autoregressive models (one-token blocks, shifted
+logits) need no finalize row: their window is the last committed token alone. Every row is a
+window of the same length, so a batch is one fixed-shape pass, captured once per row bucket (1, 2,
+4, 8, 16, 32, 48, ...) and key-length bucket (the cache prefix the batch can see) and replayed:
+one graph launch instead of hundreds of kernel launches per step, which dominate at batch 1 (the
+CUDA-graph decoding of gpt-fast / nano-vllm, applied to block diffusion). Prompts are prefilled
+eagerly into their slot. On CPU the same fixed-shape step runs eagerly (what the CPU tests run).
 
 On a GPU the engine also launches each step ahead (`run_ahead`): before the host has read the
-last step's commits, with each row's window (this block or the next) chosen on the device, so the
-host's per-step bookkeeping overlaps the device's work instead of leaving it idle.
+last step's commits, with each row's window (this block or the next) and whether a finalize row
+is real chosen on the device, so the host's per-step bookkeeping overlaps the device's work
+instead of leaving it idle.
 """
 
 from __future__ import annotations
@@ -24,15 +28,24 @@ import torch
 
 from ..decoding import DecodeState
 from pllm.kernels.options import DEFAULT_KERNELS, KernelOptions
-from pllm.kernels.step_windows import next_windows
+from pllm.kernels.step_windows import TABLE_ROWS, next_windows
 from ..model import DiffusionTransformer
-from .step_forward import forward_static, new_static_cache
+from .step_forward import forward_static, new_static_cache, scratch_positions
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
     buckets = [1]
     while buckets[-1] < max_num_seqs:
         buckets.append(buckets[-1] * 2)
+    return buckets
+
+
+def row_buckets(max_rows: int) -> list[int]:
+    """Row counts steps are captured for: powers of two up to 16, then steps of 16 (a batch of 64
+    with a few finalize rows pads to 80, not 128)."""
+    buckets = [b for b in batch_buckets(min(max_rows, 16))]
+    while buckets[-1] < max_rows:
+        buckets.append(buckets[-1] + 16)
     return buckets
 
 
@@ -100,57 +113,66 @@ class StaticStepRunner(CapturedSteps):
         """capture: CUDA graphs (GPU); compile_ops: torch.compile the step's elementwise chains
         (default: with capture); kernels: the step's kernel choices (`EngineConfig.kernels`);
         max_positions: a slot's length (default: the model's context)."""
-        if model.config.attention_mode != "block_causal":
+        cfg = model.config
+        if cfg.attention_mode != "block_causal":
             raise ValueError("fixed-shape steps need a block-causal model (bidirectional models see the whole answer)")
-        self.model, self.block, self.capture = model, model.config.block_size, capture
+        self.model, self.block, self.capture = model, cfg.block_size, capture
         self.compile_ops = capture if compile_ops is None else compile_ops
         self.kernels = kernels
-        # Autoregressive models (one-token blocks, each position's logits from the one before it):
-        # the window is the last committed token alone, whose keys/values are final at once and
-        # whose logits are the next token's (the KV-cache decoding step of AR engines). Else blocks
-        # k-1 and k.
-        self.one_token = self.block == 1 and model.config.logits_shift
-        self.window = 1 if self.one_token else 2 * self.block
-        self.buckets = batch_buckets(max_num_seqs)
-        self.cache = new_static_cache(model, self.buckets[-1], max_positions)
-        self.slot_of: dict[DecodeState, int] = {}  # a running state -> its cache slot (= its row in the step)
-        device, W, bs = model.device, self.window, self.block
-        B = self.buckets[-1]
-        self.tokens = torch.full((B, W), model.config.pad_token_id, dtype=torch.long, device=device)
-        self.positions = self._padding_positions().repeat(B, 1)
-        self.limits = torch.zeros(B, dtype=torch.long, device=device)
+        self.shift = int(cfg.logits_shift)
+        # One-token blocks with shifted logits (autoregressive models): the window is the last
+        # committed token alone, final at once, whose logits are the next token's.
+        self.one_token = self.block == 1 and self.shift == 1
+        self.window = 1 if self.one_token else self.block + self.shift
+        self.max_seqs = batch_buckets(max_num_seqs)[-1]
+        self.buckets = row_buckets(self.max_seqs * (1 if self.one_token else 2))  # + finalize rows
+        positions = max_positions or cfg.max_position_embeddings
+        # Whole blocks, so that a window never reaches past its slot.
+        self.cache = new_static_cache(model, self.max_seqs, -(-positions // self.block) * self.block)
+        self.free_slots = list(range(self.max_seqs - 1, -1, -1))
+        self.slot_of: dict[DecodeState, int] = {}  # a running state -> its cache slot
+        self.final_end: dict[DecodeState, int] = {}  # its slot's keys/values are final before this position
+        device, W, R = model.device, self.window, self.buckets[-1]
+        self.tokens = torch.full((R, W), cfg.pad_token_id, dtype=torch.long, device=device)
+        self.positions = scratch_positions(W, device).repeat(R, 1)
+        self.limits = torch.zeros(R, dtype=torch.long, device=device)
+        self.slots = torch.zeros(R, dtype=torch.long, device=device)
         self.lengths = key_length_buckets(W, self.cache.length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.num_steps = self.num_replays = 0
+        self.num_steps = self.num_replays = self.num_finalize_rows = 0
         self.last_length = self.lengths[0]  # the key-length bucket of the last step
         self.num_ahead = self.num_ahead_used = 0  # steps launched ahead (see `run_ahead`), and those used
         self._layout = None  # the last step's rows (see `run`)
         self.last_logits: torch.Tensor | None = None
         self._ahead: tuple[tuple, torch.Tensor] | None = None  # (what it assumed, its logits)
         pinned = device.type == "cuda"
-        self._table = torch.zeros(5 * B, dtype=torch.long, device=device)  # see `to_device`
-        self._tables = [(torch.zeros(5 * B, dtype=torch.long, pin_memory=pinned),
+        self._table = torch.zeros(TABLE_ROWS * R, dtype=torch.long, device=device)  # see `to_device`
+        self._tables = [(torch.zeros(TABLE_ROWS * R, dtype=torch.long, pin_memory=pinned),
                          torch.cuda.Event() if pinned else _Done()) for _ in range(4)]
         self._turn = 0
         if capture:
             self._capture_all()
-
-    def _padding_positions(self) -> torch.Tensor:
-        """A padding row's window: negative positions, so its keys/values land in scratch entries."""
-        return torch.arange(-self.block, -self.block + self.window, device=self.model.device)
 
     @staticmethod
     def eligible(state: DecodeState) -> bool:
         """Exact block cache, one segment per step (draft-and-verify runs several)."""
         return state.block_causal and state.cache_mode == "block" and not state.rules.draft_length
 
-    def _step(self, B: int, S: int) -> torch.Tensor:
+    def _step(self, R: int, S: int) -> torch.Tensor:
         # Captured steps keep the logits in the weights' dtype: the commit kernels read them into
         # float32 (no cast kernel in the graph).
-        return forward_static(self.model, self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
-                              slice(0, B), self.block, key_length=S, compile_ops=self.compile_ops,
+        return forward_static(self.model, self.tokens[:R], self.positions[:R], self.limits[:R], self.cache,
+                              self.slots[:R], self.block, key_length=S, compile_ops=self.compile_ops,
                               float_logits=not self.capture, kernels=self.kernels,
                               logits_end=self.window + 1 if self.one_token else None)
+
+    def _block_of(self, position: int) -> int:
+        """The first position of the model block holding `position`."""
+        return position // self.block * self.block
+
+    def _need(self, ends: list[int]) -> int:
+        """The furthest cache entry a step reads or writes, for rows whose limits are `ends`."""
+        return -(-max(ends) // self.block) * self.block + self.cache.offset
 
     # -- one step ------------------------------------------------------------------------------
     @staticmethod
@@ -164,37 +186,44 @@ class StaticStepRunner(CapturedSteps):
         step while the host does this one's bookkeeping. Whether a commit finished its block is
         known only on the device, so the device picks each row's window: the next block's if the
         current one has no mask left, else the current one's (what the host's bookkeeping will
-        decide from the same tokens). The next `run` uses the result if its states are the same, in
+        decide from the same tokens); and each state whose block may have ended gets a finalize
+        row, padding unless it did. The next `run` uses the result if its states are the same, in
         the same order, at the same number of commits; otherwise (an answer ended, the batch
-        changed) it is dropped. A dropped step wrote only keys/values that the replacing step writes
-        again: its windows recomputed from the same tokens."""
-        n, bs, W = len(states), self.block, self.window
-        B = next(b for b in self.buckets if b >= n)
+        changed) it is dropped. A dropped step wrote only keys/values that the replacing step
+        writes again: its windows recomputed from the same tokens."""
+        n = len(states)
         self._assign_slots(states)
         pad, mask_id = self.model.config.pad_token_id, self.model.config.mask_token_id
+        finalize = [] if self.one_token else [i for i, s in enumerate(states) if s.block_may_be_done()]
+        rows = list(range(n)) + finalize
+        R = next(b for b in self.buckets if b >= len(rows))
         # A fixed number of device operations whatever the batch size: per row (one host-to-device
-        # copy) where its tokens start in one tensor of every row's tokens, their count, the current
-        # block and the next block's end (-1 after the last block); then one kernel writes the windows.
+        # copy) where its sequence's tokens start in one tensor of every sequence's tokens, their
+        # count, the current block, the next block's end (-1 after the last block), its slot and
+        # whether it finalizes; then one kernel writes every row's window.
         sizes = [s.tokens.numel() for s in states]
+        starts = list(itertools.accumulate([0] + sizes[:-1]))
         after = [s.blocks[s.block + 1][1] if s.block + 1 < len(s.blocks) else -1 for s in states]
-        table = self.to_device([list(itertools.accumulate([0] + sizes[:-1])), sizes,
-                                [s.start for s in states], [s.end for s in states], after])
+        columns = [starts, sizes, [s.start for s in states], [s.end for s in states], after,
+                   [self.slot_of[s] for s in states]]
+        table = self.to_device([[column[i] for i in rows] for column in columns] + [[0] * n + [1] * len(finalize)])
         flat = states[0].tokens if n == 1 else torch.cat([s.tokens for s in states])
-        next_windows(flat, table, self.tokens[:B], self.positions[:B], self.limits[:B], bs, mask_id, pad,
-                     use_kernel=self.kernels.next_windows)
-        self._layout = None  # the next plain `run` rewrites positions, limits and padding
-        furthest = max(((s.end if a >= 0 else s.start) // bs - 1) * bs for s, a in zip(states, after))
-        need = furthest + W + self.cache.offset
-        self._ahead = (self._inputs(states), self._replay(B, need))
+        next_windows(flat, table, self.tokens[:R], self.positions[:R], self.limits[:R], self.slots[:R], self.block,
+                     self.shift, mask_id, pad, use_kernel=self.kernels.next_windows)
+        self._layout = None  # the next plain `run` rewrites every row
+        self.num_finalize_rows += len(finalize)
+        self._ahead = (self._inputs(states), self._replay(R, self._need([a if a >= 0 else s.end
+                                                                          for s, a in zip(states, after)])))
         self.num_ahead += 1
 
     def to_device(self, rows: list[list[int]]) -> torch.Tensor:
-        """A small table of ints (at most 5 rows of at most max_num_seqs) on the device, without a
-        stream sync: a copy from pageable memory would wait for the step in flight, undoing the
-        pipelining; from pinned memory it is queued. The copy is of one contiguous run (a strided
-        one would be staged through pageable memory). Pinned buffers take turns, and a buffer is
-        refilled only after its last copy is done (at up to three calls per step, the one before
-        last step's: finished). The result is valid for the work queued before the next call."""
+        """A small table of ints (at most 7 rows of at most the largest row bucket) on the device,
+        without a stream sync: a copy from pageable memory would wait for the step in flight,
+        undoing the pipelining; from pinned memory it is queued. The copy is of one contiguous
+        run (a strided one would be staged through pageable memory). Pinned buffers take turns,
+        and a buffer is refilled only after its last copy is done (at up to three calls per step,
+        the one before last step's: finished). The result is valid for the work queued before the
+        next call."""
         host, done = self._tables[self._turn]
         self._turn = (self._turn + 1) % len(self._tables)
         done.synchronize()
@@ -213,50 +242,65 @@ class StaticStepRunner(CapturedSteps):
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == self._inputs(states):
             self.num_ahead_used += 1
+            for state in states:  # the device finalized every block that ended
+                self.final_end[state] = self._block_of(state.start)
             return self._current_blocks(ahead[1], states)
         n = len(states)
-        B = next(b for b in self.buckets if b >= n)
         self._assign_slots(states)
         bs, W = self.block, self.window
-        starts = [(state.start // bs - 1) * bs for state in states]  # blocks k-1 and k (or the token before k)
-        layout = (B, tuple(starts), tuple((id(s), s.end, s.tokens.numel()) for s in states))
-        if layout != self._layout:  # a new batch or a new block: positions, limits and padding change
+        blocks = [self._block_of(s.start) for s in states]
+        # (state, window start, limit) of every row: each state's current block, then the blocks
+        # that ended with masks in their last step's keys/values.
+        rows = [(s, kb - self.shift, s.end) for s, kb in zip(states, blocks)]
+        if not self.one_token:
+            rows += [(s, kb - bs - self.shift, kb) for s, kb in zip(states, blocks) if self.final_end[s] < kb]
+        R = next(b for b in self.buckets if b >= len(rows))
+        layout = (R, tuple((id(s), lo, limit) for s, lo, limit in rows), tuple(s.tokens.numel() for s in states))
+        if layout != self._layout:  # a new batch or a new block: positions, limits, slots and padding change
             self._layout, device = layout, self.positions.device
-            self.tokens[:B].fill_(self.model.config.pad_token_id)
-            self.positions[n:B] = self._padding_positions()
-            self.limits[:B] = 0
-            first, ends = self.to_device([starts, [s.end for s in states]])
-            self.positions[:n] = first[:, None] + torch.arange(W, device=device)
-            self.limits[:n] = ends
+            self.tokens[:R].fill_(self.model.config.pad_token_id)
+            self.positions[len(rows):R] = scratch_positions(W, device)
+            self.limits[:R] = 0
+            self.slots[:R] = 0
+            first, ends, slots = self.to_device([[r[1] for r in rows], [r[2] for r in rows],
+                                                 [self.slot_of[r[0]] for r in rows]])
+            self.positions[:len(rows)] = first[:, None] + torch.arange(W, device=device)
+            self.limits[:len(rows)] = ends
+            self.slots[:len(rows)] = slots
         # Otherwise only the tokens: one multi-tensor copy for all rows.
-        spans = [(max(lo, 0), min(lo + W, state.tokens.numel())) for state, lo in zip(states, starts)]
-        torch._foreach_copy_([self.tokens[i, a - lo:b - lo] for i, ((a, b), lo) in enumerate(zip(spans, starts))],
-                             [state.tokens[a:b] for state, (a, b) in zip(states, spans)])
-        out = self._replay(B, max(starts) + W + self.cache.offset)
+        spans = [(max(lo, 0), min(lo + W, s.tokens.numel())) for s, lo, _ in rows]
+        torch._foreach_copy_([self.tokens[i, a - lo:b - lo] for i, ((a, b), (_, lo, _)) in enumerate(zip(spans, rows))],
+                             [s.tokens[a:b] for (s, _, _), (a, b) in zip(rows, spans)])
+        self.num_finalize_rows += len(rows) - n
+        out = self._replay(R, self._need([r[2] for r in rows]))
+        for state, kb in zip(states, blocks):
+            self.final_end[state] = kb
         return self._current_blocks(out, states)
 
     def _current_blocks(self, out: torch.Tensor, states: list[DecodeState]) -> list[list[torch.Tensor]]:
-        """Each row's current block: in the window's last block, from offset start % block_size
+        """Each row's current block: in the window's model block, from offset start % block_size
         (the answer's first block may start inside a model block)."""
         bs = self.block
         self.last_logits = out  # row i: states[i]'s model block (see `pllm.engine.batched_commit`)
         return [[out[i, s.start % bs:s.start % bs + s.end - s.start]] for i, s in enumerate(states)]
 
     def _assign_slots(self, states: list[DecodeState]) -> None:
-        """Row i of the step uses slot i: move continuing states' slots, prefill new ones."""
-        old = self.slot_of
-        moves = [(old[s], i) for i, s in enumerate(states) if s in old and old[s] != i]
-        if moves:
-            self.cache.move([m[0] for m in moves], [m[1] for m in moves])
-        self.slot_of = {s: i for i, s in enumerate(states)}
-        for i, state in enumerate(states):
-            if state not in old:
-                self._prefill(state, i)
+        """Free the slots of states that left; give new ones a slot and prefill it."""
+        running = set(states)
+        for state in [s for s in self.slot_of if s not in running]:
+            self.free_slots.append(self.slot_of.pop(state))
+            self.final_end.pop(state, None)
+        for state in states:
+            if state not in self.slot_of:
+                self.slot_of[state] = self.free_slots.pop()
+                self._prefill(state, self.slot_of[state])
 
     def _prefill(self, state: DecodeState, slot: int) -> None:
-        """Keys/values of every position before the first window (whole prompt blocks). Prompt
-        lengths vary, so no per-shape attention plans (cuDNN's cost far more than they save here)."""
-        end = (state.start // self.block - 1) * self.block
+        """Keys/values of every whole block before the first window. Prompt lengths vary, so no
+        per-shape attention plans (cuDNN's cost far more than they save here)."""
+        first = self._block_of(state.start)
+        self.final_end[state] = first
+        end = first - self.shift if self.one_token else first  # the one-token window holds the last one
         if end <= 0:
             return
         positions = torch.arange(end, device=self.tokens.device)[None]

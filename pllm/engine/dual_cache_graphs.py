@@ -37,6 +37,7 @@ class DualCacheStepRunner(CapturedSteps):
         self.shift = int(cfg.logits_shift)
         self.window = self.block + self.shift
         self.buckets = batch_buckets(max_num_seqs)
+        self.max_seqs = self.buckets[-1]
         self.cache = new_static_cache(model, self.buckets[-1], max_positions)
         self.visible = self.cache.length + self.cache.offset  # one block holding every position
         B, W, device = self.buckets[-1], self.window, model.device

@@ -25,7 +25,7 @@ def check_cache_fits(model: DiffusionTransformer, slots: int, positions: int) ->
     if model.device.type != "cuda":
         return
     cfg = model.config
-    need = (cfg.num_hidden_layers * slots * 2 * cfg.kv_heads * (positions + cfg.block_size) * cfg.attention_head_size
+    need = (cfg.num_hidden_layers * slots * 2 * cfg.kv_heads * (positions + 2 * cfg.block_size + 1) * cfg.attention_head_size
             * model.embed_tokens.weight.element_size())
     free = torch.cuda.mem_get_info(model.device)[0]
     if need > 0.8 * free:
@@ -76,7 +76,7 @@ class ModelRunner:
     def max_batch(self) -> int | None:
         """The most sequences one fixed-shape step takes (its largest batch bucket); None without one."""
         runner = self.static or self.dual
-        return runner.buckets[-1] if runner is not None else None
+        return runner.max_seqs if runner is not None else None
 
     def new_state(self, prompt: torch.Tensor, rules, suffix: torch.Tensor | None = None) -> DecodeState:
         """A sequence's decoding state on this runner's device, with its kernel choices."""

@@ -46,27 +46,34 @@ def compiled_elementwise(fn):
 
 
 def new_static_cache(model: DiffusionTransformer, num_slots: int, max_positions: int | None = None) -> StaticKVCache:
-    """Slots of `max_positions` (default: the model's context) for `forward_static`; one block of
-    scratch before position 0."""
+    """Slots of `max_positions` (default: the model's context) for `forward_static`; a block and
+    one entry of scratch before position 0 (a padding row's window: `scratch_positions`)."""
     cfg = model.config
     return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, max_positions or cfg.max_position_embeddings,
-                         cfg.attention_head_size,
-                         cfg.block_size, model.embed_tokens.weight.dtype, model.device)
+                         cfg.attention_head_size, cfg.block_size + 1, model.embed_tokens.weight.dtype, model.device)
+
+
+def scratch_positions(window: int, device=None) -> torch.Tensor:
+    """A padding row's window: positions -window .. -1, whose keys/values land in scratch entries
+    (windows are at most a block and one position)."""
+    return torch.arange(-window, 0, device=device)
 
 
 def step_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: StaticStep,
                    kernels: KernelOptions) -> torch.Tensor:
     """The step's attention up to o_proj, (B, L, heads * head_dim): QK-norm and rotary, the window's
     keys and values into each row's slot (one kernel on the GPU: `rotate_into_cache`); then
-    attention over the slot's first key_length entries under the step's bias."""
+    attention over the row's slot's first key_length entries under the step's bias."""
     B, L, _ = x.shape
-    cache = step.cache.keys_values[attn.layer_idx, step.rows, :, :, :step.key_length]  # (B, 2, KV, S, hd)
+    layer = step.cache.keys_values[attn.layer_idx]  # (2, KV, slots, slot length, hd)
     q_weight, k_weight = (getattr(n, "weight", None) for n in (attn.q_norm, attn.k_norm))
     eps = attn.q_norm.eps if q_weight is not None else 0.0
-    q = rotate_into_cache(attn.qkv_proj(x), attn.n_heads, attn.n_kv, q_weight, k_weight, eps, cos, sin, cache,
-                          step.index)
-    y = fused_attention(q, cache[:, 0], cache[:, 1], mask=step.mask, use_flash=attn.use_flash,
-                        fixed_shape=step.fixed_shape, kernels=kernels)  # (B, H, L, hd) view of (B, L, H, hd)
+    q = rotate_into_cache(attn.qkv_proj(x), attn.n_heads, attn.n_kv, q_weight, k_weight, eps, cos, sin,
+                          layer.flatten(2, 3)[None], step.entries)
+    keys_values = layer[:, :, :, :step.key_length].transpose(1, 2)  # (2, slots, KV, S, hd), read in place
+    y = fused_attention(q, keys_values[0], keys_values[1], mask=step.mask, use_flash=attn.use_flash,
+                        fixed_shape=step.fixed_shape, kernels=kernels,
+                        kv_rows=step.slots)  # (B, H, L, hd) view of (B, L, H, hd)
     return y.transpose(1, 2).reshape(B, L, -1)
 
 
@@ -99,12 +106,13 @@ def eager_block_step(block: Block, x: torch.Tensor, pending: torch.Tensor | None
 
 @torch.no_grad()
 def forward_static(model: DiffusionTransformer, tokens: torch.Tensor, positions: torch.Tensor, limits: torch.Tensor,
-                   cache: StaticKVCache, rows: slice, num_logits: int, key_length: int | None = None,
+                   cache: StaticKVCache, slots: torch.Tensor | slice, num_logits: int, key_length: int | None = None,
                    compile_ops: bool = False, fixed_shape: bool = True, float_logits: bool = True,
                    kernels: KernelOptions = DEFAULT_KERNELS, visible_block: int | None = None,
                    logits_end: int | None = None) -> torch.Tensor:
-    """A fixed-shape block-causal pass over cache slots `rows`: tokens and positions (B, W) (a window
-    of consecutive positions per row; positions below 0 are padding), limits (B,) the first position
+    """A fixed-shape block-causal pass over cache slots: tokens and positions (B, W) (a window
+    of consecutive positions per row; positions below 0 are padding), slots (B,) each row's cache
+    slot (rows may share one) or a slice of consecutive slots, limits (B,) the first position
     no query may see. Keys/values of the window are written into the slots, and each query reads
     its slot's keys at positions < limit in blocks up to its own, among the first `key_length`
     cache entries (default: all; must cover every window). Returns the logits of the last
@@ -122,7 +130,9 @@ def forward_static(model: DiffusionTransformer, tokens: torch.Tensor, positions:
     # An additive bias built once for all layers (a bool mask is converted in every call).
     bias = step_bias(positions, limits, S, cache.offset, visible_block or cfg.block_size, x.dtype,
                      use_kernel=kernels.step_bias)
-    step = StaticStep(cache, rows, positions + cache.offset, bias, S, fixed_shape)
+    if isinstance(slots, slice):
+        slots = torch.arange(slots.start or 0, slots.stop, device=tokens.device)
+    step = StaticStep(cache, slots, positions + cache.offset, bias, S, fixed_shape)
     rope_at = positions.clamp(min=0)
     cos, sin = model.rope_cos[rope_at], model.rope_sin[rope_at]  # (B, W, hd)
     next_norms = [b.attn_norm for b in model.layers[1:]] + [model.norm]

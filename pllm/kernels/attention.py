@@ -49,6 +49,7 @@ def fused_attention(
     use_flash: bool = True,
     fixed_shape: bool = False,
     kernels: KernelOptions = DEFAULT_KERNELS,
+    kv_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention. query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV
     dividing H (grouped-query attention: query head h reads key/value head h // (H // KV)).
@@ -62,8 +63,15 @@ def fused_attention(
     Elsewhere, a masked grouped-query call with a (B, 1, Lq, Lk) mask runs the G = H // KV query
     heads of each key/value head as one head of G * Lq queries, reading keys/values as they are
     instead of copying them per query head. kernels: the step attention kernel's options
-    (`KernelOptions.bias_attention` and its tiles).
+    (`KernelOptions.bias_attention` and its tiles). kv_rows (B,): query row b attends key/value
+    row kv_rows[b] (the decoding step's cache slots; read in place by `bias_attention`, gathered
+    for the other paths).
     Returns (B, H, Lq, hd)."""
+    if kv_rows is not None:
+        if (fixed_shape and mask is not None and kernels.bias_attention
+                and runs_kernel(query, key, value, mask, kv_rows) and _bias_kernel_pays(query, key)):
+            return bias_attention(query, key, value, mask, kernels, kv_rows)
+        key, value = key.index_select(0, kv_rows), value.index_select(0, kv_rows)
     gqa = key.shape[1] != query.shape[1]
     if block_size is not None:
         block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)

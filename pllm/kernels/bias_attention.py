@@ -24,33 +24,40 @@ from .options import DEFAULT_KERNELS, KernelOptions
 
 
 def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-                   kernels: KernelOptions = DEFAULT_KERNELS) -> torch.Tensor:
+                   kernels: KernelOptions = DEFAULT_KERNELS, kv_rows: torch.Tensor | None = None) -> torch.Tensor:
     """query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV dividing H; bias (B, 1, Lq, Lk)
-    additive (0 or -inf), every query seeing at least one key. Returns (B, H, Lq, hd). kernels:
-    query tiles, key splits and the plain kernel's tile (`KernelOptions.attention_*`)."""
-    if not _shapes_fit(query, key, value, bias):
+    additive (0 or -inf), every query seeing at least one key. kv_rows (B,) int64: query row b reads
+    key/value row kv_rows[b] (of any number of rows: a decoding step's rows read their cache slots
+    in place). Returns (B, H, Lq, hd). kernels: query tiles, key splits and the plain kernel's tile
+    (`KernelOptions.attention_*`)."""
+    if not _shapes_fit(query, key, value, bias, kv_rows):
         raise ValueError(f"bias_attention: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
                          f"{tuple(value.shape)}, bias {tuple(bias.shape)} {bias.dtype} (needs key/value (B, KV, Lk, "
-                         "hd) with KV | H and an additive (B, 1, Lq, Lk) bias)")
-    if runs_kernel(query, key, value, bias):
+                         "hd) with KV | H, or any rows with kv_rows (B,), and an additive (B, 1, Lq, Lk) bias)")
+    if runs_kernel(query, key, value, bias, kv_rows):
         splits = key_splits(query, key, split_keys=kernels.attention_split_keys, fill_sms=kernels.attention_fill_sms)
         if splits > 1:
-            return _split_keys_triton(query, key, value, bias, splits)
+            return _split_keys_triton(query, key, value, bias, splits, kv_rows)
         return _bias_attention_triton(query, key, value, bias, kernels.attention_tile, kernels.attention_block_m,
-                                      kernels.attention_fill_sms)
+                                      kernels.attention_fill_sms, kv_rows)
+    if kv_rows is not None:
+        key, value = key.index_select(0, kv_rows), value.index_select(0, kv_rows)
     return bias_attention_reference(query, key, value, bias)
 
 
-def _shapes_fit(query, key, value, bias) -> bool:
+def _shapes_fit(query, key, value, bias, kv_rows=None) -> bool:
     B, H, Lq, hd = query.shape
-    return (key.dim() == 4 and value.shape == key.shape and key.shape[0] == B and key.shape[3] == hd
+    rows_fit = key.shape[0] == B if kv_rows is None else (kv_rows.shape == (B,) and kv_rows.dtype == torch.long)
+    return (key.dim() == 4 and value.shape == key.shape and rows_fit and key.shape[3] == hd
             and 0 < key.shape[1] and H % key.shape[1] == 0 and bias.dtype != torch.bool and bias.dim() == 4
             and bias.shape[0] in (1, B) and bias.shape[1:] == (1, Lq, key.shape[2]))
 
 
-def runs_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> bool:
+def runs_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
+                kv_rows: torch.Tensor | None = None) -> bool:
     """Whether `bias_attention` would run the Triton kernel for these inputs."""
-    return _shapes_fit(query, key, value, bias) and use_triton(query, key, value, bias) and triton_fits(query, key, value)
+    return (_shapes_fit(query, key, value, bias, kv_rows) and use_triton(query, key, value, bias)
+            and triton_fits(query, key, value))
 
 
 def triton_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -159,10 +166,10 @@ if HAS_TRITON:
         return new_max, row_sum, acc
 
     @triton.jit
-    def _bias_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, Lq, Lk, H, scale,
+    def _bias_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, rows_ptr, Lq, Lk, H, scale,
                                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bm, s_bn,
                                s_ob, s_om, s_oh, GROUPS: tl.constexpr, HD: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_ROWS: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit offsets: large caches
         b, h = bh // H, bh % H
         kv = h // GROUPS
@@ -170,8 +177,9 @@ if HAS_TRITON:
         d = tl.arange(0, HD)
         m_ok = m < Lq
         q = tl.load(q_ptr + b * s_qb + h * s_qh + m[:, None] * s_qm + d[None, :], mask=m_ok[:, None], other=0.0)
-        k_base = k_ptr + b * s_kb + kv * s_kh
-        v_base = v_ptr + b * s_vb + kv * s_vh
+        kb = tl.load(rows_ptr + b).to(tl.int64) if KV_ROWS else b
+        k_base = k_ptr + kb * s_kb + kv * s_kh
+        v_base = v_ptr + kb * s_vb + kv * s_vh
         bias_base = bias_ptr + b * s_bb + m[:, None] * s_bm
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
@@ -184,10 +192,10 @@ if HAS_TRITON:
                  mask=m_ok[:, None])
 
     @triton.jit
-    def _split_keys_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, max_ptr, sum_ptr, B, Lq, Lk, H, KV,
+    def _split_keys_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, max_ptr, sum_ptr, rows_ptr, B, Lq, Lk, H, KV,
                            keys_per_split, scale, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                            s_bb, s_bm, s_bn, GROUPS: tl.constexpr, QT: tl.constexpr, HD: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           BLOCK_N: tl.constexpr, KV_ROWS: tl.constexpr):
         """Program (key slice, (b, key/value head, query tile)): rows = the head's GROUPS query heads
         x QT queries; writes the slice's unnormalised output, row max and row sum (float32)."""
         split, pid = tl.program_id(0), tl.program_id(1)
@@ -201,8 +209,9 @@ if HAS_TRITON:
         d = tl.arange(0, HD)
         q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + m[:, None] * s_qm + d[None, :], mask=m_ok[:, None],
                     other=0.0)
-        k_base = k_ptr + b * s_kb + kv * s_kh
-        v_base = v_ptr + b * s_vb + kv * s_vh
+        kb = tl.load(rows_ptr + b).to(tl.int64) if KV_ROWS else b
+        k_base = k_ptr + kb * s_kb + kv * s_kh
+        v_base = v_ptr + kb * s_vb + kv * s_vh
         bias_base = bias_ptr + b * s_bb + m[:, None] * s_bm
         row_max = tl.full([GROUPS * QT], float("-inf"), tl.float32)
         row_sum = tl.zeros([GROUPS * QT], tl.float32)
@@ -242,7 +251,7 @@ if HAS_TRITON:
                  out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
+def _split_keys_triton(query, key, value, bias, splits: int, kv_rows: torch.Tensor | None = None) -> torch.Tensor:
     B, H, Lq, hd = query.shape
     KV, Lk = key.shape[1], key.shape[2]
     groups = H // KV
@@ -253,10 +262,11 @@ def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
     o_part = torch.empty(splits, B, H, Lq, hd, dtype=torch.float32, device=query.device)
     stats = torch.empty(2, splits, B, H, Lq, dtype=torch.float32, device=query.device)
     _split_keys_kernel[(splits, B * KV * triton.cdiv(Lq, qt))](
-        query, key, value, bias, o_part, stats[0], stats[1], B, Lq, Lk, H, KV, per_split, hd ** -0.5,
+        query, key, value, bias, o_part, stats[0], stats[1], kv_rows if kv_rows is not None else query,
+        B, Lq, Lk, H, KV, per_split, hd ** -0.5,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
-        GROUPS=groups, QT=qt, HD=hd, BLOCK_N=KEY_TILE, num_warps=4, num_stages=2)
+        GROUPS=groups, QT=qt, HD=hd, BLOCK_N=KEY_TILE, KV_ROWS=kv_rows is not None, num_warps=4, num_stages=2)
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     rows, per_program = B * H * Lq, 32
     _merge_kernel[(triton.cdiv(rows, per_program),)](
@@ -266,9 +276,10 @@ def _split_keys_triton(query, key, value, bias, splits: int) -> torch.Tensor:
 
 
 def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int] | None = None,
-                           block_m: int | None = None, fill_sms: bool = True) -> torch.Tensor:
+                           block_m: int | None = None, fill_sms: bool = True,
+                           kv_rows: torch.Tensor | None = None) -> torch.Tensor:
     """config: (keys per iteration, stages, warps), default `plain_config`; block_m: queries per
-    program, default `query_tile`."""
+    program, default `query_tile`; kv_rows: see `bias_attention`."""
     B, H, Lq, hd = query.shape
     Lk = key.shape[2]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
@@ -278,13 +289,15 @@ def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int]
         fill_sms)
     config = config or plain_config(block_m, hd, shared_memory_limit(query.device))
     if config is None:  # no tile fits this GPU's shared memory
+        if kv_rows is not None:
+            key, value = key.index_select(0, kv_rows), value.index_select(0, kv_rows)
         return bias_attention_reference(query, key, value, bias)
     block_n, stages, warps = config
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](
-        query, key, value, bias, out, Lq, Lk, H, hd ** -0.5,
+        query, key, value, bias, out, kv_rows if kv_rows is not None else query, Lq, Lk, H, hd ** -0.5,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
         out.stride(0), out.stride(1), out.stride(2), GROUPS=H // key.shape[1], HD=hd, BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        BLOCK_N=block_n, KV_ROWS=kv_rows is not None, num_warps=warps, num_stages=stages)
     return out.transpose(1, 2)

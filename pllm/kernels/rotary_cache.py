@@ -31,14 +31,15 @@ def rotate_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, q_weight: to
                       cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """qkv (B, W, (heads + 2 kv_heads) hd): rows of query | key | value heads; q_weight/k_weight (hd,)
     the QK-norm weights (None: no norm); cos/sin (B, W, hd) float32 at each token's position;
-    cache (B, 2, kv_heads, S, hd): keys beside values; index (B, W): the cache entry of each token.
+    cache (B, 2, kv_heads, S, hd): keys beside values, each row's own; or (1, 2, kv_heads, S, hd),
+    one cache all rows write into; index (B, W): the cache entry of each token.
     Stores the normed, rotated keys and the values into `cache`; returns the normed, rotated queries,
     (B, heads, W, hd) contiguous."""
     B, W, width = qkv.shape
     head_dim = width // (heads + 2 * kv_heads)
     if width != (heads + 2 * kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qkv width {width} is not (heads {heads} + 2 x kv_heads {kv_heads}) x an even head size")
-    if cache.shape != (B, 2, kv_heads, cache.shape[3], head_dim) or index.shape != (B, W):
+    if cache.shape[1:] != (2, kv_heads, cache.shape[3], head_dim) or cache.shape[0] not in (1, B) or index.shape != (B, W):
         raise ValueError(f"cache {tuple(cache.shape)} / index {tuple(index.shape)} do not fit qkv {tuple(qkv.shape)}")
     # The kernel computes in float32: float64 (exactness tests) takes the reference.
     if use_triton(qkv, cache) and head_dim & (head_dim - 1) == 0 and qkv.dtype != torch.float64:
@@ -59,7 +60,10 @@ def rotate_into_cache_reference(qkv, heads, kv_heads, q_weight, k_weight, eps, c
         return apply_rotary(x, cos, sin)
 
     kv = torch.stack([norm_rotate(k, k_weight), v], dim=1).to(cache.dtype)  # (B, 2, KV, W, hd)
-    cache.scatter_(3, index[:, None, None, :, None].expand_as(kv), kv)
+    if cache.shape[0] == B:
+        cache.scatter_(3, index[:, None, None, :, None].expand_as(kv), kv)
+    else:  # one cache for every row: index holds entries of it
+        cache[0].index_copy_(2, index.flatten(), kv.permute(1, 2, 0, 3, 4).flatten(2, 3))
     return norm_rotate(q, q_weight).contiguous()
 
 
@@ -141,7 +145,8 @@ def _rotate_into_cache_triton(qkv, heads, kv_heads, q_weight, k_weight, eps, cos
     k_weight_arg = k_weight if k_weight is not None else q
     _rotate_into_cache_kernel[(B * W,)](
         qkv, cos, sin, q_weight_arg, k_weight_arg, q, cache, index, W, float(eps),
-        qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1), cache.stride(0), cache.stride(1),
+        qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1), cache.stride(0) if cache.shape[0] > 1 else 0,
+        cache.stride(1),
         cache.stride(2), cache.stride(3), index.stride(0), index.stride(1),
         H=heads, KV=kv_heads, HALF=head_dim // 2, BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_KV=triton.next_power_of_2(kv_heads), Q_NORM=q_weight is not None, K_NORM=k_weight is not None,
