@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from pllm import DiffusionTransformer, GenerationConfig, ModelConfig
+from pllm.kernels.options import KernelOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,9 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=256, help="new tokens per request")
-    p.add_argument("--only", default=None, help="run only the paths whose name contains this")
+    p.add_argument("--only", default=None, help="run only the paths whose name contains this (AR: the AR path)")
+    p.add_argument("--plain-attention", action="store_true",
+                   help="the step attention's plain kernel for few queries too, not the grouped-heads one (A/B)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shape, short answers")
     args = p.parse_args()
@@ -106,10 +109,11 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput_vs_batch_{args.shape}_{device}"
+    stem = f"throughput_vs_batch_{args.shape}_{device}" + ("_plain_attention" if args.plain_attention else "")
+    kernels = KernelOptions(attention_group_heads=False) if args.plain_attention else KernelOptions()
     ar_tokens_per_s: dict[int, float] = {}
     for name, features, tps in paths(args.block_size, args.tokens_per_step):
-        if args.only and args.only not in name and not name.startswith("AR"):
+        if args.only and args.only not in name:
             continue
         torch.manual_seed(0)
         cfg = ModelConfig(**gs.SHAPES[args.shape], attention_mode="block_causal", use_flash_attention=True, **features)
@@ -121,7 +125,7 @@ def main() -> None:
         window = gs.step_window(cfg)
         for batch in args.batches:
             prompts = [torch.randint(4, cfg.vocab_size, (args.prompt_len,)) for _ in range(batch)]
-            timing = gs.time_engine(model, prompts, gen, True, device, pipeline=device == "cuda",
+            timing = gs.time_engine(model, prompts, gen, True, device, pipeline=device == "cuda", kernels=kernels,
                                     max_model_len=args.prompt_len + args.gen)
             row = {"batch": batch, "path": name, "block_size": bs, "window": window, **timing}
             if bandwidth:

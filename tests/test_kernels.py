@@ -221,11 +221,13 @@ def test_fused_attention_bf16_on_gpu_matches_fp32_definition():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("queries, key_length, bias_batch", [(64, 40, 2), (64, 200, 1), (5, 70, 2), (100, 130, 2)])
+@pytest.mark.parametrize("queries, key_length, bias_batch", [(64, 40, 2), (64, 200, 1), (5, 70, 2), (100, 130, 2),
+                                                             (1, 90, 2)])
 def test_bias_attention_equals_the_definition(queries, key_length, bias_batch, dtype):
     # The decoding step's call: a window of queries per row over a slice of the static cache (keys
     # and values read in place, strided), 4 query heads per key/value head, an additive bias (also
-    # one broadcast over the batch); query counts that fill one tile, part of one, and part of two.
+    # one broadcast over the batch); query counts that fill one tile, part of one, and part of two;
+    # and few queries (5, 1: an autoregressive step), where a key/value head's query heads share a program.
     torch.manual_seed(9)
     B, H, KV, hd = 2, 8, 2, 32
     q = torch.randn(B, H, queries, hd, device=DEVICE).to(dtype)

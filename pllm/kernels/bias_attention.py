@@ -36,7 +36,7 @@ def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                          "hd) with KV | H, or any rows with kv_rows (B,), and an additive (B, 1, Lq, Lk) bias)")
     if runs_kernel(query, key, value, bias, kv_rows):
         splits = key_splits(query, key, split_keys=kernels.attention_split_keys, fill_sms=kernels.attention_fill_sms)
-        if splits > 1:
+        if splits > 1 or (kernels.attention_group_heads and groups_few_queries(query, key)):
             return _split_keys_triton(query, key, value, bias, splits, kv_rows)
         return _bias_attention_triton(query, key, value, bias, kernels.attention_tile, kernels.attention_block_m,
                                       kernels.attention_fill_sms, kv_rows)
@@ -134,6 +134,15 @@ def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None, s
         return 1
     programs = B * KV * -(-Lq // max(1, 64 // groups))
     return max(1, min(tiles, -(-2 * sms // programs)))
+
+
+def groups_few_queries(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Few queries per row (an autoregressive step's one): the plain kernel's programs, one per
+    query head, would each read their key/value head's keys and values, G times over; the
+    split-keys kernel's programs take a key/value head's G query heads together (one slice when
+    unsplit), reading them once."""
+    groups = query.shape[1] // key.shape[1]
+    return 1 < groups <= 64 and groups & (groups - 1) == 0 and query.shape[2] * groups <= 64
 
 
 def bias_attention_reference(query, key, value, bias) -> torch.Tensor:
@@ -255,7 +264,8 @@ def _split_keys_triton(query, key, value, bias, splits: int, kv_rows: torch.Tens
     B, H, Lq, hd = query.shape
     KV, Lk = key.shape[1], key.shape[2]
     groups = H // KV
-    qt = max(1, 64 // groups)
+    # Queries per program: up to 64 rows of G heads x QT queries, at least 16 (a dot's rows).
+    qt = max(min(triton.next_power_of_2(Lq), 64 // groups), 16 // groups, 1)
     per_split = -(-(-(-Lk // KEY_TILE)) // splits) * KEY_TILE
     splits = -(-Lk // per_split)
     bias = bias.expand(B, 1, Lq, Lk)
