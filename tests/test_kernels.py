@@ -675,6 +675,16 @@ def test_decoding_step_with_skinny_kernels_equals_cublas():
     assert (logits[0] - logits[1]).norm() / logits[1].norm() < 2e-2
 
 
+def test_bias_attention_groups_query_heads_for_few_queries_at_large_batch():
+    module = importlib.import_module("pllm.kernels.bias_attention")
+    key = torch.empty(64, 4, 384, 64)  # 4 key/value heads
+    one = torch.empty(64, 32, 1, 64)  # an AR step at batch 64: 256 programs of 8 query heads
+    assert module.groups_few_queries(one, key, sms=132)
+    assert not module.groups_few_queries(one[:1], key[:1], sms=132)  # batch 1: 4 programs; the plain kernel's 32
+    assert not module.groups_few_queries(torch.empty(64, 32, 33, 64), key, sms=132)  # a block's window
+    assert not module.groups_few_queries(torch.empty(64, 4, 1, 64), key, sms=132)  # no grouped-query heads
+
+
 def test_bias_attention_query_tiles_shrink_until_the_programs_fill_the_gpu():
     module = importlib.import_module("pllm.kernels.bias_attention")  # the package exports a function of that name
     tile = module.query_tile

@@ -136,13 +136,17 @@ def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None, s
     return max(1, min(tiles, -(-2 * sms // programs)))
 
 
-def groups_few_queries(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Few queries per row (an autoregressive step's one): the plain kernel's programs, one per
-    query head, would each read their key/value head's keys and values, G times over; the
-    split-keys kernel's programs take a key/value head's G query heads together (one slice when
-    unsplit), reading them once."""
+def groups_few_queries(query: torch.Tensor, key: torch.Tensor, sms: int | None = None) -> bool:
+    """Few queries per row (an autoregressive step's one) at a batch whose key/value heads alone
+    give every SM a program: the plain kernel's programs, one per query head, would each read their
+    key/value head's keys and values, G times over; the split-keys kernel's programs take a
+    key/value head's G query heads together (one slice when unsplit), reading them once. At small
+    batch the plain kernel's G times more programs fill the GPU instead."""
     groups = query.shape[1] // key.shape[1]
-    return 1 < groups <= 64 and groups & (groups - 1) == 0 and query.shape[2] * groups <= 64
+    if sms is None:
+        sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 0
+    return (1 < groups <= 64 and groups & (groups - 1) == 0 and query.shape[2] * groups <= 64
+            and query.shape[0] * key.shape[1] >= sms)
 
 
 def bias_attention_reference(query, key, value, bias) -> torch.Tensor:

@@ -53,7 +53,9 @@ class KernelOptions:
     bias_attention: bool = True  # the masked step attention on `bias_attention` (False: cuDNN / SDPA)
     attention_fill_sms: bool = True  # smaller query tiles while the programs leave SMs idle (False: always 64)
     attention_split_keys: bool = True  # split long keys across programs at small batch (flash-decoding)
-    attention_group_heads: bool = True  # few queries per row: a key/value head's query heads in one program
+    # Few queries per row at large batch (the AR step): a key/value head's query heads in one program
+    # (`bias_attention.groups_few_queries`; chosen by traffic, not yet measured against the plain kernel).
+    attention_group_heads: bool = True
     # The plain attention kernel's (keys per iteration, stages, warps) and queries per program;
     # None: chosen by query tile (`bias_attention.plain_config`, `query_tile`).
     attention_tile: Optional[tuple[int, int, int]] = None
