@@ -79,34 +79,65 @@ class Segment:
 
 
 class StaticKVCache:
-    """Preallocated keys/values for a fixed number of sequence slots, for fixed-shape decoding steps
-    that CUDA graphs can replay (`pllm.engine.cuda_graphs`). `keys_values` is (layers, 2, kv_heads,
-    slots, offset + max_positions, head_dim): keys beside values, so a step stores both with one
-    kernel (`pllm.kernels.rotate_into_cache`), and every slot's entries of one head laid end to end,
-    so a step addresses any slot by a flat entry index (`entries`): rows of a step need not sit in
-    consecutive slots, and two rows may share one (a block finalised beside the next one's step).
-    Position p of a slot lives at index p + offset; the first `offset` indices are scratch for
-    window positions before 0, which no query ever reads."""
+    """Keys/values for fixed-shape decoding steps that CUDA graphs can replay
+    (`pllm.engine.cuda_graphs`), in pages of `page_size` entries from one preallocated pool:
+    `keys_values` is (layers, 2, kv_heads, num_pages, page_size, head_dim), keys beside values, so
+    a step stores both with one kernel (`pllm.kernels.rotate_into_cache`). Each of `num_slots`
+    sequence slots has a page table row (`page_tables`, on the device): entry e of the slot
+    (position e - offset) lives in page page_tables[slot, e // page_size]. The first `offset`
+    entries of every slot are scratch for window positions before 0, which no query but their own
+    reads: every table starts with the scratch pages, and columns no page was given point at one.
+    By default slot s holds its own run of pages (a static allocation); a page allocator
+    (`pllm.engine.page_pool`) may give slots pages for their length only and share prefix pages."""
 
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_positions: int, head_dim: int,
-                 offset: int, dtype: torch.dtype, device):
-        shape = (num_layers, 2, kv_heads, num_slots, offset + max_positions, head_dim)
+                 offset: int, dtype: torch.dtype, device, page_size: int | None = None, num_pages: int | None = None):
+        """offset: scratch entries needed before position 0 (rounded up to whole pages); page_size
+        (default: offset, one scratch page); num_pages (default: every slot at max_positions)."""
+        P = page_size or offset
+        self.page_size = P
+        self.scratch_pages = -(-offset // P)
+        self.offset = self.scratch_pages * P
+        self.pages_per_slot = self.scratch_pages + -(-max_positions // P)
+        self.num_slots = num_slots
+        static = self.scratch_pages + num_slots * (self.pages_per_slot - self.scratch_pages)
+        self.num_pages = num_pages or static
+        if self.num_pages <= self.scratch_pages:
+            raise ValueError(f"a KV cache pool of {self.num_pages} pages holds nothing beyond its "
+                             f"{self.scratch_pages} scratch pages")
+        shape = (num_layers, 2, kv_heads, self.num_pages, P, head_dim)
         self.keys_values = torch.zeros(shape, dtype=dtype, device=device)
-        self.offset, self.num_slots = offset, num_slots
+        self.page_tables = torch.zeros(num_slots, self.pages_per_slot, dtype=torch.long, device=device)
+        if self.num_pages >= static:  # slot s: the scratch pages, then its own run
+            own = self.pages_per_slot - self.scratch_pages
+            self.page_tables[:, :self.scratch_pages] = torch.arange(self.scratch_pages, device=device)
+            self.page_tables[:, self.scratch_pages:] = (self.scratch_pages + own * torch.arange(num_slots, device=device)[:, None]
+                                                        + torch.arange(own, device=device))
 
     @property
     def length(self) -> int:
         """Entries of one slot (scratch + positions)."""
-        return self.keys_values.shape[4]
+        return self.pages_per_slot * self.page_size
 
-    def entries(self, slots: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Flat entry (over slots x length) of slot index `index` (B, W) in each row's slot (B,)."""
-        return slots[:, None] * self.length + index
+    def entries(self, tables: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Pool entry (over pages x page_size) of slot entries `index` (B, W) for rows with page
+        tables `tables` (B, pages_per_slot)."""
+        return tables.gather(1, index // self.page_size) * self.page_size + index % self.page_size
+
+    def set_pages(self, slot: int, pages: list[int]) -> None:
+        """Give a slot these pages (after the scratch ones); the rest of its row points at scratch."""
+        row = list(range(self.scratch_pages)) + pages
+        row += [0] * (self.pages_per_slot - len(row))
+        self.page_tables[slot] = torch.tensor(row, device=self.page_tables.device)
 
     def move(self, src: list[int], dst: list[int]) -> None:
-        """Copy slots src[i] -> dst[i] (all reads before any write, so the lists may overlap)."""
-        s, d = torch.tensor(src, device=self.keys_values.device), torch.tensor(dst, device=self.keys_values.device)
-        self.keys_values[:, :, :, d] = self.keys_values[:, :, :, s]
+        """Slot dst[i] takes over slot src[i]'s pages (and contents), without copying them; slots
+        left behind get the pages that were displaced, so no two slots share a page."""
+        vacated = [i for i in src if i not in dst]
+        displaced = [i for i in dst if i not in src]
+        device = self.page_tables.device
+        s, d = torch.tensor(src + displaced, device=device), torch.tensor(dst + vacated, device=device)
+        self.page_tables[d] = self.page_tables[s].clone()
 
 
 @dataclass
@@ -124,4 +155,5 @@ class StaticStep:
     fixed_shape: bool = True  # shapes that recur (see `pllm.kernels.fused_attention`)
 
     def __post_init__(self):
-        self.entries = self.cache.entries(self.slots, self.index)  # (B, W) flat entries
+        self.tables = self.cache.page_tables[self.slots]  # (B, pages_per_slot), gathered once for all layers
+        self.entries = self.cache.entries(self.tables, self.index)  # (B, W) pool entries

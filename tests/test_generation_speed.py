@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_generation_speed_quick_run_writes_every_row(tmp_path):
     run = subprocess.run([sys.executable, "benchmarks/generation_speed.py", "--quick", "--device", "cpu", "--out",
-                          str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--distill-seconds", "5",
+                          str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"), "--train-seconds", "6",
+                          "--distill-seconds", "4",
                           "--distill-prompts", "16"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pllm.decoding.commit import commit_mask
+from pllm.kernels.bias_attention import gather_pages
 from pllm.kernels import (add_rms_norm, bias_attention, block_causal_mask, cross_entropy_rows, cross_entropy_rows_reference, fused_attention,
                           linear_cross_entropy, parallel_decode, rotate_into_cache, rotate_qkv, silu_mul, use_triton)
 
@@ -246,15 +247,18 @@ def test_bias_attention_equals_the_definition(queries, key_length, bias_batch, d
     # The step's dispatch: fused_attention with fixed shapes and the bias gives the same result.
     via_dispatch = fused_attention(q, k, v, mask=bias, fixed_shape=True)
     assert (via_dispatch.float() - want).norm() / want.norm() < tolerance(dtype, 4)
-    # Rows reading the cache's slots in place by index (kv_rows): slots 2 and 1 of three, in that order.
-    slots = torch.tensor([2, 1], device=DEVICE)
-    by_rows = cache[:, 0, :, :key_length], cache[:, 1, :, :key_length]
-    want_rows = _attention_by_definition(q.float(), k[[1, 0]].float(), v[[1, 0]].float(), mask)
-    for got_rows in (bias_attention(q, *by_rows, bias, kv_rows=slots),
-                     fused_attention(q, *by_rows, mask=bias, fixed_shape=True, kv_rows=slots)):
-        assert (got_rows.float() - want_rows).norm() / want_rows.norm() < tolerance(dtype, 4)
-    with pytest.raises(ValueError, match="kv_rows"):
-        bias_attention(q, *by_rows, bias, kv_rows=slots[:1])
+    # Paged keys/values read in place through each row's page table (pages of 16 in a shuffled pool).
+    pages_k, pages_v = (torch.randn(2 * B * 17, KV, 16, hd, device=DEVICE).to(dtype) for _ in "kv")
+    table = torch.randperm(2 * B * 17, device=DEVICE)[:B * 17].view(B, 17)
+    paged_k, paged_v = (gather_pages(t, table, key_length) for t in (pages_k, pages_v))
+    j = 37 if key_length > 37 else key_length - 1  # a key's place: page table[b, j // 16], entry j % 16
+    assert torch.equal(paged_k[1, :, j], pages_k[table[1, j // 16], :, j % 16])
+    want_paged = _attention_by_definition(q.float(), paged_k.float(), paged_v.float(), mask)
+    for got_paged in (bias_attention(q, pages_k, pages_v, bias, kv_pages=table),
+                      fused_attention(q, pages_k, pages_v, mask=bias, fixed_shape=True, kv_pages=table)):
+        assert (got_paged.float() - want_paged).norm() / want_paged.norm() < tolerance(dtype, 4)
+    with pytest.raises(ValueError, match="kv_pages"):
+        bias_attention(q, pages_k, pages_v, bias, kv_pages=table[:, :1])
     with pytest.raises(ValueError, match="additive"):
         bias_attention(q, k, v, mask)
     with pytest.raises(ValueError, match="additive"):
@@ -645,11 +649,12 @@ def test_bias_attention_split_over_keys_equals_the_definition(queries):
         assert got.transpose(1, 2).is_contiguous()
         plain = module._bias_attention_triton(q, k, v, bias)
         assert (plain.float() - want).norm() / want.norm() < tolerance(dtype, 4)
-    # Rows reading cache slots by index: the batch's two rows both read slot 1.
-    rows = torch.tensor([1, 1], device=DEVICE)
-    want_rows = _attention_by_definition(q.float(), k[[1, 1]].float(), v[[1, 1]].float(), mask)
-    got_rows = bias_attention(q, k, v, bias, kv_rows=rows)
-    assert (got_rows.float() - want_rows).norm() / want_rows.norm() < tolerance(dtype, 4)
+    # Paged: both rows read the second row's keys through one page table (pages of 64).
+    pages = cache[1].unflatten(2, (10, 64)).permute(2, 0, 1, 3, 4)  # (10 pages, 2, KV, 64, hd)
+    table = torch.arange(10, device=DEVICE).repeat(B, 1)
+    want_paged = _attention_by_definition(q.float(), k[[1, 1]].float(), v[[1, 1]].float(), mask)
+    got_paged = bias_attention(q, pages[:, 0], pages[:, 1], bias, kv_pages=table)
+    assert (got_paged.float() - want_paged).norm() / want_paged.norm() < tolerance(dtype, 4)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the 1.1B shapes' kernels run on a GPU")

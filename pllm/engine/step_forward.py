@@ -45,12 +45,15 @@ def compiled_elementwise(fn):
     return torch.compile(fn, dynamic=True)
 
 
-def new_static_cache(model: DiffusionTransformer, num_slots: int, max_positions: int | None = None) -> StaticKVCache:
-    """Slots of `max_positions` (default: the model's context) for `forward_static`; a block and
-    one entry of scratch before position 0 (a padding row's window: `scratch_positions`)."""
+def new_static_cache(model: DiffusionTransformer, num_slots: int, max_positions: int | None = None,
+                     page_size: int | None = None, num_pages: int | None = None) -> StaticKVCache:
+    """Slots of `max_positions` (default: the model's context) for `forward_static`; at least a
+    block and one entry of scratch before position 0 (a padding row's window: `scratch_positions`).
+    page_size / num_pages: see `StaticKVCache` (default: one page per slot, every slot allocated)."""
     cfg = model.config
     return StaticKVCache(cfg.num_hidden_layers, num_slots, cfg.kv_heads, max_positions or cfg.max_position_embeddings,
-                         cfg.attention_head_size, cfg.block_size + 1, model.embed_tokens.weight.dtype, model.device)
+                         cfg.attention_head_size, cfg.block_size + 1, model.embed_tokens.weight.dtype, model.device,
+                         page_size, num_pages)
 
 
 def scratch_positions(window: int, device=None) -> torch.Tensor:
@@ -65,15 +68,15 @@ def step_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: tor
     keys and values into each row's slot (one kernel on the GPU: `rotate_into_cache`); then
     attention over the row's slot's first key_length entries under the step's bias."""
     B, L, _ = x.shape
-    layer = step.cache.keys_values[attn.layer_idx]  # (2, KV, slots, slot length, hd)
+    layer = step.cache.keys_values[attn.layer_idx]  # (2, KV, pages, page_size, hd)
     q_weight, k_weight = (getattr(n, "weight", None) for n in (attn.q_norm, attn.k_norm))
     eps = attn.q_norm.eps if q_weight is not None else 0.0
     q = rotate_into_cache(attn.qkv_proj(x), attn.n_heads, attn.n_kv, q_weight, k_weight, eps, cos, sin,
                           layer.flatten(2, 3)[None], step.entries)
-    keys_values = layer[:, :, :, :step.key_length].transpose(1, 2)  # (2, slots, KV, S, hd), read in place
-    y = fused_attention(q, keys_values[0], keys_values[1], mask=step.mask, use_flash=attn.use_flash,
+    pages = layer.transpose(1, 2)  # (2, pages, KV, page_size, hd), read in place through the page tables
+    y = fused_attention(q, pages[0], pages[1], mask=step.mask, use_flash=attn.use_flash,
                         fixed_shape=step.fixed_shape, kernels=kernels,
-                        kv_rows=step.slots)  # (B, H, L, hd) view of (B, L, H, hd)
+                        kv_pages=step.tables)  # (B, H, L, hd) view of (B, L, H, hd)
     return y.transpose(1, 2).reshape(B, L, -1)
 
 

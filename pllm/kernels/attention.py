@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .bias_attention import bias_attention, runs_kernel
+from .bias_attention import bias_attention, gather_pages, runs_kernel
 from .options import DEFAULT_KERNELS, KernelOptions
 
 try:  # optional GPU extra
@@ -49,7 +49,7 @@ def fused_attention(
     use_flash: bool = True,
     fixed_shape: bool = False,
     kernels: KernelOptions = DEFAULT_KERNELS,
-    kv_rows: torch.Tensor | None = None,
+    kv_pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention. query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV
     dividing H (grouped-query attention: query head h reads key/value head h // (H // KV)).
@@ -63,15 +63,15 @@ def fused_attention(
     Elsewhere, a masked grouped-query call with a (B, 1, Lq, Lk) mask runs the G = H // KV query
     heads of each key/value head as one head of G * Lq queries, reading keys/values as they are
     instead of copying them per query head. kernels: the step attention kernel's options
-    (`KernelOptions.bias_attention` and its tiles). kv_rows (B,): query row b attends key/value
-    row kv_rows[b] (the decoding step's cache slots; read in place by `bias_attention`, gathered
-    for the other paths).
+    (`KernelOptions.bias_attention` and its tiles). kv_pages (B, n): paged keys/values, (pages,
+    KV, page_size, hd), read through each query row's page table (the decoding step's cache; in
+    place by `bias_attention`, gathered for the other paths; the mask's last dimension gives Lk).
     Returns (B, H, Lq, hd)."""
-    if kv_rows is not None:
+    if kv_pages is not None:
         if (fixed_shape and mask is not None and kernels.bias_attention
-                and runs_kernel(query, key, value, mask, kv_rows) and _bias_kernel_pays(query, key)):
-            return bias_attention(query, key, value, mask, kernels, kv_rows)
-        key, value = key.index_select(0, kv_rows), value.index_select(0, kv_rows)
+                and runs_kernel(query, key, value, mask, kv_pages) and _bias_kernel_pays(query, mask.shape[-1])):
+            return bias_attention(query, key, value, mask, kernels, kv_pages)
+        key, value = (gather_pages(t, kv_pages, mask.shape[-1]) for t in (key, value))
     gqa = key.shape[1] != query.shape[1]
     if block_size is not None:
         block = block_causal_mask(query.shape[2], key.shape[2], block_size, query_offset, query.device)
@@ -80,7 +80,7 @@ def fused_attention(
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, *UNMASKED_BACKENDS]):
             return F.scaled_dot_product_attention(query, key, value, enable_gqa=gqa)
     if fixed_shape and mask is not None:
-        if kernels.bias_attention and runs_kernel(query, key, value, mask) and _bias_kernel_pays(query, key):
+        if kernels.bias_attention and runs_kernel(query, key, value, mask) and _bias_kernel_pays(query, key.shape[2]):
             return bias_attention(query, key, value, mask, kernels)
         if _cudnn_ok(query):
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]):
@@ -104,7 +104,7 @@ def fused_attention(
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
-def _bias_kernel_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
+def _bias_kernel_pays(query: torch.Tensor, num_keys: int) -> bool:
     """Where `bias_attention` measured faster than cuDNN (benchmarks/RESULTS.md): when its programs (one
     per query head and 64-query tile) fill the GPU, or over at most 512 keys. With few programs over
     long keys (batch 1 at 1,024 keys and more) each program's serial pass over the keys is the
@@ -112,7 +112,7 @@ def _bias_kernel_pays(query: torch.Tensor, key: torch.Tensor) -> bool:
     if not query.is_cuda:
         return True
     programs = query.shape[0] * query.shape[1] * -(-query.shape[2] // 64)  # as measured: 64-query tiles
-    return key.shape[2] <= 512 or programs >= torch.cuda.get_device_properties(query.device).multi_processor_count
+    return num_keys <= 512 or programs >= torch.cuda.get_device_properties(query.device).multi_processor_count
 
 
 def flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool = False) -> torch.Tensor:

@@ -24,40 +24,57 @@ from .options import DEFAULT_KERNELS, KernelOptions
 
 
 def bias_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-                   kernels: KernelOptions = DEFAULT_KERNELS, kv_rows: torch.Tensor | None = None) -> torch.Tensor:
+                   kernels: KernelOptions = DEFAULT_KERNELS, kv_pages: torch.Tensor | None = None) -> torch.Tensor:
     """query (B, H, Lq, hd); key/value (B, KV, Lk, hd) with KV dividing H; bias (B, 1, Lq, Lk)
-    additive (0 or -inf), every query seeing at least one key. kv_rows (B,) int64: query row b reads
-    key/value row kv_rows[b] (of any number of rows: a decoding step's rows read their cache slots
-    in place). Returns (B, H, Lq, hd). kernels: query tiles, key splits and the plain kernel's tile
+    additive (0 or -inf), every query seeing at least one key. Paged keys/values: key/value
+    (pages, KV, page_size, hd), and kv_pages (B, n) int64 the page table of each query row (its key
+    j lives in page kv_pages[b, j // page_size]): a decoding step's rows read the cache's pages in
+    place. Returns (B, H, Lq, hd). kernels: query tiles, key splits and the plain kernel's tile
     (`KernelOptions.attention_*`)."""
-    if not _shapes_fit(query, key, value, bias, kv_rows):
+    if not _shapes_fit(query, key, value, bias, kv_pages):
         raise ValueError(f"bias_attention: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
                          f"{tuple(value.shape)}, bias {tuple(bias.shape)} {bias.dtype} (needs key/value (B, KV, Lk, "
-                         "hd) with KV | H, or any rows with kv_rows (B,), and an additive (B, 1, Lq, Lk) bias)")
-    if runs_kernel(query, key, value, bias, kv_rows):
-        splits = key_splits(query, key, split_keys=kernels.attention_split_keys, fill_sms=kernels.attention_fill_sms)
+                         "hd) with KV | H, or pages (P, KV, page, hd) with kv_pages (B, n) covering Lk, and an "
+                         "additive (B, 1, Lq, Lk) bias)")
+    if runs_kernel(query, key, value, bias, kv_pages):
+        splits = key_splits(query, key, split_keys=kernels.attention_split_keys, fill_sms=kernels.attention_fill_sms,
+                            num_keys=bias.shape[-1])
         if splits > 1 or (kernels.attention_group_heads and groups_few_queries(query, key)):
-            return _split_keys_triton(query, key, value, bias, splits, kv_rows)
+            return _split_keys_triton(query, key, value, bias, splits, kv_pages)
         return _bias_attention_triton(query, key, value, bias, kernels.attention_tile, kernels.attention_block_m,
-                                      kernels.attention_fill_sms, kv_rows)
-    if kv_rows is not None:
-        key, value = key.index_select(0, kv_rows), value.index_select(0, kv_rows)
+                                      kernels.attention_fill_sms, kv_pages)
+    if kv_pages is not None:
+        key, value = gather_pages(key, kv_pages, bias.shape[-1]), gather_pages(value, kv_pages, bias.shape[-1])
     return bias_attention_reference(query, key, value, bias)
 
 
-def _shapes_fit(query, key, value, bias, kv_rows=None) -> bool:
+def gather_pages(pages: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """(pages, KV, page_size, hd) through page tables (B, n) -> each row's first `length` keys,
+    (B, KV, length, hd) (a copy)."""
+    P = pages.shape[2]
+    j = torch.arange(length, device=table.device)
+    entries = table[:, j // P] * P + j % P  # (B, length)
+    flat = pages.transpose(0, 1).flatten(1, 2)  # (KV, pages * P, hd)
+    return flat[:, entries].transpose(0, 1)
+
+
+def _shapes_fit(query, key, value, bias, kv_pages=None) -> bool:
     B, H, Lq, hd = query.shape
-    rows_fit = key.shape[0] == B if kv_rows is None else (kv_rows.shape == (B,) and kv_rows.dtype == torch.long)
+    Lk = bias.shape[-1] if bias.dim() == 4 else -1
+    if kv_pages is None:
+        rows_fit = key.shape[0] == B and key.shape[2] == Lk
+    else:
+        rows_fit = kv_pages.dim() == 2 and kv_pages.shape[0] == B and kv_pages.shape[1] * key.shape[2] >= Lk
     return (key.dim() == 4 and value.shape == key.shape and rows_fit and key.shape[3] == hd
             and 0 < key.shape[1] and H % key.shape[1] == 0 and bias.dtype != torch.bool and bias.dim() == 4
-            and bias.shape[0] in (1, B) and bias.shape[1:] == (1, Lq, key.shape[2]))
+            and bias.shape[0] in (1, B) and bias.shape[1:3] == (1, Lq))
 
 
 def runs_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-                kv_rows: torch.Tensor | None = None) -> bool:
+                kv_pages: torch.Tensor | None = None) -> bool:
     """Whether `bias_attention` would run the Triton kernel for these inputs."""
-    return (_shapes_fit(query, key, value, bias, kv_rows) and use_triton(query, key, value, bias)
-            and triton_fits(query, key, value))
+    return (_shapes_fit(query, key, value, bias, kv_pages) and use_triton(query, key, value, bias)
+            and triton_fits(query, key, value) and (kv_pages is None or kv_pages.stride(1) == 1))
 
 
 def triton_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -113,7 +130,7 @@ def plain_config(block_m: int, head_dim: int = 64, limit: int | None = None) -> 
 
 
 def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None, split_keys: bool = True,
-               fill_sms: bool = True) -> int:
+               fill_sms: bool = True, num_keys: int | None = None) -> int:
     """Key slices for the split-keys kernel (flash-decoding): 1 (the plain kernel) unless the plain
     kernel's programs would leave SMs idle (small batch). Then each program takes one key/value
     head's G query heads x a few queries over one slice of the keys, and enough slices give about
@@ -121,7 +138,7 @@ def key_splits(query: torch.Tensor, key: torch.Tensor, sms: int | None = None, s
     plain kernel's programs each walk all keys in turn, so the step's attention time grew with the
     key length; split, every program walks a tile or two."""
     B, H, Lq, _ = query.shape
-    KV, Lk = key.shape[1], key.shape[2]
+    KV, Lk = key.shape[1], num_keys or key.shape[2]
     groups = H // KV
     if sms is None:
         sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 132
@@ -161,11 +178,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _key_tile(q, k_base, v_base, bias_base, start, Lk, m_ok, d, row_max, row_sum, acc, s_kn, s_vn, s_bn, scale,
-                  BLOCK_N: tl.constexpr):
-        """One tile of BLOCK_N keys from `start` into the online softmax (row max, row sum, output)."""
+                  pages_row, s_kp, s_vp, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+        """One tile of BLOCK_N keys from `start` into the online softmax (row max, row sum, output).
+        PAGE > 0: key n lives at offset n % PAGE of page pages_row[n // PAGE]."""
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < Lk
-        k = tl.load(k_base + n[None, :] * s_kn + d[:, None], mask=n_ok[None, :], other=0.0)  # (HD, BLOCK_N)
+        if PAGE > 0:
+            page = tl.load(pages_row + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            k_at, v_at = page * s_kp + (n % PAGE) * s_kn, page * s_vp + (n % PAGE) * s_vn
+        else:
+            k_at, v_at = n * s_kn, n * s_vn
+        k = tl.load(k_base + k_at[None, :] + d[:, None], mask=n_ok[None, :], other=0.0)  # (HD, BLOCK_N)
         s = tl.dot(q, k) * scale
         s += tl.load(bias_base + n[None, :] * s_bn, mask=m_ok[:, None] & n_ok[None, :],
                      other=float("-inf")).to(tl.float32)
@@ -174,15 +197,16 @@ if HAS_TRITON:
         p = tl.exp(s - safe[:, None])
         correction = tl.exp(row_max - safe)
         row_sum = row_sum * correction + tl.sum(p, axis=1)
-        v = tl.load(v_base + n[:, None] * s_vn + d[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, HD)
+        v = tl.load(v_base + v_at[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)  # (BLOCK_N, HD)
         acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
         return new_max, row_sum, acc
 
     @triton.jit
-    def _bias_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, rows_ptr, Lq, Lk, H, scale,
+    def _bias_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, pages_ptr, Lq, Lk, H, scale,
                                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_bb, s_bm, s_bn,
-                               s_ob, s_om, s_oh, GROUPS: tl.constexpr, HD: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_ROWS: tl.constexpr):
+                               s_ob, s_om, s_oh, s_pb, GROUPS: tl.constexpr, HD: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+        """PAGE > 0: paged keys/values (s_kb, s_vb: page strides; pages_ptr: the rows' page tables)."""
         pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit offsets: large caches
         b, h = bh // H, bh % H
         kv = h // GROUPS
@@ -190,25 +214,26 @@ if HAS_TRITON:
         d = tl.arange(0, HD)
         m_ok = m < Lq
         q = tl.load(q_ptr + b * s_qb + h * s_qh + m[:, None] * s_qm + d[None, :], mask=m_ok[:, None], other=0.0)
-        kb = tl.load(rows_ptr + b).to(tl.int64) if KV_ROWS else b
+        kb = 0 if PAGE > 0 else b
         k_base = k_ptr + kb * s_kb + kv * s_kh
         v_base = v_ptr + kb * s_vb + kv * s_vh
+        pages_row = pages_ptr + b * s_pb
         bias_base = bias_ptr + b * s_bb + m[:, None] * s_bm
         row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HD], tl.float32)
         for start in range(0, Lk, BLOCK_N):
             row_max, row_sum, acc = _key_tile(q, k_base, v_base, bias_base, start, Lk, m_ok, d, row_max, row_sum, acc,
-                                              s_kn, s_vn, s_bn, scale, BLOCK_N)
+                                              s_kn, s_vn, s_bn, scale, pages_row, s_kb, s_vb, BLOCK_N, PAGE)
         out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
         tl.store(o_ptr + b * s_ob + m[:, None] * s_om + h * s_oh + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=m_ok[:, None])
 
     @triton.jit
-    def _split_keys_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, max_ptr, sum_ptr, rows_ptr, B, Lq, Lk, H, KV,
+    def _split_keys_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, o_ptr, max_ptr, sum_ptr, pages_ptr, B, Lq, Lk, H, KV,
                            keys_per_split, scale, s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                           s_bb, s_bm, s_bn, GROUPS: tl.constexpr, QT: tl.constexpr, HD: tl.constexpr,
-                           BLOCK_N: tl.constexpr, KV_ROWS: tl.constexpr):
+                           s_bb, s_bm, s_bn, s_pb, GROUPS: tl.constexpr, QT: tl.constexpr, HD: tl.constexpr,
+                           BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
         """Program (key slice, (b, key/value head, query tile)): rows = the head's GROUPS query heads
         x QT queries; writes the slice's unnormalised output, row max and row sum (float32)."""
         split, pid = tl.program_id(0), tl.program_id(1)
@@ -222,9 +247,10 @@ if HAS_TRITON:
         d = tl.arange(0, HD)
         q = tl.load(q_ptr + b * s_qb + h[:, None] * s_qh + m[:, None] * s_qm + d[None, :], mask=m_ok[:, None],
                     other=0.0)
-        kb = tl.load(rows_ptr + b).to(tl.int64) if KV_ROWS else b
+        kb = 0 if PAGE > 0 else b
         k_base = k_ptr + kb * s_kb + kv * s_kh
         v_base = v_ptr + kb * s_vb + kv * s_vh
+        pages_row = pages_ptr + b * s_pb
         bias_base = bias_ptr + b * s_bb + m[:, None] * s_bm
         row_max = tl.full([GROUPS * QT], float("-inf"), tl.float32)
         row_sum = tl.zeros([GROUPS * QT], tl.float32)
@@ -232,7 +258,7 @@ if HAS_TRITON:
         lo = split * keys_per_split
         for start in range(lo, tl.minimum(lo + keys_per_split, Lk), BLOCK_N):
             row_max, row_sum, acc = _key_tile(q, k_base, v_base, bias_base, start, Lk, m_ok, d, row_max, row_sum, acc,
-                                              s_kn, s_vn, s_bn, scale, BLOCK_N)
+                                              s_kn, s_vn, s_bn, scale, pages_row, s_kb, s_vb, BLOCK_N, PAGE)
         row = ((split * B + b) * H + h) * Lq + m  # (split, B, H, Lq) rows
         tl.store(o_ptr + row[:, None] * HD + d[None, :], acc, mask=m_ok[:, None])
         tl.store(max_ptr + row, row_max, mask=m_ok)
@@ -264,9 +290,9 @@ if HAS_TRITON:
                  out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
-def _split_keys_triton(query, key, value, bias, splits: int, kv_rows: torch.Tensor | None = None) -> torch.Tensor:
+def _split_keys_triton(query, key, value, bias, splits: int, kv_pages: torch.Tensor | None = None) -> torch.Tensor:
     B, H, Lq, hd = query.shape
-    KV, Lk = key.shape[1], key.shape[2]
+    KV, Lk = key.shape[1], bias.shape[-1]
     groups = H // KV
     # Queries per program: up to 64 rows of G heads x QT queries, at least 16 (a dot's rows).
     qt = max(min(triton.next_power_of_2(Lq), 64 // groups), 16 // groups, 1)
@@ -276,11 +302,13 @@ def _split_keys_triton(query, key, value, bias, splits: int, kv_rows: torch.Tens
     o_part = torch.empty(splits, B, H, Lq, hd, dtype=torch.float32, device=query.device)
     stats = torch.empty(2, splits, B, H, Lq, dtype=torch.float32, device=query.device)
     _split_keys_kernel[(splits, B * KV * triton.cdiv(Lq, qt))](
-        query, key, value, bias, o_part, stats[0], stats[1], kv_rows if kv_rows is not None else query,
+        query, key, value, bias, o_part, stats[0], stats[1], kv_pages if kv_pages is not None else query,
         B, Lq, Lk, H, KV, per_split, hd ** -0.5,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
-        GROUPS=groups, QT=qt, HD=hd, BLOCK_N=KEY_TILE, KV_ROWS=kv_rows is not None, num_warps=4, num_stages=2)
+        kv_pages.stride(0) if kv_pages is not None else 0,
+        GROUPS=groups, QT=qt, HD=hd, BLOCK_N=KEY_TILE, PAGE=key.shape[2] if kv_pages is not None else 0,
+        num_warps=4, num_stages=2)
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     rows, per_program = B * H * Lq, 32
     _merge_kernel[(triton.cdiv(rows, per_program),)](
@@ -291,11 +319,11 @@ def _split_keys_triton(query, key, value, bias, splits: int, kv_rows: torch.Tens
 
 def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int] | None = None,
                            block_m: int | None = None, fill_sms: bool = True,
-                           kv_rows: torch.Tensor | None = None) -> torch.Tensor:
+                           kv_pages: torch.Tensor | None = None) -> torch.Tensor:
     """config: (keys per iteration, stages, warps), default `plain_config`; block_m: queries per
-    program, default `query_tile`; kv_rows: see `bias_attention`."""
+    program, default `query_tile`; kv_pages: see `bias_attention`."""
     B, H, Lq, hd = query.shape
-    Lk = key.shape[2]
+    Lk = bias.shape[-1]
     out = torch.empty(B, Lq, H, hd, dtype=query.dtype, device=query.device)  # returned as (B, H, Lq, hd)
     bias = bias.expand(B, 1, Lq, Lk)
     block_m = block_m or query_tile(
@@ -303,15 +331,16 @@ def _bias_attention_triton(query, key, value, bias, config: tuple[int, int, int]
         fill_sms)
     config = config or plain_config(block_m, hd, shared_memory_limit(query.device))
     if config is None:  # no tile fits this GPU's shared memory
-        if kv_rows is not None:
-            key, value = key.index_select(0, kv_rows), value.index_select(0, kv_rows)
+        if kv_pages is not None:
+            key, value = gather_pages(key, kv_pages, Lk), gather_pages(value, kv_pages, Lk)
         return bias_attention_reference(query, key, value, bias)
     block_n, stages, warps = config
     grid = (triton.cdiv(Lq, block_m), B * H)
     _bias_attention_kernel[grid](
-        query, key, value, bias, out, kv_rows if kv_rows is not None else query, Lq, Lk, H, hd ** -0.5,
+        query, key, value, bias, out, kv_pages if kv_pages is not None else query, Lq, Lk, H, hd ** -0.5,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), bias.stride(0), bias.stride(2), bias.stride(3),
-        out.stride(0), out.stride(1), out.stride(2), GROUPS=H // key.shape[1], HD=hd, BLOCK_M=block_m,
-        BLOCK_N=block_n, KV_ROWS=kv_rows is not None, num_warps=warps, num_stages=stages)
+        out.stride(0), out.stride(1), out.stride(2), kv_pages.stride(0) if kv_pages is not None else 0,
+        GROUPS=H // key.shape[1], HD=hd, BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGE=key.shape[2] if kv_pages is not None else 0, num_warps=warps, num_stages=stages)
     return out.transpose(1, 2)
