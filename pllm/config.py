@@ -359,6 +359,13 @@ class EngineConfig(_ConfigMixin):
     # keep a cache slot of this length per sequence, allocated up front (7-8B models at 32k positions
     # would not fit 32 of them on one GPU).
     max_model_len: Optional[PositiveInt] = None
+    # Pages of the fixed-shape steps' KV cache pool (a page holds `page_size` positions: the model's
+    # block, at least 16); a sequence holds pages for its own length, and requests wait while the
+    # pool is short. Default: enough for max_num_seqs sequences of max_model_len.
+    kv_cache_pages: Optional[PositiveInt] = None
+    # Requests whose prompts start alike share the pages of their common whole-page prefix (computed
+    # once, reference-counted, never written by a sharer).
+    prefix_caching: bool = True
     # Block-causal models on a GPU: cached decoding steps run as fixed-shape passes replayed from
     # CUDA graphs captured per batch-size bucket (pllm/engine/cuda_graphs.py).
     use_cuda_graphs: bool = True

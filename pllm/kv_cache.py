@@ -93,7 +93,8 @@ class StaticKVCache:
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_positions: int, head_dim: int,
                  offset: int, dtype: torch.dtype, device, page_size: int | None = None, num_pages: int | None = None):
         """offset: scratch entries needed before position 0 (rounded up to whole pages); page_size
-        (default: offset, one scratch page); num_pages (default: every slot at max_positions)."""
+        (default: offset, one scratch page); num_pages: pages for sequences, the scratch pages
+        come on top (default: every slot at max_positions)."""
         P = page_size or offset
         self.page_size = P
         self.scratch_pages = -(-offset // P)
@@ -101,10 +102,7 @@ class StaticKVCache:
         self.pages_per_slot = self.scratch_pages + -(-max_positions // P)
         self.num_slots = num_slots
         static = self.scratch_pages + num_slots * (self.pages_per_slot - self.scratch_pages)
-        self.num_pages = num_pages or static
-        if self.num_pages <= self.scratch_pages:
-            raise ValueError(f"a KV cache pool of {self.num_pages} pages holds nothing beyond its "
-                             f"{self.scratch_pages} scratch pages")
+        self.num_pages = self.scratch_pages + num_pages if num_pages else static
         shape = (num_layers, 2, kv_heads, self.num_pages, P, head_dim)
         self.keys_values = torch.zeros(shape, dtype=dtype, device=device)
         self.page_tables = torch.zeros(num_slots, self.pages_per_slot, dtype=torch.long, device=device)

@@ -30,6 +30,7 @@ from ..decoding import DecodeState
 from pllm.kernels.options import DEFAULT_KERNELS, KernelOptions
 from pllm.kernels.step_windows import TABLE_ROWS, next_windows
 from ..model import DiffusionTransformer
+from .page_pool import PagePool, prefix_keys
 from .step_forward import forward_static, new_static_cache, scratch_positions
 
 
@@ -47,6 +48,11 @@ def row_buckets(max_rows: int) -> list[int]:
     while buckets[-1] < max_rows:
         buckets.append(buckets[-1] + 16)
     return buckets
+
+
+def page_size(block_size: int) -> int:
+    """Positions per KV cache page: whole blocks, at least 16."""
+    return block_size * -(-16 // block_size)
 
 
 def key_length_buckets(window: int, cache_length: int) -> list[int]:
@@ -109,10 +115,13 @@ class StaticStepRunner(CapturedSteps):
     """Runs the states of requests (by id) through fixed-shape steps; see the module docstring."""
 
     def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None,
-                 kernels: KernelOptions = DEFAULT_KERNELS, max_positions: int | None = None):
+                 kernels: KernelOptions = DEFAULT_KERNELS, max_positions: int | None = None,
+                 num_pages: int | None = None, prefix_caching: bool = True):
         """capture: CUDA graphs (GPU); compile_ops: torch.compile the step's elementwise chains
         (default: with capture); kernels: the step's kernel choices (`EngineConfig.kernels`);
-        max_positions: a slot's length (default: the model's context)."""
+        max_positions: a sequence's longest length (default: the model's context); num_pages: the
+        KV cache pool's pages of `page_size(block)` positions (default: max_num_seqs sequences of
+        max_positions); prefix_caching: share the pages of common prompt prefixes."""
         cfg = model.config
         if cfg.attention_mode != "block_causal":
             raise ValueError("fixed-shape steps need a block-causal model (bidirectional models see the whole answer)")
@@ -127,10 +136,16 @@ class StaticStepRunner(CapturedSteps):
         self.max_seqs = batch_buckets(max_num_seqs)[-1]
         self.buckets = row_buckets(self.max_seqs * (1 if self.one_token else 2))  # + finalize rows
         positions = max_positions or cfg.max_position_embeddings
-        # Whole blocks, so that a window never reaches past its slot.
-        self.cache = new_static_cache(model, self.max_seqs, -(-positions // self.block) * self.block)
+        # Whole blocks, so that a window never reaches past its slot's table.
+        self.page_size = page_size(self.block)
+        self.cache = new_static_cache(model, self.max_seqs, -(-positions // self.block) * self.block, self.page_size,
+                                      num_pages)
+        self.pool = PagePool(self.cache.num_pages, first_page=self.cache.scratch_pages)
+        self.prefix_caching = prefix_caching
+        self.pages_of: dict[DecodeState, list[int]] = {}  # a running state -> the pages it holds
+        self.num_prefilled = 0  # prompt positions prefilled (shared prefix pages are not)
         self.free_slots = list(range(self.max_seqs - 1, -1, -1))
-        self.slot_of: dict[DecodeState, int] = {}  # a running state -> its cache slot
+        self.slot_of: dict[DecodeState, int] = {}  # a running state -> its page-table row
         self.final_end: dict[DecodeState, int] = {}  # its slot's keys/values are final before this position
         device, W, R = model.device, self.window, self.buckets[-1]
         self.tokens = torch.full((R, W), cfg.pad_token_id, dtype=torch.long, device=device)
@@ -284,29 +299,59 @@ class StaticStepRunner(CapturedSteps):
         self.last_logits = out  # row i: states[i]'s model block (see `pllm.engine.batched_commit`)
         return [[out[i, s.start % bs:s.start % bs + s.end - s.start]] for i, s in enumerate(states)]
 
+    # -- pages ---------------------------------------------------------------------------------
+    def pages_needed(self, num_tokens: int) -> int:
+        """Pages a sequence of num_tokens positions holds (its windows reach the end of its last block)."""
+        return -(-(-(-num_tokens // self.block) * self.block) // self.page_size)
+
+    def can_admit(self, lengths: list[int]) -> bool:
+        """Whether sequences of these lengths would get their pages now (no prefix counted as shared)."""
+        return sum(map(self.pages_needed, lengths)) <= self.pool.available()
+
+    def capacity(self) -> int:
+        """The longest sequence the pool can ever hold."""
+        return (self.cache.num_pages - self.cache.scratch_pages) * self.page_size
+
+    def release(self, state: DecodeState) -> None:
+        """A state left (finished or aborted): its slot and pages are free for the next request."""
+        if state in self.slot_of:
+            self.free_slots.append(self.slot_of.pop(state))
+            self.pool.release(self.pages_of.pop(state))
+            self.final_end.pop(state, None)
+
     def _assign_slots(self, states: list[DecodeState]) -> None:
-        """Free the slots of states that left; give new ones a slot and prefill it."""
+        """Free the pages and slots of states that left; give new ones pages (their prompt's
+        remembered prefix pages, fresh ones for the rest) and prefill what was not shared."""
         running = set(states)
         for state in [s for s in self.slot_of if s not in running]:
-            self.free_slots.append(self.slot_of.pop(state))
-            self.final_end.pop(state, None)
+            self.release(state)
         for state in states:
             if state not in self.slot_of:
                 self.slot_of[state] = self.free_slots.pop()
                 self._prefill(state, self.slot_of[state])
 
     def _prefill(self, state: DecodeState, slot: int) -> None:
-        """Keys/values of every whole block before the first window. Prompt lengths vary, so no
-        per-shape attention plans (cuDNN's cost far more than they save here)."""
-        first = self._block_of(state.start)
+        """Pages for the state, and keys/values of every whole block before its first window.
+        Pages wholly before any window (`first - shift`) are the shareable prompt prefix: taken from
+        the pool's memory where another prompt started alike, else computed and remembered. Prompt
+        lengths vary, so no per-shape attention plans (cuDNN's cost far more than they save here)."""
+        first, P = self._block_of(state.start), self.page_size
         self.final_end[state] = first
+        shareable = max(0, first - self.shift) // P if self.prefix_caching else 0
+        keys = prefix_keys(state.tokens[:shareable * P].tolist(), P, shareable) if shareable else []
+        shared = self.pool.lookup(keys)
+        own = self.pool.allocate(self.pages_needed(state.tokens.numel()) - len(shared))
+        self.pages_of[state] = shared + own
+        self.cache.set_pages(slot, shared + own)
+        start = len(shared) * P
         end = first - self.shift if self.one_token else first  # the one-token window holds the last one
-        if end <= 0:
-            return
-        positions = torch.arange(end, device=self.tokens.device)[None]
-        limit = torch.full((1,), end, device=self.tokens.device)  # a fill: no copy that waits for the GPU
-        forward_static(self.model, state.tokens[None, :end], positions, limit, self.cache, slice(slot, slot + 1), 0,
-                       fixed_shape=False, kernels=self.kernels)
+        if end > start:
+            positions = torch.arange(start, end, device=self.tokens.device)[None]
+            limit = torch.full((1,), end, device=self.tokens.device)  # a fill: no copy that waits for the GPU
+            forward_static(self.model, state.tokens[None, start:end], positions, limit, self.cache,
+                           slice(slot, slot + 1), 0, fixed_shape=False, kernels=self.kernels)
+            self.num_prefilled += end - start
+        self.pool.remember(keys[len(shared):], own[:shareable - len(shared)])
 
 
 class _Done:

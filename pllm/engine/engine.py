@@ -63,7 +63,7 @@ class Engine:
         if draft_model is not None:
             check_draft_model(model.config, draft_model.config)
         self.drafter = Drafter(draft_model) if draft_model is not None else None
-        self.scheduler = Scheduler(self.config)
+        self.scheduler = Scheduler(self.config, self.runner.can_admit)
         self._incoming: deque[Request] = deque()
         self._aborts: deque[str] = deque()
         self._ids = itertools.count()
@@ -85,6 +85,7 @@ class Engine:
         if rules.speculative and self.drafter is None:
             raise ValueError("strategy 'speculative' needs a draft model, and this engine has none")
         check_request(self.model_config, self.config, prompt.numel(), config.max_new_tokens, rules.draft_length)
+        self.runner.check_length(prompt.numel() + rules.gen_length)
         request_id = request_id or f"req-{next(self._ids)}"
         self._incoming.append(Request(request_id, prompt, config, rules))
         return request_id
@@ -120,6 +121,8 @@ class Engine:
         while self._aborts:
             request = self.scheduler.remove(self._aborts.popleft())
             if request is not None:
+                if request.state is not None:
+                    self.runner.release(request.state)
                 self.stats["aborted"] += 1
                 outputs.append(self._output(request, [], finish_reason="abort"))
         return outputs
@@ -143,6 +146,7 @@ class Engine:
             request.num_sent = len(final)
             if state.finished:
                 self.scheduler.remove(request.request_id)
+                self.runner.release(state)
                 request.finish_time = now
                 self.stats["finished"] += 1
                 outputs.append(self._output(request, new, state.finish_reason))

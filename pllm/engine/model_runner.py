@@ -9,7 +9,7 @@ from ..decoding import DecodeState
 from ..decoding.loop import run_states
 from ..model import DiffusionTransformer
 from .batched_commit import batchable, commit_batch
-from .cuda_graphs import StaticStepRunner
+from .cuda_graphs import StaticStepRunner, page_size
 from .dual_cache_graphs import DualCacheStepRunner
 
 
@@ -19,19 +19,21 @@ def context_length(model_config: ModelConfig, config: EngineConfig) -> int:
     return min(config.max_model_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
 
 
-def check_cache_fits(model: DiffusionTransformer, slots: int, positions: int) -> None:
+def check_cache_fits(model: DiffusionTransformer, slots: int, positions: int, pages: int | None = None) -> None:
     """Fail with the settings to change, instead of running out of GPU memory, when the fixed-shape
-    steps' KV cache (every slot at full length, allocated up front) would not fit in the free memory."""
+    steps' KV cache pool (allocated up front: `pages` pages, default every slot at full length)
+    would not fit in the free memory."""
     if model.device.type != "cuda":
         return
     cfg = model.config
-    need = (cfg.num_hidden_layers * slots * 2 * cfg.kv_heads * (positions + 2 * cfg.block_size + 1) * cfg.attention_head_size
+    entries = pages * page_size(cfg.block_size) if pages else slots * (positions + 2 * cfg.block_size + 16)
+    need = (cfg.num_hidden_layers * 2 * cfg.kv_heads * entries * cfg.attention_head_size
             * model.embed_tokens.weight.element_size())
     free = torch.cuda.mem_get_info(model.device)[0]
     if need > 0.8 * free:
-        raise ValueError(f"the KV cache of {slots} sequences x {positions} positions needs {need / 2**30:.1f} GiB "
-                         f"but {free / 2**30:.1f} GiB of GPU memory are free: lower engine max_model_len or "
-                         f"max_num_seqs")
+        what = f"{pages} pages" if pages else f"{slots} sequences x {positions} positions"
+        raise ValueError(f"the KV cache of {what} needs {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB of GPU "
+                         f"memory are free: lower engine kv_cache_pages, max_model_len or max_num_seqs")
 
 
 class ModelRunner:
@@ -59,10 +61,12 @@ class ModelRunner:
         on_gpu = model.device.type == "cuda"
         if static_step:
             positions = context_length(model.config, config)
-            check_cache_fits(model, config.max_num_seqs, positions)
-            runner = StaticStepRunner if model.config.attention_mode == "block_causal" else DualCacheStepRunner
+            paged = model.config.attention_mode == "block_causal"
+            check_cache_fits(model, config.max_num_seqs, positions, config.kv_cache_pages if paged else None)
+            options = dict(num_pages=config.kv_cache_pages, prefix_caching=config.prefix_caching) if paged else {}
+            runner = StaticStepRunner if paged else DualCacheStepRunner
             built = runner(model, config.max_num_seqs, capture=on_gpu, compile_ops=config.compile_step and on_gpu,
-                           kernels=config.kernels, max_positions=positions)
+                           kernels=config.kernels, max_positions=positions, **options)
             self.static, self.dual = (built, None) if runner is StaticStepRunner else (None, built)
         # Launch each step before the host reads the last one's commits (`StaticStepRunner.run_ahead`):
         # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
@@ -77,6 +81,22 @@ class ModelRunner:
         """The most sequences one fixed-shape step takes (its largest batch bucket); None without one."""
         runner = self.static or self.dual
         return runner.max_seqs if runner is not None else None
+
+    def can_admit(self, lengths: list[int]) -> bool:
+        """Whether sequences of these lengths (prompt + answer) get KV cache pages now (always,
+        without a fixed-shape step's paged cache)."""
+        return self.static is None or self.static.can_admit(lengths)
+
+    def release(self, state: DecodeState) -> None:
+        """A sequence left the batch: the fixed-shape step frees its cache pages at once."""
+        if self.static is not None:
+            self.static.release(state)
+
+    def check_length(self, length: int) -> None:
+        """Raise ValueError if a sequence of this length could never get its pages."""
+        if self.static is not None and length > self.static.capacity():
+            raise ValueError(f"prompt + max_tokens = {length} tokens exceeds the engine's KV cache pool of "
+                             f"{self.static.capacity()} positions (engine kv_cache_pages)")
 
     def new_state(self, prompt: torch.Tensor, rules, suffix: torch.Tensor | None = None) -> DecodeState:
         """A sequence's decoding state on this runner's device, with its kernel choices."""

@@ -30,6 +30,11 @@ class Request:
     finish_time: float | None = None
 
     @property
+    def length(self) -> int:
+        """Positions of the whole sequence: prompt + answer."""
+        return self.prompt.numel() + self.rules.gen_length
+
+    @property
     def num_tokens(self) -> int:
         return tokens_per_pass(self.prompt.numel(), self.rules.gen_length, self.rules.draft_length)
 
