@@ -83,3 +83,20 @@ def test_page_pool_counts_holders_and_forgets_the_oldest_unused_prefix_first():
     assert pool.lookup(keys) == [] and pool.available() == 0
     with pytest.raises(RuntimeError, match="0 pages available, 1 needed"):
         pool.allocate(1)
+
+
+def test_dual_cache_steps_take_pages_from_the_pool_too():
+    """Bidirectional models (Fast-dLLM's dual cache): each sequence holds pages for its length from
+    the same kind of pool, a short pool makes requests wait, and the answers are the packed path's."""
+    torch.manual_seed(0)
+    model = DiffusionTransformer(tiny_config(block_size=8, max_position_embeddings=128)).to(DEVICE, DTYPE).eval()
+    requests = [(prompt[:16], cfg.replace(kv_cache="dual", block_size=8, strategy="static",
+                                          max_new_tokens=min(cfg.max_new_tokens, 16)))
+                for prompt, cfg in mixed_requests(6)]
+    config = EngineConfig(max_num_seqs=4, max_batched_tokens=400, kv_cache_pages=5)
+    packed = run_staggered(Engine(model, config, static_step=False), requests, every=1)
+    engine = Engine(model, config, static_step=True)
+    assert run_staggered(engine, requests, every=1) == packed
+    dual = engine.runner.dual
+    assert dual.num_steps > 0 and engine.stats["peak_batch_size"] <= 2  # 5 pages of 16: two sequences of <= 32
+    assert dual.pool.available() == 5

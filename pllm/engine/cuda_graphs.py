@@ -79,6 +79,45 @@ class CapturedSteps:
     def _step(self, B: int, S: int) -> torch.Tensor:
         raise NotImplementedError
 
+    # -- the KV cache's pages ------------------------------------------------------------------
+    def _init_pages(self, model: DiffusionTransformer, max_seqs: int, max_positions: int,
+                    num_pages: int | None) -> None:
+        """The cache pool (`num_pages` pages for sequences; default max_seqs of max_positions),
+        its allocator, and a page-table row ("slot") per running sequence."""
+        self.page_size = page_size(model.config.block_size)
+        self.cache = new_static_cache(model, max_seqs, max_positions, self.page_size, num_pages)
+        self.pool = PagePool(self.cache.num_pages, first_page=self.cache.scratch_pages)
+        self.free_slots = list(range(max_seqs - 1, -1, -1))
+        self.slot_of: dict[DecodeState, int] = {}  # a running state -> its page-table row
+        self.pages_of: dict[DecodeState, list[int]] = {}  # ... and the pages it holds
+
+    def pages_needed(self, num_tokens: int) -> int:
+        """Pages a sequence of num_tokens positions holds (its windows reach the end of its last block)."""
+        bs = self.block
+        return -(-(-(-num_tokens // bs) * bs) // self.page_size)
+
+    def can_admit(self, lengths: list[int]) -> bool:
+        """Whether sequences of these lengths would get their pages now (no prefix counted as shared)."""
+        return sum(map(self.pages_needed, lengths)) <= self.pool.available()
+
+    def capacity(self) -> int:
+        """The longest sequence the pool can ever hold."""
+        return (self.cache.num_pages - self.cache.scratch_pages) * self.page_size
+
+    def _give_pages(self, state: DecodeState, slot: int, shared: list[int] = ()) -> list[int]:
+        """The state's page-table row: `shared` pages (held already), then fresh ones for the rest
+        of its length; returns the fresh ones."""
+        own = self.pool.allocate(self.pages_needed(state.tokens.numel()) - len(shared))
+        self.pages_of[state] = [*shared, *own]
+        self.cache.set_pages(slot, self.pages_of[state])
+        return own
+
+    def release(self, state: DecodeState) -> None:
+        """A state left (finished or aborted): its slot and pages are free for the next request."""
+        if state in self.slot_of:
+            self.free_slots.append(self.slot_of.pop(state))
+            self.pool.release(self.pages_of.pop(state))
+
     def _capture_all(self) -> None:
         """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""
         side = torch.cuda.Stream()
@@ -137,15 +176,9 @@ class StaticStepRunner(CapturedSteps):
         self.buckets = row_buckets(self.max_seqs * (1 if self.one_token else 2))  # + finalize rows
         positions = max_positions or cfg.max_position_embeddings
         # Whole blocks, so that a window never reaches past its slot's table.
-        self.page_size = page_size(self.block)
-        self.cache = new_static_cache(model, self.max_seqs, -(-positions // self.block) * self.block, self.page_size,
-                                      num_pages)
-        self.pool = PagePool(self.cache.num_pages, first_page=self.cache.scratch_pages)
+        self._init_pages(model, self.max_seqs, -(-positions // self.block) * self.block, num_pages)
         self.prefix_caching = prefix_caching
-        self.pages_of: dict[DecodeState, list[int]] = {}  # a running state -> the pages it holds
         self.num_prefilled = 0  # prompt positions prefilled (shared prefix pages are not)
-        self.free_slots = list(range(self.max_seqs - 1, -1, -1))
-        self.slot_of: dict[DecodeState, int] = {}  # a running state -> its page-table row
         self.final_end: dict[DecodeState, int] = {}  # its slot's keys/values are final before this position
         device, W, R = model.device, self.window, self.buckets[-1]
         self.tokens = torch.full((R, W), cfg.pad_token_id, dtype=torch.long, device=device)
@@ -299,32 +332,13 @@ class StaticStepRunner(CapturedSteps):
         self.last_logits = out  # row i: states[i]'s model block (see `pllm.engine.batched_commit`)
         return [[out[i, s.start % bs:s.start % bs + s.end - s.start]] for i, s in enumerate(states)]
 
-    # -- pages ---------------------------------------------------------------------------------
-    def pages_needed(self, num_tokens: int) -> int:
-        """Pages a sequence of num_tokens positions holds (its windows reach the end of its last block)."""
-        return -(-(-(-num_tokens // self.block) * self.block) // self.page_size)
-
-    def can_admit(self, lengths: list[int]) -> bool:
-        """Whether sequences of these lengths would get their pages now (no prefix counted as shared)."""
-        return sum(map(self.pages_needed, lengths)) <= self.pool.available()
-
-    def capacity(self) -> int:
-        """The longest sequence the pool can ever hold."""
-        return (self.cache.num_pages - self.cache.scratch_pages) * self.page_size
-
-    def release(self, state: DecodeState) -> None:
-        """A state left (finished or aborted): its slot and pages are free for the next request."""
-        if state in self.slot_of:
-            self.free_slots.append(self.slot_of.pop(state))
-            self.pool.release(self.pages_of.pop(state))
-            self.final_end.pop(state, None)
-
     def _assign_slots(self, states: list[DecodeState]) -> None:
         """Free the pages and slots of states that left; give new ones pages (their prompt's
         remembered prefix pages, fresh ones for the rest) and prefill what was not shared."""
         running = set(states)
         for state in [s for s in self.slot_of if s not in running]:
             self.release(state)
+            self.final_end.pop(state, None)
         for state in states:
             if state not in self.slot_of:
                 self.slot_of[state] = self.free_slots.pop()
@@ -340,9 +354,7 @@ class StaticStepRunner(CapturedSteps):
         shareable = max(0, first - self.shift) // P if self.prefix_caching else 0
         keys = prefix_keys(state.tokens[:shareable * P].tolist(), P, shareable) if shareable else []
         shared = self.pool.lookup(keys)
-        own = self.pool.allocate(self.pages_needed(state.tokens.numel()) - len(shared))
-        self.pages_of[state] = shared + own
-        self.cache.set_pages(slot, shared + own)
+        own = self._give_pages(state, slot, shared)
         start = len(shared) * P
         end = first - self.shift if self.one_token else first  # the one-token window holds the last one
         if end > start:

@@ -20,14 +20,16 @@ from ..decoding import DecodeState
 from ..model import DiffusionTransformer
 from pllm.kernels.options import DEFAULT_KERNELS, KernelOptions
 from .cuda_graphs import CapturedSteps, batch_buckets, key_length_buckets
-from .step_forward import forward_static, new_static_cache
+from .step_forward import forward_static
 
 
 class DualCacheStepRunner(CapturedSteps):
     """Runs dual-cache states of a bidirectional model through fixed-shape steps (module docstring)."""
 
     def __init__(self, model: DiffusionTransformer, max_num_seqs: int, capture: bool, compile_ops: bool | None = None,
-                 kernels: KernelOptions = DEFAULT_KERNELS, max_positions: int | None = None):
+                 kernels: KernelOptions = DEFAULT_KERNELS, max_positions: int | None = None,
+                 num_pages: int | None = None):
+        """num_pages: the KV cache pool's pages for sequences (default: every sequence at max_positions)."""
         cfg = model.config
         if cfg.attention_mode != "bidirectional":
             raise ValueError("dual-cache steps are for bidirectional models (block-causal ones use the exact cache)")
@@ -38,14 +40,14 @@ class DualCacheStepRunner(CapturedSteps):
         self.window = self.block + self.shift
         self.buckets = batch_buckets(max_num_seqs)
         self.max_seqs = self.buckets[-1]
-        self.cache = new_static_cache(model, self.buckets[-1], max_positions)
+        self._init_pages(model, self.max_seqs, max_positions or cfg.max_position_embeddings, num_pages)
         self.visible = self.cache.length + self.cache.offset  # one block holding every position
         B, W, device = self.buckets[-1], self.window, model.device
         self.tokens = torch.full((B, W), cfg.pad_token_id, dtype=torch.long, device=device)
         self.positions = torch.full((B, W), -1, dtype=torch.long, device=device)
         self.limits = torch.zeros(B, dtype=torch.long, device=device)
+        self.slots = torch.zeros(B, dtype=torch.long, device=device)
         self.lengths = key_length_buckets(W, self.cache.length)
-        self.slot_of: dict[DecodeState, int] = {}
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_steps = self.num_replays = self.num_refreshes = 0
         self.last_length = self.lengths[0]
@@ -59,7 +61,7 @@ class DualCacheStepRunner(CapturedSteps):
 
     def _step(self, B: int, S: int) -> torch.Tensor:
         return forward_static(self.model, self.tokens[:B], self.positions[:B], self.limits[:B], self.cache,
-                              slice(0, B), self.block, key_length=S, compile_ops=self.compile_ops,
+                              self.slots[:B], self.block, key_length=S, compile_ops=self.compile_ops,
                               kernels=self.kernels, visible_block=self.visible)
 
     @torch.no_grad()
@@ -71,7 +73,7 @@ class DualCacheStepRunner(CapturedSteps):
         stepping = []
         for i, state in enumerate(states):
             if state.step == 0:
-                logits[i] = self._refresh(state, i)
+                logits[i] = self._refresh(state, self.slot_of[state])
             else:
                 stepping.append(i)
         if stepping:
@@ -79,6 +81,8 @@ class DualCacheStepRunner(CapturedSteps):
             B = next(b for b in self.buckets if b >= n)
             self.positions[:B].fill_(-1)
             self.limits[:B] = 0
+            self.slots[:B] = 0
+            self.slots[:n] = torch.tensor([self.slot_of[s] for s in states], device=self.tokens.device)
             lo = [states[i].start - self.shift for i in stepping]
             spans = [states[i].end - first for i, first in zip(stepping, lo)]
             rows = torch.tensor(stepping, device=self.tokens.device)
@@ -105,9 +109,12 @@ class DualCacheStepRunner(CapturedSteps):
                               visible_block=self.visible, logits_end=state.end)[0]
 
     def _assign_slots(self, states: list[DecodeState]) -> None:
-        """Row i of the step uses slot i: move continuing states' slots (refreshes rewrite theirs)."""
-        old = self.slot_of
-        moves = [(old[s], i) for i, s in enumerate(states) if s in old and old[s] != i and s.step > 0]
-        if moves:
-            self.cache.move([m[0] for m in moves], [m[1] for m in moves])
-        self.slot_of = {s: i for i, s in enumerate(states)}
+        """Free the pages of states that left; give new ones a page-table row and pages for their
+        length (a refresh rewrites them: nothing to carry over when the batch reorders)."""
+        running = set(states)
+        for state in [s for s in self.slot_of if s not in running]:
+            self.release(state)
+        for state in states:
+            if state not in self.slot_of:
+                self.slot_of[state] = self.free_slots.pop()
+                self._give_pages(state, self.slot_of[state])

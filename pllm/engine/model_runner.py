@@ -61,12 +61,13 @@ class ModelRunner:
         on_gpu = model.device.type == "cuda"
         if static_step:
             positions = context_length(model.config, config)
-            paged = model.config.attention_mode == "block_causal"
-            check_cache_fits(model, config.max_num_seqs, positions, config.kv_cache_pages if paged else None)
-            options = dict(num_pages=config.kv_cache_pages, prefix_caching=config.prefix_caching) if paged else {}
-            runner = StaticStepRunner if paged else DualCacheStepRunner
+            block_causal = model.config.attention_mode == "block_causal"
+            check_cache_fits(model, config.max_num_seqs, positions, config.kv_cache_pages)
+            options = dict(prefix_caching=config.prefix_caching) if block_causal else {}
+            runner = StaticStepRunner if block_causal else DualCacheStepRunner
             built = runner(model, config.max_num_seqs, capture=on_gpu, compile_ops=config.compile_step and on_gpu,
-                           kernels=config.kernels, max_positions=positions, **options)
+                           kernels=config.kernels, max_positions=positions, num_pages=config.kv_cache_pages,
+                           **options)
             self.static, self.dual = (built, None) if runner is StaticStepRunner else (None, built)
         # Launch each step before the host reads the last one's commits (`StaticStepRunner.run_ahead`):
         # on a GPU, where the step is a graph replay and the host's bookkeeping would leave it idle.
@@ -85,18 +86,21 @@ class ModelRunner:
     def can_admit(self, lengths: list[int]) -> bool:
         """Whether sequences of these lengths (prompt + answer) get KV cache pages now (always,
         without a fixed-shape step's paged cache)."""
-        return self.static is None or self.static.can_admit(lengths)
+        runner = self.static or self.dual
+        return runner is None or runner.can_admit(lengths)
 
     def release(self, state: DecodeState) -> None:
         """A sequence left the batch: the fixed-shape step frees its cache pages at once."""
-        if self.static is not None:
-            self.static.release(state)
+        runner = self.static or self.dual
+        if runner is not None:
+            runner.release(state)
 
     def check_length(self, length: int) -> None:
         """Raise ValueError if a sequence of this length could never get its pages."""
-        if self.static is not None and length > self.static.capacity():
+        runner = self.static or self.dual
+        if runner is not None and length > runner.capacity():
             raise ValueError(f"prompt + max_tokens = {length} tokens exceeds the engine's KV cache pool of "
-                             f"{self.static.capacity()} positions (engine kv_cache_pages)")
+                             f"{runner.capacity()} positions (engine kv_cache_pages)")
 
     def new_state(self, prompt: torch.Tensor, rules, suffix: torch.Tensor | None = None) -> DecodeState:
         """A sequence's decoding state on this runner's device, with its kernel choices."""
