@@ -40,17 +40,24 @@ def _serve_demo(job: JobConfig, result: JobResult, keep_serving: bool) -> None:
               f"--mlflow-uri {result.tracking_uri}")
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from pllm.actors.launch import serve_until_interrupted, start_server
+def serve_args(args: argparse.Namespace):
+    """`pllm serve`'s flags as the app's arguments (`ServeArgs`, its `engine` an EngineConfig dict)."""
     from pllm.actors.serve_app import ServeArgs
 
-    engine = {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens}
-    serve_args = ServeArgs(model=args.model, draft_model=args.draft_model, model_name=args.name,
-                           mlflow_uri=args.mlflow_uri, device=args.device,
-                           engine=engine, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
-                           num_gpus_per_replica=args.num_gpus_per_replica)
-    url = start_server(serve_args, host=args.host, port=args.port)
-    print(f"Serving {args.model} as '{serve_args.served_name()}' at {url}/v1 (Ctrl-C stops)", flush=True)
+    engine = {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
+              "kv_cache_pages": args.kv_cache_pages, "prefix_caching": not args.no_prefix_caching}
+    return ServeArgs(model=args.model, draft_model=args.draft_model, model_name=args.name,
+                     mlflow_uri=args.mlflow_uri, device=args.device,
+                     engine=engine, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                     num_gpus_per_replica=args.num_gpus_per_replica)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pllm.actors.launch import serve_until_interrupted, start_server
+
+    app_args = serve_args(args)
+    url = start_server(app_args, host=args.host, port=args.port)
+    print(f"Serving {args.model} as '{app_args.served_name()}' at {url}/v1 (Ctrl-C stops)", flush=True)
     serve_until_interrupted()
     return 0
 
@@ -147,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus-per-replica", type=float, default=0)
     s.add_argument("--max-num-seqs", type=int, default=32, help="sequences per forward pass")
     s.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per forward pass")
+    s.add_argument("--kv-cache-pages", type=int, default=None,
+                   help="pages of the GPU steps' KV cache pool (default: max-num-seqs sequences of the model's context)")
+    s.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not share the KV cache pages of common prompt prefixes between requests")
     s.set_defaults(func=_cmd_serve)
 
     i = sub.add_parser("import", help="check a Hugging Face checkpoint folder (LLaDA, Dream, Fast-dLLM v2, SDAR, "

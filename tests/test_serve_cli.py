@@ -49,3 +49,14 @@ def test_serve_run_with_the_repo_config(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_serve_flags_set_the_engines_kv_cache_pool():
+    from pllm.cli import build_parser, serve_args
+    from pllm.config import EngineConfig
+
+    args = build_parser().parse_args(["serve", "--model", "m", "--kv-cache-pages", "512", "--no-prefix-caching"])
+    engine = EngineConfig.from_dict(serve_args(args).engine)
+    assert (engine.kv_cache_pages, engine.prefix_caching, engine.max_num_seqs) == (512, False, 32)
+    default = EngineConfig.from_dict(serve_args(build_parser().parse_args(["serve", "--model", "m"])).engine)
+    assert default.kv_cache_pages is None and default.prefix_caching
