@@ -365,7 +365,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.shape, args.gen, args.prompt_len, args.batches = "tiny", 32, 16, [1, 4]
-        args.train_seconds, args.tpf_prompts, args.hf_tokens, args.thresholds = 20.0, 4, 8, [0.7]
+        args.train_seconds, args.tpf_prompts, args.hf_tokens, args.thresholds = min(args.train_seconds, 20.0), 4, 8, [0.7]
     device = args.device
     stem = f"generation_speed_{args.shape}_{device}" + ("_baseline_kernels" if args.baseline_kernels else "")
     # --baseline-kernels: cuBLAS GEMMs and the plain attention kernel in the step

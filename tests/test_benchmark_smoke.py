@@ -1,4 +1,4 @@
-"""The speculative-decoding, multi-GPU, norm-backward, answer-generation and throughput benchmarks run end to end
+"""The speculative-decoding, multi-GPU, norm-backward, answer-generation, throughput and serving benchmarks run end to end
 on CPU (tiny shapes, gloo, CPU replicas, Triton's interpreter); their GPU figures are in
 benchmarks/RESULTS.md."""
 
@@ -116,3 +116,13 @@ def test_throughput_vs_batch_benchmark_compares_every_path_with_the_ar_one(tmp_p
         assert row["window"] == (1 if path.startswith("AR") else 8)  # the one-token window; a block of 8
         assert path.startswith("AR") or row["over_ar"] > 0
     assert (tmp_path / "throughput_vs_batch_tiny_cpu.png").stat().st_size > 0
+
+
+def test_serving_benchmark_reports_each_model_kind_with_time_to_first_token(tmp_path):
+    _run(["benchmarks/serving.py", "--size", "tiny", "--models", "ar", "dual", "--rates", "20", "--num-requests", "4",
+          "--batching", "continuous", "--shared-prefix", "32", "--out", str(tmp_path)], 300)
+    report = json.loads((tmp_path / "serving_tiny_cpu_ar_dual.json").read_text())
+    assert [(r["model"], r["batching"]) for r in report["results"]] == [("ar", "continuous"), ("dual", "continuous")]
+    for r in report["results"]:
+        assert 0 < r["p50_ttft_s"] <= r["p50_latency_s"] <= r["p99_latency_s"] and r["requests_per_s"] > 0
+    assert report["parameters"]["ar"] == report["parameters"]["dual"]  # one shape, two attentions
