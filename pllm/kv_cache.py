@@ -128,15 +128,6 @@ class StaticKVCache:
         row += [0] * (self.pages_per_slot - len(row))
         self.page_tables[slot] = torch.tensor(row, device=self.page_tables.device)
 
-    def move(self, src: list[int], dst: list[int]) -> None:
-        """Slot dst[i] takes over slot src[i]'s pages (and contents), without copying them; slots
-        left behind get the pages that were displaced, so no two slots share a page."""
-        vacated = [i for i in src if i not in dst]
-        displaced = [i for i in dst if i not in src]
-        device = self.page_tables.device
-        s, d = torch.tensor(src + displaced, device=device), torch.tensor(dst + vacated, device=device)
-        self.page_tables[d] = self.page_tables[s].clone()
-
 
 @dataclass
 class StaticStep:
