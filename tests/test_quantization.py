@@ -1,0 +1,63 @@
+"""Weight-only quantization (`pllm.quantization`): each format's error stays within its bound per
+channel or group, a quantized model decodes through the engine, and the seed API's name works."""
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from pllm import DiffusionTransformer, EngineConfig, GenerationConfig
+from pllm.engine import Engine, ModelRunner
+from pllm.quantization import INT4_GROUP, QuantizedLinear, dequantize, quantize_model, quantize_weight
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
+def test_dequantized_weights_are_within_each_formats_bound(precision):
+    torch.manual_seed(0)
+    w = torch.randn(48, 256) * torch.logspace(-2, 1, 48)[:, None]  # channels of very different scales
+    w[3, 7] = 40.0  # an outlier owns its channel's (or group's) scale
+    q, scale = quantize_weight(w, precision)
+    back = dequantize(q, scale, precision)
+    err = (back - w).abs()
+    if precision == "int8":  # half a step of each channel's scale
+        assert q.dtype == torch.int8 and scale.shape == (48, 1)
+        assert (err <= scale / 2 + 1e-6).all()
+    elif precision == "fp8":  # e4m3: 3 mantissa bits, half an ulp relative, for values above the subnormals
+        assert q.dtype == torch.float8_e4m3fn and scale.shape == (48, 1)
+        normal = w.abs() >= scale * 2 ** -6
+        assert (err[normal] <= w.abs()[normal] * 2 ** -4 + 1e-6).all() and (err <= scale * 2 ** -9 + w.abs() * 2 ** -4).all()
+    else:  # half a step of each group's scale; two values a byte
+        assert q.dtype == torch.uint8 and q.shape == (48, 128) and scale.shape == (48, 256 // INT4_GROUP)
+        assert (err <= scale.repeat_interleave(INT4_GROUP, 1) / 2 + 1e-6).all()
+    assert (back[3, 7] - 40.0).abs() < 1e-3 * 40  # the outlier itself is (nearly) exact
+    with pytest.raises(ValueError, match="precision must be one of"):
+        quantize_weight(w, "int3")
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
+def test_a_quantized_model_decodes_through_the_engine(precision):
+    torch.manual_seed(0)
+    cfg = tiny_config(attention_mode="block_causal", block_size=4, hidden_size=128, intermediate_size=256,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = DiffusionTransformer(cfg).eval()
+    x = torch.randint(4, cfg.vocab_size, (2, 12))
+    reference = model(x)
+    quantize_model(model, precision)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(quantized) == 4 * cfg.num_hidden_layers and type(model.lm_head) is torch.nn.Linear
+    out = model(x)
+    rel = ((out - reference).norm() / reference.norm()).item()
+    assert rel < {"int8": 0.02, "fp8": 0.08, "int4": 0.3}[precision], rel
+    gen = GenerationConfig(max_new_tokens=8, num_refinement_steps=8, temperature=0.0)
+    answers = Engine(model, EngineConfig(max_num_seqs=2)).generate([torch.arange(4, 9), torch.arange(4, 14)], gen)
+    assert [len(a) for a in answers] == [8, 8]
+    with pytest.raises(ValueError, match="quantized projections"):
+        ModelRunner(model, EngineConfig(), static_step=True)
+
+
+def test_the_seed_api_quantizes_under_the_distributions_name():
+    from parallel_llm.quantization import quantize_model as seed_quantize_model
+
+    model = seed_quantize_model(DiffusionTransformer(tiny_config()), precision="fp8")
+    assert all(m.precision == "fp8" for m in model.modules() if isinstance(m, QuantizedLinear))
+    with pytest.raises(ValueError, match="no nn.Linear named"):
+        quantize_model(model, "int8")  # nothing left to quantize
