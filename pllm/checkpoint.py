@@ -13,6 +13,7 @@ from safetensors.torch import save_model as _save_weights
 
 from .config import ModelConfig
 from .model import DiffusionTransformer
+from .quantization import quantization_config, quantize_model, to_dtype
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -25,7 +26,11 @@ def save_pretrained(model: DiffusionTransformer, path: str | Path, tokenizer: To
     path.mkdir(parents=True, exist_ok=True)
     # save_model drops the duplicate of tied weights (embedding == LM head) and restores the tie on load.
     _save_weights(model, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
-    (path / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2))
+    config = model.config.to_dict()
+    quantization = quantization_config(model)
+    if quantization is not None:  # quantized weights + scales in the safetensors, how to read them here
+        config["quantization"] = quantization
+    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
         tokenizer.save(path / TOKENIZER_FILE)
     return path
@@ -61,7 +66,9 @@ def load_config(path: str | Path) -> ModelConfig:
         return load_config(base)
     if is_hf_checkpoint(path):
         return plan_import(path).config
-    return ModelConfig.from_dict(json.loads((Path(path) / CONFIG_FILE).read_text()))
+    config = json.loads((Path(path) / CONFIG_FILE).read_text())
+    config.pop("quantization", None)  # `load_model` reads it
+    return ModelConfig.from_dict(config)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionTransformer:
@@ -80,11 +87,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     if not (path / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}: not a saved pllm model")
     model = DiffusionTransformer(load_config(path))
+    quantization = json.loads((path / CONFIG_FILE).read_text()).get("quantization")
+    if quantization is not None:  # the quantized modules first, so the saved tensors fit them
+        try:
+            quantize_model(model, quantization["precision"], tuple(quantization["modules"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"{path / CONFIG_FILE}: field 'quantization' is not a valid quantization section "
+                             f"({err!r})") from err
     _load_weights(model, str(path / WEIGHTS_FILE), strict=True, device="cpu")
     model.eval()
     device = torch.device(device)
     if device.type == "cuda":
-        return model.to(device=device, dtype=model.config.dtype)
+        return to_dtype(model.to(device), model.config.dtype)
     return model.to(device)
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PRECISIONS", "QuantizedLinear", "dequantize", "is_quantized", "quantize_model", "quantize_weight"]
+__all__ = ["PRECISIONS", "QuantizedLinear", "dequantize", "is_quantized", "quantize_model", "quantize_weight",
+           "quantization_config", "to_dtype"]
 
 Precision = Literal["int8", "fp8", "int4"]
 PRECISIONS = ("int8", "fp8", "int4")
@@ -97,3 +98,31 @@ def quantize_model(model: nn.Module, precision: Precision = "int8",
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def quantization_config(model: nn.Module) -> dict | None:
+    """The `quantization` section a saved model's config.json carries (None: not quantized)."""
+    layers = [(name.rsplit(".", 1)[-1], m.precision) for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return None
+    precisions = {p for _, p in layers}
+    if len(precisions) > 1:
+        raise ValueError(f"a saved model takes one quantization precision, this one has {sorted(precisions)}")
+    return {"precision": precisions.pop(), "modules": sorted({n for n, _ in layers}), "int4_group_size": INT4_GROUP}
+
+
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)` that leaves quantized weights and their scales as they are (a plain cast
+    would turn fp8 weights back into 16-bit ones); quantized projections then compute in dtype."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.dtype = dtype
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+            continue
+        for param in module.parameters(recurse=False):
+            param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(dtype))
+    return model

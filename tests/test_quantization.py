@@ -61,3 +61,40 @@ def test_the_seed_api_quantizes_under_the_distributions_name():
     assert all(m.precision == "fp8" for m in model.modules() if isinstance(m, QuantizedLinear))
     with pytest.raises(ValueError, match="no nn.Linear named"):
         quantize_model(model, "int8")  # nothing left to quantize
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
+def test_a_saved_quantized_model_loads_bit_exact(precision, tmp_path):
+    import json
+
+    from pllm.checkpoint import load_model, save_pretrained
+
+    torch.manual_seed(0)
+    model = quantize_model(DiffusionTransformer(tiny_config(hidden_size=128, intermediate_size=256)).eval(), precision)
+    save_pretrained(model, tmp_path / "q")
+    section = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert section["precision"] == precision and section["modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    loaded = load_model(tmp_path / "q")
+    want, got = model.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype and torch.equal(got[name].view(torch.uint8) if tensor.dtype ==
+                                                              torch.float8_e4m3fn else got[name],
+                                                              tensor.view(torch.uint8) if tensor.dtype ==
+                                                              torch.float8_e4m3fn else tensor), name
+    x = torch.randint(4, 90, (1, 9))
+    assert torch.equal(loaded(x), model(x))
+    # Cast for a GPU's 16-bit compute (what load_model does on CUDA): the quantized tensors stay as saved.
+    from pllm.quantization import to_dtype
+
+    half = to_dtype(loaded, torch.bfloat16)
+    layer = half.layers[0].attn.qkv_proj
+    assert layer.qweight.dtype == want["layers.0.attn.qkv_proj.qweight"].dtype and layer.scale.dtype == torch.float32
+    assert half.embed_tokens.weight.dtype == torch.bfloat16 and half.layers[0].mlp_norm.weight.dtype == torch.bfloat16
+    assert (half(x).float() - model(x)).norm() / model(x).norm() < 0.05  # bf16 compute, same weights
+    # A quantization section that names no valid precision fails naming the file and field.
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization"]["precision"] = "int3"
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json: field 'quantization'"):
+        load_model(tmp_path / "q")
