@@ -86,8 +86,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     path = Path(path)
     if not (path / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}: not a saved pllm model")
-    model = DiffusionTransformer(load_config(path))
-    quantization = json.loads((path / CONFIG_FILE).read_text()).get("quantization")
+    config = json.loads((path / CONFIG_FILE).read_text())
+    quantization = config.pop("quantization", None)
+    model = DiffusionTransformer(ModelConfig.from_dict(config))
     if quantization is not None:  # the quantized modules first, so the saved tensors fit them
         try:
             quantize_model(model, quantization["precision"], tuple(quantization["modules"]))

@@ -61,6 +61,7 @@ def test_requests_wait_for_pages_while_the_pool_is_short(model):
     assert static.cache.num_pages == 6 + static.cache.scratch_pages
     assert engine.stats["peak_batch_size"] <= 3 < len(requests)
     assert static.pool.available() == 6  # every page back
+    assert not static.slot_of and not static.final_end  # and nothing kept of the finished requests
     with pytest.raises(ValueError, match="KV cache pool of 96 positions"):
         engine.add_request(torch.arange(4, 80), GenerationConfig(max_new_tokens=32))
 

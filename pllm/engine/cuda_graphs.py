@@ -92,9 +92,9 @@ class CapturedSteps:
         self.pages_of: dict[DecodeState, list[int]] = {}  # ... and the pages it holds
 
     def pages_needed(self, num_tokens: int) -> int:
-        """Pages a sequence of num_tokens positions holds (its windows reach the end of its last block)."""
-        bs = self.block
-        return -(-(-(-num_tokens // bs) * bs) // self.page_size)
+        """Pages a sequence of num_tokens positions holds: a page is whole blocks, so they also cover
+        its windows up to the end of its last block."""
+        return -(-num_tokens // self.page_size)
 
     def can_admit(self, lengths: list[int]) -> bool:
         """Whether sequences of these lengths would get their pages now (no prefix counted as shared)."""
@@ -117,6 +117,19 @@ class CapturedSteps:
         if state in self.slot_of:
             self.free_slots.append(self.slot_of.pop(state))
             self.pool.release(self.pages_of.pop(state))
+
+    def _assign_slots(self, states: list[DecodeState]) -> None:
+        """Release the states that left; give each new one a page-table row and its pages (`_admit`)."""
+        running = set(states)
+        for state in [s for s in self.slot_of if s not in running]:
+            self.release(state)
+        for state in states:
+            if state not in self.slot_of:
+                self.slot_of[state] = self.free_slots.pop()
+                self._admit(state, self.slot_of[state])
+
+    def _admit(self, state: DecodeState, slot: int) -> None:
+        raise NotImplementedError
 
     def _capture_all(self) -> None:
         """Capture every bucket before any request holds a slot (warm-up writes scratch slots)."""
@@ -332,19 +345,11 @@ class StaticStepRunner(CapturedSteps):
         self.last_logits = out  # row i: states[i]'s model block (see `pllm.engine.batched_commit`)
         return [[out[i, s.start % bs:s.start % bs + s.end - s.start]] for i, s in enumerate(states)]
 
-    def _assign_slots(self, states: list[DecodeState]) -> None:
-        """Free the pages and slots of states that left; give new ones pages (their prompt's
-        remembered prefix pages, fresh ones for the rest) and prefill what was not shared."""
-        running = set(states)
-        for state in [s for s in self.slot_of if s not in running]:
-            self.release(state)
-            self.final_end.pop(state, None)
-        for state in states:
-            if state not in self.slot_of:
-                self.slot_of[state] = self.free_slots.pop()
-                self._prefill(state, self.slot_of[state])
+    def release(self, state: DecodeState) -> None:
+        super().release(state)
+        self.final_end.pop(state, None)
 
-    def _prefill(self, state: DecodeState, slot: int) -> None:
+    def _admit(self, state: DecodeState, slot: int) -> None:
         """Pages for the state, and keys/values of every whole block before its first window.
         Pages wholly before any window (`first - shift`) are the shareable prompt prefix: taken from
         the pool's memory where another prompt started alike, else computed and remembered. Prompt

@@ -108,13 +108,6 @@ class DualCacheStepRunner(CapturedSteps):
                               state.end - state.start, fixed_shape=False, kernels=self.kernels,
                               visible_block=self.visible, logits_end=state.end)[0]
 
-    def _assign_slots(self, states: list[DecodeState]) -> None:
-        """Free the pages of states that left; give new ones a page-table row and pages for their
-        length (a refresh rewrites them: nothing to carry over when the batch reorders)."""
-        running = set(states)
-        for state in [s for s in self.slot_of if s not in running]:
-            self.release(state)
-        for state in states:
-            if state not in self.slot_of:
-                self.slot_of[state] = self.free_slots.pop()
-                self._give_pages(state, self.slot_of[state])
+    def _admit(self, state: DecodeState, slot: int) -> None:
+        """Pages for the state's length (its block's first step, a refresh, writes them all)."""
+        self._give_pages(state, slot)

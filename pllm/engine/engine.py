@@ -86,10 +86,10 @@ class Engine:
         if rules.speculative and self.drafter is None:
             raise ValueError("strategy 'speculative' needs a draft model, and this engine has none")
         check_request(self.model_config, self.config, prompt.numel(), config.max_new_tokens, rules.draft_length)
-        self.runner.check_length(prompt.numel() + rules.gen_length)
-        request_id = request_id or f"req-{next(self._ids)}"
-        self._incoming.append(Request(request_id, prompt, config, rules))
-        return request_id
+        request = Request(request_id or f"req-{next(self._ids)}", prompt, config, rules)
+        self.runner.check_length(request.length)
+        self._incoming.append(request)
+        return request.request_id
 
     def abort(self, request_id: str) -> None:
         """Cancel a request: it leaves the batch (and frees its slot) at the next step boundary."""

@@ -82,26 +82,28 @@ class ModelRunner:
         return self.model.device
 
     @property
+    def fixed(self) -> StaticStepRunner | DualCacheStepRunner | None:
+        """The fixed-shape step runner, whichever kind; None without one."""
+        return self.static or self.dual
+
+    @property
     def max_batch(self) -> int | None:
         """The most sequences one fixed-shape step takes (its largest batch bucket); None without one."""
-        runner = self.static or self.dual
-        return runner.max_seqs if runner is not None else None
+        return self.fixed.max_seqs if self.fixed is not None else None
 
     def can_admit(self, lengths: list[int]) -> bool:
         """Whether sequences of these lengths (prompt + answer) get KV cache pages now (always,
         without a fixed-shape step's paged cache)."""
-        runner = self.static or self.dual
-        return runner is None or runner.can_admit(lengths)
+        return self.fixed is None or self.fixed.can_admit(lengths)
 
     def release(self, state: DecodeState) -> None:
         """A sequence left the batch: the fixed-shape step frees its cache pages at once."""
-        runner = self.static or self.dual
-        if runner is not None:
-            runner.release(state)
+        if self.fixed is not None:
+            self.fixed.release(state)
 
     def check_length(self, length: int) -> None:
         """Raise ValueError if a sequence of this length could never get its pages."""
-        runner = self.static or self.dual
+        runner = self.fixed
         if runner is not None and length > runner.capacity():
             raise ValueError(f"prompt + max_tokens = {length} tokens exceeds the engine's KV cache pool of "
                              f"{runner.capacity()} positions (engine kv_cache_pages)")
@@ -114,7 +116,7 @@ class ModelRunner:
     def run(self, states: list[DecodeState]) -> list[list[torch.Tensor]]:
         """Per state, the logits of each of its segments (the state, then any drafts): the states the
         fixed-shape step takes run through it, the others in one packed pass beside it."""
-        static = self.static or self.dual
+        static = self.fixed
         fixed = [s for s in states if static.eligible(s)] if static is not None else []
         logits = dict(zip(map(id, fixed), static.run(fixed))) if fixed else {}
         packed = [s for s in states if id(s) not in logits]
