@@ -13,7 +13,7 @@ from safetensors.torch import save_model as _save_weights
 
 from .config import ModelConfig
 from .model import DiffusionTransformer
-from .quantization import quantization_config, quantize_model, to_dtype
+from .quantization import INT4_GROUP, check_fp8_support, quantization_config, quantize_model
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -91,15 +91,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Diffusio
     model = DiffusionTransformer(ModelConfig.from_dict(config))
     if quantization is not None:  # the quantized modules first, so the saved tensors fit them
         try:
-            quantize_model(model, quantization["precision"], tuple(quantization["modules"]))
+            quantize_model(model, quantization["precision"], tuple(quantization["modules"]),
+                           int(quantization.get("int4_group_size", INT4_GROUP)))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{path / CONFIG_FILE}: field 'quantization' is not a valid quantization section "
                              f"({err!r})") from err
     _load_weights(model, str(path / WEIGHTS_FILE), strict=True, device="cpu")
     model.eval()
     device = torch.device(device)
+    if quantization is not None and quantization["precision"] == "fp8":
+        check_fp8_support(device)
     if device.type == "cuda":
-        return to_dtype(model.to(device), model.config.dtype)
+        return model.to(device, model.config.dtype)
     return model.to(device)
 
 

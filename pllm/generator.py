@@ -10,7 +10,6 @@ from .config import EngineConfig, GenerationConfig
 from .decoding import DecodeOutput, DecodeRules, Drafter, check_draft_model, decode_with_rules
 from .engine import ModelRunner
 from .model import DiffusionTransformer
-from .quantization import is_quantized
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,7 @@ class ParallelGenerator:
         """A model runner with CUDA-graph steps, captured for up to `batch_size` sequences
         (re-captured for more); None where the packed pass runs every step."""
         model = self.model
-        if not (self.use_cuda_graphs and model.device.type == "cuda" and model.config.attention_mode == "block_causal"
-                and not is_quantized(model)):
+        if not (self.use_cuda_graphs and model.device.type == "cuda" and model.config.attention_mode == "block_causal"):
             return None
         if self._runner is None or self._runner.max_batch < batch_size:
             self._runner = ModelRunner(model, EngineConfig(max_num_seqs=batch_size), static_step=True)

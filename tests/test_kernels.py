@@ -581,6 +581,32 @@ def test_skinny_linear_and_its_gated_form_equal_the_definition(rows, n, k, split
         skinny_linear(x, w, 0)
 
 
+@pytest.mark.parametrize("precision, group", [("int8", None), ("fp8", None), ("int4", 128), ("int4", 64)])
+@pytest.mark.parametrize("rows", [1, 33, 130])
+def test_quantized_linear_equals_dequantize_and_matmul(precision, group, rows):
+    # The kernel widens the stored weight in registers; the reference dequantizes it first. Rows
+    # beyond one tile (130) run the many-row tiles of the larger-batch step.
+    from pllm.kernels.quantized_gemm import quantized_linear, quantized_linear_reference, runs_kernel
+    from pllm.quantization import quantize_weight
+
+    if precision == "fp8" and DEVICE == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 needs compute capability 8.9")
+    torch.manual_seed(rows)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    n, k = 96, 256
+    x = torch.randn(rows, k, device=DEVICE).to(dtype)
+    q, scale = quantize_weight(torch.randn(n, k) / k**0.5, precision, *([group] if group else []))
+    q, scale = q.to(DEVICE), scale.to(DEVICE)
+    bias = torch.randn(n, device=DEVICE).to(dtype)
+    want = quantized_linear_reference(x.float(), q, scale, precision, bias.float())
+    out = quantized_linear(x, q, scale, precision, bias)
+    assert out.shape == (rows, n) and out.dtype == dtype
+    assert (out.float() - want).norm() / want.norm() < tolerance(dtype, 2)
+    assert runs_kernel(x, q, scale, precision) == (use_triton(x) and (DEVICE == "cuda" or dtype == torch.float16))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        quantized_linear(x, q, scale, "int2")
+
+
 def test_the_step_takes_skinny_kernels_only_for_measured_shapes(monkeypatch):
     from pllm.kernels import skinny_gemm
     from pllm.kernels.options import KernelOptions
@@ -799,7 +825,7 @@ def test_triton_kernels_under_the_interpreter():
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or skinny or next_windows or step_bias or triton_path"],
+                          "-k", "parallel_decode or cross_entropy or rotate_into_cache or rotate_qkv or add_rms_norm or attention or silu_mul or skinny or quantized or next_windows or step_bias or triton_path"],
                          env=env, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and "failed" not in run.stdout

@@ -6,7 +6,10 @@ import torch
 
 from conftest import tiny_config
 from pllm import DiffusionTransformer, EngineConfig, GenerationConfig
-from pllm.engine import Engine, ModelRunner
+from pllm.engine import Engine
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32 if DEVICE == "cuda" else torch.float64
 from pllm.quantization import INT4_GROUP, QuantizedLinear, dequantize, quantize_model, quantize_weight
 
 
@@ -50,14 +53,39 @@ def test_a_quantized_model_decodes_through_the_engine(precision):
     gen = GenerationConfig(max_new_tokens=8, num_refinement_steps=8, temperature=0.0)
     answers = Engine(model, EngineConfig(max_num_seqs=2)).generate([torch.arange(4, 9), torch.arange(4, 14)], gen)
     assert [len(a) for a in answers] == [8, 8]
-    with pytest.raises(ValueError, match="quantized projections"):
-        ModelRunner(model, EngineConfig(), static_step=True)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8", "int4"])
+def test_quantized_models_step_fixed_shape_as_packed(precision):
+    # The fixed-shape step (CUDA graphs on a GPU) runs the quantized projections' kernel where it
+    # ran the float ones': the packed path's tokens, in a changing batch.
+    from test_engine import mixed_requests, run_staggered
+
+    torch.manual_seed(0)
+    cfg = tiny_config(attention_mode="block_causal", block_size=8, max_position_embeddings=128, hidden_size=128,
+                      intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    model = quantize_model(DiffusionTransformer(cfg).to(DEVICE, DTYPE).eval(), precision, group_size=64)
+    requests = mixed_requests(8)
+    config = EngineConfig(max_num_seqs=4, max_batched_tokens=400)
+    packed = run_staggered(Engine(model, config, static_step=False), requests)
+    engine = Engine(model, config, static_step=True)
+    assert run_staggered(engine, requests) == packed
+    assert engine.runner.static.num_steps >= engine.stats["steps"] > 0
+    assert max(map(len, packed)) > 20
 
 
 def test_the_seed_api_quantizes_under_the_distributions_name():
     from parallel_llm.quantization import quantize_model as seed_quantize_model
 
-    model = seed_quantize_model(DiffusionTransformer(tiny_config()), precision="fp8")
+    model = DiffusionTransformer(tiny_config())
+    # Bad requests fail before any projection is replaced: an unknown precision, an int4 group size
+    # that does not divide an input size (the hidden size, 32) or is odd.
+    for precision, group, match in [("int3", 128, "precision must be one of"), ("int4", 48, "does not divide qkv_proj"),
+                                    ("int4", 7, "even number")]:
+        with pytest.raises(ValueError, match=match):
+            seed_quantize_model(model, precision, group_size=group)
+        assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    model = seed_quantize_model(model, precision="fp8")
     assert all(m.precision == "fp8" for m in model.modules() if isinstance(m, QuantizedLinear))
     with pytest.raises(ValueError, match="no nn.Linear named"):
         quantize_model(model, "int8")  # nothing left to quantize
@@ -84,11 +112,11 @@ def test_a_saved_quantized_model_loads_bit_exact(precision, tmp_path):
                                                               torch.float8_e4m3fn else tensor), name
     x = torch.randint(4, 90, (1, 9))
     assert torch.equal(loaded(x), model(x))
+    loaded_q = loaded.layers[0].attn.qkv_proj.qweight.clone()
     # Cast for a GPU's 16-bit compute (what load_model does on CUDA): the quantized tensors stay as saved.
-    from pllm.quantization import to_dtype
-
-    half = to_dtype(loaded, torch.bfloat16)
+    half = loaded.to(torch.bfloat16)
     layer = half.layers[0].attn.qkv_proj
+    assert layer.dtype == torch.bfloat16 and torch.equal(layer.qweight.view(torch.uint8), loaded_q.view(torch.uint8))
     assert layer.qweight.dtype == want["layers.0.attn.qkv_proj.qweight"].dtype and layer.scale.dtype == torch.float32
     assert half.embed_tokens.weight.dtype == torch.bfloat16 and half.layers[0].mlp_norm.weight.dtype == torch.bfloat16
     assert (half(x).float() - model(x)).norm() / model(x).norm() < 0.05  # bf16 compute, same weights

@@ -18,7 +18,6 @@ import torch
 from ..config import EngineConfig, GenerationConfig, ModelConfig
 from ..decoding import DecodeRules, Drafter, check_draft_model
 from ..model import DiffusionTransformer
-from ..quantization import is_quantized
 from .model_runner import ModelRunner, context_length
 from .request import Request, RequestOutput, tokens_per_pass
 from .scheduler import Scheduler
@@ -57,8 +56,8 @@ class Engine:
         draft_model: a small model with the same tokenizer, for requests with strategy="speculative"."""
         self.config = config or EngineConfig()
         self.generation = generation or GenerationConfig()  # defaults for requests that bring none
-        if static_step is None:  # (quantized projections: the packed path, see ModelRunner)
-            static_step = self.config.use_cuda_graphs and model.device.type == "cuda" and not is_quantized(model)
+        if static_step is None:
+            static_step = self.config.use_cuda_graphs and model.device.type == "cuda"
         self.runner = ModelRunner(model, self.config, static_step)
         self.model_config = model.config
         if draft_model is not None:

@@ -8,7 +8,6 @@ from ..config import EngineConfig, ModelConfig
 from ..decoding import DecodeState
 from ..decoding.loop import run_states
 from ..model import DiffusionTransformer
-from ..quantization import is_quantized
 from .batched_commit import batchable, commit_batch
 from .cuda_graphs import StaticStepRunner, page_size
 from .dual_cache_graphs import DualCacheStepRunner
@@ -53,9 +52,6 @@ class ModelRunner:
         if any(type(m).__module__.startswith("peft.") for m in model.modules()):
             # the fixed-shape step reads projection weights directly: adapters would be skipped
             raise ValueError("the model has unmerged LoRA adapters: merge them first (pllm.lora.merge_lora)")
-        if static_step and is_quantized(model):  # ...and would find no float weight in a quantized projection
-            raise ValueError("the fixed-shape step does not read quantized projections yet: run the packed path "
-                             "(static_step=False)")
         self.model = model.eval()
         self.min_batched_commits = config.min_batched_commits
         self.commit_kernel = config.kernels.commit_in_place

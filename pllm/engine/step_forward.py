@@ -23,6 +23,7 @@ from pllm.kernels.skinny_gemm import step_linear, step_linear_add_norm, step_sil
 from pllm.kernels.step_bias import step_bias
 from ..kv_cache import StaticKVCache, StaticStep
 from ..model import Attention, Block, DiffusionTransformer
+from ..quantization import QuantizedLinear
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -80,6 +81,29 @@ def step_attention(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: tor
     return y.transpose(1, 2).reshape(B, L, -1)
 
 
+def linear(proj: nn.Module, x: torch.Tensor, kernels: KernelOptions) -> torch.Tensor:
+    """A projection in the step: a quantized one runs its own kernel (`QuantizedLinear`), a float
+    one the skinny kernel where measured faster (`step_linear`)."""
+    if isinstance(proj, QuantizedLinear):
+        return proj(x)
+    return step_linear(x, proj.weight, kernels, proj.bias)
+
+
+def linear_add_norm(proj: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: nn.RMSNorm, add_norm,
+                    kernels: KernelOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + proj(x), norm of it): `step_linear_add_norm`, or the quantized kernel and add_norm."""
+    if isinstance(proj, QuantizedLinear):
+        return add_norm(residual, proj(x), norm.weight, norm.eps)
+    return step_linear_add_norm(x, proj.weight, residual, norm.weight, norm.eps, add_norm, kernels, proj.bias)
+
+
+def silu_mul_linear(proj: nn.Module, x: torch.Tensor, silu_mul, kernels: KernelOptions) -> torch.Tensor:
+    """silu(gate) * up of the fused gate | up projection."""
+    if isinstance(proj, QuantizedLinear):
+        return silu_mul(*proj(x).chunk(2, dim=-1))
+    return step_silu_mul_linear(x, proj.weight, silu_mul, kernels)
+
+
 def compiled_block_step(block: Block, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         step: StaticStep, next_norm: nn.RMSNorm, kernels: KernelOptions):
     """`Block.forward` for the step with compiled elementwise kernels: h = attn_norm(x) comes in, and
@@ -87,10 +111,10 @@ def compiled_block_step(block: Block, x: torch.Tensor, h: torch.Tensor, cos: tor
     it (the next block's attention norm, or the final norm)."""
     add_norm = compiled_elementwise(_add_rms_norm)
     attn, mlp = block.attn, block.mlp
-    x, h = step_linear_add_norm(step_attention(attn, h, cos, sin, step, kernels), attn.o_proj.weight, x,
-                                block.mlp_norm.weight, block.mlp_norm.eps, add_norm, kernels, attn.o_proj.bias)
-    act = step_silu_mul_linear(h, mlp.gate_up_proj.weight, compiled_elementwise(_silu_mul), kernels)
-    return step_linear_add_norm(act, mlp.down_proj.weight, x, next_norm.weight, next_norm.eps, add_norm, kernels)
+    x, h = linear_add_norm(attn.o_proj, step_attention(attn, h, cos, sin, step, kernels), x, block.mlp_norm,
+                           add_norm, kernels)
+    act = silu_mul_linear(mlp.gate_up_proj, h, compiled_elementwise(_silu_mul), kernels)
+    return linear_add_norm(mlp.down_proj, act, x, next_norm, add_norm, kernels)
 
 
 def eager_block_step(block: Block, x: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor,
@@ -102,7 +126,7 @@ def eager_block_step(block: Block, x: torch.Tensor, pending: torch.Tensor | None
     else:
         x, h = add_rms_norm(x, pending, norm.weight, norm.eps, kernels.add_rms_norm)
     attn = block.attn
-    y = step_linear(step_attention(attn, h, cos, sin, step, kernels), attn.o_proj.weight, kernels, attn.o_proj.bias)
+    y = linear(attn.o_proj, step_attention(attn, h, cos, sin, step, kernels), kernels)
     x, h = add_rms_norm(x, y, mlp_norm.weight, mlp_norm.eps, kernels.add_rms_norm)
     return x, block.mlp.down_proj(silu_mul(block.mlp.gate_up_proj(h), kernels.silu_mul))
 
