@@ -13,7 +13,7 @@ from safetensors.torch import save_model as _save_weights
 
 from .config import ModelConfig
 from .model import DiffusionTransformer
-from .quantization import INT4_GROUP, check_fp8_support, quantization_config, quantize_model
+from .quantization import INT4_GROUP, check_fp8_support, check_quantizable, quantization_config, quantize_model
 from .tokenizer import TOKENIZER_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -71,9 +71,24 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(config)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> DiffusionTransformer:
+def load_model(path: str | Path, device: str | torch.device = "cpu", quantize: str | None = None) -> DiffusionTransformer:
     """Build the model from config.json and load model.safetensors into it (strict: every tensor
-    must match). On CUDA the weights are cast to ModelConfig.dtype for inference."""
+    must match); Hugging Face checkpoint folders are imported, adapter folders merged into their
+    base. On CUDA the weights are cast to ModelConfig.dtype for inference. quantize: "int8", "fp8"
+    or "int4": the projections weight-only quantized once loaded (`pllm.quantization`), checked
+    against the model's config before any tensor is read."""
+    if quantize is None:
+        return _load(path, device)
+    if quantize == "fp8":
+        check_fp8_support(torch.device(device))
+    config_file = Path(path) / CONFIG_FILE
+    if config_file.exists() and "quantization" in json.loads(config_file.read_text()):
+        raise ValueError(f"{config_file}: the model is saved quantized already; load it without quantize")
+    check_quantizable(load_config(path), quantize, str(path))
+    return quantize_model(_load(path, device), quantize)
+
+
+def _load(path: str | Path, device: str | torch.device) -> DiffusionTransformer:
     from .hf import import_checkpoint, is_hf_checkpoint
 
     base = _adapter_base(path)

@@ -47,7 +47,7 @@ def serve_args(args: argparse.Namespace):
     engine = {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
               "kv_cache_pages": args.kv_cache_pages, "prefix_caching": not args.no_prefix_caching}
     return ServeArgs(model=args.model, draft_model=args.draft_model, model_name=args.name,
-                     mlflow_uri=args.mlflow_uri, device=args.device,
+                     mlflow_uri=args.mlflow_uri, device=args.device, quantize=args.quantize,
                      engine=engine, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                      num_gpus_per_replica=args.num_gpus_per_replica)
 
@@ -73,7 +73,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"pllm generate --chat: {args.model} has no chat template", file=sys.stderr)
             return 2
         prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, quantize=args.quantize)
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, num_refinement_steps=args.steps,
                            temperature=args.temperature, strategy=args.strategy, block_size=args.block_size,
                            confidence_threshold=args.threshold, seed=args.seed)
@@ -103,6 +103,31 @@ def _cmd_import(args: argparse.Namespace) -> int:
     out = log_imported_model(args.path, plan.family.name, cfg, args.mlflow_uri, experiment=args.experiment,
                              registered_model=args.register, alias=args.alias if args.register else None)
     print(f"logged as {out['model_uri']}" + (f", registered as {out['registry_uri']}" if out["registry_uri"] else ""))
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    """A model's projections quantized (weight-only) and saved as a model folder; optionally logged
+    and registered in MLflow."""
+    from pllm.checkpoint import load_model, load_tokenizer, save_pretrained
+    from pllm.quantization import quantization_config
+    from pllm.registry import log_quantized_model, resolve_model_source
+
+    folder, generation = resolve_model_source(args.model, args.mlflow_uri)
+    model = load_model(folder, quantize=args.precision)
+    model.to(model.config.dtype)  # the unquantized tensors (embedding, norms, LM head) in the model's dtype
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (OSError, ValueError):  # a model saved without its tokenizer
+        tokenizer = None
+    out = save_pretrained(model, args.output, tokenizer)
+    section = quantization_config(model)
+    size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    print(f"quantized {args.model} to {args.precision} ({', '.join(section['modules'])}): {size_mb:.1f} MB, saved to {out}")
+    if args.register or args.log:
+        logged = log_quantized_model(out, args.model, section, generation, args.mlflow_uri, args.experiment,
+                                     args.register, args.alias if args.register else None, {"size_mb": size_mb})
+        print(f"logged as {logged['model_uri']}" + (f", registered as {logged['registry_uri']}" if logged["registry_uri"] else ""))
     return 0
 
 
@@ -154,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-gpus-per-replica", type=float, default=0)
     s.add_argument("--max-num-seqs", type=int, default=32, help="sequences per forward pass")
     s.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per forward pass")
+    s.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4"],
+                   help="quantize the model's projection weights at load (weight-only; activations stay 16-bit)")
     s.add_argument("--kv-cache-pages", type=int, default=None,
                    help="pages of the GPU steps' KV cache pool (default: max-num-seqs sequences of the model's context)")
     s.add_argument("--no-prefix-caching", action="store_true",
@@ -170,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--experiment", default="pllm")
     i.add_argument("--check", action="store_true", help="only check the folder; log nothing")
     i.set_defaults(func=_cmd_import)
+
+    q = sub.add_parser("quantize", help="quantize a model's projection weights (int8, fp8 or int4, weight-only) and "
+                                        "save it; optionally log and register it in MLflow")
+    q.add_argument("model", help="a saved model or Hugging Face folder, or models:/NAME@ALIAS, runs:/ID/...")
+    q.add_argument("output", help="the folder to write")
+    q.add_argument("--precision", required=True, choices=["int8", "fp8", "int4"])
+    q.add_argument("--register", default=None, metavar="NAME", help="log it and register it as this MLflow model")
+    q.add_argument("--alias", default="quantized", help="alias of the registered version (with --register)")
+    q.add_argument("--log", action="store_true", help="log it to MLflow without registering it")
+    q.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                                      "else sqlite:///mlflow.db here)")
+    q.add_argument("--experiment", default="pllm")
+    q.set_defaults(func=_cmd_quantize)
 
     e = sub.add_parser("export", help="write a model as a Hugging Face checkpoint folder (Llama / Qwen2 / Qwen3 "
                                       "layout) that transformers loads; a LoRA adapter is merged into its base")
@@ -192,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default="cpu")
+    g.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4"],
+                   help="quantize the model's projection weights at load")
     g.set_defaults(func=_cmd_generate)
 
     from pllm.cluster.cli import add_cluster_commands

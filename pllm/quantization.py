@@ -18,7 +18,7 @@ from torch import nn
 
 from .kernels.quantized_gemm import dequantize, quantized_linear
 
-__all__ = ["PRECISIONS", "check_fp8_support", "QuantizedLinear", "dequantize", "is_quantized", "quantize_model", "quantize_weight",
+__all__ = ["PRECISIONS", "check_fp8_support", "check_quantizable", "QuantizedLinear", "dequantize", "is_quantized", "quantize_model", "quantize_weight",
            "quantization_config"]
 
 Precision = Literal["int8", "fp8", "int4"]
@@ -33,6 +33,17 @@ def check_precision(precision: str, group_size: int = INT4_GROUP) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "int4" and (group_size < 2 or group_size % 2):
         raise ValueError(f"int4 group_size must be an even number of inputs, got {group_size}")
+
+
+def check_quantizable(config, precision: str, where: str = "the model") -> None:
+    """A `ModelConfig` whose projections `quantize_model` can quantize at this precision (checked
+    before any weight is read): int4's groups must divide every projection's input size."""
+    check_precision(precision)
+    if precision == "int4":
+        for name, size in [("hidden_size", config.hidden_size), ("intermediate_size", config.intermediate_size),
+                           ("attention heads x head size", config.num_attention_heads * config.attention_head_size)]:
+            if size % INT4_GROUP:
+                raise ValueError(f"{where}: int4 quantizes inputs in groups of {INT4_GROUP}; {name} is {size}")
 
 
 def quantize_weight(weight: torch.Tensor, precision: Precision,
@@ -111,8 +122,10 @@ def quantize_model(model: nn.Module, precision: Precision = "int8", modules: tup
                 raise ValueError(f"int4 group_size {group_size} does not divide {name}'s input size {child.in_features}")
     if precision == "fp8":
         check_fp8_support(next(iter(targets))[2].weight.device)
-    for parent, name, child in targets:
+    while targets:  # each float weight is freed as its replacement is made (peak: one layer's, not the model's)
+        parent, name, child = targets.pop()
         setattr(parent, name, QuantizedLinear(child, precision, group_size))
+        del child
     return model
 
 

@@ -148,15 +148,38 @@ def log_imported_model(path: str | Path, family: str, config: ModelConfig, track
     """Log an imported checkpoint folder (checked by `pllm.hf.plan_import`) as a run of its own, with
     the model's config as parameters and the folder as the pyfunc's model, and register it. The
     serving defaults suit the family: threshold decoding in the model's own blocks."""
-    tracking_uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=f"import-{Path(path).name}",
-                            tags={"pllm.version": pllm.__version__, "pllm.family": family, "pllm.source": str(path)})
     params = {f"model.{k}": v for k, v in flatten(config.to_dict()).items()} | {"family": family}
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     block = config.block_size if config.attention_mode == "block_causal" else 32
     generation = GenerationConfig(max_new_tokens=256, num_refinement_steps=256, temperature=0.0, strategy="threshold",
                                   block_size=block)
+    return log_model_folder(path, f"import-{Path(path).name}", params, {"pllm.family": family, "pllm.source": str(path)},
+                            generation, tracking_uri, experiment, registered_model, alias)
+
+
+def log_quantized_model(path: str | Path, source: str, quantization: dict, generation: GenerationConfig | None,
+                        tracking_uri: str | None, experiment: str = "pllm", registered_model: str | None = None,
+                        alias: str | None = None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """Log a quantized model folder (`pllm quantize`) as a run of its own: the source model and the
+    quantization section as parameters, sizes as metrics; the serving defaults are the source's
+    (an MLflow source's logged GenerationConfig), else the generation defaults."""
+    params = {"source": source} | {f"quantization.{k}": v for k, v in quantization.items()}
+    return log_model_folder(path, f"quantize-{quantization['precision']}-{Path(path).name}", params,
+                            {"pllm.source": source, "pllm.quantization": quantization["precision"]},
+                            generation or GenerationConfig(), tracking_uri, experiment, registered_model, alias, metrics)
+
+
+def log_model_folder(path: str | Path, run_name: str, params: dict, tags: dict, generation: GenerationConfig,
+                     tracking_uri: str | None, experiment: str = "pllm", registered_model: str | None = None,
+                     alias: str | None = None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """A run of its own holding a model folder as the pyfunc's model, with these params, tags and
+    metrics; registered under `registered_model` (the alias moved to it) when given."""
+    tracking_uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=run_name,
+                            tags={"pllm.version": pllm.__version__} | tags)
+    now = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()],
+                     metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()])
     out = log_generator_model(run.info.run_id, tracking_uri, path, generation, registered_model, alias)
     client.set_terminated(run.info.run_id)
     return out | {"run_id": run.info.run_id}

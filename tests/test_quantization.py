@@ -126,3 +126,63 @@ def test_a_saved_quantized_model_loads_bit_exact(precision, tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json: field 'quantization'"):
         load_model(tmp_path / "q")
+
+
+def test_pllm_quantize_saves_logs_and_registers_a_model_that_loads_and_generates(tmp_path, capsys):
+    # `pllm quantize` on a saved model: the folder holds the quantized tensors, the run its
+    # parameters and size, the registry a version under the alias; the registered model loads
+    # bit-exact and generates through its MLflow pyfunc.
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from serve_fixtures import make_model_dir
+
+    from pllm.checkpoint import load_model
+    from pllm.cli import main
+    from pllm.registry import resolve_model_source
+
+    source = make_model_dir(tmp_path / "model")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "int8"
+    assert main(["quantize", str(source), str(out), "--precision", "int8", "--register", "tiny-int8",
+                 "--mlflow-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "registered as models:/tiny-int8@quantized" in printed and "int8" in printed
+    saved = load_model(out)
+    assert saved.layers[0].mlp.down_proj.qweight.dtype == torch.int8
+    assert saved.embed_tokens.weight.dtype == torch.float32  # the model's dtype (float32 here)
+    folder, _ = resolve_model_source("models:/tiny-int8@quantized", uri)
+    registered = load_model(folder)
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(registered.state_dict()[name], tensor), name
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("tiny-int8", "quantized")
+    run = client.get_run(version.run_id)
+    assert run.data.params["quantization.precision"] == "int8" and run.data.params["source"] == str(source)
+    float_mb = sum(t.numel() * t.element_size() for t in load_model(source).state_dict().values()) / 1e6
+    assert run.data.metrics["size_mb"] < 0.75 * float_mb  # int8 projections: a byte a weight, not four
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        pyfunc = mlflow.pyfunc.load_model("models:/tiny-int8@quantized")
+    finally:
+        mlflow.set_tracking_uri(before)
+    text = pyfunc.predict(["def f(x):"], params={"max_new_tokens": 4, "num_refinement_steps": 4})
+    assert isinstance(text[0], str) and text[0]
+    # Quantizing again what is saved quantized is refused, naming the file.
+    with pytest.raises(ValueError, match="config.json: the model is saved quantized already"):
+        load_model(out, quantize="fp8")
+
+
+def test_serving_a_model_int4_cannot_quantize_fails_before_any_replica(tmp_path):
+    from serve_fixtures import make_model_dir
+
+    from pllm.actors.serve_app import ServeArgs, build_app
+    from pllm.cli import build_parser, serve_args
+
+    folder = make_model_dir(tmp_path / "model")  # hidden size 64: not whole groups of 128
+    args = serve_args(build_parser().parse_args(["serve", "--model", str(folder), "--quantize", "int4"]))
+    assert args.quantize == "int4"
+    with pytest.raises(ValueError, match="int4 quantizes inputs in groups of 128; hidden_size is 64"):
+        build_app(args)
+    with pytest.raises(ValueError):  # pydantic: not a precision
+        ServeArgs(model=str(folder), quantize="int3")

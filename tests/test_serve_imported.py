@@ -1,6 +1,7 @@
 """An imported Hugging Face checkpoint end to end: `pllm import` registers a tiny LLaDA in a real MLflow
-store, Ray Serve serves `models:/NAME@ALIAS` over HTTP with the checkpoint's own chat template, the
-engine stops on its end-of-turn id, and `pllm generate --chat` renders the template."""
+store, Ray Serve serves `models:/NAME@ALIAS` over HTTP with the checkpoint's own chat template
+(quantized at load to int8, as `pllm serve --quantize int8` does), the engine stops on its
+end-of-turn id, and `pllm generate --chat` renders the template."""
 
 import contextlib
 import io
@@ -151,7 +152,8 @@ def server(imported):
 
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        args = ServeArgs(model="models:/llada-tiny@champion", mlflow_uri=imported["uri"], min_replicas=1, max_replicas=1)
+        args = ServeArgs(model="models:/llada-tiny@champion", mlflow_uri=imported["uri"], min_replicas=1, max_replicas=1,
+                         quantize="int8")
         serve.run(build_app(args), name="imported", route_prefix="/")
         yield f"http://127.0.0.1:{http_port}"
     finally:
@@ -171,6 +173,8 @@ def chat_ok(url: str, messages: list[dict], max_tokens: int = 8) -> dict:
 
 def test_chat_completion_renders_the_checkpoint_template(server, folder):
     assert requests.get(server + "/v1/models", timeout=30).json()["data"][0]["id"] == "llada-tiny"
+    info = serve.get_deployment_handle("Generator", app_name="imported").info.remote().result()
+    assert info["quantization"]["precision"] == "int8"  # the replica serves the projections quantized
     result = chat_ok(server, MESSAGES)
     message, usage = result["choices"][0]["message"], result["usage"]
     assert message["role"] == "assistant" and result["choices"][0]["finish_reason"] in ("stop", "length")

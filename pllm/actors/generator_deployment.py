@@ -22,6 +22,7 @@ from ray.serve import metrics
 from pllm.checkpoint import load_model
 from pllm.config import EngineConfig, GenerationConfig
 from pllm.engine import Engine, context_length
+from pllm.quantization import quantization_config
 from pllm.registry import resolve_model_source
 
 log = logging.getLogger("ray.serve")
@@ -31,13 +32,14 @@ LATENCY_BUCKETS_S = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 class Generator:
     def __init__(self, model: str, mlflow_uri: str | None = None, engine: dict | None = None, device: str = "auto",
-                 draft_model: str | None = None):
+                 draft_model: str | None = None, quantize: str | None = None):
         """draft_model: a small model with the same tokenizer (same forms as `model`), loaded on the same
-        device, for requests with strategy="speculative"."""
+        device, for requests with strategy="speculative". quantize: "int8" | "fp8" | "int4", the
+        model's projections quantized at load (`load_model`)."""
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         model_dir, generation = resolve_model_source(model, mlflow_uri)
         draft = load_model(resolve_model_source(draft_model, mlflow_uri)[0], device=device) if draft_model else None
-        self.engine = Engine(load_model(model_dir, device=device), EngineConfig.from_dict(engine or {}),
+        self.engine = Engine(load_model(model_dir, device=device, quantize=quantize), EngineConfig.from_dict(engine or {}),
                              generation or GenerationConfig(), draft_model=draft)
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -46,7 +48,8 @@ class Generator:
         self._metrics()
         self._thread = threading.Thread(target=self._run, name="pllm-engine", daemon=True)
         self._thread.start()
-        log.info("Generator ready: %s on %s%s", model, device, f" (draft model {draft_model})" if draft_model else "")
+        log.info("Generator ready: %s on %s%s%s", model, device, f" quantized to {quantize}" if quantize else "",
+                 f" (draft model {draft_model})" if draft_model else "")
 
     def _metrics(self) -> None:
         self.m_requests = metrics.Counter("pllm_requests", "Finished generation requests.", tag_keys=("finish_reason",))
@@ -123,7 +126,8 @@ class Generator:
     def info(self) -> dict:
         cfg = self.engine.model_config
         return {"context_length": context_length(cfg, self.engine.config), "max_new_tokens_limit": self.engine.max_new_tokens_limit,
-                "max_batched_tokens": self.engine.config.max_batched_tokens, "generation": self.engine.generation.to_dict()}
+                "max_batched_tokens": self.engine.config.max_batched_tokens, "generation": self.engine.generation.to_dict(),
+                "quantization": quantization_config(self.engine.runner.model)}
 
     def stats(self) -> dict:
         s = self.engine.scheduler

@@ -12,7 +12,7 @@ import json
 import os
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -25,6 +25,7 @@ from pllm.checkpoint import load_config, load_tokenizer
 from pllm.config import EngineConfig, GenerationConfig
 from pllm.decoding import DecodeRules, check_draft_model
 from pllm.engine import check_request, context_length, max_new_tokens_limit
+from pllm.quantization import check_quantizable
 from pllm.registry import resolve_model_source
 
 from .generator_deployment import GeneratorDeployment
@@ -202,6 +203,7 @@ class ServeArgs(BaseModel):
     mlflow_uri: Optional[str] = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
     device: str = "auto"  # "auto": cuda when the replica has a GPU
     engine: dict = {}  # EngineConfig fields
+    quantize: Optional[Literal["int8", "fp8", "int4"]] = None  # weight-only quantization at load (pllm.quantization)
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 16
@@ -222,6 +224,8 @@ class ServeArgs(BaseModel):
 def build_app(args: ServeArgs) -> serve.Application:
     EngineConfig.from_dict(args.engine)  # a bad engine config fails here, before any replica starts
     mlflow_uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if args.quantize:  # ... and a model whose projections this precision cannot quantize
+        check_quantizable(load_config(resolve_model_source(args.model, mlflow_uri)[0]), args.quantize, args.model)
     if args.draft_model:  # ... and so does a draft model that cannot serve this target
         check_draft_model(load_config(resolve_model_source(args.model, mlflow_uri)[0]),
                           load_config(resolve_model_source(args.draft_model, mlflow_uri)[0]))
@@ -231,7 +235,7 @@ def build_app(args: ServeArgs) -> serve.Application:
                             "target_ongoing_requests": args.target_ongoing_requests,
                             "upscale_delay_s": args.upscale_delay_s, "downscale_delay_s": args.downscale_delay_s},
         ray_actor_options={"num_cpus": args.num_cpus_per_replica, "num_gpus": args.num_gpus_per_replica},
-    ).bind(args.model, mlflow_uri, args.engine, args.device, args.draft_model)
+    ).bind(args.model, mlflow_uri, args.engine, args.device, args.draft_model, args.quantize)
     return OpenAIIngress.bind(generator, args.model, args.served_name(), mlflow_uri, args.engine,
                               args.draft_model is not None)
 
