@@ -1,4 +1,4 @@
-"""The speculative-decoding, multi-GPU, norm-backward, answer-generation, throughput and serving benchmarks run end to end
+"""The speculative-decoding, multi-GPU, norm-backward, answer-generation, throughput, quantized-speed and serving benchmarks run end to end
 on CPU (tiny shapes, gloo, CPU replicas, Triton's interpreter); their GPU figures are in
 benchmarks/RESULTS.md."""
 
@@ -126,3 +126,14 @@ def test_serving_benchmark_reports_each_model_kind_with_time_to_first_token(tmp_
     for r in report["results"]:
         assert 0 < r["p50_ttft_s"] <= r["p50_latency_s"] <= r["p99_latency_s"] and r["requests_per_s"] > 0
     assert report["parameters"]["ar"] == report["parameters"]["dual"]  # one shape, two attentions
+
+
+def test_quantized_speed_benchmark_reports_every_precision_against_bf16(tmp_path):
+    _run(["benchmarks/quantized_speed.py", "--quick", "--out", str(tmp_path)], 300)
+    report = json.loads((tmp_path / "quantized_speed_tiny_cpu.json").read_text())
+    assert [(r["precision"], r["batch"]) for r in report["engine"]] == [
+        (p, b) for p in ("bf16", "int8", "fp8", "int4") for b in (1, 2)]
+    assert all(r["tokens"] == 16 * r["batch"] for r in report["engine"])  # every answer whole (--quick: 16 tokens)
+    assert all(r["step_over_bf16"] > 0 for r in report["engine"] if r["precision"] != "bf16")
+    assert {r["projection"] for r in report["kernels"]} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert all(r[f"{p}_ms"] > 0 for r in report["kernels"] for p in ("bf16", "int8", "fp8", "int4"))
