@@ -125,6 +125,8 @@ class ModelConfig(_ConfigMixin):
     # Precision: `dtype` is the dtype weights are cast to for inference on GPU; training keeps fp32
     # master weights and uses TrainingConfig.mixed_precision for autocast.
     dtype: DType = torch.bfloat16
+    # Train the blocks' projections in float8 (the same as TrainingConfig.mixed_precision="fp8";
+    # `pllm.fp8_training`). For FP8 inference weights, quantize: `pllm.quantization`.
     use_fp8: bool = False
 
     # Where the starting weights come from: a model folder (ours or a Hugging Face checkpoint) or an
@@ -174,8 +176,6 @@ class ModelConfig(_ConfigMixin):
         # pad, bos and eos may share an id (LLaDA, Qwen); the mask token must be a token of its own.
         if self.mask_token_id in (self.pad_token_id, self.bos_token_id, self.eos_token_id, *self.stop_token_ids):
             raise ValueError(f"mask_token_id must differ from the other special token ids, got {special}")
-        if self.use_fp8:
-            raise ValueError("use_fp8: FP8 training/inference is not supported yet; allowed values: [False]")
         return self
 
     @property
@@ -270,8 +270,15 @@ class TrainingConfig(_ConfigMixin):
     # copied to the GPU per layer (a model that does not fit, at the cost of speed). FSDP2 only.
     fsdp_cpu_offload: bool = False
 
-    # Mixed precision
+    # Mixed precision. "fp8": the blocks' projections in float8 (torchao Float8Linear, `pllm.fp8_training`),
+    # the rest in bf16; fp8_recipe: its scaling, one scale per tensor or per row.
     mixed_precision: Literal["no", "fp16", "bf16", "fp8"] = "bf16"
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The 16-bit dtype the model computes in on a GPU (fp8's layers outside the projections: bf16)."""
+        return {"bf16": torch.bfloat16, "fp8": torch.bfloat16, "fp16": torch.float16}.get(self.mixed_precision)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainingConfig":
@@ -284,8 +291,11 @@ class TrainingConfig(_ConfigMixin):
         if self.fsdp_cpu_offload and not (self.use_fsdp and not self.use_deepspeed):
             raise ValueError("fsdp_cpu_offload needs use_fsdp=True (with DeepSpeed, offload through "
                              "zero_offload_optimizer / zero_offload_params instead)")
-        if self.mixed_precision == "fp8":
-            raise ValueError("mixed_precision: 'fp8' is not supported yet; allowed values: 'no', 'fp16', 'bf16'")
+        if self.mixed_precision == "fp8" and self.use_deepspeed:
+            raise ValueError("mixed_precision: 'fp8' trains with FSDP2 or in one process, not DeepSpeed "
+                             "(set use_deepspeed=False, or mixed_precision='bf16')")
+        if self.mixed_precision == "fp8" and self.lora is not None:
+            raise ValueError("mixed_precision: 'fp8' converts full projections; with lora use mixed_precision='bf16'")
         if self.deepspeed_config and not self.use_deepspeed:
             raise ValueError("deepspeed_config is set but use_deepspeed is False")
         owned = {"train_batch_size": "batch_size", "train_micro_batch_size_per_gpu": "batch_size",

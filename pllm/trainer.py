@@ -67,8 +67,10 @@ class DistributedTrainer:
         always uses the model's own attention."""
         if train_dataloader is None:
             raise ValueError("train_dataloader is required: an iterable of token-id batches (B, L)")
-        self.cfg = train_config
         self.model_config = model_config or model.config
+        if self.model_config.use_fp8 and train_config.mixed_precision != "fp8":  # the model asks for FP8 training
+            train_config = train_config.replace(mixed_precision="fp8")  # validated: fp8's rules (no DeepSpeed, no LoRA)
+        self.cfg = train_config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         self.callbacks = list(callbacks or [])

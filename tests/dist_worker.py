@@ -60,7 +60,9 @@ def run(rank: int, world: int, port: int, train_kwargs: dict, out: str, load: st
         persist = [p.ds_persist for p in trainer.strategy.module.parameters() if hasattr(p, "ds_persist")]
         json.dump({"losses": losses, "strategy": trainer.strategy.name, "step": trainer.step,
                    "zero3_params": len(persist), "zero3_persistent_params": sum(persist),
-                   "optimizer_steps": trainer.strategy.optimizer_steps(), "weight_norm": weight_norm}, open(out, "w"))
+                   "optimizer_steps": trainer.strategy.optimizer_steps(), "weight_norm": weight_norm,
+                   "float8_layers": sum(type(m).__name__ == "Float8Linear" for m in trainer.strategy.module.modules())},
+                  open(out, "w"))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -77,9 +77,14 @@ class Strategy:
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
 
     def _with_kernels(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model's forward and backward take the training config's kernel choices."""
+        """The model's forward and backward take the training config's kernel choices; with
+        mixed_precision="fp8" its projections become float8 layers (before any wrapper)."""
         if isinstance(model, DiffusionTransformer):
             model.use_kernels(self.cfg.kernels)
+        if self.cfg.mixed_precision == "fp8":
+            from ..fp8_training import convert_to_fp8_training
+
+            convert_to_fp8_training(model, self.device, self.cfg.fp8_recipe)
         return model
 
     def _compile(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -91,9 +96,8 @@ class Strategy:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16/fp16 autocast on CUDA; fp32 on CPU (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
-        if not self.casts_itself and self.device.type == "cuda" and self.cfg.mixed_precision in ("bf16", "fp16"):
-            dtype = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
+        if not self.casts_itself and self.device.type == "cuda" and self.cfg.autocast_dtype is not None:
+            return torch.autocast("cuda", dtype=self.cfg.autocast_dtype)
         return contextlib.nullcontext()
 
     # -- one optimizer step ----------------------------------------------------------------------

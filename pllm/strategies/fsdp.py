@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 def apply_fsdp(model: torch.nn.Module, cfg, device: torch.device) -> torch.nn.Module:
     """Shard `model` in place: each block is one FSDP unit, the root holds the rest."""
     kwargs, root_kwargs = {}, {}
-    if device.type == "cuda" and cfg.mixed_precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+    dtype = cfg.autocast_dtype
+    if device.type == "cuda" and dtype is not None:
         kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)}
         # Logits leave the model in fp32 for the loss.
         root_kwargs = {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
