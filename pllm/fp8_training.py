@@ -15,6 +15,7 @@ as separate kernels.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 
 import torch
@@ -29,7 +30,7 @@ RECIPES = ("tensorwise", "rowwise")
 def check_fp8_training(device: torch.device) -> None:
     """A clear error, before any work, where FP8 training cannot run."""
     try:
-        import torchao.float8  # noqa: F401 (only whether it imports)
+        importlib.import_module("torchao.float8")
     except ImportError as err:
         raise ValueError("mixed_precision='fp8' needs torchao (pip install torchao)") from err
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
