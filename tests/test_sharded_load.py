@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def _worker(rank: int, port: int, runs: list[tuple[str, str, bool]], out: str) -
                 Path(f"{out}/{key}.json").write_text(json.dumps({"ranks": results, "tied": tied}))
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called ...")
 
 
 RUNS = [("llama", "llama", False), ("qwen2", "qwen2", False), ("ours_tied", "ours_tied", False),
