@@ -46,8 +46,13 @@ def serve_args(args: argparse.Namespace):
 
     engine = {"max_num_seqs": args.max_num_seqs, "max_batched_tokens": args.max_batched_tokens,
               "kv_cache_pages": args.kv_cache_pages, "prefix_caching": not args.no_prefix_caching}
+    limits = {"max_prompt_tokens": args.max_prompt_tokens, "max_tokens": args.max_tokens_limit,
+              "request_timeout_s": args.request_timeout}
     return ServeArgs(model=args.model, draft_model=args.draft_model, model_name=args.name,
                      mlflow_uri=args.mlflow_uri, device=args.device, quantize=args.quantize,
+                     api_key=args.api_key, api_key_file=args.api_key_file,
+                     limits={k: v for k, v in limits.items() if v is not None},
+                     max_queued_requests=args.max_queued_requests,
                      engine=engine, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                      num_gpus_per_replica=args.num_gpus_per_replica)
 
@@ -181,6 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batched-tokens", type=int, default=8192, help="tokens per forward pass")
     s.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4"],
                    help="quantize the model's projection weights at load (weight-only; activations stay 16-bit)")
+    s.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY' (default: "
+                                                   "$PLLM_API_KEY; prefer --api-key-file: a flag shows in ps)")
+    s.add_argument("--api-key-file", default=None, help="a file of accepted keys, one per line")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt a request may send")
+    s.add_argument("--max-tokens-limit", type=int, default=None, help="most new tokens a request may ask for")
+    s.add_argument("--request-timeout", type=float, default=None, help="seconds before a request is stopped (504)")
+    s.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests waiting for a free replica (each takes max_ongoing_requests); more are answered 429")
     s.add_argument("--kv-cache-pages", type=int, default=None,
                    help="pages of the GPU steps' KV cache pool (default: max-num-seqs sequences of the model's context)")
     s.add_argument("--no-prefix-caching", action="store_true",

@@ -285,3 +285,99 @@ def test_a_draft_model_with_another_tokenizer_fails_before_deploying(tmp_path):
     other = save_pretrained(DiffusionTransformer(tiny_config()), tmp_path / "other")  # vocabulary of 96, not 512
     with pytest.raises(ValueError, match="vocab_size"):
         build_app(ServeArgs(model=str(make_model_dir(tmp_path / "model")), draft_model=str(other)))
+
+
+# -- an endpoint that can face the network: API keys, limits, a bounded queue, a deadline ---------
+KEYS = ("sk-first-key", "sk-second-key")
+
+
+@pytest.fixture(scope="module")
+def guarded(server, tmp_path_factory):
+    """Two more apps on the same Serve instance: one with API keys (a key file of two), request limits
+    and a replica taking one request with one queued; one whose deadline every request overruns."""
+    from pllm.actors.serve_app import ServeArgs, build_app
+
+    root = tmp_path_factory.mktemp("guarded")
+    key_file = root / "keys.txt"
+    key_file.write_text(f"# accepted keys\n{KEYS[0]}\n{KEYS[1]}\n")
+    model = str(make_model_dir(root / "model"))
+    args = ServeArgs(model=model, model_name=MODEL_NAME, min_replicas=1, max_replicas=1, api_key_file=str(key_file),
+                     max_ongoing_requests=1, max_queued_requests=1,
+                     limits={"max_request_bytes": 4096, "max_prompt_tokens": 64, "max_tokens": 32, "retry_after_s": 2})
+    serve.run(build_app(args), name="guarded", route_prefix="/guarded")
+    late = ServeArgs(model=model, model_name=MODEL_NAME, min_replicas=1, max_replicas=1,
+                     limits={"request_timeout_s": 0.05})
+    serve.run(build_app(late), name="late", route_prefix="/late")
+    return {"url": server["url"] + "/guarded", "late": server["url"] + "/late",
+            "late_generator": serve.get_deployment_handle("Generator", app_name="late")}
+
+
+def auth(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+COMPLETION = {"prompt": "def f(x):\n", "max_tokens": 8, "temperature": 0}
+CHAT = {"messages": [{"role": "user", "content": "def f(x):"}], "max_tokens": 8, "temperature": 0}
+
+
+@pytest.mark.parametrize("method, path, body", [("get", "/v1/models", None), ("post", "/v1/completions", COMPLETION),
+                                                ("post", "/v1/chat/completions", CHAT)])
+def test_every_route_but_health_needs_a_valid_api_key(guarded, method, path, body):
+    url = guarded["url"] + path
+    for headers in ({}, auth("sk-wrong"), {"Authorization": KEYS[0]}):  # none, a wrong key, no Bearer scheme
+        r = requests.request(method, url, json=body, headers=headers, timeout=60)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["WWW-Authenticate"] == "Bearer"
+    for key in KEYS:  # either key of the file
+        assert requests.request(method, url, json=body, headers=auth(key), timeout=60).status_code == 200
+    assert requests.get(guarded["url"] + "/health", timeout=30).status_code == 200  # probes need no key
+
+
+def test_the_openai_client_authenticates_with_its_api_key(guarded):
+    good = openai.OpenAI(base_url=guarded["url"] + "/v1", api_key=KEYS[1], max_retries=0, timeout=60)
+    assert good.completions.create(model=MODEL_NAME, prompt="def f(x):\n", max_tokens=4).usage.completion_tokens > 0
+    bad = openai.OpenAI(base_url=guarded["url"] + "/v1", api_key="sk-wrong", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+@pytest.mark.parametrize("body, status, code, names", [
+    ({**COMPLETION, "prompt": "x " * 3000}, 413, "request_too_large", "4096"),
+    ({**COMPLETION, "prompt": "def f(x):\n" * 40}, 400, "prompt_too_long", "max_prompt_tokens"),
+    ({**COMPLETION, "max_tokens": 33}, 400, "invalid_value", "max_tokens"),
+])
+def test_requests_over_a_limit_get_a_4xx_naming_it(guarded, body, status, code, names):
+    r = requests.post(guarded["url"] + "/v1/completions", json=body, headers=auth(KEYS[0]), timeout=60)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and names in r.json()["error"]["message"]
+    assert requests.post(guarded["url"] + "/v1/completions", json=COMPLETION, headers=auth(KEYS[0]),
+                         timeout=60).status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after_then_recovers(guarded):
+    # One request runs on the replica, at most one waits for it; of six sent at once the rest get 429.
+    body = {**COMPLETION, "max_tokens": 32, "ignore_eos": True, "steps": 32}
+    with cf.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: requests.post(guarded["url"] + "/v1/completions", json=body,
+                                                           headers=auth(KEYS[0]), timeout=120), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert 1 <= codes.count(200) <= 2 and codes.count(429) >= 4 and set(codes) <= {200, 429}, codes
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["Retry-After"] == "2" and refused.json()["error"]["code"] == "server_overloaded"
+    assert requests.post(guarded["url"] + "/v1/completions", json=COMPLETION, headers=auth(KEYS[0]),
+                         timeout=60).status_code == 200  # the load fell: served again
+
+
+def test_a_request_past_its_deadline_is_stopped_and_its_slot_freed(guarded):
+    body = {**COMPLETION, "max_tokens": 64, "ignore_eos": True, "steps": 64}
+    r = requests.post(guarded["late"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+    assert "request_timeout_s" in r.json()["error"]["message"]
+    streamed = requests.post(guarded["late"] + "/v1/completions", json={**body, "stream": True}, timeout=60)
+    assert streamed.status_code == 504  # before the stream starts: a status, not a 200 with an error inside
+    for _ in range(100):  # the replica aborts the requests: nothing left running or waiting
+        s = guarded["late_generator"].stats.remote().result()
+        if s["running"] == 0 and s["waiting"] == 0 and s["open_streams"] == 0:
+            break
+        time.sleep(0.1)
+    assert s["running"] == 0 and s["waiting"] == 0 and s["open_streams"] == 0, s
