@@ -105,7 +105,7 @@ def step_floor(cfg: ModelConfig, batch: int, context: int, bandwidth: float, pea
     each sequence's visible keys/values read once, the window's FLOPs at the matmul peak (window:
     positions a row computes; default `step_window`)."""
     window = window or step_window(cfg)
-    kv_bytes = batch * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.head_dim * (context + window) * 2
+    kv_bytes = batch * cfg.num_hidden_layers * 2 * cfg.kv_heads * cfg.attention_head_size * (context + window) * 2
     weight_bytes = cfg.num_matmul_params() * 2
     flops = batch * window * (2 * cfg.num_matmul_params()
                               + 4 * cfg.num_hidden_layers * cfg.hidden_size * (context + window))

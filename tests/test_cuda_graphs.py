@@ -39,8 +39,12 @@ def test_fixed_shape_steps_equal_packed_steps_in_a_changing_batch(block_model):
     assert static.num_steps >= engine.stats["steps"] > 0  # every step ran fixed-shape
     assert (static.num_replays == static.num_steps) == (DEVICE == "cuda")
     assert max(len(a) for a in fixed) > 30
-    # Each finished block was recomputed once, beside its successor, never again.
-    assert 0 < static.num_finalize_rows < static.num_steps
+    # Each finished block was recomputed once, beside its successor, never again. (Pipelined, as on a
+    # GPU, the counter counts candidate rows: every step of a confidence rule launches one per
+    # sequence, and the device makes it padding unless the block ended.)
+    assert 0 < static.num_finalize_rows
+    if not engine.runner.pipeline:
+        assert static.num_finalize_rows < static.num_steps
 
 
 @pytest.mark.parametrize("shift", [True, False], ids=["shifted", "unshifted"])

@@ -200,6 +200,8 @@ class StaticStepRunner(CapturedSteps):
         self.slots = torch.zeros(R, dtype=torch.long, device=device)
         self.lengths = key_length_buckets(W, self.cache.length)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # num_finalize_rows: rows that recomputed a finished block (pipelined: the candidate rows
+        # launched, which the device turns into padding unless their block ended).
         self.num_steps = self.num_replays = self.num_finalize_rows = 0
         self.last_length = self.lengths[0]  # the key-length bucket of the last step
         self.num_ahead = self.num_ahead_used = 0  # steps launched ahead (see `run_ahead`), and those used
