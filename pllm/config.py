@@ -114,7 +114,9 @@ class ModelConfig(_ConfigMixin):
     # More ids that end an answer besides eos (chat models' end-of-turn tokens, e.g. <|eot_id|>).
     stop_token_ids: tuple[NonNegInt, ...] = ()
 
-    # Diffusion
+    # Diffusion. num_diffusion_steps and confidence_threshold are the model's own decoding defaults:
+    # `generate_parallel`'s, and the threshold of a ParallelGenerator or Engine given no
+    # GenerationConfig (a GenerationConfig's fields decide everywhere else).
     num_diffusion_steps: PositiveInt = 10
     noise_schedule: Literal["linear", "cosine", "sqrt"] = "cosine"
     confidence_threshold: Probability = 0.9
@@ -286,6 +288,9 @@ class TrainingConfig(_ConfigMixin):
             raise ValueError(
                 "use_fsdp and use_deepspeed are exclusive: set use_fsdp=False to train with DeepSpeed ZeRO"
             )
+        if self.zero_offload_optimizer and not self.use_deepspeed:
+            raise ValueError("zero_offload_optimizer needs use_deepspeed=True (with FSDP2, offload through "
+                             "fsdp_cpu_offload instead)")
         if self.zero_offload_params and not (self.use_deepspeed and self.zero_stage == 3):
             raise ValueError("zero_offload_params needs use_deepspeed=True and zero_stage=3")
         if self.fsdp_cpu_offload and not (self.use_fsdp and not self.use_deepspeed):

@@ -46,7 +46,8 @@ class ParallelGenerator:
         if draft_model is not None:
             check_draft_model(model.config, draft_model.config)
             self.drafter = Drafter(draft_model)
-        self.config = config or GenerationConfig()
+        # No config: the generation defaults, with the model config's confidence_threshold.
+        self.config = config or GenerationConfig(confidence_threshold=model.config.confidence_threshold)
         self.use_kv_cache = use_kv_cache
         self.use_cuda_graphs = use_cuda_graphs
         self.tokenizer = tokenizer

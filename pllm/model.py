@@ -487,17 +487,21 @@ class DiffusionTransformer(nn.Module):
         self,
         batch_size: int,
         seq_len: int,
-        num_steps: int = 10,
-        confidence_threshold: float = 0.9,
+        num_steps: int | None = None,
+        confidence_threshold: float | None = None,
         temperature: float = 0.0,
         seed: int | None = None,
     ) -> torch.Tensor:
         """Unconditional generation by iterative refinement: start from `seq_len` mask tokens and,
         over at most `num_steps` forward passes, commit each step at least the scheduled share of
         positions (highest confidence first) plus every position whose confidence exceeds
-        `confidence_threshold`. Returns (batch_size, seq_len) token ids."""
+        `confidence_threshold`. Returns (batch_size, seq_len) token ids. Defaults: the model
+        config's `num_diffusion_steps` and `confidence_threshold`."""
         from .decoding import decode  # decoding runs models: imported at call time
 
+        num_steps = self.config.num_diffusion_steps if num_steps is None else num_steps
+        if confidence_threshold is None:
+            confidence_threshold = self.config.confidence_threshold
         prompts = [torch.empty(0, dtype=torch.long, device=self.device)] * batch_size
         out = decode(
             self, prompts, gen_length=seq_len, num_steps=num_steps, block_size=None, temperature=temperature,

@@ -101,3 +101,32 @@ def test_deepspeed_config_is_merged_over_the_built_one():
     zero = built["zero_optimization"]
     assert zero["stage"] == 3 and zero["stage3_prefetch_bucket_size"] == 0 and zero["offload_optimizer"]["device"] == "cpu"
     assert built["train_micro_batch_size_per_gpu"] == cfg.batch_size
+
+
+def test_the_model_configs_decoding_fields_are_its_decoding_defaults(monkeypatch):
+    # num_diffusion_steps and confidence_threshold are not decorative: generate_parallel, and a
+    # generator or engine given no GenerationConfig, take them.
+    import pllm.decoding
+    from conftest import tiny_config
+    from pllm import DiffusionTransformer, ParallelGenerator
+    from pllm.engine import Engine
+
+    model = DiffusionTransformer(tiny_config(num_diffusion_steps=3, confidence_threshold=0.75)).eval()
+    seen, decode = [], pllm.decoding.decode
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["num_steps"], kwargs["confidence_threshold"]))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(pllm.decoding, "decode", recording)
+    default = model.generate_parallel(2, 12, seed=0)
+    assert torch.equal(default, model.generate_parallel(2, 12, num_steps=3, confidence_threshold=0.75, seed=0))
+    model.generate_parallel(2, 12, num_steps=5, confidence_threshold=0.5, seed=0)
+    assert seen == [(3, 0.75), (3, 0.75), (5, 0.5)]
+    assert ParallelGenerator(model).config.confidence_threshold == 0.75
+    assert Engine(model).generation.confidence_threshold == 0.75
+
+
+def test_offload_flags_without_deepspeed_are_refused():
+    with pytest.raises(ValueError, match="zero_offload_optimizer needs use_deepspeed=True"):
+        TrainingConfig(zero_offload_optimizer=True, use_deepspeed=False)

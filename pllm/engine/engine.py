@@ -55,7 +55,8 @@ class Engine:
         `config.use_cuda_graphs` and the model is on a GPU.
         draft_model: a small model with the same tokenizer, for requests with strategy="speculative"."""
         self.config = config or EngineConfig()
-        self.generation = generation or GenerationConfig()  # defaults for requests that bring none
+        # Defaults for requests that bring none (the model config's confidence_threshold among them).
+        self.generation = generation or GenerationConfig(confidence_threshold=model.config.confidence_threshold)
         if static_step is None:
             static_step = self.config.use_cuda_graphs and model.device.type == "cuda"
         self.runner = ModelRunner(model, self.config, static_step)
