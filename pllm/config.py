@@ -461,7 +461,10 @@ class TrackingConfig(_ConfigMixin):
     mlflow_uri: Optional[str] = None  # default: sqlite store mlflow.db in the current folder
     experiment: str = "pllm"
     registered_model: Optional[str] = "pllm"  # None: log the model without registering it
+    # Every trained model is registered as a new version; `alias` moves to it only if its validation
+    # ELBO beats the holder's on the same held-out rows (or no version holds it), unless forced.
     alias: str = "champion"
+    force_alias: bool = False
 
 
 @dataclass(config=_STRICT)

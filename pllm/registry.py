@@ -185,6 +185,32 @@ def log_model_folder(path: str | Path, run_name: str, params: dict, tags: dict, 
     return out | {"run_id": run.info.run_id}
 
 
+def champion_decision(client: MlflowClient, name: str, alias: str, run_id: str, val_elbo: float | None,
+                      validation_set: str, force: bool = False) -> tuple[bool, str]:
+    """Whether a newly registered version of `name` (from run `run_id`) takes `alias`, and why: when
+    forced, when no version holds it, or when its validation ELBO is lower than the holder's on the
+    same held-out rows (the same `validation_set`). Otherwise the holder keeps it."""
+    if force:
+        return True, f"{alias} moved to run {run_id}: forced (tracking.force_alias)"
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return True, f"{alias} given to run {run_id}: no version of {name} held it"
+    if val_elbo is None:
+        return False, (f"{alias} stays with version {holder.version}: run {run_id} has no validation ELBO to "
+                       "compare (set training.eval_interval, or force with tracking.force_alias)")
+    held = client.get_run(holder.run_id).data
+    held_elbo, held_set = held.metrics.get("val_elbo_nats"), held.tags.get("pllm.validation_set")
+    if held_elbo is None or held_set != validation_set:
+        return False, (f"{alias} stays with version {holder.version}: its validation ELBO is not on the same "
+                       f"held-out rows as run {run_id}'s ({val_elbo:.4f} nats); force with tracking.force_alias")
+    if val_elbo < held_elbo:
+        return True, (f"{alias} moved from version {holder.version} to run {run_id}: validation ELBO "
+                      f"{val_elbo:.4f} < {held_elbo:.4f} nats")
+    return False, (f"{alias} stays with version {holder.version}: validation ELBO {held_elbo:.4f} <= run {run_id}'s "
+                   f"{val_elbo:.4f} nats")
+
+
 # -- models for serving ---------------------------------------------------------------------------
 @contextlib.contextmanager
 def _registry_env(uri: str):

@@ -158,6 +158,17 @@ def logged_history(run_id: str, tracking_uri: str) -> list[dict[str, float]]:
             for m in client.get_metric_history(run_id, key)]
 
 
+def validation_set_id(job: JobConfig) -> str:
+    """Names the held-out rows a job's validation ELBO is measured on: the same data section, task,
+    sequence length and vocabulary give the same rows, so ELBOs under equal ids compare."""
+    import hashlib
+    import json
+
+    what = {"data": job.data.to_dict(), "task": job.task, "seq_len": job.training.seq_len,
+            "vocab_size": job.model.vocab_size, "init_from": job.model.init_from}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def register(job: JobConfig, trained: TrainedModel, run_id: str, tracking_uri: str) -> dict:
     """Attach the loss curve and baseline to the MLflow run, log the model as a pyfunc, register it
     under the job's alias and close the run."""
@@ -177,7 +188,21 @@ def register(job: JobConfig, trained: TrainedModel, run_id: str, tracking_uri: s
     if adapter.exists():  # LoRA: the adapter alone beside the merged model, naming its base
         client.log_artifacts(run_id, str(adapter), ADAPTER_DIR)
     registered = log_generator_model(run_id, tracking_uri, trained.model_dir, job.generation,
-                                     job.tracking.registered_model, job.tracking.alias)
+                                     job.tracking.registered_model, alias=None)
+    if registered["version"]:  # the alias moves only to a better model (`champion_decision`)
+        from pllm.registry import champion_decision
+
+        name, alias = job.tracking.registered_model, job.tracking.alias
+        client.set_tag(run_id, "pllm.validation_set", validation_set_id(job))
+        take, reason = champion_decision(client, name, alias, run_id, trained.metrics.get("val_elbo_nats"),
+                                         validation_set_id(job), job.tracking.force_alias)
+        if take:
+            client.set_registered_model_alias(name, alias, registered["version"])
+            registered["registry_uri"] = f"models:/{name}@{alias}"
+        client.set_tag(run_id, "pllm.alias_decision", reason)
+        client.set_model_version_tag(name, registered["version"], "pllm.alias_decision", reason)
+        log.info("registry: %s", reason)
+        registered["alias_decision"] = reason
     if registered["version"] and job.model.init_from:
         client.set_model_version_tag(job.tracking.registered_model, registered["version"], "pllm.base_model",
                                      job.model.init_from)
