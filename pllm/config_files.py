@@ -65,4 +65,14 @@ def load_job_config(config: str | Path | None, overrides: list[str] = ()) -> Job
         return JobConfig.from_dict(apply_overrides(data, list(overrides)))
     except ValueError as exc:  # pydantic's ValidationError names each bad field as section.field
         suffix = f" with --set {' '.join(overrides)}" if overrides else ""
-        raise ConfigFileError(f"{path}{suffix}: {exc}") from exc
+        raise ConfigFileError(f"{path}{suffix}: {field_errors(exc)}") from exc
+
+
+def field_errors(exc: ValueError) -> str:
+    """pydantic's errors as one line, each naming its field: "training.batch_size: Input should be a
+    valid integer (got 'abc')"; other errors as they are."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc)
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']} (got {e['input']!r})"
+                     for e in errors())

@@ -35,11 +35,15 @@ def metrics(tmp_path: Path) -> dict:
 
 
 def test_bad_config_fails_before_ray_starts(tmp_path):
-    for override, message in [("training.zero_stage=5", "zero_stage"),
+    # Command-line mistakes are one line naming the problem and exit status 2, not a traceback.
+    for override, message in [("training.zero_stage=5", "training.zero_stage: Input should be 0, 1, 2 or 3 (got 5)"),
+                              ("training.nope=1", "training.nope: Unexpected keyword argument"),
                               ("data.paths=['/no/such/corpus/*.txt']", "matches no file")]:
         start = time.monotonic()
         proc = subprocess.run(job_cmd(tmp_path, override), cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert proc.returncode != 0 and message in proc.stderr
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr
         assert "Started a local Ray instance" not in proc.stderr + proc.stdout
         assert time.monotonic() - start < 60
 
@@ -52,7 +56,7 @@ def test_config_is_a_path_or_a_builtin_name_and_a_missing_one_is_named(tmp_path)
     assert load_job_config(None, []).tracking.registered_model == "pllm-tiny"
     proc = subprocess.run([*job_cmd(tmp_path), "--config", "no-such-config.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "'no-such-config.yaml': no such file" in proc.stderr
+    assert proc.returncode == 2 and "'no-such-config.yaml': no such file" in proc.stderr
     assert "built-in: gpu-125m, gpu-1b, tiny" in proc.stderr
     assert "Started a local Ray instance" not in proc.stderr + proc.stdout
 

@@ -9,8 +9,10 @@ import logging
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from pllm.config import JobConfig
-from pllm.config_files import ConfigFileError, builtin_configs, load_job_config
+from pllm.config_files import ConfigFileError, builtin_configs, field_errors, load_job_config
 from pllm.pipelines.job_stages import JobResult
 
 
@@ -33,6 +35,12 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def usage_error(message: str) -> SystemExit:
+    """A mistake on the command line or in the config: one line naming it, exit status 2 (no traceback)."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return SystemExit(2)
+
+
 def job_from_args(args: argparse.Namespace) -> JobConfig:
     overrides = list(args.set)
     for flag, field in [("output", "training.output_dir"), ("mlflow_uri", "tracking.mlflow_uri"),
@@ -41,8 +49,8 @@ def job_from_args(args: argparse.Namespace) -> JobConfig:
             overrides.append(f"{field}={getattr(args, flag)}")
     try:
         return load_job_config(args.config, overrides)  # a bad config fails here, before Ray starts
-    except ConfigFileError as exc:
-        raise SystemExit(str(exc)) from None
+    except (ConfigFileError, ValidationError, ValueError, TypeError) as exc:
+        raise usage_error(field_errors(exc)) from None
 
 
 def run_from_args(args: argparse.Namespace) -> tuple[JobConfig, JobResult]:
@@ -60,7 +68,9 @@ def run_from_args(args: argparse.Namespace) -> tuple[JobConfig, JobResult]:
 
             result = run_training_job(job, show_progress=not args.no_progress)
     except CheckpointError as exc:  # model.init_from or an override of it: a config error, not a crash
-        raise SystemExit(str(exc)) from None
+        raise usage_error(str(exc)) from None
+    except FileNotFoundError as exc:  # a corpus path or checkpoint that is not there (checked before Ray starts)
+        raise usage_error(str(exc)) from None
     print_summary(job, result)
     return job, result
 
