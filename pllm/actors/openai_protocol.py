@@ -4,14 +4,17 @@ Requests are validated with pydantic; a failure becomes an OpenAI-style error ob
 (`{"error": {"message", "type", "param", "code"}}`) with a 4xx status. Beyond OpenAI's fields, a
 request may choose the diffusion decoding (`strategy`, `steps`, `block_size`,
 `confidence_threshold`, `parallel_factor`, `draft_length`, `adaptive_draft_length`, `kv_cache`;
-"speculative" needs a server started with a draft model), `top_k` and `ignore_eos` (as in vLLM)."""
+"speculative" needs a server started with a draft model), `top_k` and `ignore_eos` (as in vLLM).
+OpenAI fields that would change the answer but are not implemented (`UNSUPPORTED`: logprobs, echo,
+suffix, presence/frequency penalties, ...) are refused with a 400 naming the field."""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING, Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from pllm.config import GenerationConfig
 
@@ -23,8 +26,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI fields this server does not implement: a request that sets one to anything but its neutral
+# value gets a 400 naming it (never silently ignored). Field -> (neutral values, why).
+UNSUPPORTED = {
+    "logprobs": ((None, False, 0), "token log-probabilities are not reported yet"),
+    "top_logprobs": ((None, 0), "token log-probabilities are not reported yet"),
+    "echo": ((None, False), "the prompt is not echoed back"),
+    "suffix": ((None, ""), "infilling through suffix is not served yet"),
+    "presence_penalty": ((None, 0, 0.0), "use repetition_penalty (a diffusion step commits many tokens at once)"),
+    "frequency_penalty": ((None, 0, 0.0), "use repetition_penalty (a diffusion step commits many tokens at once)"),
+    "logit_bias": ((None, {}), "logit biases are not applied"),
+    "best_of": ((None, 1), "one completion per request"),
+    "tools": ((None, []), "tool calls are not supported"),
+    "tool_choice": ((None, "none"), "tool calls are not supported"),
+    "response_format": ((None, {"type": "text"}), "only plain text responses"),
+}
+
+
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (logprobs=None, user, ...) are ignored
+    # Other unknown fields (user, metadata, ...) change nothing about the answer and are ignored;
+    # the ones in UNSUPPORTED would, and are refused.
+    model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
     max_tokens: Optional[Annotated[int, Field(gt=0)]] = None
@@ -47,6 +69,17 @@ class SamplingFields(BaseModel):
     adaptive_draft_length: Optional[bool] = None
     kv_cache: Optional[Literal["auto", "none", "block", "prefix", "dual"]] = None
     ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, (neutral, why) in UNSUPPORTED.items():
+                value = data.get(name)
+                if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
+                    raise PydanticCustomError("unsupported", "{field}={value} is not supported by this server: {why}",
+                                              {"field": name, "value": repr(value), "why": why})
+        return data
 
     @property
     def stop_strings(self) -> list[str]:
@@ -128,6 +161,10 @@ class APIError(Exception):
 
 def validation_error(exc: ValidationError) -> APIError:
     first = exc.errors()[0]
-    param = ".".join(str(p) for p in first["loc"]) or None
-    messages = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+    param = ".".join(str(p) for p in first["loc"]) or first.get("ctx", {}).get("field")
+
+    def where(e) -> str:
+        return ".".join(str(p) for p in e["loc"]) or e.get("ctx", {}).get("field") or "body"
+
+    messages = "; ".join(f"{where(e)}: {e['msg']}" for e in exc.errors())
     return APIError(400, messages, param=param, code="invalid_value")
