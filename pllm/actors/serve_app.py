@@ -171,7 +171,6 @@ class OpenAIIngress:
 
     # -- shared path -------------------------------------------------------------------------------
     async def _respond(self, body, prompt: str, max_tokens: Optional[int], chat: bool):
-
         if body.model is not None and body.model != self.model_name:
             raise APIError(404, f"the model '{body.model}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")
