@@ -48,6 +48,26 @@ def set_epoch(loader, epoch: int) -> None:
             obj.set_epoch(epoch)
 
 
+def init_distributed_from_env() -> bool:
+    """Join the process group a launcher such as `torchrun` describes (WORLD_SIZE > 1, RANK,
+    LOCAL_RANK, MASTER_ADDR / MASTER_PORT), unless one is already up (Ray Train sets its own):
+    NCCL with this rank's GPU made current when there are GPUs, gloo otherwise. Returns whether a
+    group is up."""
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        return dist.is_available() and dist.is_initialized()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    log.info("joined the process group from the environment: rank %s of %s", dist.get_rank(), dist.get_world_size())
+    return True
+
+
 class DistributedTrainer:
     def __init__(
         self,
@@ -71,6 +91,7 @@ class DistributedTrainer:
         if self.model_config.use_fp8 and train_config.mixed_precision != "fp8":  # the model asks for FP8 training
             train_config = train_config.replace(mixed_precision="fp8")  # validated: fp8's rules (no DeepSpeed, no LoRA)
         self.cfg = train_config
+        init_distributed_from_env()  # torchrun: the process group and this rank's GPU from its variables
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.train_dataloader, self.eval_dataloader = train_dataloader, eval_dataloader
         self.callbacks = list(callbacks or [])

@@ -85,3 +85,27 @@ def test_fp8_training_under_fsdp2_tracks_the_full_precision_run(tmp_path):
     for step, loss in fp8["losses"].items():  # measured: within 1%
         assert loss == pytest.approx(ref[step], rel=0.03), f"step {step}"
     assert fp8["float8_layers"] == 4 * 2  # every projection of both blocks
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "zero2"])
+def test_torchrun_launch_needs_no_process_group_code(tmp_path, name):
+    # The seed README's recipe: `torchrun --nproc_per_node=2 script.py`. The trainer joins the group
+    # from torchrun's variables, shards as configured, checkpoints, and follows the 1-process run.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kwargs = {**BASE, **SHARDED[name]}
+    out = tmp_path / "torchrun.json"
+    script = Path(__file__).with_name("torchrun_script.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), str(script), str(out), json.dumps(kwargs)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads(out.read_text())
+    assert run["world_size"] == 2 and run["strategy"] == ("deepspeed" if name.startswith("zero") else name)
+    assert (tmp_path / "ckpt").is_dir()
+    single = train(tmp_path, 1, {**kwargs, "batch_size": 2 * kwargs["batch_size"], "use_fsdp": False,
+                                 "use_deepspeed": False, "deepspeed_config": {}}, "single")
+    for step, loss in run["losses"].items():
+        assert loss == pytest.approx(single["losses"][step], rel=RTOL), f"step {step}"
