@@ -193,9 +193,10 @@ def register(job: JobConfig, trained: TrainedModel, run_id: str, tracking_uri: s
         from pllm.registry import champion_decision
 
         name, alias = job.tracking.registered_model, job.tracking.alias
-        client.set_tag(run_id, "pllm.validation_set", validation_set_id(job))
-        take, reason = champion_decision(client, name, alias, run_id, trained.metrics.get("val_elbo_nats"),
-                                         validation_set_id(job), job.tracking.force_alias)
+        rows = validation_set_id(job)
+        client.set_tag(run_id, "pllm.validation_set", rows)
+        take, reason = champion_decision(client, name, alias, run_id, trained.metrics.get("val_elbo_nats"), rows,
+                                         job.tracking.force_alias)
         if take:
             client.set_registered_model_alias(name, alias, registered["version"])
             registered["registry_uri"] = f"models:/{name}@{alias}"
